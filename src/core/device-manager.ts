@@ -1,0 +1,450 @@
+/**
+ * The device manager: the set of mapped devices of one engine, table construction in the
+ * kernel's check order, shared opening of backing devices (files, block devices, `dm:NAME`,
+ * and whatever resolvers are registered, e.g. NBD URIs), and the dmsetup-level operations.
+ * This is also the library entry point (`DeviceMapper`).
+ */
+import { EventEmitter } from 'node:events';
+import fs from 'node:fs';
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import type { BioFlags } from './bio.ts';
+import { EMPTY } from './bio.ts';
+import { DeviceError, DmError, TableError } from './errors.ts';
+import { FileDev } from './file-dev.ts';
+import { log } from './log.ts';
+import { MappedDevice } from './mapped-device.ts';
+import { Registry } from './registry.ts';
+import { Table, type TableEntry } from './table.ts';
+import { parseTable } from './table-parse.ts';
+import type { BlockDev, StatusType, TargetContext, TargetType } from './types.ts';
+
+/** Opens references the core does not know (e.g. `nbd://…`). */
+export interface DeviceResolver {
+  matches(ref: string): boolean;
+  open(ref: string): Promise<BlockDev & { close(): void | Promise<void> }>;
+}
+
+interface Backing {
+  dev: BlockDev;
+  refs: number;
+  close: () => void | Promise<void>;
+}
+
+export interface TableLineOut {
+  start: number;
+  length: number;
+  type: string;
+  params: string;
+}
+
+export interface DeviceInfo {
+  name: string;
+  uuid: string;
+  minor: number;
+  state: 'ACTIVE' | 'SUSPENDED';
+  readOnly: boolean;
+  live: boolean;
+  inactive: boolean;
+  openCount: number;
+  eventNr: number;
+  targets: number;
+  sectors: number;
+  deferredRemove: boolean;
+}
+
+const NAME_RE = /^[^/\0]{1,127}$/;
+
+export class DeviceMapper extends EventEmitter {
+  readonly targets = new Registry<TargetType>('target type');
+  readonly #devices = new Map<string, MappedDevice>();
+  readonly #backing = new Map<string, Backing>();
+  readonly #resolvers: DeviceResolver[] = [];
+  #nextMinor = 0;
+  readonly #log = log('dm');
+
+  constructor(opts: { targets?: readonly TargetType[] } = {}) {
+    super();
+    for (const t of opts.targets ?? []) this.targets.register(t);
+  }
+
+  addResolver(r: DeviceResolver): void {
+    this.#resolvers.push(r);
+  }
+
+  /** Load target types from a module: `export default` a type or an array, or `register(dm)`. */
+  async loadPlugin(modulePath: string): Promise<string[]> {
+    const url = pathToFileURL(path.resolve(modulePath)).href;
+    const mod = (await import(url)) as { default?: unknown; register?: (dm: DeviceMapper) => unknown; targets?: unknown };
+    const before = new Set(this.targets.list().map((t) => t.name));
+    if (typeof mod.register === 'function') await mod.register(this);
+    else {
+      const exported = mod.targets ?? mod.default;
+      const list = Array.isArray(exported) ? exported : [exported];
+      for (const t of list) {
+        if (!t || typeof (t as TargetType).create !== 'function') {
+          throw new DmError('EINVAL', `plugin ${modulePath}: expected a target type ({name, version, create}) or register(dm)`);
+        }
+        this.targets.register(t as TargetType);
+      }
+    }
+    return this.targets.list().map((t) => t.name).filter((n) => !before.has(n));
+  }
+
+  // ---- lookup ----
+
+  get(name: string): MappedDevice {
+    const d = this.#devices.get(name);
+    if (!d) throw new DeviceError('ENXIO', `${name}: no such device`);
+    return d;
+  }
+
+  has(name: string): boolean {
+    return this.#devices.has(name);
+  }
+
+  list(): MappedDevice[] {
+    return [...this.#devices.values()].sort((a, b) => a.name.localeCompare(b.name));
+  }
+
+  info(name: string): DeviceInfo {
+    const d = this.get(name);
+    return {
+      name: d.name, uuid: d.uuid, minor: d.minor,
+      state: d.suspended ? 'SUSPENDED' : 'ACTIVE', readOnly: d.readOnly,
+      live: !!d.live, inactive: !!d.inactive, openCount: d.openCount, eventNr: d.eventNr,
+      targets: d.live?.entries.length ?? 0, sectors: d.sectors, deferredRemove: d.deferredRemove,
+    };
+  }
+
+  // ---- dmsetup operations ----
+
+  /** create [+ load + resume], rolled back whole on failure */
+  async create(name: string, opts: { table?: string; uuid?: string; readOnly?: boolean } = {}): Promise<MappedDevice> {
+    if (!NAME_RE.test(name)) throw new DeviceError('EINVAL', `invalid device name '${name}' (1–127 characters, no '/')`);
+    if (this.#devices.has(name)) throw new DeviceError('EEXIST', `${name}: device already exists`);
+    if (opts.uuid) this.#checkUuid(opts.uuid);
+    const dev = new MappedDevice(name, this.#nextMinor++, { uuid: opts.uuid, readOnly: opts.readOnly });
+    dev.on('event', () => this.emit('device-event', dev.name, dev.eventNr));
+    this.#devices.set(name, dev);
+    if (opts.table !== undefined) {
+      try {
+        await this.load(name, opts.table);
+        await this.resume(name);
+      } catch (err) {
+        await this.#destroyDevice(dev);
+        throw err;
+      }
+    }
+    this.emit('change');
+    return dev;
+  }
+
+  async load(name: string, text: string): Promise<void> {
+    const dev = this.get(name);
+    const table = await this.#buildTable(dev, text);
+    const old = dev.setInactive(table);
+    await old?.destroy();
+    this.emit('change');
+  }
+
+  async clear(name: string): Promise<void> {
+    const old = this.get(name).setInactive(null);
+    await old?.destroy();
+    this.emit('change');
+  }
+
+  async suspend(name: string, _opts: { noflush?: boolean } = {}): Promise<void> {
+    await this.get(name).suspend();
+    this.emit('change');
+  }
+
+  async resume(name: string): Promise<void> {
+    const dev = this.get(name);
+    const old = await dev.resume();
+    await old?.destroy();
+    this.emit('change');
+  }
+
+  /**
+   * remove: EBUSY while open unless `deferred` (removed at last close). `force` swaps in
+   * an error table first so queued and future I/O fails instead of hanging.
+   */
+  async remove(name: string, opts: { force?: boolean; deferred?: boolean } = {}): Promise<'removed' | 'deferred'> {
+    const dev = this.get(name);
+    if (opts.force && dev.live) {
+      await this.load(name, `0 ${dev.sectors} error`);
+      await this.resume(name);
+    }
+    if (dev.openCount > 0) {
+      if (opts.deferred) {
+        dev.markDeferredRemove();
+        this.emit('change');
+        return 'deferred';
+      }
+      throw new DeviceError('EBUSY', `${name}: device is busy (open count ${dev.openCount})`);
+    }
+    await this.#destroyDevice(dev);
+    this.emit('change');
+    return 'removed';
+  }
+
+  /** Remove every closed device, repeating so stacks unwind. Returns the names removed. */
+  async removeAll(): Promise<string[]> {
+    const removed: string[] = [];
+    for (let progress = true; progress; ) {
+      progress = false;
+      for (const d of this.list()) {
+        if (d.openCount === 0) {
+          await this.#destroyDevice(d);
+          removed.push(d.name);
+          progress = true;
+        }
+      }
+    }
+    if (removed.length) this.emit('change');
+    return removed;
+  }
+
+  rename(name: string, newName: string): void {
+    const dev = this.get(name);
+    if (!NAME_RE.test(newName)) throw new DeviceError('EINVAL', `invalid device name '${newName}' (1–127 characters, no '/')`);
+    if (this.#devices.has(newName)) throw new DeviceError('EEXIST', `${newName}: device already exists`);
+    this.#devices.delete(name);
+    dev.name = newName;
+    this.#devices.set(newName, dev);
+    const b = this.#backing.get(`dm:${name}`);
+    if (b) {
+      this.#backing.delete(`dm:${name}`);
+      this.#backing.set(`dm:${newName}`, b);
+    }
+    this.emit('change');
+  }
+
+  setUuid(name: string, uuid: string): void {
+    const dev = this.get(name);
+    if (dev.uuid) throw new DeviceError('EINVAL', `${name}: uuid is already set (${dev.uuid}) and cannot change`);
+    this.#checkUuid(uuid);
+    dev.uuid = uuid;
+    this.emit('change');
+  }
+
+  #checkUuid(uuid: string): void {
+    if (!/^[\x21-\x7e]{1,128}$/.test(uuid)) throw new DeviceError('EINVAL', `invalid uuid '${uuid}' (1–128 printable characters)`);
+    for (const d of this.#devices.values()) {
+      if (d.uuid === uuid) throw new DeviceError('EEXIST', `uuid ${uuid} is already used by ${d.name}`);
+    }
+  }
+
+  table(name: string, opts: { inactive?: boolean } = {}): TableLineOut[] {
+    const dev = this.get(name);
+    return lines(opts.inactive ? dev.inactive : dev.live, 'table');
+  }
+
+  status(name: string): TableLineOut[] {
+    return lines(this.get(name).live, 'info');
+  }
+
+  deps(name: string): string[] {
+    return [...(this.get(name).live?.deps ?? [])];
+  }
+
+  async message(name: string, sector: number, args: string[]): Promise<string> {
+    const dev = this.get(name);
+    const table = dev.live;
+    if (!table) throw new DeviceError('EINVAL', `${name}: no live table to send a message to`);
+    if (!Number.isSafeInteger(sector) || sector < 0 || sector >= table.sectors) {
+      throw new DeviceError('EINVAL', `${name}: message sector ${sector} is outside the device (0–${table.sectors - 1})`);
+    }
+    if (args.length === 0) throw new DeviceError('EINVAL', `${name}: empty message`);
+    const e = table.entries[table.find(sector)]!;
+    if (!e.target.message) throw new DeviceError('EINVAL', `${name}: ${e.type.name} target does not accept messages`);
+    const reply = await e.target.message(args);
+    return reply ?? '';
+  }
+
+  wait(name: string, eventNr: number, signal?: AbortSignal): Promise<number> {
+    return this.get(name).wait(eventNr, signal);
+  }
+
+  // ---- byte-level I/O for library users ----
+
+  async read(name: string, offset: number, length: number): Promise<Buffer> {
+    const buf = Buffer.allocUnsafe(length);
+    await this.get(name).submit({ op: 'read', sector: toSector(offset, 'offset'), sectors: toSector(length, 'length'), data: buf, flags: {} });
+    return buf;
+  }
+
+  write(name: string, offset: number, data: Buffer, flags: BioFlags = {}): Promise<void> {
+    return this.get(name).submit({ op: 'write', sector: toSector(offset, 'offset'), sectors: toSector(data.length, 'length'), data, flags });
+  }
+
+  flush(name: string): Promise<void> {
+    return this.get(name).submit({ op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} });
+  }
+
+  discard(name: string, offset: number, length: number): Promise<void> {
+    return this.get(name).submit({ op: 'discard', sector: toSector(offset, 'offset'), sectors: toSector(length, 'length'), data: EMPTY, flags: {} });
+  }
+
+  writeZeroes(name: string, offset: number, length: number, flags: BioFlags = {}): Promise<void> {
+    return this.get(name).submit({ op: 'write-zeroes', sector: toSector(offset, 'offset'), sectors: toSector(length, 'length'), data: EMPTY, flags });
+  }
+
+  /** Flush every device, destroy every table, close every backing device. */
+  async close(): Promise<void> {
+    for (const d of this.list()) {
+      if (d.live && !d.suspended) await this.flush(d.name).catch((e) => this.#log.warn(`${d.name}: flush at close failed: ${e.message}`));
+    }
+    for (let progress = true; progress && this.#devices.size; ) {
+      progress = false;
+      for (const d of this.list()) {
+        if (d.openCount === 0) {
+          await this.#destroyDevice(d);
+          progress = true;
+        }
+      }
+    }
+    for (const d of this.list()) await this.#destroyDevice(d);
+  }
+
+  // ---- internals ----
+
+  async #destroyDevice(dev: MappedDevice): Promise<void> {
+    this.#devices.delete(dev.name);
+    for (const t of dev.markRemoved()) await t.destroy();
+  }
+
+  async #buildTable(dev: MappedDevice, text: string): Promise<Table> {
+    const name = dev.name;
+    const parsed = parseTable(name, text);
+    if (parsed.length === 0) throw new TableError(name, 0, undefined, 'table has no targets');
+    const entries: TableEntry[] = [];
+    const release: Array<() => void> = [];
+    const deps: string[] = [];
+    let next = 0;
+    try {
+      for (const line of parsed) {
+        if (line.length === 0) throw new TableError(name, line.line, line.type, 'zero-length target');
+        const type = this.targets.get(line.type);
+        if (!type) throw new TableError(name, line.line, line.type, `unknown target type '${line.type}'`);
+        if (line.start !== next) {
+          throw new TableError(name, line.line, line.type, `gap in table: target starts at ${line.start}, expected ${next}`);
+        }
+        release.push(this.targets.use(type.name));
+        const ctx: TargetContext = {
+          device: name,
+          begin: line.start,
+          length: line.length,
+          log: log(`${name}:${type.name}`),
+          event: () => dev.event(),
+          open: async (ref: string) => {
+            const { dev: bd, release: rel } = await this.#open(ref, dev);
+            release.push(rel);
+            if (!deps.includes(ref)) deps.push(ref);
+            return bd;
+          },
+        };
+        let target;
+        try {
+          target = await type.create(ctx, line.args);
+        } catch (err) {
+          if (err instanceof TableError) throw err;
+          throw new TableError(name, line.line, type.name, (err as Error).message);
+        }
+        const maxIo = target.maxIoSectors ?? 0;
+        entries.push({ begin: line.start, length: line.length, end: line.start + line.length, type, target, line: line.line, maxIo });
+        next = line.start + line.length;
+      }
+    } catch (err) {
+      await new Table(entries, deps, release, false).destroy();
+      throw err;
+    }
+    return new Table(entries, deps, release, dev.readOnly);
+  }
+
+  /** Open a reference once per engine; returns the shared device and its release. */
+  async #open(ref: string, holder: MappedDevice): Promise<{ dev: BlockDev; release: () => void }> {
+    if (ref.startsWith('dm:')) return this.#openDm(ref.slice(3), holder);
+    const resolver = this.#resolvers.find((r) => r.matches(ref));
+    let key = ref;
+    if (!resolver) {
+      try {
+        key = fs.realpathSync(ref);
+      } catch (err) {
+        throw new DmError('ENOENT', `device lookup failed: ${ref}: ${(err as NodeJS.ErrnoException).code === 'ENOENT' ? 'no such file or device' : (err as Error).message}`);
+      }
+    }
+    let b = this.#backing.get(key);
+    if (!b) {
+      try {
+        if (resolver) {
+          const d = await resolver.open(ref);
+          b = { dev: d, refs: 0, close: () => d.close() };
+        } else {
+          const d = FileDev.open(ref, key);
+          b = { dev: d, refs: 0, close: () => d.close() };
+        }
+      } catch (err) {
+        throw new DmError((err as DmError).code ?? 'EIO', `device lookup failed: ${(err as Error).message}`);
+      }
+      this.#backing.set(key, b);
+    }
+    b.refs++;
+    const entry = b;
+    let done = false;
+    return {
+      dev: entry.dev,
+      release: () => {
+        if (done) return;
+        done = true;
+        if (--entry.refs === 0) {
+          this.#backing.delete(key);
+          void Promise.resolve(entry.close()).catch((e) => this.#log.warn(`closing ${ref}: ${(e as Error).message}`));
+        }
+      },
+    };
+  }
+
+  #openDm(target: string, holder: MappedDevice): { dev: BlockDev; release: () => void } {
+    const lower = this.#devices.get(target);
+    if (!lower) throw new DmError('ENXIO', `device lookup failed: dm:${target}: no such device`);
+    if (lower === holder || this.#dependsOn(lower, holder)) {
+      throw new DmError('ELOOP', `device lookup failed: dm:${target} would make a loop through ${holder.name}`);
+    }
+    lower.open();
+    let done = false;
+    return {
+      dev: lower,
+      release: () => {
+        if (done) return;
+        done = true;
+        if (lower.close()) void this.#destroyDevice(lower).then(() => this.emit('change'));
+      },
+    };
+  }
+
+  /** does `dev` (through its tables) use `other`? */
+  #dependsOn(dev: MappedDevice, other: MappedDevice): boolean {
+    for (const t of [dev.live, dev.inactive]) {
+      for (const ref of t?.deps ?? []) {
+        if (!ref.startsWith('dm:')) continue;
+        const d = this.#devices.get(ref.slice(3));
+        if (d && (d === other || this.#dependsOn(d, other))) return true;
+      }
+    }
+    return false;
+  }
+}
+
+function lines(table: Table | null, type: StatusType): TableLineOut[] {
+  if (!table) return [];
+  return table.entries.map((e) => ({ start: e.begin, length: e.length, type: e.type.name, params: e.target.status(type) }));
+}
+
+function toSector(bytes: number, what: string): number {
+  if (!Number.isSafeInteger(bytes) || bytes < 0 || bytes % 512 !== 0) {
+    throw new DmError('EINVAL', `${what} ${bytes} is not a non-negative multiple of 512 bytes`);
+  }
+  return bytes / 512;
+}

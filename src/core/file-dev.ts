@@ -1,0 +1,212 @@
+/**
+ * Backing device over an image file or a block device: positional I/O on one shared fd,
+ * an exclusive advisory lock (flock) so a second engine cannot open it, fdatasync-based
+ * flush of what was written since the last flush, SEEK_DATA/SEEK_HOLE allocation map.
+ */
+import fs from 'node:fs';
+import fsx from 'fs-ext';
+import type { Bio } from './bio.ts';
+import { SECTOR_SHIFT } from './bio.ts';
+import { BlockError, DmError, toBlockError } from './errors.ts';
+import type { BlockDev, Extent } from './types.ts';
+
+const SEEK_END = 2;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
+/** shared source of zeroes for write-zeroes (never written into) */
+const ZEROES = Buffer.alloc(1 << 20);
+
+function readAt(fd: number, buf: Buffer, off: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.read(fd, buf, off, buf.length - off, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function writeAt(fd: number, buf: Buffer, off: number, len: number, pos: number): Promise<number> {
+  return new Promise((resolve, reject) => {
+    fs.write(fd, buf, off, len, pos, (err, n) => (err ? reject(err) : resolve(n)));
+  });
+}
+
+function datasync(fd: number): Promise<void> {
+  return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
+}
+
+export class FileDev implements BlockDev {
+  readonly ref: string;
+  readonly path: string;
+  readonly sectors: number;
+  readonly readOnly: boolean;
+  #fd: number;
+  #dirty = false;
+  #flushing: Promise<void> | null = null;
+  #closed = false;
+
+  private constructor(ref: string, path: string, fd: number, sectors: number, readOnly: boolean) {
+    this.ref = ref;
+    this.path = path;
+    this.#fd = fd;
+    this.sectors = sectors;
+    this.readOnly = readOnly;
+  }
+
+  /** Open and lock. Errors name the path and say what went wrong. */
+  static open(ref: string, path: string, opts: { readOnly?: boolean } = {}): FileDev {
+    let fd: number;
+    try {
+      fd = fs.openSync(path, opts.readOnly ? 'r' : 'r+');
+    } catch (err) {
+      const code = (err as NodeJS.ErrnoException).code ?? 'EIO';
+      throw new DmError(code === 'ENOENT' ? 'ENOENT' : code, `cannot open ${path}: ${(err as Error).message}`);
+    }
+    try {
+      const st = fs.fstatSync(fd);
+      let bytes: number;
+      if (st.isFile()) bytes = st.size;
+      else if (st.isBlockDevice()) bytes = fsx.seekSync(fd, 0, SEEK_END);
+      else throw new DmError('EINVAL', `${path} is neither a regular file nor a block device`);
+      try {
+        fsx.flockSync(fd, 'exnb');
+      } catch (err) {
+        const code = (err as NodeJS.ErrnoException).code;
+        if (code === 'EAGAIN' || code === 'EWOULDBLOCK') {
+          throw new DmError('EBUSY', `${path} is locked by another engine (exclusive flock held)`);
+        }
+        throw err;
+      }
+      return new FileDev(ref, path, fd, Math.floor(bytes / 512), !!opts.readOnly);
+    } catch (err) {
+      fs.closeSync(fd);
+      throw err;
+    }
+  }
+
+  submit(bio: Bio): Promise<void> {
+    switch (bio.op) {
+      case 'read':
+        return this.#read(bio.data, bio.sector * 512);
+      case 'write':
+        return this.#write(bio.data, bio.sector * 512, !!bio.flags.fua);
+      case 'flush':
+        return this.flush();
+      case 'discard':
+        // advisory: Node has no fallocate(PUNCH_HOLE); contents stay as they are
+        return bio.flags.fua ? this.flush() : Promise.resolve();
+      case 'write-zeroes':
+        return this.#writeZeroes(bio.sector * 512, bio.sectors << SECTOR_SHIFT, !!bio.flags.fua);
+    }
+  }
+
+  async #read(buf: Buffer, pos: number): Promise<void> {
+    let done = 0;
+    try {
+      while (done < buf.length) {
+        const n = await readAt(this.#fd, buf, done, pos + done);
+        if (n === 0) {
+          buf.fill(0, done);
+          return;
+        }
+        done += n;
+      }
+    } catch (err) {
+      throw toBlockError(err);
+    }
+  }
+
+  async #write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
+    if (this.readOnly) throw new BlockError('EROFS', `${this.path} is open read-only`);
+    let done = 0;
+    try {
+      while (done < buf.length) done += await writeAt(this.#fd, buf, done, buf.length - done, pos + done);
+      this.#dirty = true;
+      if (fua) await datasync(this.#fd);
+    } catch (err) {
+      throw toBlockError(err);
+    }
+  }
+
+  async #writeZeroes(pos: number, len: number, fua: boolean): Promise<void> {
+    if (this.readOnly) throw new BlockError('EROFS', `${this.path} is open read-only`);
+    try {
+      for (let done = 0; done < len; ) {
+        const n = Math.min(ZEROES.length, len - done);
+        done += await writeAt(this.#fd, ZEROES, 0, n, pos + done);
+      }
+      this.#dirty = true;
+      if (fua) await datasync(this.#fd);
+    } catch (err) {
+      throw toBlockError(err);
+    }
+  }
+
+  /** Durable once every write completed before this call is on stable storage. */
+  flush(): Promise<void> {
+    if (this.#dirty) {
+      this.#dirty = false;
+      const p = datasync(this.#fd).catch((err) => {
+        this.#dirty = true;
+        throw toBlockError(err);
+      });
+      const tracked = p.finally(() => {
+        if (this.#flushing === tracked) this.#flushing = null;
+      });
+      this.#flushing = tracked;
+      return tracked;
+    }
+    return this.#flushing ?? Promise.resolve();
+  }
+
+  async allocation(sector: number, sectors: number): Promise<Extent[]> {
+    const out: Extent[] = [];
+    const end = (sector + sectors) * 512;
+    let pos = sector * 512;
+    try {
+      while (pos < end) {
+        let data: number;
+        try {
+          data = fsx.seekSync(this.#fd, pos, SEEK_DATA);
+        } catch (err) {
+          if ((err as NodeJS.ErrnoException).code === 'ENXIO') data = end; // hole to EOF
+          else throw err;
+        }
+        data = Math.floor(data / 512) * 512;
+        if (data > pos) {
+          const holeEnd = Math.min(data, end);
+          out.push({ sectors: Math.floor((holeEnd - pos) / 512), state: 'hole' });
+          pos = holeEnd;
+          if (pos >= end) break;
+        }
+        const hole = Math.min(fsx.seekSync(this.#fd, pos, SEEK_HOLE), end);
+        const alignedHole = Math.max(pos + 512, Math.ceil(hole / 512) * 512);
+        out.push({ sectors: (Math.min(alignedHole, end) - pos) / 512, state: 'data' });
+        pos = Math.min(alignedHole, end);
+      }
+    } catch {
+      return [{ sectors, state: 'data' }];
+    }
+    return mergeExtents(out);
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    try {
+      fsx.flockSync(this.#fd, 'un');
+    } catch {
+      /* closing releases it anyway */
+    }
+    fs.closeSync(this.#fd);
+  }
+}
+
+/** join neighbouring extents of the same state */
+export function mergeExtents(list: Extent[]): Extent[] {
+  const out: Extent[] = [];
+  for (const e of list) {
+    if (e.sectors <= 0) continue;
+    const last = out[out.length - 1];
+    if (last && last.state === e.state) last.sectors += e.sectors;
+    else out.push({ sectors: e.sectors, state: e.state });
+  }
+  return out;
+}

@@ -1,0 +1,302 @@
+/**
+ * A mapped device: live and inactive table slots, suspend/resume with queueing and drain,
+ * the I/O contract checks and splitting (dm-table's role), events, open count.
+ */
+import { EventEmitter } from 'node:events';
+import type { Bio } from './bio.ts';
+import { EMPTY } from './bio.ts';
+import { BlockError, DeviceError, toBlockError } from './errors.ts';
+import type { Table, TableEntry } from './table.ts';
+import type { BlockDev, Extent } from './types.ts';
+import { mergeExtents } from './file-dev.ts';
+
+interface Queued {
+  bio: Bio;
+  resolve: () => void;
+  reject: (err: unknown) => void;
+}
+
+export type DeviceState = 'active' | 'suspended';
+
+export class MappedDevice extends EventEmitter implements BlockDev {
+  name: string;
+  uuid: string;
+  readOnly: boolean;
+  /** engine-local device number (shown where dmsetup shows major:minor) */
+  readonly minor: number;
+  #live: Table | null = null;
+  #inactive: Table | null = null;
+  #suspended = false;
+  #queue: Queued[] = [];
+  #inflight = 0;
+  #drainWaiters: Array<() => void> = [];
+  #eventNr = 0;
+  #openCount = 0;
+  #deferredRemove = false;
+  #removed = false;
+  readonly #onDone = (): void => {
+    if (--this.#inflight === 0 && this.#drainWaiters.length) this.#wakeDrain();
+  };
+  readonly #onFail = (err: unknown): never => {
+    this.#onDone();
+    throw toBlockError(err);
+  };
+
+  constructor(name: string, minor: number, opts: { uuid?: string; readOnly?: boolean } = {}) {
+    super();
+    this.name = name;
+    this.minor = minor;
+    this.uuid = opts.uuid ?? '';
+    this.readOnly = !!opts.readOnly;
+  }
+
+  get ref(): string {
+    return `dm:${this.name}`;
+  }
+  get sectors(): number {
+    return this.#live?.sectors ?? 0;
+  }
+  get live(): Table | null {
+    return this.#live;
+  }
+  get inactive(): Table | null {
+    return this.#inactive;
+  }
+  get suspended(): boolean {
+    return this.#suspended;
+  }
+  get eventNr(): number {
+    return this.#eventNr;
+  }
+  get openCount(): number {
+    return this.#openCount;
+  }
+  get inflight(): number {
+    return this.#inflight;
+  }
+  get deferredRemove(): boolean {
+    return this.#deferredRemove;
+  }
+  get removed(): boolean {
+    return this.#removed;
+  }
+
+  /** Submit a bio (device-relative sectors). Checks the contract, queues while suspended. */
+  submit(bio: Bio): Promise<void> {
+    const bad = this.#check(bio);
+    if (bad) return Promise.reject(bad);
+    if (this.#suspended || !this.#live) {
+      return new Promise((resolve, reject) => this.#queue.push({ bio, resolve, reject }));
+    }
+    return this.#dispatch(this.#live, bio);
+  }
+
+  #check(bio: Bio): BlockError | null {
+    if (this.#removed) return new BlockError('ENXIO', `${this.name}: device removed`);
+    const { op, sector, sectors } = bio;
+    if (op === 'flush') return null;
+    if (!Number.isSafeInteger(sector) || !Number.isSafeInteger(sectors) || sector < 0 || sectors <= 0) {
+      return new BlockError('EINVAL', `${this.name}: invalid ${op} at sector ${sector} (+${sectors})`);
+    }
+    if ((op === 'read' || op === 'write') && bio.data.length !== sectors * 512) {
+      return new BlockError('EINVAL', `${this.name}: ${op} buffer of ${bio.data.length} bytes for ${sectors} sectors`);
+    }
+    if (op !== 'read' && this.readOnly) return new BlockError('EROFS', `${this.name}: device is read-only`);
+    const size = this.#live && !this.#suspended ? this.#live.sectors : Infinity;
+    if (sector + sectors > size) {
+      return new BlockError(op === 'read' ? 'EINVAL' : 'ENOSPC',
+        `${this.name}: ${op} of sectors ${sector}+${sectors} is beyond the device end (${size} sectors)`);
+    }
+    return null;
+  }
+
+  #dispatch(table: Table, bio: Bio): Promise<void> {
+    if (bio.sector + bio.sectors > table.sectors && bio.op !== 'flush') {
+      return Promise.reject(new BlockError(bio.op === 'read' ? 'EINVAL' : 'ENOSPC',
+        `${this.name}: ${bio.op} of sectors ${bio.sector}+${bio.sectors} is beyond the device end (${table.sectors} sectors)`));
+    }
+    this.#inflight++;
+    let p: Promise<void>;
+    if (bio.flags.preflush && bio.op !== 'flush') {
+      const rest: Bio = { op: bio.op, sector: bio.sector, sectors: bio.sectors, data: bio.data, flags: { fua: bio.flags.fua, noUnmap: bio.flags.noUnmap } };
+      p = flushTable(table).then(() => route(table, rest));
+    } else {
+      p = route(table, bio);
+    }
+    return p.then(this.#onDone, this.#onFail);
+  }
+
+  /** Allocation map of [sector, sector+sectors) across the live table. */
+  async allocation(sector: number, sectors: number): Promise<Extent[]> {
+    const table = this.#live;
+    if (!table) return [{ sectors, state: 'data' }];
+    const out: Extent[] = [];
+    let s = sector;
+    const end = Math.min(sector + sectors, table.sectors);
+    while (s < end) {
+      const e = table.entries[table.find(s)]!;
+      const n = Math.min(end, e.end) - s;
+      const part = e.target.allocation ? await e.target.allocation(s - e.begin, n) : [{ sectors: n, state: 'data' as const }];
+      let covered = 0;
+      for (const x of part) {
+        const take = Math.min(x.sectors, n - covered);
+        if (take > 0) out.push({ sectors: take, state: x.state });
+        covered += take;
+      }
+      if (covered < n) out.push({ sectors: n - covered, state: 'data' });
+      s += n;
+    }
+    return mergeExtents(out);
+  }
+
+  // ---- table slots and suspend/resume (driven by the device manager) ----
+
+  setInactive(table: Table | null): Table | null {
+    const old = this.#inactive;
+    this.#inactive = table;
+    return old;
+  }
+
+  async suspend(): Promise<void> {
+    if (this.#suspended) return;
+    const table = this.#live;
+    if (table) for (const e of table.entries) await e.target.presuspend?.();
+    this.#suspended = true;
+    await this.drain();
+    if (table) for (const e of table.entries) await e.target.postsuspend?.();
+  }
+
+  /** Wait until no bio is in flight. */
+  drain(): Promise<void> {
+    if (this.#inflight === 0) return Promise.resolve();
+    return new Promise((resolve) => this.#drainWaiters.push(resolve));
+  }
+
+  #wakeDrain(): void {
+    const w = this.#drainWaiters;
+    this.#drainWaiters = [];
+    for (const f of w) f();
+  }
+
+  /**
+   * Swap in the inactive table if one is loaded (returning the old live table for the
+   * caller to destroy), run resume hooks, re-issue queued I/O. A failing hook leaves the
+   * device suspended.
+   */
+  async resume(): Promise<Table | null> {
+    let old: Table | null = null;
+    if (this.#inactive) {
+      if (!this.#suspended) await this.suspend();
+      old = this.#live;
+      this.#live = this.#inactive;
+      this.#inactive = null;
+    }
+    if (this.#live) for (const e of this.#live.entries) await e.target.resume?.();
+    this.#suspended = false;
+    if (this.#live) this.#reissue();
+    return old;
+  }
+
+  #reissue(): void {
+    const q = this.#queue;
+    this.#queue = [];
+    for (const { bio, resolve, reject } of q) this.submit(bio).then(resolve, reject);
+  }
+
+  get queued(): number {
+    return this.#queue.length;
+  }
+
+  /** Raise an event: bump the counter, wake waiters. */
+  event(): void {
+    this.#eventNr++;
+    this.emit('event', this.#eventNr);
+  }
+
+  /** Resolve with the new event number once it differs from `nr`. */
+  wait(nr: number, signal?: AbortSignal): Promise<number> {
+    if (this.#eventNr !== nr) return Promise.resolve(this.#eventNr);
+    if (this.#removed) return Promise.reject(new DeviceError('ENXIO', `${this.name}: device removed`));
+    return new Promise((resolve, reject) => {
+      const onEvent = (n: number): void => { cleanup(); resolve(n); };
+      const onRemoved = (): void => { cleanup(); reject(new DeviceError('ENXIO', `${this.name}: device removed`)); };
+      const onAbort = (): void => { cleanup(); reject(new DeviceError('EINTR', 'wait aborted')); };
+      const cleanup = (): void => {
+        this.off('event', onEvent);
+        this.off('removed', onRemoved);
+        signal?.removeEventListener('abort', onAbort);
+      };
+      this.on('event', onEvent);
+      this.on('removed', onRemoved);
+      signal?.addEventListener('abort', onAbort);
+    });
+  }
+
+  open(): void {
+    if (this.#removed) throw new DeviceError('ENXIO', `${this.name}: device removed`);
+    this.#openCount++;
+  }
+
+  /** drop one opener; returns true when a deferred remove is now due */
+  close(): boolean {
+    if (this.#openCount > 0) this.#openCount--;
+    return this.#openCount === 0 && this.#deferredRemove;
+  }
+
+  markDeferredRemove(): void {
+    this.#deferredRemove = true;
+  }
+
+  /** final teardown: fail queued I/O, wake waiters, hand back the tables to destroy */
+  markRemoved(): Table[] {
+    this.#removed = true;
+    const q = this.#queue;
+    this.#queue = [];
+    for (const { reject } of q) reject(new BlockError('ENXIO', `${this.name}: device removed`));
+    this.emit('removed');
+    const tables = [this.#live, this.#inactive].filter((t): t is Table => t !== null);
+    this.#live = null;
+    this.#inactive = null;
+    return tables;
+  }
+}
+
+/** Send a flush to every target of a table. */
+export function flushTable(table: Table): Promise<void> {
+  const flush: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
+  const entries = table.entries;
+  if (entries.length === 1) return entries[0]!.target.map(flush);
+  return Promise.all(entries.map((e) => e.target.map(flush))).then(noop);
+}
+
+function noop(): void {}
+
+/** Route a device-relative bio to the targets covering it, splitting without copying. */
+function route(table: Table, bio: Bio): Promise<void> {
+  if (bio.op === 'flush') return flushTable(table);
+  const entries = table.entries;
+  let i = table.find(bio.sector);
+  let e = entries[i]!;
+  const end = bio.sector + bio.sectors;
+  const rel = bio.sector - e.begin;
+  if (end <= e.end && (e.maxIo === 0 || Math.floor(rel / e.maxIo) === Math.floor((rel + bio.sectors - 1) / e.maxIo))) {
+    return e.target.map({ op: bio.op, sector: rel, sectors: bio.sectors, data: bio.data, flags: bio.flags });
+  }
+  const parts: Promise<void>[] = [];
+  const hasData = bio.op === 'read' || bio.op === 'write';
+  let s = bio.sector;
+  while (s < end) {
+    while (s >= e.end) e = entries[++i]!;
+    const r = s - e.begin;
+    let n = Math.min(end, e.end) - s;
+    if (e.maxIo) n = Math.min(n, e.maxIo - (r % e.maxIo));
+    const data = hasData ? bio.data.subarray((s - bio.sector) * 512, (s - bio.sector + n) * 512) : EMPTY;
+    parts.push(entryMap(e, { op: bio.op, sector: r, sectors: n, data, flags: bio.flags }));
+    s += n;
+  }
+  return Promise.all(parts).then(noop);
+}
+
+function entryMap(e: TableEntry, bio: Bio): Promise<void> {
+  return e.target.map(bio);
+}

@@ -1,0 +1,77 @@
+/**
+ * The contracts between the core and everything that plugs into it: backing devices,
+ * targets, target types. Read this file before writing a target.
+ */
+import type { Bio } from './bio.ts';
+import type { Logger } from './log.ts';
+
+/** What a region of a device holds, for NBD BLOCK_STATUS (`base:allocation`). */
+export type AllocState = 'data' | 'zero' | 'hole';
+export interface Extent {
+  sectors: number;
+  /** data: may hold anything; zero: allocated, reads as zeroes; hole: unallocated, reads as zeroes */
+  state: AllocState;
+}
+
+/**
+ * A device a target maps onto: an image file, a block device, another mapped device
+ * (`dm:NAME`) or a remote NBD export. Opened through `TargetContext.open`, shared by every
+ * table in the engine that names it.
+ */
+export interface BlockDev {
+  /** the reference exactly as the table gave it (printed back by status) */
+  readonly ref: string;
+  /** size in 512-byte sectors */
+  readonly sectors: number;
+  /** bio.sector is relative to the start of this device; the caller keeps it in range */
+  submit(bio: Bio): Promise<void>;
+  /** optional allocation map for [sector, sector+sectors); absent = all data */
+  allocation?(sector: number, sectors: number): Promise<Extent[]>;
+}
+
+export type StatusType = 'info' | 'table';
+
+/**
+ * A constructed target instance (dm's `struct dm_target` + its private context).
+ * Bios given to `map` are already checked: inside the target, 512-aligned, not crossing
+ * `maxIoSectors` boundaries, and `bio.sector` is relative to the target's own start.
+ */
+export interface Target {
+  map(bio: Bio): Promise<void>;
+  status(type: StatusType): string;
+  /** `dmkit message DEV SECTOR …`: returns an optional reply; throws TargetArgError for bad input */
+  message?(args: string[]): Promise<string | void> | string | void;
+  /** before I/O is queued at suspend (stop background work that issues I/O) */
+  presuspend?(): Promise<void> | void;
+  /** after in-flight I/O has drained */
+  postsuspend?(): Promise<void> | void;
+  /** before queued I/O is re-issued on resume */
+  resume?(): Promise<void> | void;
+  /** table destroyed: stop timers and background work. Devices are released by the core. */
+  destroy?(): Promise<void> | void;
+  /** split bios so none crosses a multiple of this many sectors from the target start */
+  readonly maxIoSectors?: number;
+  /** allocation map (relative sectors) for NBD BLOCK_STATUS; absent = all data */
+  allocation?(sector: number, sectors: number): Promise<Extent[]>;
+}
+
+/** Everything a target constructor may use. */
+export interface TargetContext {
+  /** the mapped device's name (for messages and logs) */
+  readonly device: string;
+  /** target start and length in sectors */
+  readonly begin: number;
+  readonly length: number;
+  /** open a device by reference; released automatically when the table is destroyed or ctr fails */
+  open(ref: string): Promise<BlockDev>;
+  /** raise a device event (dm_table_event): wakes `wait` */
+  event(): void;
+  readonly log: Logger;
+}
+
+export interface TargetType {
+  readonly name: string;
+  readonly version: readonly [number, number, number];
+  /** dm's ctr: parse args, open devices through ctx, return the instance. Throw TargetArgError. */
+  create(ctx: TargetContext, args: string[]): Promise<Target> | Target;
+}

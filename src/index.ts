@@ -1,0 +1,24 @@
+/**
+ * dmkit as a library: `import { DeviceMapper } from 'dmkit'`.
+ * An engine in-process, with the built-in targets registered; no daemon needed.
+ */
+import { DeviceMapper as CoreDeviceMapper } from './core/device-manager.ts';
+import type { TargetType } from './core/types.ts';
+import { builtinTargets } from './targets/index.ts';
+
+export class DeviceMapper extends CoreDeviceMapper {
+  constructor(opts: { targets?: readonly TargetType[] } = {}) {
+    super({ targets: opts.targets ?? builtinTargets });
+  }
+}
+
+export { builtinTargets };
+export type { DeviceInfo, DeviceResolver, TableLineOut } from './core/device-manager.ts';
+export { MappedDevice } from './core/mapped-device.ts';
+export { BlockError, DmError, TableError, TargetArgError, DeviceError } from './core/errors.ts';
+export { ArgReader } from './core/args.ts';
+export { copyRanges } from './core/copy.ts';
+export type { CopyProgress, CopyOptions } from './core/copy.ts';
+export type { Bio, BioOp, BioFlags } from './core/bio.ts';
+export type { BlockDev, Target, TargetType, TargetContext, Extent, AllocState, StatusType } from './core/types.ts';
+export const VERSION = '0.1.0';

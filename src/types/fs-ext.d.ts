@@ -1,0 +1,8 @@
+declare module 'fs-ext' {
+  type FlockFlag = 'sh' | 'ex' | 'shnb' | 'exnb' | 'un';
+  export function flockSync(fd: number, flags: FlockFlag): void;
+  export function flock(fd: number, flags: FlockFlag, cb: (err: NodeJS.ErrnoException | null) => void): void;
+  export function seekSync(fd: number, offset: number, whence: number): number;
+  const _default: { flockSync: typeof flockSync; flock: typeof flock; seekSync: typeof seekSync };
+  export default _default;
+}
