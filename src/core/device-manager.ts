@@ -167,8 +167,9 @@ export class DeviceMapper extends EventEmitter {
   }
 
   /**
-   * remove: EBUSY while open unless `deferred` (removed at last close). `force` swaps in
-   * an error table first so queued and future I/O fails instead of hanging.
+   * remove: EBUSY while open unless `deferred` (removed at last close) or `force` (an
+   * error table is swapped in first so in-flight and queued I/O fails, then the device goes
+   * away and its openers — NBD connections, stacked tables — get ENXIO/ESHUTDOWN).
    */
   async remove(name: string, opts: { force?: boolean; deferred?: boolean } = {}): Promise<'removed' | 'deferred'> {
     const dev = this.get(name);
@@ -176,7 +177,7 @@ export class DeviceMapper extends EventEmitter {
       await this.load(name, `0 ${dev.sectors} error`);
       await this.resume(name);
     }
-    if (dev.openCount > 0) {
+    if (dev.openCount > 0 && !opts.force) {
       if (opts.deferred) {
         dev.markDeferredRemove();
         this.emit('change');

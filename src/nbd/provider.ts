@@ -1,0 +1,100 @@
+/**
+ * Adapts the device manager to the NBD server's ExportProvider: every active mapped device
+ * is an export named after it. An open export counts as an opener of the device (EBUSY on
+ * remove unless forced or deferred); removal ends the export (ESHUTDOWN on the wire).
+ */
+import type { Bio } from '../core/bio.ts';
+import { EMPTY } from '../core/bio.ts';
+import type { DeviceMapper } from '../core/device-manager.ts';
+import { DeviceError } from '../core/errors.ts';
+import type { MappedDevice } from '../core/mapped-device.ts';
+import type { Extent } from '../core/types.ts';
+import type { ExportHandle, ExportInfo, ExportProvider } from './export.ts';
+
+function infoOf(d: MappedDevice): ExportInfo {
+  return { name: d.name, size: d.sectors * 512, readOnly: d.readOnly, description: d.uuid || undefined };
+}
+
+class DeviceExport implements ExportHandle {
+  readonly #dev: MappedDevice;
+  readonly #dm: DeviceMapper;
+  #closed = false;
+  #gone: Array<() => void> = [];
+  readonly #onRemoved = (): void => {
+    const cbs = this.#gone;
+    this.#gone = [];
+    for (const cb of cbs) cb();
+  };
+
+  constructor(dm: DeviceMapper, dev: MappedDevice) {
+    this.#dm = dm;
+    this.#dev = dev;
+    dev.open();
+    dev.once('removed', this.#onRemoved);
+  }
+
+  get info(): ExportInfo {
+    return infoOf(this.#dev);
+  }
+
+  read(buf: Buffer, offset: number): Promise<void> {
+    return this.#dev.submit({ op: 'read', sector: offset / 512, sectors: buf.length / 512, data: buf, flags: {} });
+  }
+
+  write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
+    return this.#dev.submit({ op: 'write', sector: offset / 512, sectors: buf.length / 512, data: buf, flags: fua ? FUA : NOFLAGS });
+  }
+
+  flush(): Promise<void> {
+    return this.#dev.submit(FLUSH);
+  }
+
+  trim(offset: number, length: number, fua: boolean): Promise<void> {
+    return this.#dev.submit({ op: 'discard', sector: offset / 512, sectors: length / 512, data: EMPTY, flags: fua ? FUA : NOFLAGS });
+  }
+
+  writeZeroes(offset: number, length: number, opts: { fua: boolean; noHole: boolean }): Promise<void> {
+    const bio: Bio = { op: 'write-zeroes', sector: offset / 512, sectors: length / 512, data: EMPTY, flags: { fua: opts.fua, noUnmap: opts.noHole } };
+    return this.#dev.submit(bio);
+  }
+
+  allocation(offset: number, length: number): Promise<Extent[]> {
+    return this.#dev.allocation(offset / 512, Math.ceil(length / 512));
+  }
+
+  close(): void {
+    if (this.#closed) return;
+    this.#closed = true;
+    this.#dev.off('removed', this.#onRemoved);
+    if (this.#dev.close() && !this.#dev.removed) {
+      // last opener of a device marked for deferred removal
+      void this.#dm.remove(this.#dev.name).catch(() => undefined);
+    }
+  }
+
+  onGone(cb: () => void): void {
+    if (this.#dev.removed) cb();
+    else this.#gone.push(cb);
+  }
+}
+
+const FUA = Object.freeze({ fua: true });
+const NOFLAGS = Object.freeze({});
+const FLUSH: Bio = Object.freeze({ op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: NOFLAGS }) as Bio;
+
+export function deviceExports(dm: DeviceMapper): ExportProvider {
+  const active = (d: MappedDevice): boolean => !!d.live && !d.deferredRemove;
+  return {
+    list: () => dm.list().filter(active).map(infoOf),
+    info: (name) => {
+      const d = dm.has(name) ? dm.get(name) : undefined;
+      return d && active(d) ? infoOf(d) : undefined;
+    },
+    open: (name) => {
+      const d = dm.has(name) ? dm.get(name) : undefined;
+      if (!d || !active(d)) throw new DeviceError('ENXIO', `${name}: no such active device`);
+      return new DeviceExport(dm, d);
+    },
+  };
+}
+
