@@ -140,9 +140,10 @@ export class DeviceMapper extends EventEmitter {
     return dev;
   }
 
-  async load(name: string, text: string): Promise<void> {
+  /** `readOnly` marks the table read-only (dmsetup `load -r`); it applies at resume. Default: the device's mode. */
+  async load(name: string, text: string, opts: { readOnly?: boolean } = {}): Promise<void> {
     const dev = this.get(name);
-    const table = await this.#buildTable(dev, text);
+    const table = await this.#buildTable(dev, text, opts.readOnly ?? dev.readOnly);
     const old = dev.setInactive(table);
     await old?.destroy();
     this.emit('change');
@@ -316,13 +317,14 @@ export class DeviceMapper extends EventEmitter {
     for (const t of dev.markRemoved()) await t.destroy();
   }
 
-  async #buildTable(dev: MappedDevice, text: string): Promise<Table> {
+  async #buildTable(dev: MappedDevice, text: string, readOnly: boolean): Promise<Table> {
     const name = dev.name;
     const parsed = parseTable(name, text);
     if (parsed.length === 0) throw new TableError(name, 0, undefined, 'table has no targets');
     const entries: TableEntry[] = [];
     const release: Array<() => void> = [];
     const deps: string[] = [];
+    const opened = new Map<string, Promise<BlockDev>>();
     let next = 0;
     try {
       for (const line of parsed) {
@@ -339,11 +341,18 @@ export class DeviceMapper extends EventEmitter {
           length: line.length,
           log: log(`${name}:${type.name}`),
           event: () => dev.event(),
-          open: async (ref: string) => {
-            const { dev: bd, release: rel } = await this.#open(ref, dev);
-            release.push(rel);
-            if (!deps.includes(ref)) deps.push(ref);
-            return bd;
+          // a table opens each device once, however many of its targets use it (dm's open count)
+          open: (ref: string) => {
+            let p = opened.get(ref);
+            if (!p) {
+              p = this.#open(ref, dev).then(({ dev: bd, release: rel }) => {
+                release.push(rel);
+                if (!deps.includes(ref)) deps.push(ref);
+                return bd;
+              });
+              opened.set(ref, p);
+            }
+            return p;
           },
         };
         let target;
@@ -361,7 +370,7 @@ export class DeviceMapper extends EventEmitter {
       await new Table(entries, deps, release, false).destroy();
       throw err;
     }
-    return new Table(entries, deps, release, dev.readOnly);
+    return new Table(entries, deps, release, readOnly);
   }
 
   /** Open a reference once per engine; returns the shared device and its release. */

@@ -190,6 +190,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
       old = this.#live;
       this.#live = this.#inactive;
       this.#inactive = null;
+      this.readOnly = this.#live.readOnly;
     }
     if (this.#live) for (const e of this.#live.entries) await e.target.resume?.();
     this.#suspended = false;
@@ -266,10 +267,19 @@ export function flushTable(table: Table): Promise<void> {
   const flush: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
   const entries = table.entries;
   if (entries.length === 1) return entries[0]!.target.map(flush);
-  return Promise.all(entries.map((e) => e.target.map(flush))).then(noop);
+  return settleAll(entries.map((e) => e.target.map(flush)));
 }
 
-function noop(): void {}
+/**
+ * Wait for every part of a split bio, then fail with the first error if any. (Promise.all
+ * would complete the bio at the first failure while its other parts are still in flight,
+ * so a drain or the caller could see them land afterwards.)
+ */
+export function settleAll(parts: Promise<void>[]): Promise<void> {
+  return Promise.allSettled(parts).then((results) => {
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
+  });
+}
 
 /** Route a device-relative bio to the targets covering it, splitting without copying. */
 function route(table: Table, bio: Bio): Promise<void> {
@@ -294,7 +304,7 @@ function route(table: Table, bio: Bio): Promise<void> {
     parts.push(entryMap(e, { op: bio.op, sector: r, sectors: n, data, flags: bio.flags }));
     s += n;
   }
-  return Promise.all(parts).then(noop);
+  return settleAll(parts);
 }
 
 function entryMap(e: TableEntry, bio: Bio): Promise<void> {

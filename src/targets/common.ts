@@ -1,5 +1,6 @@
 /** Helpers shared by target constructors. */
 import { TargetArgError } from '../core/errors.ts';
+import { escapeArg } from '../core/table-parse.ts';
 import type { BlockDev, TargetContext } from '../core/types.ts';
 
 /**
@@ -17,4 +18,9 @@ export async function openDevice(ctx: TargetContext, ref: string, offset: number
     throw new TargetArgError(`device too small for target: ${ref} has ${dev.sectors} sectors, needs ${offset + length} (offset ${offset} + length ${length})`);
   }
   return dev;
+}
+
+/** A device reference as a status('table') argument: escaped so the table parser gives it back. */
+export function refArg(dev: BlockDev): string {
+  return escapeArg(dev.ref);
 }

@@ -4,7 +4,7 @@
 import type { Bio } from '../core/bio.ts';
 import { ArgReader } from '../core/args.ts';
 import type { BlockDev, Extent, Target, TargetContext, TargetType } from '../core/types.ts';
-import { openDevice } from './common.ts';
+import { openDevice, refArg } from './common.ts';
 
 class Linear implements Target {
   readonly #dev: BlockDev;
@@ -21,7 +21,7 @@ class Linear implements Target {
   }
 
   status(type: 'info' | 'table'): string {
-    return type === 'table' ? `${this.#dev.ref} ${this.#offset}` : '';
+    return type === 'table' ? `${refArg(this.#dev)} ${this.#offset}` : '';
   }
 
   allocation(sector: number, sectors: number): Promise<Extent[]> {
