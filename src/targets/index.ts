@@ -6,5 +6,6 @@ import { zero } from './zero.ts';
 import { error } from './error.ts';
 import { delay } from './delay.ts';
 import { flakey } from './flakey.ts';
+import { mirror } from './mirror.ts';
 
-export const builtinTargets: readonly TargetType[] = [linear, striped, zero, error, delay, flakey];
+export const builtinTargets: readonly TargetType[] = [linear, striped, zero, error, delay, flakey, mirror];
