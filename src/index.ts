@@ -5,10 +5,13 @@
 import { DeviceMapper as CoreDeviceMapper } from './core/device-manager.ts';
 import type { TargetType } from './core/types.ts';
 import { builtinTargets } from './targets/index.ts';
+import { nbdResolver } from './nbd/resolver.ts';
 
 export class DeviceMapper extends CoreDeviceMapper {
   constructor(opts: { targets?: readonly TargetType[] } = {}) {
     super({ targets: opts.targets ?? builtinTargets });
+    // nbd://, nbd+unix://, nbds:// … device references (the engine as an NBD client)
+    this.addResolver(nbdResolver());
   }
 }
 
@@ -17,7 +20,10 @@ export type { DeviceInfo, DeviceResolver, TableLineOut } from './core/device-man
 export { MappedDevice } from './core/mapped-device.ts';
 export { BlockError, DmError, TableError, TargetArgError, DeviceError } from './core/errors.ts';
 export { ArgReader } from './core/args.ts';
-export { copyRanges } from './core/copy.ts';
+export { copyRanges, RegionGate } from './core/copy.ts';
+export { createDirtyLog, registerDirtyLog, listDirtyLogs } from './dirtylog/registry.ts';
+export { NbdClient } from './nbd/client.ts';
+export { nbdResolver } from './nbd/resolver.ts';
 export type { CopyProgress, CopyOptions } from './core/copy.ts';
 export type { Bio, BioOp, BioFlags } from './core/bio.ts';
 export type { BlockDev, Target, TargetType, TargetContext, Extent, AllocState, StatusType } from './core/types.ts';
