@@ -17,7 +17,7 @@ import { MappedDevice } from './mapped-device.ts';
 import { Registry } from './registry.ts';
 import { Table, type TableEntry } from './table.ts';
 import { parseTable } from './table-parse.ts';
-import type { BlockDev, StatusType, TargetContext, TargetType } from './types.ts';
+import type { BlockDev, Progress, StatusType, TargetContext, TargetType } from './types.ts';
 
 /** Opens references the core does not know (e.g. `nbd://…`). */
 export interface DeviceResolver {
@@ -60,7 +60,6 @@ export class DeviceMapper extends EventEmitter {
   readonly #devices = new Map<string, MappedDevice>();
   readonly #backing = new Map<string, Backing>();
   readonly #resolvers: DeviceResolver[] = [];
-  #nextMinor = 0;
   readonly #log = log('dm');
 
   constructor(opts: { targets?: readonly TargetType[] } = {}) {
@@ -124,7 +123,7 @@ export class DeviceMapper extends EventEmitter {
     if (!NAME_RE.test(name)) throw new DeviceError('EINVAL', `invalid device name '${name}' (1–127 characters, no '/')`);
     if (this.#devices.has(name)) throw new DeviceError('EEXIST', `${name}: device already exists`);
     if (opts.uuid) this.#checkUuid(opts.uuid);
-    const dev = new MappedDevice(name, this.#nextMinor++, { uuid: opts.uuid, readOnly: opts.readOnly });
+    const dev = new MappedDevice(name, this.#freeMinor(), { uuid: opts.uuid, readOnly: opts.readOnly });
     dev.on('event', () => this.emit('device-event', dev.name, dev.eventNr));
     this.#devices.set(name, dev);
     if (opts.table !== undefined) {
@@ -231,6 +230,14 @@ export class DeviceMapper extends EventEmitter {
     this.emit('change');
   }
 
+  /** the lowest device number no device uses (the kernel's idr allocation) */
+  #freeMinor(): number {
+    const used = new Set([...this.#devices.values()].map((d) => d.minor));
+    let m = 0;
+    while (used.has(m)) m++;
+    return m;
+  }
+
   #checkUuid(uuid: string): void {
     if (!/^[\x21-\x7e]{1,128}$/.test(uuid)) throw new DeviceError('EINVAL', `invalid uuid '${uuid}' (1–128 printable characters)`);
     for (const d of this.#devices.values()) {
@@ -263,6 +270,21 @@ export class DeviceMapper extends EventEmitter {
     if (!e.target.message) throw new DeviceError('EINVAL', `${name}: ${e.type.name} target does not accept messages`);
     const reply = await e.target.message(args);
     return reply ?? '';
+  }
+
+  /** background work of the live table's targets, summed (null when nothing runs) */
+  progress(name: string): Progress | null {
+    let work = '';
+    let done = 0;
+    let total = 0;
+    for (const e of this.get(name).live?.entries ?? []) {
+      const p = e.target.progress?.();
+      if (!p) continue;
+      work ||= p.work;
+      done += p.doneSectors;
+      total += p.totalSectors;
+    }
+    return total > 0 ? { work, doneSectors: done, totalSectors: total } : null;
   }
 
   wait(name: string, eventNr: number, signal?: AbortSignal): Promise<number> {

@@ -53,6 +53,16 @@ export interface Target {
   readonly maxIoSectors?: number;
   /** allocation map (relative sectors) for NBD BLOCK_STATUS; absent = all data */
   allocation?(sector: number, sectors: number): Promise<Extent[]>;
+  /** background work (resync, verify) in progress, for `dmkit wait --progress`; null = none */
+  progress?(): Progress | null;
+}
+
+/** Progress of a target's background work. */
+export interface Progress {
+  /** what is running, e.g. 'resync' */
+  readonly work: string;
+  readonly doneSectors: number;
+  readonly totalSectors: number;
 }
 
 /** Everything a target constructor may use. */

@@ -9,7 +9,7 @@ import type { Bio } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
 import { RegionGate, type CopyOutcome } from '../core/copy.ts';
 import { BlockError, toBlockError } from '../core/errors.ts';
-import type { BlockDev, StatusType, Target, TargetContext } from '../core/types.ts';
+import type { BlockDev, Progress, StatusType, Target, TargetContext } from '../core/types.ts';
 import type { DirtyLog } from '../dirtylog/types.ts';
 import { refArg } from './common.ts';
 import { RegionTracker, resyncRegions } from './mirror-regions.ts';
@@ -320,6 +320,15 @@ export class MirrorSet implements Target {
     if (verb !== 'resync-rate') r.fail(`unknown message '${verb}' (expected resync-rate <bytes/s>)`);
     this.#rate = r.uint('resync rate');
     r.expectEnd();
+  }
+
+  /** resync progress in sectors (regions in sync × region size); null once in sync */
+  progress(): Progress | null {
+    const total = this.#log.regionCount;
+    const inSync = this.#log.getSyncCount();
+    if (inSync >= total) return null;
+    const size = this.#log.regionSize;
+    return { work: 'resync', doneSectors: inSync * size, totalSectors: total * size };
   }
 
   status(type: StatusType): string {
