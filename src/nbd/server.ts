@@ -1,0 +1,249 @@
+/**
+ * The NBD server: listeners (Unix socket, TCP), one Connection per client running the
+ * handshake and then the transmission loop over an ExportProvider. A bad connection
+ * (malformed bytes, abrupt close, hostile lengths, failed TLS) ends only itself; nothing
+ * a client sends can throw out of the server.
+ */
+import { chmod, lstat, unlink } from 'node:fs/promises';
+import { connect, createServer, type Server, type Socket } from 'node:net';
+import { TLSSocket } from 'node:tls';
+import { isMainThread } from 'node:worker_threads';
+import { DmError } from '../core/errors.ts';
+import { log, type Logger } from '../core/log.ts';
+import { BufferPool } from './buffer-pool.ts';
+import type { ExportProvider } from './export.ts';
+import { handshake, type Negotiated } from './handshake.ts';
+import { loadTlsConfig, type TlsServerConfig } from './tls.ts';
+import { Transmission, type TransmissionOptions } from './transmission.ts';
+
+export interface NbdServerOptions {
+  /** STARTTLS with PSK; `require` refuses every option but STARTTLS/ABORT before TLS */
+  tls?: { pskFile: string; require: boolean };
+  /** a client that has not finished the handshake by then is dropped (default 30 s) */
+  handshakeTimeoutMs?: number;
+  /** how long in-flight requests may finish when the server closes or an export goes (default 2 s) */
+  graceMs?: number;
+  /** per-connection cap on payload/read/reply bytes held before reading pauses (default 64 MiB) */
+  maxInFlightBytes?: number;
+  /** per-connection cap on requests in flight before reading pauses (default 1024) */
+  maxInFlightRequests?: number;
+  /** idle READ buffers kept for reuse across connections (default 32 MiB) */
+  bufferPoolBytes?: number;
+}
+
+/** counters since the server was created */
+export interface NbdServerStats {
+  accepted: number;
+  /** handshakes that reached transmission, by GO or EXPORT_NAME */
+  go: number;
+  exportName: number;
+  /** STARTTLS sessions established */
+  tls: number;
+  /** connections dropped for protocol violations, timeouts or failed TLS */
+  dropped: number;
+}
+
+class Connection {
+  readonly raw: Socket;
+  current: Socket;
+  tx: Transmission | null = null;
+  finished: Promise<void> = Promise.resolve();
+
+  constructor(raw: Socket) {
+    this.raw = raw;
+    this.current = raw;
+  }
+
+  destroy(): void {
+    this.current.destroy();
+    this.raw.destroy();
+  }
+}
+
+export class NbdServer {
+  readonly #provider: ExportProvider;
+  readonly #tls: TlsServerConfig | undefined;
+  readonly #handshakeTimeoutMs: number;
+  readonly #txOpts: TransmissionOptions;
+  readonly #log: Logger = log('nbd');
+  readonly #servers: Server[] = [];
+  readonly #conns = new Set<Connection>();
+  readonly #stats: NbdServerStats = { accepted: 0, go: 0, exportName: 0, tls: 0, dropped: 0 };
+  #closing = false;
+
+  constructor(provider: ExportProvider, opts: NbdServerOptions = {}) {
+    this.#provider = provider;
+    this.#tls = opts.tls ? loadTlsConfig(opts.tls) : undefined;
+    this.#handshakeTimeoutMs = opts.handshakeTimeoutMs ?? 30_000;
+    this.#txOpts = {
+      maxInFlightBytes: opts.maxInFlightBytes ?? 64 * 1024 * 1024,
+      maxInFlightRequests: opts.maxInFlightRequests ?? 1024,
+      graceMs: opts.graceMs ?? 2000,
+      pool: new BufferPool(opts.bufferPoolBytes ?? 32 * 1024 * 1024),
+      log: this.#log,
+    };
+  }
+
+  /** live client connections (handshaking or transmitting) */
+  get connections(): number {
+    return this.#conns.size;
+  }
+
+  get stats(): Readonly<NbdServerStats> {
+    return { ...this.#stats };
+  }
+
+  /** listen on a Unix socket, created mode 0600; a stale socket file is replaced */
+  async listenUnix(path: string): Promise<void> {
+    this.#assertOpen();
+    await removeStaleSocket(path);
+    const srv = this.#createServer();
+    // create the socket 0600 from the start where the umask can be set (not in workers)
+    const oldMask = isMainThread ? process.umask(0o177) : undefined;
+    try {
+      await listen(srv, (cb) => srv.listen(path, cb));
+    } finally {
+      if (oldMask !== undefined) process.umask(oldMask);
+    }
+    await chmod(path, 0o600);
+    this.#servers.push(srv);
+  }
+
+  /** listen on TCP (default 127.0.0.1:10809); port 0 picks a free port */
+  async listenTcp(host = '127.0.0.1', port = 10809): Promise<{ port: number }> {
+    this.#assertOpen();
+    const srv = this.#createServer();
+    await listen(srv, (cb) => srv.listen(port, host, cb));
+    this.#servers.push(srv);
+    const addr = srv.address();
+    return { port: typeof addr === 'object' && addr ? addr.port : port };
+  }
+
+  /**
+   * Stop listening; new requests get ESHUTDOWN, in-flight ones get up to graceMs to finish
+   * (then ESHUTDOWN), handshaking clients are dropped. Resolves when every connection is closed.
+   */
+  async close(): Promise<void> {
+    this.#closing = true;
+    const stopped = this.#servers.map((s) => new Promise<void>((resolve) => s.close(() => resolve())));
+    this.#servers.length = 0;
+    for (const c of this.#conns) {
+      if (c.tx) c.tx.end('server closing');
+      else c.destroy();
+    }
+    await Promise.all([...this.#conns].map((c) => c.finished));
+    await Promise.all(stopped);
+  }
+
+  #assertOpen(): void {
+    if (this.#closing) throw new DmError('ESHUTDOWN', 'NBD server is closed');
+  }
+
+  #createServer(): Server {
+    const srv = createServer((socket) => this.#accept(socket));
+    srv.on('error', (err) => this.#log.error(`listener: ${err.message}`));
+    return srv;
+  }
+
+  #accept(socket: Socket): void {
+    socket.on('error', (err) => this.#log.debug(`connection error: ${err.message}`));
+    if (this.#closing) {
+      socket.destroy();
+      return;
+    }
+    socket.setNoDelay(true);
+    this.#stats.accepted++;
+    const conn = new Connection(socket);
+    this.#conns.add(conn);
+    conn.finished = this.#run(conn).finally(() => {
+      conn.destroy();
+      this.#conns.delete(conn);
+    });
+  }
+
+  async #run(conn: Connection): Promise<void> {
+    const timer = setTimeout(() => {
+      this.#log.limited('nbd-handshake-timeout', 'dropping a client that did not finish the handshake');
+      this.#stats.dropped++;
+      conn.destroy();
+    }, this.#handshakeTimeoutMs);
+    let session: Negotiated | null;
+    try {
+      session = await handshake(conn.raw, {
+        provider: this.#provider,
+        tls: this.#tls,
+        isClosing: () => this.#closing,
+        onSocket: (s) => {
+          conn.current = s;
+          s.on('error', (err) => this.#log.debug(`TLS connection error: ${err.message}`));
+          this.#stats.tls++;
+          if (s instanceof TLSSocket) this.#log.debug(`STARTTLS: ${s.getProtocol()} ${s.getCipher()?.name}`);
+        },
+      });
+    } catch (err) {
+      if ((err as { code?: unknown } | null)?.code !== 'ECONNRESET') {
+        this.#stats.dropped++;
+        this.#log.limited('nbd-handshake', `handshake failed: ${(err as Error).message}`);
+      }
+      return;
+    } finally {
+      clearTimeout(timer);
+    }
+    if (!session) {
+      // ABORT: the reply is flushed by end(); wait for the peer to go
+      await closed(conn.current, this.#txOpts.graceMs);
+      return;
+    }
+    if (session.via === 'go') this.#stats.go++;
+    else this.#stats.exportName++;
+    const tx = new Transmission(session, this.#txOpts);
+    conn.tx = tx;
+    if (this.#closing) tx.end('server closing');
+    await tx.done;
+  }
+}
+
+function listen(srv: Server, start: (cb: () => void) => void): Promise<void> {
+  return new Promise<void>((resolve, reject) => {
+    const onError = (err: Error): void => reject(err);
+    srv.once('error', onError);
+    start(() => {
+      srv.off('error', onError);
+      resolve();
+    });
+  });
+}
+
+/** resolves once `s` closes, destroying it if that takes longer than `ms` */
+function closed(s: Socket, ms: number): Promise<void> {
+  if (s.destroyed) return Promise.resolve();
+  return new Promise<void>((resolve) => {
+    const t = setTimeout(() => s.destroy(), ms);
+    s.once('close', () => {
+      clearTimeout(t);
+      resolve();
+    });
+    s.resume();
+  });
+}
+
+/** unlink `path` if it is a socket nobody listens on; refuse if it is live or not a socket */
+async function removeStaleSocket(path: string): Promise<void> {
+  let st;
+  try {
+    st = await lstat(path);
+  } catch {
+    return;
+  }
+  if (!st.isSocket()) throw new DmError('EEXIST', `${path} exists and is not a socket`);
+  const live = await new Promise<boolean>((resolve) => {
+    const s = connect(path);
+    s.once('connect', () => {
+      s.destroy();
+      resolve(true);
+    });
+    s.once('error', () => resolve(false));
+  });
+  if (live) throw new DmError('EBUSY', `${path}: another server is listening`);
+  await unlink(path);
+}
