@@ -1,0 +1,146 @@
+/**
+ * The command table: every dmkit verb with dmsetup's syntax, in one commander program.
+ * Each verb connects to the daemon (starting it unless --no-autostart) and runs its action.
+ */
+import path from 'node:path';
+import { Command, Option } from 'commander';
+import { DmError } from '../../src/core/errors.ts';
+import { runtimeDir, stateDir } from '../../src/daemon/paths.ts';
+import * as A from './actions.ts';
+import { connect, isRunning, paths, spawnDaemon } from './connect.ts';
+
+type Opts = Record<string, unknown>;
+
+const collect = (v: string, prev: string[]): string[] => [...prev, v];
+
+/** wrap a verb: connect, run, close; exit status 1 if a per-device step failed */
+function verb(f: (s: A.Session, ...args: never[]) => Promise<void>) {
+  return async (...args: unknown[]): Promise<void> => {
+    const cmd = args[args.length - 1] as Command;
+    const client = await connect({ autostart: cmd.optsWithGlobals().autostart !== false });
+    const s: A.Session = {
+      client,
+      out: (x) => void process.stdout.write(x),
+      err: (x) => void process.stderr.write(x),
+      failed: false,
+    };
+    try {
+      await (f as (s: A.Session, ...a: unknown[]) => Promise<void>)(s, ...args.slice(0, -1));
+    } finally {
+      client.close();
+    }
+    if (s.failed) process.exitCode = 1;
+  };
+}
+
+function checkListen(v: string): string {
+  const m = /^(?:(\[[^\]]+\]|[^:]*):)?(\d{1,5})$/.exec(v);
+  if (!m || Number(m[2]) > 65535) throw new DmError('EINVAL', `--nbd-listen: expected HOST:PORT, [IPv6]:PORT or PORT (e.g. 127.0.0.1:10809), got '${v}'`);
+  return v;
+}
+
+async function daemon(o: Opts): Promise<void> {
+  const plugins = (o.plugin as string[]).map((p) => path.resolve(p));
+  const nbdListen = o.nbdListen === undefined ? undefined : checkListen(o.nbdListen as string);
+  if (o.foreground) {
+    process.env.DMKIT_LOG ??= 'info';
+    const { startDaemon } = await import('../../src/daemon/daemon.ts');
+    await startDaemon({
+      runtimeDir: runtimeDir(), stateDir: stateDir(), nbdListen, plugins, foreground: true,
+      tlsPsk: o.tlsPsk as string | undefined, tls: o.tls as 'on' | 'require' | undefined,
+    });
+    return;
+  }
+  const p = paths();
+  if (await isRunning(p)) throw new DmError('EEXIST', `a dmkit daemon is already running on ${p.socket}`);
+  const args: string[] = [];
+  if (nbdListen) args.push('--nbd-listen', nbdListen);
+  if (o.tlsPsk) args.push('--tls-psk', path.resolve(o.tlsPsk as string));
+  if (o.tls) args.push('--tls', o.tls as string);
+  for (const pl of plugins) args.push('--plugin', pl);
+  await spawnDaemon(p, args);
+}
+
+export function buildProgram(): Command {
+  const program = new Command('dmkit')
+    .description('user-space device-mapper: dmsetup\'s verbs against the dmkit daemon')
+    .option('--no-autostart', 'fail instead of starting a daemon when none runs')
+    .exitOverride()
+    .configureOutput({ outputError: (str, write) => write(`dmkit: ${str.replace(/^error: /, '')}`) });
+
+  program.command('create').description('create a device [with a table: create + load + resume]')
+    .argument('<name>').argument('[table_file]')
+    .option('--table <table>', 'the table text').option('-n, --notable', 'create without a table')
+    .option('-u, --uuid <uuid>', 'device uuid').option('-r, --readonly', 'read-only device')
+    .option('-v, --verbose', 'print the device info afterwards')
+    .action(verb(A.create));
+  program.command('load').alias('reload').description('load a table into the inactive slot')
+    .argument('<name>').argument('[table_file]')
+    .option('--table <table>', 'the table text').option('-n, --notable', '(refused: only for create)')
+    .option('-r, --readonly', 'read-only table').option('-v, --verbose', 'print the device info afterwards')
+    .action(verb(A.load));
+  program.command('suspend').description('queue new I/O and drain in-flight I/O').argument('<dev...>')
+    .option('--noflush', 'targets may hand back in-flight I/O').option('--nolockfs', 'accepted for dmsetup compatibility')
+    .action(verb(A.simple('suspend', (o) => ({ noflush: !!o.noflush }))));
+  program.command('resume').description('swap in the inactive table if any and re-issue queued I/O').argument('<dev...>')
+    .action(verb(A.simple('resume')));
+  program.command('clear').description('drop the inactive table').argument('<dev...>')
+    .action(verb(A.simple('clear')));
+  program.command('remove').description('remove devices (EBUSY while open)').argument('<dev...>')
+    .option('-f, --force', 'swap in an error table first').option('--retry', 'retry for a few seconds while busy')
+    .option('--deferred', 'remove at last close')
+    .action(verb(A.simple('remove', (o) => ({ force: !!o.force, retry: !!o.retry, deferred: !!o.deferred }))));
+  program.command('remove_all').description('remove every closed device, repeating so stacks unwind')
+    .option('-f, --force', 'swap error tables into devices still open').option('--deferred', 'defer removal of open devices')
+    .action(verb(A.removeAll));
+  program.command('rename').description('rename DEV NEW, or rename DEV --setuuid UUID')
+    .argument('<dev>').argument('<new>', 'new name, or the uuid with --setuuid')
+    .option('--setuuid', 'set the uuid (once) instead of the name')
+    .action(verb(A.rename));
+  for (const op of ['table', 'status'] as const) {
+    const c = program.command(op).description(op === 'table' ? 'print tables' : 'print target status')
+      .argument('[dev...]').option('--target <type>', 'only lines of this target type').option('--json', 'JSON output');
+    if (op === 'table') c.option('--inactive', 'the inactive table');
+    c.action(verb(A.tables(op)));
+  }
+  program.command('info').description('device information').argument('[dev...]')
+    .option('-c, --columns', 'one line per device').option('-C', 'same as -c')
+    .option('--noheadings', 'with -c: no heading line').option('--json', 'JSON output')
+    .action(verb(A.info));
+  program.command('ls').description('list devices')
+    .option('--tree', 'show stacking').option('--target <type>', 'only devices with this target type')
+    .option('--json', 'JSON output')
+    .action(verb(A.ls));
+  program.command('deps').description('the devices the live table uses').argument('[dev...]')
+    .option('--inactive', 'of the inactive table').option('--json', 'JSON output')
+    .action(verb(A.deps));
+  program.command('targets').description('registered target types').option('--json', 'JSON output')
+    .action(verb(A.targets));
+  program.command('message').description('send a message to the target covering SECTOR')
+    .argument('<dev>').argument('<sector>').argument('<message...>')
+    .action(verb(A.message));
+  program.command('wait').description('wait until the event counter differs from EVENT_NR (default 0)')
+    .argument('<dev>').argument('[event_nr]')
+    .option('--progress', 'show resync/verify progress until complete')
+    .option('-v, --verbose', 'print the device info afterwards')
+    .action(verb(A.wait));
+  program.command('version').description('CLI and daemon versions').action(verb(A.version));
+
+  const io = program.command('io').description('debugging: byte-level I/O through the daemon (offsets and lengths in bytes)');
+  io.command('read').argument('<dev>').argument('<offset>').argument('<length>').description('read to stdout')
+    .action(verb((s, dev: string, off: string, len: string, o: Opts) => A.io(s, 'read', dev, [off, len], o)));
+  io.command('write').argument('<dev>').argument('<offset>').argument('[file]').description('write FILE or stdin')
+    .option('--fua', 'durable before the reply')
+    .action(verb((s, dev: string, off: string, file: string | undefined, o: Opts) => A.io(s, 'write', dev, file ? [off, file] : [off], o)));
+  io.command('flush').argument('<dev>').description('flush the device')
+    .action(verb((s, dev: string, o: Opts) => A.io(s, 'flush', dev, [], o)));
+
+  program.command('daemon').description('run the daemon (in the background unless --foreground)')
+    .option('--foreground', 'stay in the foreground, log to stderr')
+    .option('--nbd-listen <host:port>', 'serve the devices over NBD on this address')
+    .addOption(new Option('--tls <mode>', 'NBD TLS').choices(['on', 'require']))
+    .option('--tls-psk <file>', 'NBD TLS pre-shared key file')
+    .option('--plugin <path>', 'load a target plugin module (repeatable)', collect, [])
+    .action((o: Opts) => daemon(o));
+  return program;
+}

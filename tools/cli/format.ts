@@ -1,0 +1,168 @@
+/**
+ * dmsetup's output formats, byte for byte (libdm/dm-tools/dmsetup.c and libdm-report.c),
+ * with one adaptation: devices a table uses print as the reference the table gave
+ * (`/img`, `dm:NAME`, an NBD URI) where dmsetup prints `major, minor`.
+ * Pure functions: data in, text out.
+ */
+import type { TableLineOut } from '../../src/core/device-manager.ts';
+import type { DeviceSummary } from '../../src/daemon/protocol.ts';
+
+/** the block major dmsetup shows for device-mapper devices */
+export const DM_MAJOR = 253;
+
+export const NO_DEVICES = 'No devices found\n';
+
+/** `dmsetup info` long form, with its trailing blank line; `Read Ahead:` is left out. */
+export function infoLong(d: DeviceSummary): string {
+  const state = `${d.state}${d.readOnly ? ' (READ-ONLY)' : ''}${d.deferredRemove ? ' (DEFERRED REMOVE)' : ''}`;
+  const tables = !d.live && !d.inactive
+    ? 'None'
+    : `${d.live ? 'LIVE' : ''}${d.live && d.inactive ? ' & ' : ''}${d.inactive ? 'INACTIVE' : ''}`;
+  let s = `Name:              ${d.name}\n`
+    + `State:             ${state}\n`
+    + `Tables present:    ${tables}\n`
+    + `Open count:        ${d.openCount}\n`
+    + `Event number:      ${d.eventNr}\n`
+    + `Major, minor:      ${DM_MAJOR}, ${d.minor}\n`
+    + `Number of targets: ${d.targets}\n`;
+  if (d.uuid) s += `UUID: ${d.uuid}\n`;
+  return `${s}\n`;
+}
+
+/** dmsetup's `attr` field: (L)ive, (I)nactive, (s)uspended, (r)ead-only / read-(w)rite */
+export function attr(d: DeviceSummary): string {
+  return `${d.live ? 'L' : '-'}${d.inactive ? 'I' : '-'}${d.state === 'SUSPENDED' ? 's' : '-'}${d.readOnly ? 'r' : 'w'}`;
+}
+
+interface Column {
+  heading: string;
+  width: number;
+  right: boolean;
+  value(d: DeviceSummary): string;
+}
+
+/** `dmsetup info -c` default fields: name,major,minor,attr,open,segments,events,uuid */
+const INFO_COLUMNS: readonly Column[] = [
+  { heading: 'Name', width: 16, right: false, value: (d) => d.name },
+  { heading: 'Maj', width: 3, right: true, value: () => String(DM_MAJOR) },
+  { heading: 'Min', width: 3, right: true, value: (d) => String(d.minor) },
+  { heading: 'Stat', width: 4, right: false, value: attr },
+  { heading: 'Open', width: 4, right: true, value: (d) => String(d.openCount) },
+  { heading: 'Targ', width: 4, right: true, value: (d) => String(d.targets) },
+  { heading: 'Event', width: 6, right: true, value: (d) => String(d.eventNr) },
+  { heading: 'UUID', width: 32, right: false, value: (d) => d.uuid },
+];
+
+/**
+ * libdm's aligned report: every column as wide as its widest value (at least its default
+ * width), separated by one space, every column padded (the last one too); headings
+ * left-aligned, numbers right-aligned, strings left-aligned.
+ */
+export function infoColumns(devices: DeviceSummary[], opts: { headings?: boolean } = {}): string {
+  if (devices.length === 0) return NO_DEVICES;
+  const rows = devices.map((d) => INFO_COLUMNS.map((c) => c.value(d)));
+  const widths = INFO_COLUMNS.map((c, i) => Math.max(c.width, ...rows.map((r) => r[i]!.length)));
+  const line = (cells: string[], heading: boolean): string =>
+    cells.map((v, i) => (INFO_COLUMNS[i]!.right && !heading ? v.padStart(widths[i]!) : v.padEnd(widths[i]!))).join(' ');
+  const out = opts.headings === false ? [] : [line(INFO_COLUMNS.map((c) => c.heading), true)];
+  for (const r of rows) out.push(line(r, false));
+  return `${out.join('\n')}\n`;
+}
+
+/** `dmsetup ls`: `NAME\t(MAJ:MIN)` */
+export function lsLine(d: DeviceSummary): string {
+  return `${d.name}\t(${DM_MAJOR}:${d.minor})\n`;
+}
+
+/** `dmsetup ls --target T` goes through dmsetup's `_display_dev`: `NAME\t(MAJ, MIN)` */
+export function lsTargetLine(d: DeviceSummary): string {
+  return `${d.name}\t(${DM_MAJOR}, ${d.minor})\n`;
+}
+
+/** `<start> <len> <type> <params>`: dmsetup prints the blank after the type even when params are empty */
+export function tableLine(l: TableLineOut): string {
+  return `${l.start} ${l.length} ${l.type} ${l.params}`;
+}
+
+/**
+ * The lines of one device for `table`/`status`. A device without a table prints one
+ * empty line (dmsetup does); with `target` only matching lines, and nothing else.
+ */
+export function tableLines(name: string, lines: TableLineOut[], opts: { prefix: boolean; target?: string }): string {
+  const prefix = opts.prefix ? `${name}: ` : '';
+  if (lines.length === 0) return opts.target ? '' : `${prefix}\n`;
+  return lines.filter((l) => !opts.target || l.type === opts.target).map((l) => `${prefix}${tableLine(l)}\n`).join('');
+}
+
+/** `dmsetup deps`: `N dependencies\t: (dev) (dev)` */
+export function depsLine(name: string, deps: string[], prefix: boolean): string {
+  return `${prefix ? `${name}: ` : ''}${deps.length} dependencies\t:${deps.map((d) => ` (${d})`).join('')}\n`;
+}
+
+/** `dmsetup targets`: `%-16s v%d.%d.%d` */
+export function targetLine(t: { name: string; version: number[] }): string {
+  return `${t.name.padEnd(16)} v${t.version.join('.')}\n`;
+}
+
+export function versionLines(library: string, driver: string): string {
+  return `Library version:   ${library}\nDriver version:    ${driver}\n`;
+}
+
+/** the reply of `message`, with a newline added when it has none (dmsetup's puts) */
+export function messageReply(reply: string): string {
+  return reply === '' || reply.endsWith('\n') ? reply : `${reply}\n`;
+}
+
+interface TreeSymbols {
+  empty: string;
+  branch: string;
+  vert: string;
+  last: string;
+}
+
+const UTF_TREE: TreeSymbols = { empty: '  ', branch: '├─', vert: '│ ', last: '└─' };
+const ASCII_TREE: TreeSymbols = { empty: '  ', branch: '|-', vert: '| ', last: '`-' };
+
+/** dmsetup picks its tree symbols from the locale's codeset */
+export function localeIsUtf8(env: Record<string, string | undefined> = process.env): boolean {
+  const loc = env.LC_ALL || env.LC_CTYPE || env.LANG || '';
+  return /utf-?8/i.test(loc);
+}
+
+/**
+ * `dmsetup ls --tree` (default options: device numbers, no truncation): devices nobody
+ * stacks on at the top, each followed by the devices its live table uses. A device of the
+ * engine prints `NAME (253:MIN)`; any other reference prints ` (REF)` like dmsetup's
+ * nameless `(MAJ:MIN)` leaves.
+ */
+export function tree(devices: DeviceSummary[], utf8: boolean): string {
+  if (devices.length === 0) return NO_DEVICES;
+  const sym = utf8 ? UTF_TREE : ASCII_TREE;
+  const byName = new Map(devices.map((d) => [d.name, d]));
+  const held = new Set(devices.flatMap((d) => d.deps.filter((r) => r.startsWith('dm:') && byName.has(r.slice(3))).map((r) => r.slice(3))));
+  const more: boolean[] = [];
+  let out = '';
+  const children = (d: DeviceSummary): string[] => d.deps;
+  const label = (ref: string): string => {
+    const d = ref.startsWith('dm:') ? byName.get(ref.slice(3)) : undefined;
+    return d ? `${d.name} (${DM_MAJOR}:${d.minor})` : ` (${ref})`;
+  };
+  const prefix = (depth: number): string => {
+    let p = '';
+    for (let i = 0; i < depth; i++) {
+      p += ' ';
+      p += i === depth - 1 ? (more[depth] ? sym.branch : sym.last) : (more[i + 1] ? sym.vert : sym.empty);
+    }
+    return p;
+  };
+  const walk = (refs: string[], depth: number, path: Set<string>): void => {
+    refs.forEach((ref, i) => {
+      more[depth] = i < refs.length - 1;
+      out += `${prefix(depth)}${label(ref)}\n`;
+      const d = ref.startsWith('dm:') ? byName.get(ref.slice(3)) : undefined;
+      if (d && !path.has(d.name) && children(d).length) walk(children(d), depth + 1, new Set([...path, d.name]));
+    });
+  };
+  walk(devices.filter((d) => !held.has(d.name)).map((d) => `dm:${d.name}`), 0, new Set());
+  return out;
+}
