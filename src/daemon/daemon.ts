@@ -20,6 +20,7 @@ import { DeviceMapper, VERSION } from '../index.ts';
 import { ensurePrivateDir, runtimePaths, stateFile, type RuntimePaths } from './paths.ts';
 import { PROTOCOL_VERSION, type HelloResult } from './protocol.ts';
 import { ControlServer } from './server.ts';
+import { nbdExtension } from './nbd-wiring.ts';
 import { restore, StateStore, writeAtomic } from './state.ts';
 
 export interface DaemonOptions {
@@ -52,7 +53,8 @@ export interface DaemonExtension {
 }
 
 export type ExtensionFactory = (opts: DaemonOptions) => DaemonExtension | null | undefined;
-const factories: ExtensionFactory[] = [];
+/** the NBD export runs with every daemon */
+const factories: ExtensionFactory[] = [nbdExtension];
 
 /** Register an extension factory; every daemon started afterwards asks it for an extension. */
 export function registerDaemonExtension(factory: ExtensionFactory): void {

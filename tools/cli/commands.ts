@@ -6,6 +6,7 @@ import path from 'node:path';
 import { Command, Option } from 'commander';
 import { DmError } from '../../src/core/errors.ts';
 import { runtimeDir, stateDir } from '../../src/daemon/paths.ts';
+import { parseListen } from '../../src/daemon/listen.ts';
 import * as A from './actions.ts';
 import { connect, isRunning, paths, spawnDaemon } from './connect.ts';
 
@@ -34,8 +35,7 @@ function verb(f: (s: A.Session, ...args: never[]) => Promise<void>) {
 }
 
 function checkListen(v: string): string {
-  const m = /^(?:(\[[^\]]+\]|[^:]*):)?(\d{1,5})$/.exec(v);
-  if (!m || Number(m[2]) > 65535) throw new DmError('EINVAL', `--nbd-listen: expected HOST:PORT, [IPv6]:PORT or PORT (e.g. 127.0.0.1:10809), got '${v}'`);
+  parseListen(v); // throws a precise EINVAL
   return v;
 }
 
@@ -47,7 +47,7 @@ async function daemon(o: Opts): Promise<void> {
     const { startDaemon } = await import('../../src/daemon/daemon.ts');
     await startDaemon({
       runtimeDir: runtimeDir(), stateDir: stateDir(), nbdListen, plugins, foreground: true,
-      tlsPsk: o.tlsPsk as string | undefined, tls: o.tls as 'on' | 'require' | undefined,
+      tlsPsk: o.tlsPsk ? path.resolve(o.tlsPsk as string) : undefined, tls: o.tls as 'on' | 'require' | undefined,
     });
     return;
   }
