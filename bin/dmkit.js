@@ -1,6 +1,38 @@
 #!/usr/bin/env node
-// Entry point for `npx dmkit`: registers tsx's loader in-process and runs the TypeScript CLI.
-import { register } from 'tsx/esm/api';
+// Entry point for `npx dmkit`. Runs the bundled CLI (dist/dmkit.mjs, built by `npm ci` /
+// `npm run build`) while it is newer than every source file; otherwise, and for the daemon
+// (whose plugins may import dmkit's TypeScript sources), registers tsx and runs the sources.
+import fs from 'node:fs';
+import path from 'node:path';
+import { fileURLToPath, pathToFileURL } from 'node:url';
 
-register();
-await import('../tools/dmkit.ts');
+const bin = fileURLToPath(import.meta.url);
+const root = path.resolve(path.dirname(bin), '..');
+const bundle = path.join(root, 'dist', 'dmkit.mjs');
+globalThis.DMKIT_BIN = bin; // how the CLI re-runs itself to start a daemon
+
+function newerThan(dir, t) {
+  for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
+    const p = path.join(dir, e.name);
+    if (e.isDirectory() ? newerThan(p, t) : fs.statSync(p).mtimeMs > t) return true;
+  }
+  return false;
+}
+
+function bundleIsFresh() {
+  try {
+    const t = fs.statSync(bundle).mtimeMs;
+    return fs.statSync(path.join(root, 'package.json')).mtimeMs <= t
+      && !newerThan(path.join(root, 'src'), t) && !newerThan(path.join(root, 'tools'), t);
+  } catch {
+    return false;
+  }
+}
+
+if (!process.argv.slice(2).includes('daemon') && bundleIsFresh()) {
+  await import(pathToFileURL(bundle).href);
+} else {
+  const { register } = await import('tsx/esm/api');
+  register();
+  await import('../tools/dmkit.ts');
+}

@@ -27,4 +27,4 @@ export { nbdResolver } from './nbd/resolver.ts';
 export type { CopyProgress, CopyOptions } from './core/copy.ts';
 export type { Bio, BioOp, BioFlags } from './core/bio.ts';
 export type { BlockDev, Target, TargetType, TargetContext, Extent, AllocState, StatusType } from './core/types.ts';
-export const VERSION = '0.1.0';
+export { VERSION } from './version.ts';

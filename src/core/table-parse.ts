@@ -15,8 +15,8 @@
  * Only syntax is checked here. Zero lengths, unknown types, gaps and target arguments are
  * the table loader's, in the kernel's order.
  */
-import { createRequire } from 'node:module';
 import nearley from 'nearley';
+import compiledGrammar from './table-grammar.cjs';
 import { TableError, TargetArgError } from './errors.ts';
 
 /** One target of a table, as written. */
@@ -30,8 +30,7 @@ export interface TableLine {
   args: string[];
 }
 
-const require = createRequire(import.meta.url);
-const GRAMMAR = nearley.Grammar.fromCompiled(require('./table-grammar.cjs') as nearley.CompiledRules);
+const GRAMMAR = nearley.Grammar.fromCompiled(compiledGrammar);
 
 /** Grammar rule → the field it stands for in error messages (see table-grammar.ne). */
 const FIELDS: Readonly<Record<string, string>> = {

@@ -6,7 +6,7 @@ export function parseListen(spec: string): { host: string; port: number } {
   const m = /^(?:\[([^\]]+)\]|([^:]*)):(\d{1,5})$/.exec(spec) ?? /^()()(\d{1,5})$/.exec(spec);
   const port = m ? Number(m[3]) : NaN;
   if (!m || !(port >= 0 && port <= 65535)) {
-    throw new DmError('EINVAL', `invalid --nbd-listen '${spec}' (expected HOST:PORT, [IPv6]:PORT or PORT)`);
+    throw new DmError('EINVAL', `--nbd-listen: expected HOST:PORT, [IPv6]:PORT or PORT (e.g. 127.0.0.1:10809), got '${spec}'`);
   }
   return { host: m[1] || m[2] || '127.0.0.1', port };
 }

@@ -1,6 +1,6 @@
 /**
  * e2e helpers: a private runtime/state directory per test file, the real CLI run as a
- * child process (`node --import tsx tools/dmkit.ts …`), the daemon it autostarts, and a
+ * child process (`node bin/dmkit.js …`), the daemon it autostarts, and a
  * protocol client for byte-level I/O through the daemon.
  */
 import { spawn, type ChildProcess } from 'node:child_process';
@@ -11,7 +11,8 @@ import { fileURLToPath } from 'node:url';
 import { ControlClient } from '../../src/daemon/client.ts';
 
 export const ROOT = fileURLToPath(new URL('../..', import.meta.url));
-const CLI = path.join(ROOT, 'tools', 'dmkit.ts');
+/** the user's entry point: runs the bundle built by `npm ci` while fresh, else the sources via tsx */
+const CLI = path.join(ROOT, 'bin', 'dmkit.js');
 
 export interface Sandbox {
   dir: string;
@@ -70,7 +71,7 @@ export interface Running {
 
 /** Start the CLI; stdin gets `input` (default: nothing) and is closed. */
 export function start(sb: Sandbox, args: string[], opts: { input?: string | Buffer; env?: NodeJS.ProcessEnv } = {}): Running {
-  const child = spawn(process.execPath, ['--import', 'tsx', CLI, ...args], { cwd: ROOT, env: { ...sb.env, ...opts.env }, stdio: ['pipe', 'pipe', 'pipe'] });
+  const child = spawn(process.execPath, [CLI, ...args], { cwd: ROOT, env: { ...sb.env, ...opts.env }, stdio: ['pipe', 'pipe', 'pipe'] });
   children.add(child);
   child.on('exit', () => children.delete(child));
   const out: Buffer[] = [];

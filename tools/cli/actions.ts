@@ -3,15 +3,13 @@
  * Verbs taking several devices go on after a failing one and exit 1 at the end, like dmsetup.
  */
 import fs from 'node:fs';
-import { createRequire } from 'node:module';
 import type { SingleBar } from 'cli-progress';
 import { DmError } from '../../src/core/errors.ts';
 import type { ControlClient } from '../../src/daemon/client.ts';
 import type { DeviceSummary, HelloResult, ProgressItem, TablesResult } from '../../src/daemon/protocol.ts';
 import * as F from './format.ts';
 
-/** the CLI's own version (dmsetup's "Library version") */
-const VERSION = (createRequire(import.meta.url)('../../package.json') as { version: string }).version;
+import { VERSION } from '../../src/version.ts';
 
 export interface Session {
   client: ControlClient;
@@ -227,11 +225,8 @@ export async function waitProgress(s: Session, name: string): Promise<void> {
     else s.err(`${name}: no background work; nothing to wait for\n`);
   } finally {
     process.off('SIGINT', onSigint);
-    const b = bar as SingleBar | null;
-    if (b) {
-      b.stop();
-      s.err('\n');
-    }
+    // stop() draws the last state and ends the line
+    (bar as SingleBar | null)?.stop();
   }
 }
 

@@ -12,7 +12,8 @@ import { ensurePrivateDir, runtimeDir, runtimePaths, type RuntimePaths } from '.
 import type { HelloResult } from '../../src/daemon/protocol.ts';
 
 const START_TIMEOUT_MS = 30_000;
-const BIN = fileURLToPath(new URL('../../bin/dmkit.js', import.meta.url));
+/** bin/dmkit.js (it tells us where it is when it runs the bundle, whose own URL is elsewhere) */
+const BIN = (globalThis as { DMKIT_BIN?: string }).DMKIT_BIN ?? fileURLToPath(new URL('../../bin/dmkit.js', import.meta.url));
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
