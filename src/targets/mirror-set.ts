@@ -142,24 +142,40 @@ export class MirrorSet implements Target {
   }
 
   async #writeAll(bio: Bio, region: number): Promise<void> {
-    const results = await Promise.allSettled(this.#legs.map((_, i) => this.#submit(i, bio)));
+    const legs = this.#writeLegs();
+    const results = await Promise.allSettled(legs.map((i) => this.#submit(i, bio)));
     let first: unknown = null;
     let landed = 0;
-    for (let i = 0; i < results.length; i++) {
-      const r = results[i]!;
+    for (let k = 0; k < results.length; k++) {
+      const r = results[k]!;
       if (r.status === 'fulfilled') landed++;
       else {
         first ??= r.reason;
-        if (bio.op !== 'discard') this.#fail(i, 'D');
+        if (bio.op !== 'discard') this.#fail(legs[k]!, 'D');
       }
     }
-    if (first === null) return;
     // a failed discard degrades nothing; a write fails only when no leg took it
-    if (bio.op === 'discard' || landed === 0) throw toBlockError(first);
+    if (first !== null && (bio.op === 'discard' || landed === 0)) throw toBlockError(first);
+    if (first === null && legs.length === this.#legs.length) return;
     if (this.#features.handleErrors) {
       this.#log.setRegionSync(region, false);
       this.#inSync = false;
     }
+  }
+
+  /**
+   * The legs a write to an in-sync region goes to: every leg, except with handle_errors
+   * the legs that already failed a write (unless all have). Such a leg would only fail
+   * again, and its region be marked out of sync, as the kernel does after each failed
+   * write; skipping it reaches that state at once instead of waiting for the failure
+   * each time (a leg on a lost NBD server fails only after the client's reconnect time).
+   * It gets writes again when the mirror is back in sync (faults are forgotten then).
+   */
+  #writeLegs(): number[] {
+    const all = this.#legs.map((_, i) => i);
+    if (!this.#features.handleErrors) return all;
+    const healthy = all.filter((i) => !(this.#legs[i]!.faults & FAULTS.D));
+    return healthy.length > 0 ? healthy : all;
   }
 
   #submit(leg: number, bio: Bio): Promise<void> {
