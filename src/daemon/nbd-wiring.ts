@@ -22,12 +22,20 @@ export function nbdExtension(opts: DaemonOptions): DaemonExtension {
     name: 'nbd',
     async start(d: Daemon): Promise<void> {
       const tls = opts.tlsPsk ? { pskFile: opts.tlsPsk, require: opts.tls === 'require' } : undefined;
-      server = new NbdServer(deviceExports(d.dm), { tls });
-      await server.listenUnix(nbdSocketPath(d.runtimeDir));
-      if (listen) {
-        const { port } = await server.listenTcp(listen.host, listen.port);
-        d.nbdTcp = { host: listen.host, port };
+      const srv = new NbdServer(deviceExports(d.dm), { tls });
+      try {
+        await srv.listenUnix(nbdSocketPath(d.runtimeDir));
+        if (listen) {
+          const { port } = await srv.listenTcp(listen.host, listen.port);
+          d.nbdTcp = { host: listen.host, port };
+        }
+      } catch (err) {
+        // the daemon stops only extensions that started: release the Unix listener here,
+        // or it keeps a daemon that failed to start (e.g. TCP port in use) from exiting
+        await srv.close();
+        throw err;
       }
+      server = srv;
     },
     async stop(): Promise<void> {
       await server?.close();
