@@ -67,6 +67,7 @@ export class DeviceMapper extends EventEmitter {
     for (const t of opts.targets ?? []) this.targets.register(t);
   }
 
+  /** Add a resolver; one added later takes precedence over earlier ones (and the defaults). */
   addResolver(r: DeviceResolver): void {
     this.#resolvers.push(r);
   }
@@ -398,7 +399,7 @@ export class DeviceMapper extends EventEmitter {
   /** Open a reference once per engine; returns the shared device and its release. */
   async #open(ref: string, holder: MappedDevice): Promise<{ dev: BlockDev; release: () => void }> {
     if (ref.startsWith('dm:')) return this.#openDm(ref.slice(3), holder);
-    const resolver = this.#resolvers.find((r) => r.matches(ref));
+    const resolver = this.#resolvers.findLast((r) => r.matches(ref)); // the latest added wins
     let key = ref;
     if (!resolver) {
       try {
