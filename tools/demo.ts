@@ -85,6 +85,21 @@ async function main(): Promise<void> {
   say(`read the whole ${size / MiB} MiB device back in ${ms.toFixed(0)} ms total`);
   say(`device readback matches the reference: ${ok ? 'yes' : 'NO'}`);
   say(`backing images match the mapping (sector by sector): ${mismatches === 0 ? 'yes' : `NO (${mismatches} sectors differ)`}`);
+  // Online copy: a 2-leg mirror whose default leg is the live volume resyncs it onto a new image.
+  const d = img('disk-d.img', size);
+  const volSectors = size / 512;
+  await dm.create('copy', { table: `0 ${volSectors} mirror core 1 1024 2 dm:vol 0 ${d} 0` });
+  const t0 = process.hrtime.bigint();
+  for (;;) {
+    const ev = dm.get('copy').eventNr; // read first, so the in-sync event cannot slip past
+    if (!dm.progress('copy')) break;
+    await dm.wait('copy', ev);
+  }
+  say(`mirror resync of ${size / MiB} MiB onto disk-d.img took ${(Number(process.hrtime.bigint() - t0) / 1e6).toFixed(0)} ms`);
+  const mirrorStatus = dm.status('copy')[0]!.params.split(' ');
+  await dm.remove('copy');
+  const cloned = fs.readFileSync(d).equals(model);
+  say(`mirror status: ${mirrorStatus.slice(3).join(' ')}; disk-d.img equals the volume: ${cloned ? 'yes' : 'NO'}`);
   try {
     await dm.remove(lower.name);
   } catch (err) {
@@ -95,7 +110,7 @@ async function main(): Promise<void> {
   say(`removed vol and ${lower.name}; devices left: ${dm.list().length}`);
   await dm.close();
   fs.rmSync(dir, { recursive: true, force: true });
-  if (!ok || mismatches) process.exit(1);
+  if (!ok || mismatches || !cloned) process.exit(1);
 }
 
 main().catch((err) => {
