@@ -97,8 +97,26 @@ export class FileDev implements BlockDev {
     }
   }
 
-  async #read(buf: Buffer, pos: number): Promise<void> {
-    let done = 0;
+  /**
+   * Hot path: one promise per request, settled straight from the fs callback when the read
+   * is complete (the common case); short reads continue in #readFrom.
+   */
+  #read(buf: Buffer, pos: number): Promise<void> {
+    const len = buf.length;
+    return new Promise((resolve, reject) => {
+      fs.read(this.#fd, buf, 0, len, pos, (err, n) => {
+        if (err) reject(toBlockError(err));
+        else if (n === len) resolve();
+        else if (n === 0) {
+          buf.fill(0);
+          resolve();
+        } else this.#readFrom(buf, n, pos).then(resolve, reject);
+      });
+    });
+  }
+
+  /** the rest of a short read: loop until done, zero-fill past the end of the file */
+  async #readFrom(buf: Buffer, done: number, pos: number): Promise<void> {
     try {
       while (done < buf.length) {
         const n = await readAt(this.#fd, buf, done, pos + done);
@@ -113,9 +131,25 @@ export class FileDev implements BlockDev {
     }
   }
 
-  async #write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
-    if (this.readOnly) throw new BlockError('EROFS', `${this.path} is open read-only`);
-    let done = 0;
+  /** Hot path like #read: one promise, settled from the fs callback for a complete write. */
+  #write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
+    if (this.readOnly) return Promise.reject(new BlockError('EROFS', `${this.path} is open read-only`));
+    const len = buf.length;
+    return new Promise((resolve, reject) => {
+      fs.write(this.#fd, buf, 0, len, pos, (err, n) => {
+        if (err) reject(toBlockError(err));
+        else if (n < len) this.#writeFrom(buf, n, pos, fua).then(resolve, reject);
+        else {
+          this.#dirty = true;
+          if (fua) datasync(this.#fd).then(resolve, (e: unknown) => reject(toBlockError(e)));
+          else resolve();
+        }
+      });
+    });
+  }
+
+  /** the rest of a short write */
+  async #writeFrom(buf: Buffer, done: number, pos: number, fua: boolean): Promise<void> {
     try {
       while (done < buf.length) done += await writeAt(this.#fd, buf, done, buf.length - done, pos + done);
       this.#dirty = true;
