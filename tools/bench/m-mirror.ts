@@ -11,6 +11,7 @@
  *
  * Options (`--opt key=value`):
  *   region=1024       mirror region size in sectors (1024 = 512 KiB, LVM's classic default)
+ *   m2Runs=3          M2: copies per side per pair (A B B A …; a pair's value is their total)
  *
  * This file is also the worker process of both suites (run with a spec argument; see child.ts).
  */
@@ -314,9 +315,10 @@ export const m2: Suite = {
     'the copy in the page cache. The second row (resync-flush) adds, inside the timing, a flush of the mirror ' +
     '(fdatasync of both legs) and an fdatasync of the new file after cp; both then include writing the copy to ' +
     'disk. Before every run the source is re-read (hot page cache); after every run the copy is deleted (dropping ' +
-    'dirty pages unwritten). One run per side per pair. RSS: the resync worker\'s peak (cp: not measured).',
+    'dirty pages unwritten). Three runs per side per pair (opt m2Runs), taken in turns A B B A A B; a pair\'s value is bytes over their total time. RSS: the resync worker\'s peak (cp: not measured).',
   async run(ctx: BenchContext): Promise<Row[]> {
     const region = regionSectors(ctx);
+    const m2Runs = Math.max(1, Math.round(Number(ctx.opts.m2Runs ?? 3)));
     const sectors = Math.floor(ctx.size / 512);
     const span = sectors * 512;
     const src = path.join(ctx.tmpdir, 'm2-src.img');
@@ -374,10 +376,10 @@ export const m2: Suite = {
           },
         };
         rows.push(await comparePairs(ctx, {
-          suite: 'M2', id: v.id, unit: 'MB/s', goal: 0.8, slices: 1,
+          suite: 'M2', id: v.id, unit: 'MB/s', goal: 0.8, slices: m2Runs,
           description: `full resync of ${formatSize(span)} (region ${formatSize(region * 512)}) vs cp${v.flush ? ', both flushed' : ', neither flushed'}`,
           a: resync, b: cp,
-          notes: `value = bytes / wall seconds; region ${region} sectors`,
+          notes: `value = bytes / wall seconds; ${m2Runs} copies per side per pair; region ${region} sectors`,
         }));
       }
     } finally {

@@ -8,9 +8,14 @@
  *   N3  nbdcopy image → export and export → null:
  *
  * Options (`--opt key=value`):
- *   fioSlice=1        seconds per fio run; each side's share of a pair is ctx.seconds split
+ *   fioSlice=0.5      seconds per fio run; each side's share of a pair is ctx.seconds split
  *                     into runs of about this length, A and B taking turns (A B B A …)
  *   ceiling=0         skip the nbdkit memory runs
+ *   ref=dmkit         N1/N2 development aid: side B is a second dmkit daemon (on a copy of the
+ *                     image: an image is flocked) instead of nbdkit, to compare two dmkit
+ *                     set-ups side by side; with
+ *   aEnv=K=V[;K=V]    environment for side A's server only (e.g. UV_THREADPOOL_SIZE=2)
+ *   bEnv=K=V[;K=V]    environment for side B's server only
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -138,6 +143,8 @@ function attachCeiling(row: Row, c: Omit<Ceiling, 'median' | 'dmkitRatio' | 'ref
 
 interface Fixture {
   image: string;
+  /** ref=dmkit: side B's copy of the image */
+  copy: string | null;
   span: number;
   sectors: number;
   ceiling: Server | null;
@@ -156,28 +163,52 @@ async function fixture(ctx: BenchContext, tag: string): Promise<Fixture> {
     ceiling = await startNbdkit(ctx.tmpdir, 'memory', [String(span)], ctx.env);
     await runOk('nbdcopy', [image, ceiling.uri], ctx.env);
   }
-  return { image, span, sectors, ceiling };
+  let copy: string | null = null;
+  if (ctx.opts.ref === 'dmkit') {
+    copy = `${image}.b`;
+    await runOk('cp', ['--sparse=never', image, copy], ctx.env);
+    syncFile(copy);
+  }
+  return { image, copy, span, sectors, ceiling };
 }
 
 async function dropFixture(f: Fixture): Promise<void> {
   await f.ceiling?.stop();
   fs.rmSync(f.image, { force: true });
+  if (f.copy) fs.rmSync(f.copy, { force: true });
+}
+
+/** `K=V;K=V` → an environment */
+function sideEnv(text: string | undefined): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const kv of (text ?? '').split(';').filter(Boolean)) {
+    const i = kv.indexOf('=');
+    if (i <= 0) throw new Error(`expected K=V, got '${kv}'`);
+    out[kv.slice(0, i)] = kv.slice(i + 1);
+  }
+  return out;
 }
 
 async function fioSuite(ctx: BenchContext, suite: 'N1' | 'N2', patterns: readonly FioPattern[]): Promise<Row[]> {
   const list = filtered(ctx, patterns);
   if (list.length === 0) return [];
   const f = await fixture(ctx, suite.toLowerCase());
-  const sliceSeconds = Number(ctx.opts.fioSlice ?? 1);
+  const sliceSeconds = Number(ctx.opts.fioSlice ?? 0.5);
   const slices = Math.max(1, Math.round(ctx.seconds / sliceSeconds));
   const rows: Row[] = [];
   try {
     for (const p of list) {
       const once = fioOnce(ctx, p);
-      const dmkit = serverSide('dmkit', `dmkit daemon (node bin/dmkit.js daemon --foreground) exporting \`0 ${f.sectors} linear ${path.basename(f.image)} 0\` on its nbd.sock`,
-        () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.image} 0`, ctx.env), once, ctx.warmupSeconds);
-      const nbdkit = serverSide('nbdkit-file', `nbdkit -f -U SOCK file ${path.basename(f.image)} (defaults)`,
-        () => startNbdkit(ctx.tmpdir, 'file', [f.image], ctx.env), once, ctx.warmupSeconds);
+      const aEnv = { ...ctx.env, ...sideEnv(ctx.opts.aEnv) };
+      const bEnv = { ...ctx.env, ...sideEnv(ctx.opts.bEnv) };
+      const envText = (e: string | undefined): string => (e ? ` with ${e}` : '');
+      const dmkit = serverSide('dmkit', `dmkit daemon (node bin/dmkit.js daemon --foreground) exporting \`0 ${f.sectors} linear ${path.basename(f.image)} 0\` on its nbd.sock${envText(ctx.opts.aEnv)}`,
+        () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.image} 0`, aEnv), once, ctx.warmupSeconds);
+      const nbdkit = f.copy
+        ? serverSide('dmkit-b', `a second dmkit daemon on a copy of the image${envText(ctx.opts.bEnv)}`,
+          () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.copy} 0`, bEnv), once, ctx.warmupSeconds)
+        : serverSide('nbdkit-file', `nbdkit -f -U SOCK file ${path.basename(f.image)} (defaults)${envText(ctx.opts.bEnv)}`,
+          () => startNbdkit(ctx.tmpdir, 'file', [f.image], bEnv), once, ctx.warmupSeconds);
       const ceilingSamples: Sample[] = [];
       const write = p.job.rw.endsWith('write');
       const row = await comparePairs(ctx, {
@@ -185,6 +216,10 @@ async function fioSuite(ctx: BenchContext, suite: 'N1' | 'N2', patterns: readonl
         description: `fio --ioengine=nbd --rw=${p.job.rw} --bs=${formatSize(p.job.bs)} --iodepth=${p.job.iodepth}`,
         a: dmkit, b: nbdkit,
         async beforePair(pair) {
+          for (const img of f.copy ? [f.image, f.copy] : [f.image]) {
+            if (write) syncFile(img);
+            warmPageCache(img, f.span);
+          }
           if (f.ceiling) {
             const srv = f.ceiling;
             const cpu0 = procCpuSeconds(srv.pid);
@@ -194,8 +229,6 @@ async function fioSuite(ctx: BenchContext, suite: 'N1' | 'N2', patterns: readonl
               cpuSeconds: cpu0 !== null && cpu1 !== null ? cpu1 - cpu0 : null });
             ctx.log(`  ${p.id} pair ${pair + 1}: nbdkit-memory ${fmtValue(m.value, p.unit)} ${p.unit}`);
           }
-          if (write) syncFile(f.image);
-          warmPageCache(f.image, f.span);
         },
         notes: `fio runs of ${(ctx.seconds / slices).toFixed(2)} s, ${slices} per side per pair; hot page cache (image re-read before each pair${write ? ', after an fdatasync' : ''}); ` +
           'server RSS = VmHWM after the last run; cpuSeconds = server CPU (all threads) during the run',
@@ -218,9 +251,9 @@ const FIO_METHOD =
   '`nbdkit -f -U SOCK file IMAGE` (defaults: 16 threads, parallel model). The same fio job (`--ioengine=nbd ' +
   '--uri=nbd+unix:///…?socket=… --time_based --runtime=… --invalidate=0 --norandommap --randseed=<per run, same ' +
   'for both sides> --output-format=json`) runs against each in turns: each side\'s share of a pair is split into ' +
-  'fio runs of ~1 s (opt fioSlice), A B B A …; each server first gets one untimed fio run of the warm-up length. ' +
-  'Before each pair: one run against `nbdkit memory` (filled from the image) as the protocol ceiling, an fdatasync ' +
-  'of the image for write patterns, then a full read of the image (hot page cache). Writes stay in the page cache. ' +
+  'fio runs of ~0.5 s (opt fioSlice), A B B A …; each server first gets one untimed fio run of the warm-up length. ' +
+  'Before each pair: an fdatasync of the image for write patterns, a full read of the image (hot page cache), then ' +
+  'one run of ctx.seconds against `nbdkit memory` (filled from the image) as the protocol ceiling. Writes stay in the page cache. ' +
   'Value = fio\'s io_bytes / its runtime (MB/s) or total_ios / runtime (IOPS). RSS = the server process\'s VmHWM ' +
   'after the last run (the peak over warm-up and all runs of that pattern; it cannot be reset, so each pattern ' +
   'gets fresh server processes). fio and the server share the 2 vCPUs.';
