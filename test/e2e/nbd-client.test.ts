@@ -12,6 +12,7 @@ import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { DeviceMapper } from '../../src/index.ts';
 import { NbdClient } from '../../src/nbd/client.ts';
 import { nbdResolver } from '../../src/nbd/resolver.ts';
+import { prng } from '../helpers/nbd-tools.ts';
 
 const MiB = 1 << 20;
 const SIZE = 64 * MiB;
@@ -77,17 +78,6 @@ function sparseImage(name: string, size: number): string {
   return p;
 }
 
-/** deterministic PRNG (mulberry32) */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 function fillRandom(buf: Buffer, rnd: () => number): Buffer {
   // xorshift32 seeded from rnd: fast enough for tens of MiB

@@ -7,6 +7,7 @@
  */
 import fs from 'node:fs';
 import { NbdClient } from '../../src/nbd/client.ts';
+import { prng } from './nbd-tools.ts';
 import { writeData, type ListedWrites, type RandomWrites, type WriterConfig } from './nbd-writer.ts';
 
 const cfg = JSON.parse(process.argv[2]!) as WriterConfig;
@@ -41,18 +42,6 @@ async function flush(): Promise<void> {
     failed = true;
     note(`E flush: ${(err as Error).message.replace(/\n/g, ' ')}`);
   }
-}
-
-/** mulberry32 */
-function prng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
 }
 
 async function lane(w: RandomWrites, k: number): Promise<void> {
