@@ -4,17 +4,48 @@
  * flush of what was written since the last flush, SEEK_DATA/SEEK_HOLE allocation map.
  */
 import fs from 'node:fs';
+import { performance } from 'node:perf_hooks';
 import fsx from 'fs-ext';
 import type { Bio } from './bio.ts';
 import { SECTOR_SHIFT } from './bio.ts';
 import { BlockError, DmError, toBlockError } from './errors.ts';
 import type { BlockDev, Extent } from './types.ts';
 
+const RESOLVED = Promise.resolve();
 const SEEK_END = 2;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 /** shared source of zeroes for write-zeroes (never written into) */
 const ZEROES = Buffer.alloc(1 << 20);
+
+/**
+ * Small reads and writes run synchronously on the calling thread while they are fast (page
+ * cache hits): the libuv pool round trip (hand-off, thread wake-up, completion wake-up) costs
+ * more than a cached 4 KiB pread itself. A call that takes longer than SYNC_SLOW_MS (a cache
+ * miss reaching the disk, dirty-page throttling) sends the device's I/O back to the pool for
+ * SYNC_BACKOFF_MS, so the event loop is never blocked for long or often.
+ * `DMKIT_SYNC_IO=<bytes>` sets the largest synchronous request (0 turns it off).
+ */
+export const SYNC_IO_MAX_DEFAULT = 64 * 1024;
+export const SYNC_SLOW_MS = 0.2;
+export const SYNC_BACKOFF_MS = 100;
+
+export interface FileDevOptions {
+  readOnly?: boolean;
+  /** largest request served synchronously while fast (default DMKIT_SYNC_IO or 64 KiB; 0 = never) */
+  syncIoMax?: number;
+  /** a synchronous call slower than this (ms) sends I/O back to the pool (default 0.2) */
+  syncSlowMs?: number;
+  /** for this long (ms) (default 100) */
+  syncBackoffMs?: number;
+}
+
+function envSyncMax(): number {
+  const v = process.env.DMKIT_SYNC_IO;
+  if (v === undefined || v === '') return SYNC_IO_MAX_DEFAULT;
+  const n = Number(v);
+  return Number.isInteger(n) && n >= 0 ? n : SYNC_IO_MAX_DEFAULT;
+}
 
 function readAt(fd: number, buf: Buffer, off: number, pos: number): Promise<number> {
   return new Promise((resolve, reject) => {
@@ -41,17 +72,26 @@ export class FileDev implements BlockDev {
   #dirty = false;
   #flushing: Promise<void> | null = null;
   #closed = false;
+  /** largest request done synchronously (0: never) */
+  readonly #syncMax: number;
+  readonly #syncSlowMs: number;
+  readonly #syncBackoffMs: number;
+  /** synchronous I/O is off until this time (performance.now() ms) after a slow call */
+  #asyncUntil = 0;
 
-  private constructor(ref: string, path: string, fd: number, sectors: number, readOnly: boolean) {
+  private constructor(ref: string, path: string, fd: number, sectors: number, opts: FileDevOptions) {
     this.ref = ref;
     this.path = path;
     this.#fd = fd;
     this.sectors = sectors;
-    this.readOnly = readOnly;
+    this.readOnly = !!opts.readOnly;
+    this.#syncMax = opts.syncIoMax ?? envSyncMax();
+    this.#syncSlowMs = opts.syncSlowMs ?? SYNC_SLOW_MS;
+    this.#syncBackoffMs = opts.syncBackoffMs ?? SYNC_BACKOFF_MS;
   }
 
   /** Open and lock. Errors name the path and say what went wrong. */
-  static open(ref: string, path: string, opts: { readOnly?: boolean } = {}): FileDev {
+  static open(ref: string, path: string, opts: FileDevOptions = {}): FileDev {
     let fd: number;
     try {
       fd = fs.openSync(path, opts.readOnly ? 'r' : 'r+');
@@ -74,7 +114,7 @@ export class FileDev implements BlockDev {
         }
         throw err;
       }
-      return new FileDev(ref, path, fd, Math.floor(bytes / 512), !!opts.readOnly);
+      return new FileDev(ref, path, fd, Math.floor(bytes / 512), opts);
     } catch (err) {
       fs.closeSync(fd);
       throw err;
@@ -82,6 +122,8 @@ export class FileDev implements BlockDev {
   }
 
   submit(bio: Bio): Promise<void> {
+    // never touch the fd number after close: it may already belong to another file
+    if (this.#closed) return Promise.reject(new BlockError('EIO', `${this.path} is closed`));
     switch (bio.op) {
       case 'read':
         return this.#read(bio.data, bio.sector * 512);
@@ -103,6 +145,7 @@ export class FileDev implements BlockDev {
    */
   #read(buf: Buffer, pos: number): Promise<void> {
     const len = buf.length;
+    if (len <= this.#syncMax && this.#syncOk()) return this.#readSync(buf, pos);
     return new Promise((resolve, reject) => {
       fs.read(this.#fd, buf, 0, len, pos, (err, n) => {
         if (err) reject(toBlockError(err));
@@ -112,6 +155,59 @@ export class FileDev implements BlockDev {
           resolve();
         } else this.#readFrom(buf, n, pos).then(resolve, reject);
       });
+    });
+  }
+
+  /** synchronous I/O allowed now (not backing off after a slow call) */
+  #syncOk(): boolean {
+    return this.#asyncUntil === 0 || this.#backoffOver();
+  }
+
+  #backoffOver(): boolean {
+    if (performance.now() < this.#asyncUntil) return false;
+    this.#asyncUntil = 0;
+    return true;
+  }
+
+  /** after a synchronous call started at t0: back off to the pool if it was slow */
+  #timed(t0: number): void {
+    const t = performance.now();
+    if (t - t0 > this.#syncSlowMs) this.#asyncUntil = t + this.#syncBackoffMs;
+  }
+
+  #readSync(buf: Buffer, pos: number): Promise<void> {
+    const t0 = performance.now();
+    try {
+      let done = 0;
+      while (done < buf.length) {
+        const n = fs.readSync(this.#fd, buf, done, buf.length - done, pos + done);
+        if (n === 0) {
+          buf.fill(0, done);
+          break;
+        }
+        done += n;
+      }
+    } catch (err) {
+      return Promise.reject(toBlockError(err));
+    } finally {
+      this.#timed(t0);
+    }
+    return RESOLVED;
+  }
+
+  #writeSync(buf: Buffer, pos: number, fua: boolean): Promise<void> {
+    const t0 = performance.now();
+    try {
+      for (let done = 0; done < buf.length; ) done += fs.writeSync(this.#fd, buf, done, buf.length - done, pos + done);
+    } catch (err) {
+      return Promise.reject(toBlockError(err));
+    } finally {
+      this.#timed(t0);
+    }
+    this.#dirty = true;
+    if (!fua) return RESOLVED;
+    return datasync(this.#fd).catch((e: unknown) => {
+      throw toBlockError(e);
     });
   }
 
@@ -135,6 +231,7 @@ export class FileDev implements BlockDev {
   #write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
     if (this.readOnly) return Promise.reject(new BlockError('EROFS', `${this.path} is open read-only`));
     const len = buf.length;
+    if (len <= this.#syncMax && this.#syncOk()) return this.#writeSync(buf, pos, fua);
     return new Promise((resolve, reject) => {
       fs.write(this.#fd, buf, 0, len, pos, (err, n) => {
         if (err) reject(toBlockError(err));

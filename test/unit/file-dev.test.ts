@@ -1,0 +1,158 @@
+/**
+ * FileDev's two I/O paths: small requests run synchronously while they are fast, the rest
+ * (and everything during a back-off after a slow call) go through the libuv pool. Both paths
+ * must give the same bytes; which path ran is observable from when the promise settles
+ * (a synchronous request has settled after a few microtask turns, a pool request needs an
+ * event-loop turn for its callback).
+ */
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import type { Bio } from '../../src/core/bio.ts';
+import { FileDev, type FileDevOptions } from '../../src/core/file-dev.ts';
+import { prng } from '../compliance/helpers.ts';
+
+const SECTORS = 4096; // 2 MiB
+let dir: string;
+let file: string;
+let devs: FileDev[] = [];
+
+function open(opts: FileDevOptions = {}): FileDev {
+  const d = FileDev.open(file, file, opts);
+  devs.push(d);
+  return d;
+}
+
+function read(d: FileDev, sector: number, bytes: number): { bio: Bio; p: Promise<void> } {
+  const bio: Bio = { op: 'read', sector, sectors: bytes / 512, data: Buffer.alloc(bytes, 0xee), flags: {} };
+  return { bio, p: d.submit(bio) };
+}
+
+/** true when `p` settles within a few microtask turns, i.e. without an event-loop turn */
+async function settledAtOnce(p: Promise<unknown>): Promise<boolean> {
+  let settled = false;
+  p.then(() => { settled = true; }, () => { settled = true; });
+  for (let i = 0; i < 5; i++) await Promise.resolve();
+  return settled;
+}
+
+beforeEach(() => {
+  dir = fs.mkdtempSync(path.join(os.tmpdir(), 'dmkit-filedev-'));
+  file = path.join(dir, 'img');
+  const r = prng(7);
+  const content = Buffer.alloc(SECTORS * 512);
+  r.fill(content);
+  fs.writeFileSync(file, content);
+  devs = [];
+});
+
+afterEach(() => {
+  for (const d of devs) d.close();
+  fs.rmSync(dir, { recursive: true, force: true });
+});
+
+describe('FileDev I/O paths', () => {
+  it('serves small requests synchronously and large ones through the pool', async () => {
+    const d = open({ syncIoMax: 64 * 1024 });
+    const small = read(d, 8, 4096);
+    expect(await settledAtOnce(small.p)).toBe(true);
+    const large = read(d, 8, 128 * 1024);
+    expect(await settledAtOnce(large.p)).toBe(false);
+    await large.p;
+    const want = fs.readFileSync(file).subarray(8 * 512, 8 * 512 + 128 * 1024);
+    expect(large.bio.data.equals(want)).toBe(true);
+    expect(small.bio.data.equals(want.subarray(0, 4096))).toBe(true);
+  });
+
+  it('syncIoMax 0 sends every request through the pool', async () => {
+    const d = open({ syncIoMax: 0 });
+    const small = read(d, 0, 512);
+    expect(await settledAtOnce(small.p)).toBe(false);
+    await small.p;
+    expect(small.bio.data.equals(fs.readFileSync(file).subarray(0, 512))).toBe(true);
+  });
+
+  it('DMKIT_SYNC_IO sets the default', async () => {
+    const old = process.env.DMKIT_SYNC_IO;
+    process.env.DMKIT_SYNC_IO = '0';
+    try {
+      const d = open();
+      expect(await settledAtOnce(read(d, 0, 4096).p)).toBe(false);
+    } finally {
+      if (old === undefined) delete process.env.DMKIT_SYNC_IO;
+      else process.env.DMKIT_SYNC_IO = old;
+    }
+    devs.pop()!.close();
+    delete process.env.DMKIT_SYNC_IO;
+    try {
+      expect(await settledAtOnce(read(open(), 0, 4096).p)).toBe(true);
+    } finally {
+      if (old !== undefined) process.env.DMKIT_SYNC_IO = old;
+    }
+  });
+
+  it('a slow synchronous call sends I/O to the pool for the back-off period, then it comes back', async () => {
+    // every call counts as slow: the first is synchronous, the next ones wait out the back-off
+    const d = open({ syncIoMax: 64 * 1024, syncSlowMs: -1, syncBackoffMs: 150 });
+    expect(await settledAtOnce(read(d, 0, 4096).p)).toBe(true);
+    const w: Bio = { op: 'write', sector: 16, sectors: 8, data: Buffer.alloc(4096, 0x5a), flags: {} };
+    const wp = d.submit(w);
+    expect(await settledAtOnce(wp)).toBe(false);
+    await wp;
+    expect(await settledAtOnce(read(d, 0, 4096).p)).toBe(false);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(await settledAtOnce(read(d, 0, 4096).p)).toBe(true);
+    expect(fs.readFileSync(file).subarray(16 * 512, 24 * 512).equals(Buffer.alloc(4096, 0x5a))).toBe(true);
+  });
+
+  it.each([
+    ['always synchronous', { syncIoMax: 1 << 20 }],
+    ['never synchronous', { syncIoMax: 0 }],
+    ['default', {}],
+    ['alternating back-off', { syncSlowMs: -1, syncBackoffMs: 1 }],
+  ] as Array<[string, FileDevOptions]>)('random reads and writes give the reference bytes (%s)', async (_name, opts) => {
+    const d = open(opts);
+    const model = fs.readFileSync(file);
+    const r = prng(99);
+    for (let i = 0; i < 300; i++) {
+      const sectors = 1 + r.int(r.int(2) === 0 ? 8 : 256);
+      const sector = r.int(SECTORS - sectors + 1);
+      if (r.int(2) === 0) {
+        const data = r.fill(Buffer.alloc(sectors * 512));
+        await d.submit({ op: 'write', sector, sectors, data, flags: r.int(8) === 0 ? { fua: true } : {} });
+        data.copy(model, sector * 512);
+      } else {
+        const { bio, p } = read(d, sector, sectors * 512);
+        await p;
+        expect(bio.data.equals(model.subarray(sector * 512, (sector + sectors) * 512))).toBe(true);
+      }
+    }
+    await d.flush();
+    expect(fs.readFileSync(file).equals(model)).toBe(true);
+  });
+
+  it('reads past the end of a shrunken file are zero-filled on both paths', async () => {
+    for (const syncIoMax of [0, 1 << 20]) {
+      const d = open({ syncIoMax });
+      fs.truncateSync(file, 1024 + 100);
+      const { bio, p } = read(d, 0, 4096);
+      await p;
+      const want = Buffer.alloc(4096);
+      fs.readFileSync(file).copy(want);
+      expect(bio.data.equals(want)).toBe(true);
+      d.close();
+      devs.pop();
+    }
+  });
+
+  it('read-only and closed devices fail the same way on both paths', async () => {
+    for (const syncIoMax of [0, 1 << 20]) {
+      const ro = FileDev.open(file, file, { readOnly: true, syncIoMax });
+      await expect(ro.submit({ op: 'write', sector: 0, sectors: 1, data: Buffer.alloc(512), flags: {} }))
+        .rejects.toMatchObject({ code: 'EROFS' });
+      ro.close();
+      await expect(read(ro, 0, 512).p).rejects.toMatchObject({ code: 'EIO', message: `${file} is closed` });
+    }
+  });
+});
