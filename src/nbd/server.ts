@@ -29,6 +29,11 @@ export interface NbdServerOptions {
   maxInFlightRequests?: number;
   /** idle READ buffers kept for reuse across connections (default 32 MiB) */
   bufferPoolBytes?: number;
+  /**
+   * read requests into a reused buffer and large WRITE payloads straight into their own
+   * buffer (default true; DMKIT_NBD_DIRECT_READS=0 turns it off); plain sockets only
+   */
+  directReads?: boolean;
 }
 
 /** counters since the server was created */
@@ -41,6 +46,8 @@ export interface NbdServerStats {
   tls: number;
   /** connections dropped for protocol violations, timeouts or failed TLS */
   dropped: number;
+  /** transmission phases that run with direct reads */
+  direct: number;
 }
 
 class Connection {
@@ -68,7 +75,7 @@ export class NbdServer {
   readonly #log: Logger = log('nbd');
   readonly #servers: Server[] = [];
   readonly #conns = new Set<Connection>();
-  readonly #stats: NbdServerStats = { accepted: 0, go: 0, exportName: 0, tls: 0, dropped: 0 };
+  readonly #stats: NbdServerStats = { accepted: 0, go: 0, exportName: 0, tls: 0, dropped: 0, direct: 0 };
   #closing = false;
 
   constructor(provider: ExportProvider, opts: NbdServerOptions = {}) {
@@ -80,6 +87,7 @@ export class NbdServer {
       maxInFlightRequests: opts.maxInFlightRequests ?? 1024,
       graceMs: opts.graceMs ?? 2000,
       pool: new BufferPool(opts.bufferPoolBytes ?? 32 * 1024 * 1024),
+      directReads: (opts.directReads ?? true) && process.env.DMKIT_NBD_DIRECT_READS !== '0',
       log: this.#log,
     };
   }
@@ -196,7 +204,14 @@ export class NbdServer {
     }
     if (session.via === 'go') this.#stats.go++;
     else this.#stats.exportName++;
-    const tx = new Transmission(session, this.#txOpts);
+    const tx = new Transmission({
+      ...session,
+      onSocket: (s) => {
+        conn.current = s;
+        this.#stats.direct++;
+        s.on('error', (err) => this.#log.debug(`connection error: ${err.message}`));
+      },
+    }, this.#txOpts);
     conn.tx = tx;
     if (this.#closing) tx.end('server closing');
     await tx.done;

@@ -2,9 +2,12 @@
  * The transmission phase (NBD.md A.4–A.6): parse 28-byte requests from the socket stream,
  * check them, run them on the ExportHandle concurrently and reply out of order.
  *
- * Hot path: a request header is parsed in place from the incoming chunk (only a header split
- * across chunks is copied, into one reused 28-byte buffer); a WRITE payload is a slice of the
- * chunk when contiguous and copied only when it spans chunks; request records are pooled with
+ * Hot path: on plain sockets reads are direct (direct-socket.ts): requests arrive in one
+ * reused staging buffer, a WRITE payload is copied out of it into a pooled buffer, and the
+ * rest of a payload spanning reads is read by the kernel straight into that buffer. On other
+ * sockets (TLS) each read is a fresh chunk: a header is parsed in place (only a header split
+ * across chunks is copied, into one reused 28-byte buffer), a WRITE payload is a slice of the
+ * chunk when contiguous and copied only when it spans chunks. Request records are pooled with
  * their completion callbacks pre-bound, so a request costs one `then` on the handle's promise
  * plus its reply header. Replies completing in one tick are corked into a single writev, and
  * a header and its data are always queued back to back, so replies never interleave.
@@ -26,6 +29,7 @@ import type { BufferPool } from './buffer-pool.ts';
 import * as C from './constants.ts';
 import { ReplyWriter } from './replies.ts';
 import { Req, checkRequest, execute, type CheckContext } from './requests.ts';
+import { rewrapForDirectReads } from './direct-socket.ts';
 
 export interface TransmissionSession {
   socket: Socket;
@@ -33,6 +37,8 @@ export interface TransmissionSession {
   handle: ExportHandle;
   structured: boolean;
   baseAllocation: boolean;
+  /** the connection now runs on a different Socket object (direct reads) */
+  onSocket?: (socket: Socket) => void;
 }
 
 export interface TransmissionOptions {
@@ -44,10 +50,14 @@ export interface TransmissionOptions {
   graceMs: number;
   /** READ buffers, shared by the server's connections */
   pool: BufferPool;
+  /** try direct reads (direct-socket.ts) on plain sockets */
+  directReads: boolean;
   log: Logger;
 }
 
 const TWO32 = 4294967296;
+/** the reused buffer requests are read into on a direct-read socket */
+const STAGING_SIZE = 64 * 1024;
 const FREE_REQS_MAX = 256;
 const SHUTDOWN_MESSAGE = 'export is shutting down';
 /** what a rejection with no reason (undefined/null) is reported as */
@@ -59,7 +69,7 @@ function errorMessage(err: unknown): string {
 }
 
 export class Transmission {
-  readonly #socket: Socket;
+  #socket: Socket;
   readonly #handle: ExportHandle;
   readonly #ctx: CheckContext;
   readonly #out: ReplyWriter;
@@ -78,6 +88,8 @@ export class Transmission {
   /** unparsed bytes held back while over budget */
   #backlog: Buffer | null = null;
   #parsing = false;
+  /** direct reads: requests land here, and a spanning WRITE payload in its own buffer */
+  #staging: Buffer | null = null;
 
   /** no more requests are parsed (DISC seen, connection finishing, or protocol error) */
   #stopped = false;
@@ -90,13 +102,20 @@ export class Transmission {
 
   constructor(session: TransmissionSession, opts: TransmissionOptions) {
     this.#socket = session.socket;
+    this.#staging = opts.directReads ? Buffer.allocUnsafeSlow(STAGING_SIZE) : null;
+    const direct = this.#staging && rewrapForDirectReads(session.socket, { buffer: this.#nextBuffer, data: this.#onDirect });
+    if (!direct) this.#staging = null;
+    else {
+      this.#socket = direct;
+      session.onSocket?.(direct);
+    }
     this.#handle = session.handle;
     const info = session.handle.info;
     this.#ctx = {
       size: info.size, readOnly: info.readOnly, structured: session.structured,
       baseAllocation: session.baseAllocation, ending: false,
     };
-    this.#out = new ReplyWriter(session.socket, session.structured, opts.pool);
+    this.#out = new ReplyWriter(this.#socket, session.structured, opts.pool);
     this.#opts = opts;
     this.done = new Promise<void>((resolve) => { this.#resolveDone = resolve; });
     const s = this.#socket;
@@ -109,7 +128,7 @@ export class Transmission {
       this.#onClose();
       return;
     }
-    if (session.leftover.length > 0) this.#parse(session.leftover);
+    if (session.leftover.length > 0) this.#parse(session.leftover, false);
     if (!this.#paused) s.resume();
   }
 
@@ -144,11 +163,36 @@ export class Transmission {
       this.#backlog = Buffer.concat([this.#backlog, chunk]);
       return;
     }
-    this.#parse(chunk);
+    this.#parse(chunk, false);
   };
 
-  /** parse requests out of `chunk`; stops at a request boundary when over budget */
-  #parse(chunk: Buffer): void {
+  /** direct reads: where the next read goes (the rest of a spanning WRITE payload, or staging) */
+  readonly #nextBuffer = (): Buffer => {
+    const w = this.#wreq;
+    return w ? w.buf!.subarray(this.#wfill) : this.#staging!;
+  };
+
+  /** direct reads: `n` bytes arrived in `buf` (staging, or a payload's remainder) */
+  readonly #onDirect = (n: number, buf: Buffer): boolean => {
+    if (buf !== this.#staging) {
+      const w = this.#wreq!;
+      this.#wfill += n;
+      if (this.#wfill === w.length) {
+        this.#wreq = null;
+        this.#dispatch(w);
+        if (!this.#paused && !this.#stopped && this.#overBudget()) this.#pause();
+      }
+    } else if (this.#backlog) {
+      this.#backlog = Buffer.concat([this.#backlog, buf.subarray(0, n)]);
+    } else this.#parse(buf.subarray(0, n), true);
+    return !this.#paused;
+  };
+
+  /**
+   * Parse requests out of `chunk`; stops at a request boundary when over budget. A
+   * `borrowed` chunk is reused after this call (direct reads): nothing may keep a view of it.
+   */
+  #parse(chunk: Buffer, borrowed: boolean): void {
     let pos = 0;
     const len = chunk.length;
     this.#parsing = true;
@@ -166,7 +210,9 @@ export class Transmission {
         continue;
       }
       if (this.#hdrFill === 0 && this.#overBudget()) {
-        this.#backlog = chunk.subarray(pos);
+        // (direct reads stop while paused, so staging is not refilled before the backlog is
+        // parsed; the copy keeps that from being a requirement)
+        this.#backlog = borrowed ? Buffer.from(chunk.subarray(pos)) : chunk.subarray(pos);
         this.#pause();
         break;
       }
@@ -191,7 +237,7 @@ export class Transmission {
       // WRITE payload: slice when it is all here, else copy it in as it arrives
       r.weight = r.length;
       this.#inflightBytes += r.length;
-      if (len - pos >= r.length) {
+      if (len - pos >= r.length && !borrowed) {
         r.buf = chunk.subarray(pos, pos + r.length);
         pos += r.length;
         this.#dispatch(r);
@@ -331,7 +377,7 @@ export class Transmission {
     this.#paused = false;
     const backlog = this.#backlog;
     this.#backlog = null;
-    if (backlog) this.#parse(backlog);
+    if (backlog) this.#parse(backlog, false);
     if (!this.#paused) this.#socket.resume();
   };
 
