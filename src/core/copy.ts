@@ -10,6 +10,7 @@
 import type { BlockDev } from './types.ts';
 import { DmError, toBlockError, type BlockError } from './errors.ts';
 import { EMPTY } from './bio.ts';
+import { ioBuffer } from './io-buffer.ts';
 
 export interface CopyRange {
   sector: number;
@@ -121,7 +122,7 @@ export async function copyRanges(opts: CopyOptions): Promise<number> {
   };
 
   const work = async (): Promise<void> => {
-    const buf = Buffer.allocUnsafe(chunk * 512);
+    const buf = ioBuffer(chunk * 512);
     while (!stopped) {
       if (opts.signal?.aborted) throw new DmError('EINTR', 'copy aborted');
       const r = next();

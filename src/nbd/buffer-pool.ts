@@ -9,6 +9,7 @@
  * carries it (writes on a stream complete in order), so the socket never sends a buffer that
  * is being refilled. Buffers whose reply was abandoned are simply dropped.
  */
+import { ioBuffer } from '../core/io-buffer.ts';
 
 const MIN_SHIFT = 12;
 const MAX_SHIFT = 22;
@@ -41,7 +42,7 @@ export class BufferPool {
       this.#held -= b.length;
       return b;
     }
-    return Buffer.allocUnsafeSlow(1 << shift);
+    return ioBuffer(1 << shift);
   }
 
   /** return a backing buffer obtained from `get` (others are ignored) */
