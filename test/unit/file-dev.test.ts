@@ -92,9 +92,10 @@ describe('FileDev I/O paths', () => {
     }
   });
 
-  it('a slow synchronous call sends I/O to the pool for the back-off period, then it comes back', async () => {
-    // every call counts as slow: the first is synchronous, the next ones wait out the back-off
+  it('two slow synchronous calls in a row send I/O to the pool for the back-off period, then it comes back', async () => {
+    // every call counts as slow: the first two are synchronous, the next ones wait out the back-off
     const d = open({ syncIoMax: 64 * 1024, syncSlowMs: -1, syncBackoffMs: 150 });
+    expect(await settledAtOnce(read(d, 0, 4096).p)).toBe(true);
     expect(await settledAtOnce(read(d, 0, 4096).p)).toBe(true);
     const w: Bio = { op: 'write', sector: 16, sectors: 8, data: Buffer.alloc(4096, 0x5a), flags: {} };
     const wp = d.submit(w);
