@@ -174,19 +174,37 @@ class Pacer {
     this.#limit = limit;
   }
 
-  wait(bytes: number, signal?: AbortSignal): Promise<void> {
+  /** the limit now; a changed limit starts a new accounting window. Returns it. */
+  #check(): number {
     const limit = this.#limit?.() ?? 0;
     if (limit !== this.#current) {
       this.#current = limit;
       this.#since = Date.now();
       this.#bytes = 0;
     }
-    if (limit <= 0) return Promise.resolve();
+    return limit;
+  }
+
+  /**
+   * Account `bytes` and wait until the rate allows them. The wait re-reads the limit every
+   * RECHECK_MS, so raising or lifting `resync-rate` takes effect at once, not after a sleep
+   * computed at the old rate.
+   */
+  async wait(bytes: number, signal?: AbortSignal): Promise<void> {
+    if (this.#check() <= 0) return;
     this.#bytes += bytes;
-    const delay = this.#since + (this.#bytes / limit) * 1000 - Date.now();
-    return delay > 0 ? sleep(delay, signal) : Promise.resolve();
+    for (;;) {
+      const limit = this.#current;
+      const delay = this.#since + (this.#bytes / limit) * 1000 - Date.now();
+      if (delay <= 0 || signal?.aborted) return;
+      await sleep(Math.min(delay, RECHECK_MS), signal);
+      if (this.#check() !== limit) return;
+    }
   }
 }
+
+/** how often a throttled copy looks at its rate limit again */
+const RECHECK_MS = 100;
 
 function sleep(ms: number, signal?: AbortSignal): Promise<void> {
   if (signal?.aborted) return Promise.resolve();

@@ -55,6 +55,25 @@ it('reports resync progress in sectors and null once in sync', async () => {
   expect(fs.readFileSync(b).equals(fs.readFileSync(a))).toBe(true);
 });
 
+it('lifting resync-rate ends a throttle wait at once, not after the sleep the old rate computed', async () => {
+  const a = image('a.img', 8 << 20, 0x33);
+  const b = image('b.img', 8 << 20);
+  // at 4 KiB/s the first ranges alone (4 × 128 KiB) would wait about two minutes
+  await dm.create('m', { table: `0 16384 mirror core 1 256 2 ${a} 0 ${b} 0` });
+  await dm.message('m', 0, ['resync-rate', '4096']);
+  await new Promise((r) => setTimeout(r, 300));
+  expect(dm.progress('m')).not.toBeNull();
+  await dm.message('m', 0, ['resync-rate', '0']);
+  const deadline = Date.now() + 10_000;
+  while (dm.progress('m') && Date.now() < deadline) {
+    const ev = dm.get('m').eventNr;
+    if (!dm.progress('m')) break;
+    await Promise.race([dm.wait('m', ev), new Promise((r) => setTimeout(r, 200))]);
+  }
+  expect(dm.progress('m')).toBeNull();
+  expect(fs.readFileSync(b).equals(fs.readFileSync(a))).toBe(true);
+});
+
 it('is null for targets without background work', async () => {
   const a = image('l.img', 1 << 20);
   await dm.create('l', { table: `0 2048 linear ${a} 0` });
