@@ -126,7 +126,11 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     return p.then(this.#onDone, this.#onFail);
   }
 
-  /** Allocation map of [sector, sector+sectors) across the live table. */
+  /**
+   * Allocation map of [sector, sector+sectors) across the live table. Stops after a target
+   * that answers for only part of its share (the caller asks again from there, as an NBD
+   * client does with a short BLOCK_STATUS reply); an empty answer counts as data.
+   */
   async allocation(sector: number, sectors: number): Promise<Extent[]> {
     const table = this.#live;
     if (!table) return [{ sectors, state: 'data' }];
@@ -143,7 +147,8 @@ export class MappedDevice extends EventEmitter implements BlockDev {
         if (take > 0) out.push({ sectors: take, state: x.state });
         covered += take;
       }
-      if (covered < n) out.push({ sectors: n - covered, state: 'data' });
+      if (covered === 0) out.push({ sectors: n, state: 'data' });
+      else if (covered < n) break;
       s += n;
     }
     return mergeExtents(out);

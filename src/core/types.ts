@@ -25,7 +25,10 @@ export interface BlockDev {
   readonly sectors: number;
   /** bio.sector is relative to the start of this device; the caller keeps it in range */
   submit(bio: Bio): Promise<void>;
-  /** optional allocation map for [sector, sector+sectors); absent = all data */
+  /**
+   * optional allocation map for [sector, sector+sectors); absent = all data. The answer may
+   * cover only a leading part of the range (at least one sector): the caller asks again.
+   */
   allocation?(sector: number, sectors: number): Promise<Extent[]>;
 }
 
@@ -51,7 +54,7 @@ export interface Target {
   destroy?(): Promise<void> | void;
   /** split bios so none crosses a multiple of this many sectors from the target start */
   readonly maxIoSectors?: number;
-  /** allocation map (relative sectors) for NBD BLOCK_STATUS; absent = all data */
+  /** allocation map (relative sectors) for NBD BLOCK_STATUS; absent = all data; may be short as BlockDev's */
   allocation?(sector: number, sectors: number): Promise<Extent[]>;
   /** background work (resync, verify) in progress, for `dmkit wait --progress`; null = none */
   progress?(): Progress | null;

@@ -20,7 +20,7 @@ import { openDevice, refArg } from './common.ts';
 /** chunk sizes are multiples of this many sectors (4 KiB, the kernel's PAGE_SIZE floor) */
 export const CHUNK_ALIGN = 8;
 const UINT32_MAX = 0xffffffff;
-/** allocation() looks at most this many chunks per call; the core reports the rest as data */
+/** allocation() looks at most this many chunks per call and answers for those alone (a short answer) */
 const ALLOCATION_CHUNKS = 256;
 
 /** Where a target-relative sector lands: the stripe index and the sector on it (before its offset). */
@@ -96,8 +96,15 @@ class Striped implements Target {
       const len = Math.min(end, (Math.floor(s / this.#chunk) + 1) * this.#chunk) - s;
       const place = stripeSector(s, this.#stripes.length, this.#chunk);
       const st = this.#stripes[place.stripe]!;
-      if (st.dev.allocation) out.push(...(await st.dev.allocation(place.sector + st.offset, len)));
-      else out.push({ sectors: len, state: 'data' });
+      const part = st.dev.allocation ? await st.dev.allocation(place.sector + st.offset, len) : [];
+      let covered = 0;
+      for (const x of part) {
+        const take = Math.min(x.sectors, len - covered);
+        if (take > 0) out.push({ sectors: take, state: x.state });
+        covered += take;
+      }
+      if (covered === 0) out.push({ sectors: len, state: 'data' });
+      else if (covered < len) break; // a stripe answered short: so do we
       s += len;
     }
     return out;
