@@ -10,6 +10,7 @@ import type { Bio } from './bio.ts';
 import { SECTOR_SHIFT } from './bio.ts';
 import { BlockError, DmError, toBlockError } from './errors.ts';
 import type { BlockDev, Extent } from './types.ts';
+import { mergeExtents } from './extents.ts';
 
 const RESOLVED = Promise.resolve();
 const SEEK_END = 2;
@@ -338,16 +339,4 @@ export class FileDev implements BlockDev {
     }
     fs.closeSync(this.#fd);
   }
-}
-
-/** join neighbouring extents of the same state */
-export function mergeExtents(list: Extent[]): Extent[] {
-  const out: Extent[] = [];
-  for (const e of list) {
-    if (e.sectors <= 0) continue;
-    const last = out[out.length - 1];
-    if (last && last.state === e.state) last.sectors += e.sectors;
-    else out.push({ sectors: e.sectors, state: e.state });
-  }
-  return out;
 }

@@ -8,7 +8,7 @@ import { EMPTY } from './bio.ts';
 import { BlockError, DeviceError, toBlockError } from './errors.ts';
 import type { Table, TableEntry } from './table.ts';
 import type { BlockDev, Extent } from './types.ts';
-import { mergeExtents } from './file-dev.ts';
+import { appendClipped, mergeExtents } from './extents.ts';
 
 interface Queued {
   bio: Bio;
@@ -141,12 +141,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
       const e = table.entries[table.find(s)]!;
       const n = Math.min(end, e.end) - s;
       const part = e.target.allocation ? await e.target.allocation(s - e.begin, n) : [{ sectors: n, state: 'data' as const }];
-      let covered = 0;
-      for (const x of part) {
-        const take = Math.min(x.sectors, n - covered);
-        if (take > 0) out.push({ sectors: take, state: x.state });
-        covered += take;
-      }
+      const covered = appendClipped(out, part, n);
       if (covered === 0) out.push({ sectors: n, state: 'data' });
       else if (covered < n) break;
       s += n;

@@ -14,6 +14,7 @@ import type { Bio } from '../core/bio.ts';
 import { ArgReader } from '../core/args.ts';
 import { TargetArgError, toBlockError } from '../core/errors.ts';
 import { settleAll } from '../core/mapped-device.ts';
+import { appendClipped } from '../core/extents.ts';
 import type { BlockDev, Extent, StatusType, Target, TargetContext, TargetType } from '../core/types.ts';
 import { openDevice, refArg } from './common.ts';
 
@@ -97,12 +98,7 @@ class Striped implements Target {
       const place = stripeSector(s, this.#stripes.length, this.#chunk);
       const st = this.#stripes[place.stripe]!;
       const part = st.dev.allocation ? await st.dev.allocation(place.sector + st.offset, len) : [];
-      let covered = 0;
-      for (const x of part) {
-        const take = Math.min(x.sectors, len - covered);
-        if (take > 0) out.push({ sectors: take, state: x.state });
-        covered += take;
-      }
+      const covered = appendClipped(out, part, len);
       if (covered === 0) out.push({ sectors: len, state: 'data' });
       else if (covered < len) break; // a stripe answered short: so do we
       s += len;
