@@ -34,6 +34,23 @@ export const SYNC_IO_MAX_DEFAULT = 64 * 1024;
 export const SYNC_SLOW_MS = 0.2;
 export const SYNC_BACKOFF_MS = 100;
 export const SYNC_SLOW_RUN = 2;
+/**
+ * A synchronous request settles its promise without an event-loop turn, so a caller looping
+ * `await dev.write(…)` would never let timers or sockets run. After SYNC_BURST synchronous
+ * requests (all devices of the process together) without a turn of the event loop, requests
+ * go through the pool until the loop has turned.
+ */
+export const SYNC_BURST = 128;
+let syncBurst = 0;
+const endBurst = (): void => {
+  syncBurst = 0;
+};
+
+/** one more synchronous request in this turn of the event loop, if the burst allows it */
+function takeSyncTurn(): boolean {
+  if (syncBurst === 0) setImmediate(endBurst);
+  return ++syncBurst <= SYNC_BURST;
+}
 
 export interface FileDevOptions {
   readOnly?: boolean;
@@ -167,7 +184,7 @@ export class FileDev implements BlockDev {
 
   /** synchronous I/O allowed now (not backing off after a slow call) */
   #syncOk(): boolean {
-    return this.#asyncUntil === 0 || this.#backoffOver();
+    return (this.#asyncUntil === 0 || this.#backoffOver()) && takeSyncTurn();
   }
 
   #backoffOver(): boolean {
