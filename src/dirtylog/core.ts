@@ -6,27 +6,22 @@
  */
 import { ArgReader } from '../core/args.ts';
 import type { StatusType } from '../core/types.ts';
+import { RegionStateLog } from './region-log.ts';
 import { RegionState, checkArgCount, readRegionSize, readSyncMode, syncSuffix } from './region-state.ts';
 import type { DirtyLog, DirtyLogType, SyncMode } from './types.ts';
 
 const RESOLVED = Promise.resolve();
 
-class CoreLog implements DirtyLog {
-  readonly type = 'core';
-  readonly regionSize: number;
-  readonly regionCount: number;
+class CoreLog extends RegionStateLog implements DirtyLog {
   readonly #mode: SyncMode;
-  readonly #state: RegionState;
 
   constructor(regionSize: number, regionCount: number, mode: SyncMode) {
-    this.regionSize = regionSize;
-    this.regionCount = regionCount;
+    super('core', regionSize, regionCount, new RegionState(regionCount, mode));
     this.#mode = mode;
-    this.#state = new RegionState(regionCount, mode);
   }
 
   resume(): Promise<void> {
-    this.#state.restartSearch();
+    this.state.restartSearch();
     return RESOLVED;
   }
   presuspend(): Promise<void> {
@@ -39,31 +34,10 @@ class CoreLog implements DirtyLog {
     return RESOLVED;
   }
 
-  isClean(region: number): boolean {
-    return this.#state.isClean(region);
-  }
-  inSync(region: number): boolean {
-    return this.#state.inSync(region);
-  }
-  markRegion(region: number): void {
-    this.#state.mark(region);
-  }
-  clearRegion(region: number): void {
-    this.#state.clear(region);
-  }
   flush(): Promise<void> {
-    this.#state.touchedDirtied = false;
-    this.#state.touchedCleaned = false;
+    this.state.touchedDirtied = false;
+    this.state.touchedCleaned = false;
     return RESOLVED;
-  }
-  getResyncWork(): number | null {
-    return this.#state.getResyncWork();
-  }
-  setRegionSync(region: number, inSync: boolean): void {
-    this.#state.setRegionSync(region, inSync);
-  }
-  getSyncCount(): number {
-    return this.#state.syncCount;
   }
 
   status(type: StatusType): string {

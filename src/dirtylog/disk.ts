@@ -16,6 +16,7 @@ import type { BlockDev, StatusType } from '../core/types.ts';
 import {
   BITS_OFFSET, MIRROR_DISK_VERSION, MIRROR_MAGIC, checkHeader, cleanBitsView, decodeHeader, encodeHeader, logAreaBytes,
 } from './disk-format.ts';
+import { RegionStateLog } from './region-log.ts';
 import { RegionState, checkArgCount, readRegionSize, readSyncMode, syncSuffix } from './region-state.ts';
 import type { DirtyLog, DirtyLogContext, DirtyLogType, SyncMode } from './types.ts';
 
@@ -24,10 +25,7 @@ const noop = (): void => {};
 
 type Health = 'A' | 'D' | 'F';
 
-class DiskLog implements DirtyLog {
-  readonly type = 'disk';
-  readonly regionSize: number;
-  readonly regionCount: number;
+class DiskLog extends RegionStateLog implements DirtyLog {
   readonly #ctx: DirtyLogContext;
   readonly #dev: BlockDev;
   readonly #mode: SyncMode;
@@ -35,7 +33,6 @@ class DiskLog implements DirtyLog {
   readonly #area: Buffer;
   /** the snapshot being written or the block being read */
   readonly #io: Buffer;
-  readonly #state: RegionState;
   /** `sync`/`nosync` start a new log at the first resume only */
   #startNew: boolean;
   #health: Health = 'A';
@@ -43,20 +40,19 @@ class DiskLog implements DirtyLog {
   #queued: Promise<void> | null = null;
 
   constructor(ctx: DirtyLogContext, dev: BlockDev, regionSize: number, regionCount: number, mode: SyncMode) {
+    const area = Buffer.alloc(logAreaBytes(regionCount));
+    super('disk', regionSize, regionCount, new RegionState(regionCount, mode, cleanBitsView(area, regionCount)));
     this.#ctx = ctx;
     this.#dev = dev;
-    this.regionSize = regionSize;
-    this.regionCount = regionCount;
     this.#mode = mode;
     this.#startNew = mode !== 'default';
-    this.#area = Buffer.alloc(logAreaBytes(regionCount));
+    this.#area = area;
     this.#io = Buffer.alloc(this.#area.length);
-    this.#state = new RegionState(regionCount, mode, cleanBitsView(this.#area, regionCount));
   }
 
   async resume(): Promise<void> {
     await this.#idle();
-    const st = this.#state;
+    const st = this.state;
     const known = await this.#readRegions();
     st.clean.fillRange(known, this.regionCount, this.#mode === 'nosync');
     st.clean.clearPadding();
@@ -99,31 +95,9 @@ class DiskLog implements DirtyLog {
     return RESOLVED;
   }
 
-  isClean(region: number): boolean {
-    return this.#state.isClean(region);
-  }
-  inSync(region: number): boolean {
-    return this.#state.inSync(region);
-  }
-  markRegion(region: number): void {
-    this.#state.mark(region);
-  }
-  clearRegion(region: number): void {
-    this.#state.clear(region);
-  }
-  getResyncWork(): number | null {
-    return this.#state.getResyncWork();
-  }
-  setRegionSync(region: number, inSync: boolean): void {
-    this.#state.setRegionSync(region, inSync);
-  }
-  getSyncCount(): number {
-    return this.#state.syncCount;
-  }
-
   flush(): Promise<void> {
     if (this.#queued) return this.#queued;
-    const st = this.#state;
+    const st = this.state;
     const touched = st.touchedDirtied || st.touchedCleaned;
     if (this.#running) {
       if (!touched) return this.#running;
@@ -138,7 +112,7 @@ class DiskLog implements DirtyLog {
   }
 
   #start(): Promise<void> {
-    const st = this.#state;
+    const st = this.state;
     const dirtied = st.touchedDirtied;
     const cleaned = st.touchedCleaned;
     st.touchedDirtied = false;
@@ -152,7 +126,7 @@ class DiskLog implements DirtyLog {
 
   /** Write a snapshot of the area; flush the device when it records new marks. */
   async #write(dirtied: boolean, cleaned: boolean): Promise<void> {
-    const st = this.#state;
+    const st = this.state;
     this.#area.copy(this.#io);
     if (cleaned && this.#ctx.flushData) {
       try {
