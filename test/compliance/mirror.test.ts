@@ -15,36 +15,11 @@ import type { Bio } from '../../src/core/bio.ts';
 import type { BlockDev, TargetType } from '../../src/core/types.ts';
 import { DeviceMapper, builtinTargets } from '../../src/index.ts';
 import { SECTOR, countingTarget, expectSameBytes, makeImage, makeTempDir, prng, tableText, track, waitFor } from './helpers.ts';
+import { engineMirrorStatus, waitEngineInSync } from '../helpers/mirror.ts';
 
 const LEN = 4096; // sectors (2 MiB)
 const REGION = 64;
 const NR = LEN / REGION;
-
-interface MirrorStatus {
-  legs: string[];
-  inSync: number;
-  regions: number;
-  health: string;
-  log: string;
-}
-
-function mirrorStatus(dm: DeviceMapper, name: string): MirrorStatus {
-  const w = dm.status(name)[0]!.params.split(' ');
-  const n = Number(w[0]);
-  const [inSync, regions] = w[n + 1]!.split('/').map(Number) as [number, number];
-  expect(w[n + 2]).toBe('1');
-  return { legs: w.slice(1, n + 1), inSync, regions, health: w[n + 3]!, log: w.slice(n + 4).join(' ') };
-}
-
-/** until every region is in sync (event-driven: re-checks after each device event) */
-async function waitInSync(dm: DeviceMapper, name: string): Promise<void> {
-  for (;;) {
-    const ev = dm.get(name).eventNr;
-    const s = mirrorStatus(dm, name);
-    if (s.inSync === s.regions) return;
-    await dm.wait(name, ev);
-  }
-}
 
 /**
  * `hold <dev>`: a linear mapping (offset 0) whose writes are held while `message … hold`
@@ -198,8 +173,8 @@ describe.each(IO_CASES)('mirror: random I/O against a model ($name)', (tc) => {
     }
 
     await dm.message('vol', 0, ['resync-rate', '0']);
-    await waitInSync(dm, 'vol');
-    expect(mirrorStatus(dm, 'vol').health).toBe('A'.repeat(tc.legs));
+    await waitEngineInSync(dm, 'vol');
+    expect(engineMirrorStatus(dm, 'vol').health).toBe('A'.repeat(tc.legs));
     await dm.flush('vol');
     expectSameBytes(await dm.read('vol', 0, LEN * SECTOR), model, 'device');
     for (const [i, f] of legs.entries()) {
@@ -260,7 +235,7 @@ describe('mirror: suspend and resume', () => {
     });
     await dm.suspend('vol');
     await Promise.all(writes); // suspend waited for them
-    const frozen = mirrorStatus(dm, 'vol').inSync;
+    const frozen = engineMirrorStatus(dm, 'vol').inSync;
     expect(frozen).toBeLessThan(NR);
     // on disk, every region the mirror knows in sync is clean (marks of idle regions cleared)
     const bits = fs.readFileSync(log).subarray(1024, 1024 + NR / 8);
@@ -271,12 +246,12 @@ describe('mirror: suspend and resume', () => {
     const queued = track(dm.write('vol', 100 * SECTOR, late));
     await new Promise((r) => setTimeout(r, 50));
     expect(queued.settled).toBe(false);
-    expect(mirrorStatus(dm, 'vol').inSync).toBe(frozen);
+    expect(engineMirrorStatus(dm, 'vol').inSync).toBe(frozen);
 
     await dm.resume('vol');
     await queued.promise;
     await dm.message('vol', 0, ['resync-rate', '0']);
-    await waitInSync(dm, 'vol');
+    await waitEngineInSync(dm, 'vol');
     await dm.flush('vol');
     expectSameBytes(fs.readFileSync(a), model, 'leg 0');
     expectSameBytes(fs.readFileSync(b), model, 'leg 1');
@@ -285,7 +260,7 @@ describe('mirror: suspend and resume', () => {
   it('raises one event when sync completes', async () => {
     const [a, b] = [img('a', LEN, 1), img('b', LEN, 2)];
     await dm.create('vol', { table: `0 ${LEN} mirror core 1 ${REGION} 2 ${a} 0 ${b} 0` });
-    await waitInSync(dm, 'vol');
+    await waitEngineInSync(dm, 'vol');
     const ev = dm.get('vol').eventNr;
     expect(ev).toBe(1);
     expectSameBytes(fs.readFileSync(b), fs.readFileSync(a), 'leg 1 after resync');
@@ -302,7 +277,7 @@ describe('mirror: faults', () => {
     await dm.load('leg0', `0 ${LEN} error`);
     await dm.resume('leg0');
     expectSameBytes(await dm.read('vol', 0, LEN * SECTOR), fs.readFileSync(b), 'volume read from leg 1');
-    expect(mirrorStatus(dm, 'vol').health).toBe('RA');
+    expect(engineMirrorStatus(dm, 'vol').health).toBe('RA');
     expect(dm.get('vol').eventNr).toBe(ev + 1); // one event per leg and kind of fault
   });
 
@@ -314,7 +289,7 @@ describe('mirror: faults', () => {
     await dm.load('leg0', `0 ${LEN} error`);
     await dm.resume('leg0');
     await expect(dm.read('vol', (LEN - 8) * SECTOR, 4096)).rejects.toMatchObject({ code: 'EIO' });
-    expect(mirrorStatus(dm, 'vol').health[0]).toBe('R');
+    expect(engineMirrorStatus(dm, 'vol').health[0]).toBe('R');
   });
 
   it.each([
@@ -337,19 +312,19 @@ describe('mirror: faults', () => {
     } else {
       await expect(w).rejects.toMatchObject({ code: 'EIO' });
     }
-    expect(mirrorStatus(dm, 'vol').log).toBe('3 disk dm:logdev D');
+    expect(engineMirrorStatus(dm, 'vol').log).toBe('3 disk dm:logdev D');
     expect(dm.get('vol').eventNr).toBeGreaterThan(ev);
   });
 
   it('ignores a resume of a mirror that is not suspended', async () => {
     const [a, b, log] = [img('a', LEN, 1), img('b', LEN, 2), blank('log', 4096)];
     await dm.create('vol', { table: `0 ${LEN} mirror disk 2 ${log} ${REGION} 2 ${a} 0 ${b} 0` });
-    await waitInSync(dm, 'vol');
+    await waitEngineInSync(dm, 'vol');
     const data = Buffer.alloc(8 * SECTOR, 0x44);
     const w = dm.write('vol', 0, data);
     await dm.resume('vol');
     await w;
-    expect(mirrorStatus(dm, 'vol').inSync).toBe(NR);
+    expect(engineMirrorStatus(dm, 'vol').inSync).toBe(NR);
     await dm.flush('vol');
     expectSameBytes(fs.readFileSync(b), fs.readFileSync(a), 'leg 1');
   });

@@ -13,14 +13,10 @@ import type { ControlClient } from '../../src/daemon/client.ts';
 import type { DeviceSummary } from '../../src/daemon/protocol.ts';
 import { cleanup, client, daemonPid, ok as cli, sandbox, type Sandbox } from '../helpers/daemon.ts';
 import { devUri, nbdSock } from '../helpers/daemon-nbd.ts';
-import { MAGIC, RawNbd } from '../helpers/nbd-raw-client.ts';
+import { CMD, OPT, RawNbd } from '../helpers/nbd-raw-client.ts';
 import { ok, requireTools, sha256, writeRandomImage } from '../helpers/nbd-tools.ts';
 
 const SIZE = 4 * 1024 * 1024;
-const OPT_GO = 7;
-const CMD_WRITE = 1;
-const CMD_READ = 0;
-
 let sb: Sandbox;
 let cl: ControlClient;
 let pid: number;
@@ -42,14 +38,6 @@ async function expectUnharmed(): Promise<void> {
   await ok('nbdcopy', [devUri(sb, 'data'), out]);
   expect(sha256(fs.readFileSync(out))).toBe(digest);
   expect(sha256(fs.readFileSync(img))).toBe(digest);
-}
-
-function optionHeader(magic: bigint, opt: number, length: number): Buffer {
-  const h = Buffer.alloc(16);
-  h.writeBigUInt64BE(magic, 0);
-  h.writeUInt32BE(opt, 8);
-  h.writeUInt32BE(length >>> 0, 12);
-  return h;
 }
 
 beforeAll(async () => {
@@ -82,11 +70,11 @@ describe('hostile input on the daemon\'s nbd.sock', { timeout: 60_000 }, () => {
   test('bad option magic, and a 4 GiB option length', async () => {
     const a = await RawNbd.connect(nbdSock(sb));
     await a.greet();
-    a.write(Buffer.concat([optionHeader(0x0123456789abcdefn, OPT_GO, 8), Buffer.alloc(8)]));
+    a.write(Buffer.concat([RawNbd.optionHeader(OPT.go, 8, 0x0123456789abcdefn), Buffer.alloc(8)]));
     await a.closed();
     const b = await RawNbd.connect(nbdSock(sb));
     await b.greet();
-    b.write(Buffer.concat([optionHeader(MAGIC.opt, OPT_GO, 0xffffffff), randomBytes(64 * 1024)]));
+    b.write(Buffer.concat([RawNbd.optionHeader(OPT.go, 0xffffffff), randomBytes(64 * 1024)]));
     await b.closed();
     await expectUnharmed();
   });
@@ -94,13 +82,13 @@ describe('hostile input on the daemon\'s nbd.sock', { timeout: 60_000 }, () => {
   test('bad request magic, and a WRITE claiming 4 GiB, after GO', async () => {
     const a = await RawNbd.connect(nbdSock(sb));
     await a.open('data', { sr: true });
-    const bad = RawNbd.request(CMD_WRITE, 0, 1n, 0, 4096);
+    const bad = RawNbd.request(CMD.write, 0, 1n, 0, 4096);
     bad.writeUInt32BE(0xdeadbeef, 0);
     a.write(Buffer.concat([bad, randomBytes(4096)]));
     await a.closed();
     const b = await RawNbd.connect(nbdSock(sb));
     await b.open('data');
-    b.write(Buffer.concat([RawNbd.request(CMD_WRITE, 0, 2n, 0, 0xffffffff), randomBytes(256 * 1024)]));
+    b.write(Buffer.concat([RawNbd.request(CMD.write, 0, 2n, 0, 0xffffffff), randomBytes(256 * 1024)]));
     await b.closed();
     await expectUnharmed();
   });
@@ -108,20 +96,20 @@ describe('hostile input on the daemon\'s nbd.sock', { timeout: 60_000 }, () => {
   test('abrupt closes: mid-handshake, mid-option, mid-WRITE payload, with reads in flight', async () => {
     const a = await RawNbd.connect(nbdSock(sb));
     await a.greet();
-    a.write(optionHeader(MAGIC.opt, OPT_GO, 100).subarray(0, 11));
+    a.write(RawNbd.optionHeader(OPT.go, 100).subarray(0, 11));
     a.destroy();
 
     const b = await RawNbd.connect(nbdSock(sb));
     await b.open('data', { sr: true });
     // a complete header and half of its payload, then gone: the WRITE must not happen
-    b.write(Buffer.concat([RawNbd.request(CMD_WRITE, 0, 3n, 65536, 65536), randomBytes(32768)]));
+    b.write(Buffer.concat([RawNbd.request(CMD.write, 0, 3n, 65536, 65536), randomBytes(32768)]));
     await new Promise((r) => setTimeout(r, 50));
     b.destroy();
 
     const c = await RawNbd.connect(nbdSock(sb));
     await c.open('data', { sr: true });
-    for (let i = 0; i < 64; i++) c.send(CMD_READ, { offset: (i * 65536) % SIZE, length: 65536 });
-    c.write(RawNbd.request(CMD_WRITE, 0, 999n, 0, 512).subarray(0, 13));
+    for (let i = 0; i < 64; i++) c.send(CMD.read, { offset: (i * 65536) % SIZE, length: 65536 });
+    c.write(RawNbd.request(CMD.write, 0, 999n, 0, 512).subarray(0, 13));
     c.destroy();
     await expectUnharmed();
   });

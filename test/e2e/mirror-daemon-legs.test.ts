@@ -13,25 +13,12 @@ import type { ControlClient } from '../../src/daemon/client.ts';
 import type { DeviceSummary } from '../../src/daemon/protocol.ts';
 import { expectSameBytes } from '../compliance/helpers.ts';
 import { cleanup, client, ok, pattern, sandbox, start, type Sandbox } from '../helpers/daemon.ts';
-import { mirrorStatus, readThroughNbd } from '../helpers/mirror.ts';
+import { LEG_FAIL_CASES, mirrorStatus, readThroughNbd } from '../helpers/mirror.ts';
 import { requireTools, unixUri } from '../helpers/nbd-tools.ts';
 import { NbdWriter, replay } from '../helpers/nbd-writer.ts';
 
-interface FailCase {
-  name: string;
-  /** 0 is the default leg */
-  leg: 0 | 1;
-  fault: 'error' | 'flakey';
-  handleErrors: boolean;
-}
-
-const FAIL_CASES: FailCase[] = [
-  { name: 'leg 1 error', leg: 1, fault: 'error', handleErrors: false },
-  { name: 'leg 1 error, handle_errors', leg: 1, fault: 'error', handleErrors: true },
-  { name: 'leg 1 flakey always down', leg: 1, fault: 'flakey', handleErrors: false },
-  { name: 'leg 1 flakey always down, handle_errors', leg: 1, fault: 'flakey', handleErrors: true },
-  { name: 'default leg error, handle_errors', leg: 0, fault: 'error', handleErrors: true },
-];
+// every case but the default leg failing without handle_errors
+const FAIL_CASES = LEG_FAIL_CASES.filter((tc) => tc.leg === 1 || tc.handleErrors);
 
 const LEN = 4096; // 2 MiB
 const REGION = 64;

@@ -15,30 +15,9 @@ import { fileURLToPath } from 'node:url';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { DeviceMapper, builtinTargets } from '../../src/index.ts';
 import { SECTOR, countingTarget, expectSameBytes, makeImage, makeTempDir, prng, sleep } from '../compliance/helpers.ts';
+import { LEG_FAIL_CASES, engineMirrorStatus, waitEngineInSync } from '../helpers/mirror.ts';
 
 const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
-
-interface MirrorStatus {
-  inSync: number;
-  regions: number;
-  health: string;
-}
-
-function mirrorStatus(dm: DeviceMapper, name: string): MirrorStatus {
-  const w = dm.status(name)[0]!.params.split(' ');
-  const n = Number(w[0]);
-  const [inSync, regions] = w[n + 1]!.split('/').map(Number) as [number, number];
-  return { inSync, regions, health: w[n + 3]! };
-}
-
-async function waitInSync(dm: DeviceMapper, name: string): Promise<void> {
-  for (;;) {
-    const ev = dm.get(name).eventNr;
-    const s = mirrorStatus(dm, name);
-    if (s.inSync === s.regions) return;
-    await dm.wait(name, ev);
-  }
-}
 
 let dir: string;
 let dm: DeviceMapper;
@@ -95,12 +74,12 @@ describe('mirror e2e: online clone of a live volume', () => {
     await dm.message('vol', 0, ['resync-rate', String(1 << 20)]);
     await waitAcked(acked + 200); // the writers keep going while the new leg fills
     await dm.message('vol', 0, ['resync-rate', '0']);
-    await waitInSync(dm, 'vol');
+    await waitEngineInSync(dm, 'vol');
     const afterSync = acked;
     await waitAcked(afterSync + 50); // in sync, both legs take every write
     stop = true;
     await Promise.all(writers);
-    expect(mirrorStatus(dm, 'vol').health).toBe('AA');
+    expect(engineMirrorStatus(dm, 'vol').health).toBe('AA');
 
     await dm.load('vol', `0 ${LEN} linear ${newImg} 0`);
     await dm.resume('vol');
@@ -111,24 +90,7 @@ describe('mirror e2e: online clone of a live volume', () => {
   });
 });
 
-interface FailCase {
-  name: string;
-  /** which leg fails: 0 is the default leg */
-  leg: 0 | 1;
-  fault: 'error' | 'flakey';
-  handleErrors: boolean;
-}
-
-const FAIL_CASES: FailCase[] = [
-  { name: 'leg 1 error', leg: 1, fault: 'error', handleErrors: false },
-  { name: 'leg 1 error, handle_errors', leg: 1, fault: 'error', handleErrors: true },
-  { name: 'leg 1 flakey down', leg: 1, fault: 'flakey', handleErrors: false },
-  { name: 'leg 1 flakey down, handle_errors', leg: 1, fault: 'flakey', handleErrors: true },
-  { name: 'default leg error', leg: 0, fault: 'error', handleErrors: false },
-  { name: 'default leg error, handle_errors', leg: 0, fault: 'error', handleErrors: true },
-];
-
-describe.each(FAIL_CASES)('mirror e2e: leg failure ($name)', (tc) => {
+describe.each(LEG_FAIL_CASES)('mirror e2e: leg failure ($name)', (tc) => {
   const LEN = 2048;
   const REGION = 64;
   const NR = LEN / REGION;
@@ -157,7 +119,8 @@ describe.each(FAIL_CASES)('mirror e2e: leg failure ($name)', (tc) => {
 
     await writeSome(20);
     await dm.flush('vol');
-    expect(mirrorStatus(dm, 'vol')).toEqual({ inSync: NR, regions: NR, health: 'AA' });
+    const { inSync, regions, health } = engineMirrorStatus(dm, 'vol');
+    expect({ inSync, regions, health }).toEqual({ inSync: NR, regions: NR, health: 'AA' });
 
     const failing = `leg${tc.leg}`;
     const table = tc.fault === 'error' ? `0 ${LEN} error` : `0 ${LEN} flakey ${images[tc.leg]} 0 0 1`;
@@ -168,7 +131,7 @@ describe.each(FAIL_CASES)('mirror e2e: leg failure ($name)', (tc) => {
     const written = await writeSome(30); // every one acknowledged: the survivor takes it
     expectSameBytes(await dm.read('vol', 0, LEN * SECTOR), model, 'volume after the failure');
 
-    const s = mirrorStatus(dm, 'vol');
+    const s = engineMirrorStatus(dm, 'vol');
     const survivor = 1 - tc.leg;
     expect(s.health[tc.leg]).toBe('D');
     expect(s.health[survivor]).toBe('A');
@@ -260,7 +223,7 @@ describe('mirror e2e: crash recovery with a disk log', () => {
     try {
       await dm2.create('cb', { table: `0 ${LEN} counting ${b} 0` });
       await dm2.create('vol', { table: `0 ${LEN} mirror disk 2 ${log} ${REGION} 2 ${a} 0 dm:cb 0` });
-      await waitInSync(dm2, 'vol');
+      await waitEngineInSync(dm2, 'vol');
       expect(counting.counts.get('cb')!.writes).toBe(dirty.length);
       await dm2.flush('vol');
       const [imgA, imgB] = [fs.readFileSync(a), fs.readFileSync(b)];

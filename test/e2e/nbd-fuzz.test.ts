@@ -57,30 +57,22 @@ function u32(n: number): Buffer {
   return b;
 }
 
-function option(opt: number, data: Buffer): Buffer {
-  const h = Buffer.alloc(16);
-  h.writeBigUInt64BE(0x49484156454f5054n, 0);
-  h.writeUInt32BE(opt, 8);
-  h.writeUInt32BE(data.length, 12);
-  return Buffer.concat([h, data]);
-}
-
 /** a plausible client handshake: flags, some options, usually ending in GO or EXPORT_NAME */
 function handshakeBytes(rand: Rand, name: string, finish: boolean): Buffer {
   const parts: Buffer[] = [u32(pick(rand, [3, 3, 3, 1, 0]))];
   const n = int(rand, 5);
   for (let i = 0; i < n; i++) {
     switch (int(rand, 7)) {
-      case 0: parts.push(option(8, Buffer.alloc(0))); break;
-      case 1: parts.push(option(3, Buffer.alloc(0))); break;
-      case 2: parts.push(option(6, RawNbd.goData(name, [0, 1, 2, 3]))); break;
-      case 3: parts.push(option(9, RawNbd.metaData(name, pick(rand, [[], ['base:'], ['base:allocation', 'qemu:x']])))); break;
-      case 4: parts.push(option(10, RawNbd.metaData(name, ['base:allocation']))); break;
-      case 5: parts.push(option(int(rand, 20), Buffer.from('xyz'))); break;
-      default: parts.push(option(5, Buffer.alloc(0)));
+      case 0: parts.push(RawNbd.option(8, Buffer.alloc(0))); break;
+      case 1: parts.push(RawNbd.option(3, Buffer.alloc(0))); break;
+      case 2: parts.push(RawNbd.option(6, RawNbd.goData(name, [0, 1, 2, 3]))); break;
+      case 3: parts.push(RawNbd.option(9, RawNbd.metaData(name, pick(rand, [[], ['base:'], ['base:allocation', 'qemu:x']])))); break;
+      case 4: parts.push(RawNbd.option(10, RawNbd.metaData(name, ['base:allocation']))); break;
+      case 5: parts.push(RawNbd.option(int(rand, 20), Buffer.from('xyz'))); break;
+      default: parts.push(RawNbd.option(5, Buffer.alloc(0)));
     }
   }
-  if (finish) parts.push(rand() < 0.8 ? option(7, RawNbd.goData(name, [3])) : option(1, Buffer.from(name)));
+  if (finish) parts.push(rand() < 0.8 ? RawNbd.option(7, RawNbd.goData(name, [3])) : RawNbd.option(1, Buffer.from(name)));
   return Buffer.concat(parts);
 }
 

@@ -1,6 +1,7 @@
 /**
- * Mirror helpers for the daemon e2e tests: the status line parsed (TARGETS.md's format),
- * polling it through the control protocol, an independent decoder of the kernel's disk
+ * Mirror helpers for the library and daemon tests: the status line parsed (TARGETS.md's
+ * format), read from an engine or polled through the control protocol, the leg failure
+ * cases the e2e tests share, an independent decoder of the kernel's disk
  * log layout (written from the documented format, not from src/dirtylog), a leg that
  * holds writes, and reading a whole export through NBD.
  */
@@ -8,6 +9,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import type { ControlClient } from '../../src/daemon/client.ts';
 import type { TablesResult } from '../../src/daemon/protocol.ts';
+import type { DeviceMapper } from '../../src/index.ts';
 import { ok as okTool, unixUri } from './nbd-tools.ts';
 
 export interface MirrorStatus {
@@ -28,6 +30,21 @@ export function parseMirrorStatus(params: string): MirrorStatus {
   return { legs: w.slice(1, n + 1), inSync, regions, health: w[n + 3]!, log: w.slice(n + 4).join(' ') };
 }
 
+/** the status of the mirror `name` of a library engine */
+export function engineMirrorStatus(dm: DeviceMapper, name: string): MirrorStatus {
+  return parseMirrorStatus(dm.status(name)[0]!.params);
+}
+
+/** until every region of `name` is in sync (event-driven: re-checks after each device event) */
+export async function waitEngineInSync(dm: DeviceMapper, name: string): Promise<void> {
+  for (;;) {
+    const ev = dm.get(name).eventNr;
+    const s = engineMirrorStatus(dm, name);
+    if (s.inSync === s.regions) return;
+    await dm.wait(name, ev);
+  }
+}
+
 export async function mirrorStatus(cl: ControlClient, name: string): Promise<MirrorStatus> {
   const { lines } = await cl.request<TablesResult>('status', { name });
   if (lines[0]?.type !== 'mirror') throw new Error(`${name} is not a mirror: ${JSON.stringify(lines)}`);
@@ -45,6 +62,26 @@ export async function waitMirror(cl: ControlClient, name: string, ok: (s: Mirror
 }
 
 export const inSync = (s: MirrorStatus): boolean => s.inSync === s.regions;
+
+/** a leg failing under a 2-leg mirror whose legs are `dm:` devices */
+export interface LegFailCase {
+  name: string;
+  /** which leg fails: 0 is the default leg */
+  leg: 0 | 1;
+  /** the leg reloaded as `error`, or as an always-down `flakey` (`0 1`: up 0 s, down 1 s) */
+  fault: 'error' | 'flakey';
+  handleErrors: boolean;
+}
+
+/** either leg, either fault, with and without handle_errors */
+export const LEG_FAIL_CASES: readonly LegFailCase[] = [
+  { name: 'leg 1 error', leg: 1, fault: 'error', handleErrors: false },
+  { name: 'leg 1 error, handle_errors', leg: 1, fault: 'error', handleErrors: true },
+  { name: 'leg 1 flakey always down', leg: 1, fault: 'flakey', handleErrors: false },
+  { name: 'leg 1 flakey always down, handle_errors', leg: 1, fault: 'flakey', handleErrors: true },
+  { name: 'default leg error', leg: 0, fault: 'error', handleErrors: false },
+  { name: 'default leg error, handle_errors', leg: 0, fault: 'error', handleErrors: true },
+];
 
 export interface KernelMirrorLog {
   magic: number;

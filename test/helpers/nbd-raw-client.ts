@@ -13,6 +13,10 @@ export const MAGIC = {
   chunk: 0x668e33ef,
 };
 
+/** the option and command numbers the tests send */
+export const OPT = { go: 7, structuredReply: 8, setMetaContext: 10 } as const;
+export const CMD = { read: 0, write: 1 } as const;
+
 export interface OptReply { opt: number; type: number; data: Buffer }
 export type Reply =
   | { kind: 'simple'; cookie: bigint; errno: number; data: Buffer }
@@ -116,12 +120,22 @@ export class RawNbd {
     return g.readUInt16BE(16);
   }
 
-  sendOption(opt: number, data: Buffer = Buffer.alloc(0)): void {
+  /** an option header claiming `length` data bytes; any magic, for hostile input */
+  static optionHeader(opt: number, length: number, magic = MAGIC.opt): Buffer {
     const h = Buffer.alloc(16);
-    h.writeBigUInt64BE(MAGIC.opt, 0);
+    h.writeBigUInt64BE(magic, 0);
     h.writeUInt32BE(opt, 8);
-    h.writeUInt32BE(data.length, 12);
-    this.write(Buffer.concat([h, data]));
+    h.writeUInt32BE(length >>> 0, 12);
+    return h;
+  }
+
+  /** a whole option: header and data */
+  static option(opt: number, data: Buffer = Buffer.alloc(0)): Buffer {
+    return Buffer.concat([RawNbd.optionHeader(opt, data.length), data]);
+  }
+
+  sendOption(opt: number, data: Buffer = Buffer.alloc(0)): void {
+    this.write(RawNbd.option(opt, data));
   }
 
   async readOptReply(): Promise<OptReply> {
@@ -170,14 +184,14 @@ export class RawNbd {
   async open(name: string, opts: { sr?: boolean; meta?: boolean } = {}): Promise<{ size: number; flags: number }> {
     await this.greet();
     if (opts.sr) {
-      this.sendOption(8);
+      this.sendOption(OPT.structuredReply);
       expectAck(await this.optionReplies());
     }
     if (opts.meta) {
-      this.sendOption(10, RawNbd.metaData(name, ['base:allocation']));
+      this.sendOption(OPT.setMetaContext, RawNbd.metaData(name, ['base:allocation']));
       expectAck(await this.optionReplies());
     }
-    this.sendOption(7, RawNbd.goData(name));
+    this.sendOption(OPT.go, RawNbd.goData(name));
     const replies = await this.optionReplies();
     expectAck(replies);
     const info = replies.find((r) => r.type === 3 && r.data.readUInt16BE(0) === 0);
@@ -202,7 +216,7 @@ export class RawNbd {
   encode(type: number, opts: { flags?: number; offset?: number | bigint; length?: number; payload?: Buffer; cookie?: bigint } = {}): { cookie: bigint; bytes: Buffer } {
     const cookie = opts.cookie ?? this.#nextCookie++;
     const length = opts.length ?? opts.payload?.length ?? 0;
-    if (type === 0) this.#reads.set(cookie, length);
+    if (type === CMD.read) this.#reads.set(cookie, length);
     const hdr = RawNbd.request(type, opts.flags ?? 0, cookie, opts.offset ?? 0, length);
     return { cookie, bytes: opts.payload ? Buffer.concat([hdr, opts.payload]) : hdr };
   }
