@@ -317,9 +317,15 @@ export class DeviceMapper extends EventEmitter {
   }
 
   /** Flush every device, destroy every table, close every backing device. */
+  /**
+   * Flush every device that can be flushed, then tear everything down. A device that is
+   * suspended, or stacked (`dm:`) on one that is, is not flushed: its flush would wait for
+   * a resume that never comes. Its queued I/O fails with ENXIO, as at remove.
+   */
   async close(): Promise<void> {
     for (const d of this.list()) {
-      if (d.live && !d.suspended) await this.flush(d.name).catch((e) => this.#log.warn(`${d.name}: flush at close failed: ${e.message}`));
+      if (!d.live || this.onSuspended(d.name)) continue;
+      await this.flush(d.name).catch((e) => this.#log.warn(`${d.name}: flush at close failed: ${e.message}`));
     }
     for (let progress = true; progress && this.#devices.size; ) {
       progress = false;
@@ -455,6 +461,24 @@ export class DeviceMapper extends EventEmitter {
         if (lower.close()) void this.#destroyDevice(lower).then(() => this.emit('change'));
       },
     };
+  }
+
+  /** is device `name`, or any device below it (through `dm:` references), suspended? */
+  onSuspended(name: string): boolean {
+    const seen = new Set<MappedDevice>();
+    const walk = (dev: MappedDevice): boolean => {
+      if (dev.suspended) return true;
+      if (seen.has(dev)) return false;
+      seen.add(dev);
+      for (const t of [dev.live, dev.inactive]) {
+        for (const ref of t?.deps ?? []) {
+          const lower = ref.startsWith('dm:') ? this.#devices.get(ref.slice(3)) : undefined;
+          if (lower && walk(lower)) return true;
+        }
+      }
+      return false;
+    };
+    return walk(this.get(name));
   }
 
   /** does `dev` (through its tables) use `other`? */

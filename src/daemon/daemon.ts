@@ -15,7 +15,6 @@ import path from 'node:path';
 import fsx from 'fs-ext';
 import { DmError } from '../core/errors.ts';
 import { log, type Logger } from '../core/log.ts';
-import type { MappedDevice } from '../core/mapped-device.ts';
 import { DeviceMapper, VERSION } from '../index.ts';
 import { ensurePrivateDir, runtimePaths, stateFile, type RuntimePaths } from './paths.ts';
 import { PROTOCOL_VERSION, type HelloResult } from './protocol.ts';
@@ -255,27 +254,13 @@ function withTimeout<T>(p: Promise<T>, ms: number, what: string): Promise<T> {
   return Promise.race([p, t]).finally(() => clearTimeout(timer));
 }
 
-/** is `dev`, or anything below it, suspended? */
-function onSuspended(dm: DeviceMapper, dev: MappedDevice, seen = new Set<MappedDevice>()): boolean {
-  if (dev.suspended) return true;
-  if (seen.has(dev)) return false;
-  seen.add(dev);
-  for (const t of [dev.live, dev.inactive]) {
-    for (const ref of t?.deps ?? []) {
-      if (!ref.startsWith('dm:') || !dm.has(ref.slice(3))) continue;
-      if (onSuspended(dm, dm.get(ref.slice(3)), seen)) return true;
-    }
-  }
-  return false;
-}
-
 async function closeEngine(dm: DeviceMapper, l: Logger): Promise<void> {
   for (const d of dm.list()) {
-    if (!d.live || onSuspended(dm, d)) continue;
+    if (!d.live || dm.onSuspended(d.name)) continue;
     await withTimeout(dm.flush(d.name), FLUSH_TIMEOUT_MS, `flush of ${d.name}`)
       .catch((err: Error) => l.error(`shutdown: ${d.name}: flush failed: ${err.message}`));
   }
-  let stuck = dm.list().filter((d) => onSuspended(dm, d));
+  let stuck = dm.list().filter((d) => dm.onSuspended(d.name));
   for (let progress = true; progress && stuck.length; ) {
     progress = false;
     for (const d of stuck) {

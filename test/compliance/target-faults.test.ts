@@ -101,6 +101,24 @@ describe('(d) suspend and resume with I/O in flight', () => {
     expect(info('slow')).toBe('0 0 0');
     await dm.remove('vol'); // slow stays suspended: close() must not flush through its delay
   });
+
+  it('close() does not wait on a device stacked over a suspended one; queued I/O fails ENXIO', async () => {
+    await dm.create('lower', { table: `0 1024 linear ${img} 0` });
+    await dm.create('upper', { table: `0 1024 linear dm:lower 0` });
+    await dm.create('other', { table: `0 1024 linear ${img2} 0` });
+    await dm.suspend('lower');
+    expect(dm.onSuspended('upper')).toBe(true);
+    expect(dm.onSuspended('other')).toBe(false);
+    const queued = track(dm.write('upper', 0, Buffer.alloc(SECTOR, 0x77)));
+    await sleep(20);
+    expect(queued.settled).toBe(false);
+    const before = fs.readFileSync(img).subarray(0, SECTOR);
+    const closed = track(dm.close());
+    await waitFor(() => closed.settled, 'close() finishing');
+    await expectCode(queued.promise, 'ENXIO');
+    expectSameBytes(fs.readFileSync(img).subarray(0, SECTOR), before, 'the queued write never landed');
+    dm = new DeviceMapper(); // for afterEach
+  });
 });
 
 describe('(e) faults', () => {
