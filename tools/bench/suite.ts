@@ -35,23 +35,13 @@ export interface BenchContext {
   log(msg: string): void;
 }
 
-/** One measured run of one side. */
-export interface Sample {
+/** One measured run of one side: its Measurement, where it stood in its pair, the load. */
+export interface Sample extends Measurement {
   pair: number;
   /** 0: this side started its pair, 1: the other side did */
   position: 0 | 1;
-  /** the compared value, higher is better (bytes/s for MB/s rows, ops/s for IOPS rows) */
-  value: number;
-  ops: number;
-  bytes: number;
-  seconds: number;
-  /** peak resident set of the process that ran it (KiB), when known */
-  maxRssKiB: number | null;
-  /** CPU time of that process during the whole run (s), when known */
-  cpuSeconds?: number | null;
   /** 1-minute load average when the run started (others share the machine) */
   load1?: number;
-  [extra: string]: unknown;
 }
 
 export interface Side {
@@ -92,11 +82,14 @@ export interface Suite {
 }
 
 export interface Measurement {
+  /** the compared value, higher is better (bytes/s for MB/s rows, ops/s for IOPS rows) */
   value: number;
   ops: number;
   bytes: number;
   seconds: number;
+  /** peak resident set of the process that ran it (KiB), when known */
   maxRssKiB: number | null;
+  /** CPU time of that process during the whole run (s), when known */
   cpuSeconds?: number | null;
   [extra: string]: unknown;
 }
