@@ -316,7 +316,6 @@ export class DeviceMapper extends EventEmitter {
     return this.get(name).submit({ op: 'write-zeroes', sector: toSector(offset, 'offset'), sectors: toSector(length, 'length'), data: EMPTY, flags });
   }
 
-  /** Flush every device, destroy every table, close every backing device. */
   /**
    * Flush every device that can be flushed, then tear everything down. A device that is
    * suspended, or stacked (`dm:`) on one that is, is not flushed: its flush would wait for
@@ -465,29 +464,23 @@ export class DeviceMapper extends EventEmitter {
 
   /** is device `name`, or any device below it (through `dm:` references), suspended? */
   onSuspended(name: string): boolean {
-    const seen = new Set<MappedDevice>();
-    const walk = (dev: MappedDevice): boolean => {
-      if (dev.suspended) return true;
-      if (seen.has(dev)) return false;
-      seen.add(dev);
-      for (const t of [dev.live, dev.inactive]) {
-        for (const ref of t?.deps ?? []) {
-          const lower = ref.startsWith('dm:') ? this.#devices.get(ref.slice(3)) : undefined;
-          if (lower && walk(lower)) return true;
-        }
-      }
-      return false;
-    };
-    return walk(this.get(name));
+    const dev = this.get(name);
+    return dev.suspended || this.#anyBelow(dev, (d) => d.suspended);
   }
 
   /** does `dev` (through its tables) use `other`? */
   #dependsOn(dev: MappedDevice, other: MappedDevice): boolean {
+    return this.#anyBelow(dev, (d) => d === other);
+  }
+
+  /** does any device below `dev` (its tables' `dm:` references, transitively) match? */
+  #anyBelow(dev: MappedDevice, match: (d: MappedDevice) => boolean, seen = new Set<MappedDevice>()): boolean {
+    seen.add(dev);
     for (const t of [dev.live, dev.inactive]) {
       for (const ref of t?.deps ?? []) {
-        if (!ref.startsWith('dm:')) continue;
-        const d = this.#devices.get(ref.slice(3));
-        if (d && (d === other || this.#dependsOn(d, other))) return true;
+        const d = ref.startsWith('dm:') ? this.#devices.get(ref.slice(3)) : undefined;
+        if (!d || seen.has(d)) continue;
+        if (match(d) || this.#anyBelow(d, match, seen)) return true;
       }
     }
     return false;

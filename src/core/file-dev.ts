@@ -182,7 +182,7 @@ export class FileDev implements BlockDev {
     });
   }
 
-  /** synchronous I/O allowed now (not backing off after a slow call) */
+  /** synchronous I/O allowed now: not backing off after slow calls, and within this turn's burst */
   #syncOk(): boolean {
     return (this.#asyncUntil === 0 || this.#backoffOver()) && takeSyncTurn();
   }

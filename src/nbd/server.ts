@@ -153,8 +153,13 @@ export class NbdServer {
     return srv;
   }
 
+  /** socket errors end the connection (close follows); they are only worth a debug line */
+  #logErrors(socket: Socket, what = 'connection'): void {
+    socket.on('error', (err) => this.#log.debug(`${what} error: ${err.message}`));
+  }
+
   #accept(socket: Socket): void {
-    socket.on('error', (err) => this.#log.debug(`connection error: ${err.message}`));
+    this.#logErrors(socket);
     if (this.#closing) {
       socket.destroy();
       return;
@@ -183,7 +188,7 @@ export class NbdServer {
         isClosing: () => this.#closing,
         onSocket: (s) => {
           conn.current = s;
-          s.on('error', (err) => this.#log.debug(`TLS connection error: ${err.message}`));
+          this.#logErrors(s, 'TLS connection');
           this.#stats.tls++;
           if (s instanceof TLSSocket) this.#log.debug(`STARTTLS: ${s.getProtocol()} ${s.getCipher()?.name}`);
         },
@@ -209,7 +214,7 @@ export class NbdServer {
       onSocket: (s) => {
         conn.current = s;
         this.#stats.direct++;
-        s.on('error', (err) => this.#log.debug(`connection error: ${err.message}`));
+        this.#logErrors(s);
       },
     }, this.#txOpts);
     conn.tx = tx;

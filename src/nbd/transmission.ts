@@ -69,7 +69,7 @@ function errorMessage(err: unknown): string {
 }
 
 export class Transmission {
-  #socket: Socket;
+  readonly #socket: Socket;
   readonly #handle: ExportHandle;
   readonly #ctx: CheckContext;
   readonly #out: ReplyWriter;
