@@ -11,6 +11,7 @@ import { SECTOR_SHIFT } from './bio.ts';
 import { BlockError, DmError, toBlockError } from './errors.ts';
 import type { BlockDev, Extent } from './types.ts';
 import { mergeExtents } from './extents.ts';
+import { envCount } from './env.ts';
 
 const RESOLVED = Promise.resolve();
 const SEEK_END = 2;
@@ -30,7 +31,7 @@ const ZEROES = Buffer.alloc(1 << 20);
  * qd1, which with a back-off on every one kept the device on the pool a quarter of the time).
  * `DMKIT_SYNC_IO=<bytes>` sets the largest synchronous request (0 turns it off).
  */
-export const SYNC_IO_MAX_DEFAULT = 64 * 1024;
+export const SYNC_IO_MAX_DEFAULT = 256 * 1024;
 export const SYNC_SLOW_MS = 0.2;
 export const SYNC_BACKOFF_MS = 100;
 export const SYNC_SLOW_RUN = 2;
@@ -38,35 +39,33 @@ export const SYNC_SLOW_RUN = 2;
  * A synchronous request settles its promise without an event-loop turn, so a caller looping
  * `await dev.write(…)` would never let timers or sockets run. After SYNC_BURST synchronous
  * requests (all devices of the process together) without a turn of the event loop, requests
- * go through the pool until the loop has turned.
+ * go through the pool until the loop has turned; likewise after SYNC_BURST_BYTES (so one
+ * turn copies at most a few milliseconds' worth synchronously).
  */
 export const SYNC_BURST = 128;
+export const SYNC_BURST_BYTES = 8 * 1024 * 1024;
 let syncBurst = 0;
+let syncBurstBytes = 0;
 const endBurst = (): void => {
   syncBurst = 0;
+  syncBurstBytes = 0;
 };
 
-/** one more synchronous request in this turn of the event loop, if the burst allows it */
-function takeSyncTurn(): boolean {
+/** one more synchronous request of `bytes` in this turn of the event loop, if the burst allows it */
+function takeSyncTurn(bytes: number): boolean {
   if (syncBurst === 0) setImmediate(endBurst);
-  return ++syncBurst <= SYNC_BURST;
+  syncBurstBytes += bytes;
+  return ++syncBurst <= SYNC_BURST && syncBurstBytes <= SYNC_BURST_BYTES;
 }
 
 export interface FileDevOptions {
   readOnly?: boolean;
-  /** largest request served synchronously while fast (default DMKIT_SYNC_IO or 64 KiB; 0 = never) */
+  /** largest request served synchronously while fast (default DMKIT_SYNC_IO or 256 KiB; 0 = never) */
   syncIoMax?: number;
   /** SYNC_SLOW_RUN synchronous calls in a row slower than this (ms) send I/O back to the pool (default 0.2) */
   syncSlowMs?: number;
   /** for this long (ms) (default 100) */
   syncBackoffMs?: number;
-}
-
-function envSyncMax(): number {
-  const v = process.env.DMKIT_SYNC_IO;
-  if (v === undefined || v === '') return SYNC_IO_MAX_DEFAULT;
-  const n = Number(v);
-  return Number.isInteger(n) && n >= 0 ? n : SYNC_IO_MAX_DEFAULT;
 }
 
 function readAt(fd: number, buf: Buffer, off: number, pos: number): Promise<number> {
@@ -109,7 +108,7 @@ export class FileDev implements BlockDev {
     this.#fd = fd;
     this.sectors = sectors;
     this.readOnly = !!opts.readOnly;
-    this.#syncMax = opts.syncIoMax ?? envSyncMax();
+    this.#syncMax = opts.syncIoMax ?? envCount('DMKIT_SYNC_IO', SYNC_IO_MAX_DEFAULT);
     this.#syncSlowMs = opts.syncSlowMs ?? SYNC_SLOW_MS;
     this.#syncBackoffMs = opts.syncBackoffMs ?? SYNC_BACKOFF_MS;
   }
@@ -169,7 +168,7 @@ export class FileDev implements BlockDev {
    */
   #read(buf: Buffer, pos: number): Promise<void> {
     const len = buf.length;
-    if (len <= this.#syncMax && this.#syncOk()) return this.#readSync(buf, pos);
+    if (len <= this.#syncMax && this.#syncOk(len)) return this.#readSync(buf, pos);
     return new Promise((resolve, reject) => {
       fs.read(this.#fd, buf, 0, len, pos, (err, n) => {
         if (err) reject(toBlockError(err));
@@ -183,8 +182,8 @@ export class FileDev implements BlockDev {
   }
 
   /** synchronous I/O allowed now: not backing off after slow calls, and within this turn's burst */
-  #syncOk(): boolean {
-    return (this.#asyncUntil === 0 || this.#backoffOver()) && takeSyncTurn();
+  #syncOk(bytes: number): boolean {
+    return (this.#asyncUntil === 0 || this.#backoffOver()) && takeSyncTurn(bytes);
   }
 
   #backoffOver(): boolean {
@@ -259,7 +258,7 @@ export class FileDev implements BlockDev {
   #write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
     if (this.readOnly) return Promise.reject(new BlockError('EROFS', `${this.path} is open read-only`));
     const len = buf.length;
-    if (len <= this.#syncMax && this.#syncOk()) return this.#writeSync(buf, pos, fua);
+    if (len <= this.#syncMax && this.#syncOk(len)) return this.#writeSync(buf, pos, fua);
     return new Promise((resolve, reject) => {
       fs.write(this.#fd, buf, 0, len, pos, (err, n) => {
         if (err) reject(toBlockError(err));

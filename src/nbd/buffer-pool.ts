@@ -52,13 +52,6 @@ export class BufferPool {
     this.#free[shift - MIN_SHIFT]!.push(b);
     this.#held += b.length;
   }
-
-  /** a socket write callback that returns `b` to the pool if the write succeeded */
-  releaser(b: Buffer): (err?: Error | null) => void {
-    return (err) => {
-      if (!err) this.put(b);
-    };
-  }
 }
 
 /** the size class (log2) for `length`, or -1 if it is not pooled */

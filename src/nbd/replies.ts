@@ -119,6 +119,8 @@ export function blockStatusChunk(
 
 type WriteDone = (err?: Error | null) => void;
 
+function noop(): void {}
+
 /**
  * Queues replies on one connection's socket. A header and its data are queued back to back
  * in the same tick, so replies never interleave; replies completing in the same tick are
@@ -129,13 +131,16 @@ export class ReplyWriter {
   readonly #socket: Socket;
   readonly #structured: boolean;
   readonly #pool: BufferPool;
+  /** called when the socket has taken a READ's last data write */
+  readonly #onDataSent: () => void;
   #corked = false;
   #closed = false;
 
-  constructor(socket: Socket, structured: boolean, pool: BufferPool) {
+  constructor(socket: Socket, structured: boolean, pool: BufferPool, onDataSent: () => void = noop) {
     this.#socket = socket;
     this.#structured = structured;
     this.#pool = pool;
+    this.#onDataSent = onDataSent;
   }
 
   /** the socket closed: nothing more is written */
@@ -177,10 +182,15 @@ export class ReplyWriter {
     this.#send(chunked ? errorChunk(r.cookieHi, r.cookieLo, errno, message) : simpleReply(r.cookieHi, r.cookieLo, errno), null);
   }
 
-  #releaser(r: Req): WriteDone | undefined {
+  /** the callback of a READ's last data write: the buffer goes back to the pool (unless the
+   *  write failed) and the transmission loop hears that bytes left the queue */
+  #releaser(r: Req): WriteDone {
     const b = r.pooled;
     r.pooled = null;
-    return b ? this.#pool.releaser(b) : undefined;
+    return (err) => {
+      if (b && !err) this.#pool.put(b);
+      this.#onDataSent();
+    };
   }
 
   #send(header: Buffer, data: Buffer | null, done?: WriteDone): void {

@@ -31,6 +31,8 @@ export class Req {
   weight = 0;
   /** a reply was already forced (ESHUTDOWN at the end of a grace period) */
   replied = false;
+  /** when a READ timed by the read window started (performance.now()), or 0 */
+  startedMs = 0;
   onOk: () => void = noop;
   onErr: (err: unknown) => void = noop;
   onExtents: (extents: Extent[]) => void = noop;

@@ -11,6 +11,7 @@ import { isMainThread } from 'node:worker_threads';
 import { DmError } from '../core/errors.ts';
 import { log, type Logger } from '../core/log.ts';
 import { BufferPool } from './buffer-pool.ts';
+import { envCount } from '../core/env.ts';
 import type { ExportProvider } from './export.ts';
 import { handshake, type Negotiated } from './handshake.ts';
 import { loadTlsConfig, type TlsServerConfig } from './tls.ts';
@@ -27,6 +28,11 @@ export interface NbdServerOptions {
   maxInFlightBytes?: number;
   /** per-connection cap on requests in flight before reading pauses (default 1024) */
   maxInFlightRequests?: number;
+  /**
+   * per-connection cap on bytes of READs running plus replies the socket has not taken; more
+   * READs wait (default 128 KiB, or DMKIT_NBD_READ_WINDOW)
+   */
+  readWindowBytes?: number;
   /** idle READ buffers kept for reuse across connections (default 32 MiB) */
   bufferPoolBytes?: number;
   /**
@@ -85,6 +91,7 @@ export class NbdServer {
     this.#txOpts = {
       maxInFlightBytes: opts.maxInFlightBytes ?? 64 * 1024 * 1024,
       maxInFlightRequests: opts.maxInFlightRequests ?? 1024,
+      readWindowBytes: opts.readWindowBytes ?? envCount('DMKIT_NBD_READ_WINDOW', 128 * 1024),
       graceMs: opts.graceMs ?? 2000,
       pool: new BufferPool(opts.bufferPoolBytes ?? 32 * 1024 * 1024),
       directReads: (opts.directReads ?? true) && process.env.DMKIT_NBD_DIRECT_READS !== '0',
