@@ -1,4 +1,16 @@
-/** Scoped logging (`log('mirror')`), quiet unless DMKIT_LOG is set; rate-limited helper for I/O paths. */
+/**
+ * Scoped logging (`log('mirror')`) over pino: one JSON line per message on stderr (the
+ * daemon's log file when it runs in the background), e.g.
+ *
+ *   {"level":"warn","time":"2026-11-25T15:50:01.123Z","scope":"mirror","msg":"leg 1 failed: …"}
+ *
+ * Quiet below `warn` unless DMKIT_LOG (debug, info, warn, error, silent) says otherwise; the
+ * level is read when the first message is written, so a program may set DMKIT_LOG after
+ * importing dmkit. Writes are synchronous, so the last lines before a crash are on disk.
+ * `limited` is for I/O paths: at most one message per key per second.
+ */
+import { pino, type Logger as Pino } from 'pino';
+
 export interface Logger {
   debug(msg: string): void;
   info(msg: string): void;
@@ -8,30 +20,39 @@ export interface Logger {
   limited(key: string, msg: string): void;
 }
 
-const LEVELS = { debug: 10, info: 20, warn: 30, error: 40, silent: 100 } as const;
-type Level = keyof typeof LEVELS;
+const LEVELS = new Set(['debug', 'info', 'warn', 'error', 'silent']);
 
-function threshold(): number {
-  const env = (process.env.DMKIT_LOG ?? 'warn') as Level;
-  return LEVELS[env] ?? LEVELS.warn;
+let root: Pino | null = null;
+
+function rootLogger(): Pino {
+  if (root) return root;
+  const env = process.env.DMKIT_LOG ?? 'warn';
+  root = pino(
+    {
+      level: LEVELS.has(env) ? env : 'warn',
+      base: undefined,
+      timestamp: pino.stdTimeFunctions.isoTime,
+      formatters: { level: (label) => ({ level: label }) },
+    },
+    pino.destination({ fd: 2, sync: true }),
+  );
+  return root;
 }
 
 export function log(scope: string): Logger {
+  let scoped: Pino | null = null;
+  const get = (): Pino => (scoped ??= rootLogger().child({ scope }));
   const last = new Map<string, number>();
-  const emit = (level: Level, msg: string): void => {
-    if (LEVELS[level] < threshold()) return;
-    process.stderr.write(`dmkit ${level} [${scope}] ${msg}\n`);
-  };
   return {
-    debug: (m) => emit('debug', m),
-    info: (m) => emit('info', m),
-    warn: (m) => emit('warn', m),
-    error: (m) => emit('error', m),
+    debug: (m) => get().debug(m),
+    info: (m) => get().info(m),
+    warn: (m) => get().warn(m),
+    error: (m) => get().error(m),
     limited(key, msg) {
       const now = Date.now();
       if ((last.get(key) ?? 0) + 1000 > now) return;
       last.set(key, now);
-      emit('warn', msg);
+      get().warn(msg);
     },
   };
 }
