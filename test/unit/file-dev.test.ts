@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { Bio } from '../../src/core/bio.ts';
-import { FileDev, type FileDevOptions } from '../../src/core/file-dev.ts';
+import { FileDev, SYNC_BURST_BYTES, type FileDevOptions } from '../../src/core/file-dev.ts';
 import { prng } from '../compliance/helpers.ts';
 
 const SECTORS = 4096; // 2 MiB
@@ -120,6 +120,23 @@ describe('FileDev I/O paths', () => {
       n++;
     }
     expect(stop).toBe(true);
+  });
+
+  it('one turn of the event loop copies at most SYNC_BURST_BYTES synchronously', async () => {
+    const d = open({ syncIoMax: 256 * 1024, syncSlowMs: 1000 });
+    await new Promise((r) => setImmediate(r)); // a fresh turn: nothing counted yet
+    const reads = Array.from({ length: 40 }, (_, i) => read(d, (i % 8) * 512, 256 * 1024));
+    for (let i = 0; i < 5; i++) await Promise.resolve();
+    const settled = await Promise.all(reads.map((x) => settledAtOnce(x.p)));
+    const perTurn = SYNC_BURST_BYTES / (256 * 1024);
+    expect(settled.slice(0, perTurn).every(Boolean)).toBe(true);
+    expect(settled.slice(perTurn).some(Boolean)).toBe(false);
+    await Promise.all(reads.map((x) => x.p));
+    const content = fs.readFileSync(file);
+    reads.forEach(({ bio }, i) => {
+      const at = (i % 8) * 512 * 512;
+      expect(bio.data.equals(content.subarray(at, at + 256 * 1024))).toBe(true);
+    });
   });
 
   it.each([
