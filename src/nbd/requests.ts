@@ -31,7 +31,7 @@ export class Req {
   weight = 0;
   /** a reply was already forced (ESHUTDOWN at the end of a grace period) */
   replied = false;
-  /** when a READ timed by the read window started (performance.now()), or 0 */
+  /** when a READ started on the handle (performance.now()), for the read window */
   startedMs = 0;
   onOk: () => void = noop;
   onErr: (err: unknown) => void = noop;

@@ -68,6 +68,8 @@ const FREE_REQS_MAX = 256;
  * sends while one READ runs, so slower devices keep enough READs running to keep it busy.
  */
 const SOCKET_BYTES_PER_MS = 4e6;
+/** how many recent READ times the device's READ time is taken from */
+const READ_SAMPLES = 8;
 const SHUTDOWN_MESSAGE = 'export is shutting down';
 /** what a rejection with no reason (undefined/null) is reported as */
 const NO_REASON = { code: 'EIO', message: 'I/O error' };
@@ -97,7 +99,9 @@ export class Transmission {
   #deferredHead = 0;
   /** bytes of READs running on the handle */
   #readBytes = 0;
-  /** moving average of how long a READ takes when it runs alone (ms) */
+  /** how long the last READ_SAMPLES READs took (ms), a ring; and the shortest of them */
+  readonly #readTimes = new Float64Array(READ_SAMPLES);
+  #readTimeAt = 0;
   #readMs = 0;
   readonly #freeReqs: Req[] = [];
   #paused = false;
@@ -330,7 +334,9 @@ export class Transmission {
    * Reading far ahead of the socket only parks filled buffers in its queue: under nbdcopy
    * (4 connections x 64 reads of 256 KiB) that was 64 MiB of buffers, filled long before the
    * socket copied them out, so both copies of every byte missed the CPU caches. A READ starts
-   * while what is running plus what the socket has not taken stays within the window.
+   * while what is running plus what the socket has not taken stays within the window: the
+   * base, plus what the socket sends while the device serves one READ, so that a slow device
+   * (a remote export) keeps enough READs running to fill the socket.
    */
   #readFits(): boolean {
     const pending = this.#readBytes + this.#socket.writableLength;
@@ -338,11 +344,24 @@ export class Transmission {
   }
 
   #startRead(r: Req): void {
-    // time only READs that run alone: with others running the time includes their queueing,
-    // which would make a fast device look slow
-    r.startedMs = this.#readBytes === 0 ? performance.now() : 0;
+    r.startedMs = performance.now();
     this.#readBytes += r.length;
     this.#execute(r);
+  }
+
+  /**
+   * The device's READ time is the shortest of the last few: a READ that queued behind others,
+   * or whose process was preempted, takes longer than the device needs, and one such sample
+   * must not open the window; a slow device is slow every time. Until READ_SAMPLES READs have
+   * been timed the shortest is 0 (the window starts at its base).
+   */
+  #timeRead(r: Req): void {
+    const t = this.#readTimes;
+    t[this.#readTimeAt] = performance.now() - r.startedMs;
+    this.#readTimeAt = (this.#readTimeAt + 1) % READ_SAMPLES;
+    let min = t[0]!;
+    for (let i = 1; i < READ_SAMPLES; i++) if (t[i]! < min) min = t[i]!;
+    this.#readMs = min;
   }
 
   /** the window may have opened (a READ finished, the socket took data): start what fits */
@@ -408,7 +427,7 @@ export class Transmission {
   /** a READ the handle ran is over and its reply queued: the window moved */
   #readDone(r: Req): void {
     this.#readBytes -= r.length;
-    if (r.startedMs > 0) this.#readMs += (performance.now() - r.startedMs - this.#readMs) / 8;
+    this.#timeRead(r);
     if (this.#deferredHead < this.#deferred.length) this.#startReads();
   }
 
