@@ -68,6 +68,8 @@ const FREE_REQS_MAX = 256;
  * sends while one READ runs, so slower devices keep enough READs running to keep it busy.
  */
 const SOCKET_BYTES_PER_MS = 4e6;
+/** WRITEs from this size on start after the turn's socket reads (#startWrites) */
+const DEFER_WRITE_MIN = 64 * 1024;
 /** how many recent READ times the device's READ time is taken from */
 const READ_SAMPLES = 8;
 const SHUTDOWN_MESSAGE = 'export is shutting down';
@@ -94,6 +96,8 @@ export class Transmission {
 
   readonly #inflight = new Set<Req>();
   #inflightBytes = 0;
+  /** large WRITEs parsed in this turn of the event loop, started after it (#startWrites) */
+  readonly #writes: Req[] = [];
   /** READs checked and waiting for the read window, in arrival order */
   readonly #deferred: Req[] = [];
   #deferredHead = 0;
@@ -317,12 +321,34 @@ export class Transmission {
       this.#retire(r);
       return;
     }
+    if (r.type === C.CMD_WRITE && r.length >= DEFER_WRITE_MIN) {
+      this.#writes.push(r);
+      if (this.#writes.length === 1) setImmediate(this.#startWrites);
+      return;
+    }
     if (r.type !== C.CMD_READ) return this.#execute(r);
     r.weight = r.length;
     this.#inflightBytes += r.length;
     if (this.#deferredHead < this.#deferred.length || !this.#readFits()) this.#deferred.push(r);
     else this.#startRead(r);
   }
+
+  /**
+   * Large WRITEs start after this turn's socket reads: a cached device writes synchronously,
+   * and a 256 KiB write done inside one connection's read callback kept the other
+   * connections' sockets full meanwhile, so their clients stopped sending (nbdcopy's four
+   * connections took turns). Started from setImmediate, every socket is drained first.
+   */
+  readonly #startWrites = (): void => {
+    const q = this.#writes.splice(0);
+    for (const r of q) {
+      if (r.replied) {
+        // answered ESHUTDOWN at the end of a grace period: the handle never saw it
+        this.#recycle(r);
+        this.#retire(r);
+      } else this.#execute(r); // also after an abrupt close: the data arrived whole
+    }
+  };
 
   #execute(r: Req): void {
     execute(this.#handle, r, this.#ctx.structured, this.#opts.pool, this.#readPiece);
