@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { NbdServer } from '../../src/nbd/server.ts';
 import { prng } from '../compliance/helpers.ts';
-import { TestProvider } from '../helpers/nbd-file-provider.ts';
+import { TestProvider, serveAndOpen } from '../helpers/nbd-file-provider.ts';
 import { RawNbd, readData, replyErrno } from '../helpers/nbd-raw-client.ts';
 import { sha256, writeRandomImage } from '../helpers/nbd-tools.ts';
 
@@ -43,11 +43,8 @@ async function setup(name: string, directReads: boolean): Promise<Setup> {
   const provider = new TestProvider([{ kind: 'file', name: 'disk', path: file }]);
   const server = new NbdServer(provider, { maxInFlightBytes: 3 * MiB, maxInFlightRequests: 64, directReads });
   servers.push(server);
-  const sock = join(dir, `${name}.sock`);
-  await server.listenUnix(sock);
-  const c = await RawNbd.connect(sock);
+  const c = await serveAndOpen(server, join(dir, `${name}.sock`), 'disk');
   clients.push(c);
-  await c.open('disk', { sr: true });
   return { server, provider, c, file, model };
 }
 

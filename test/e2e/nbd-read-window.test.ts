@@ -12,7 +12,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import type { ExportHandle, ExportInfo, ExportProvider } from '../../src/nbd/export.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
-import { TestProvider } from '../helpers/nbd-file-provider.ts';
+import { TestProvider, serveAndOpen } from '../helpers/nbd-file-provider.ts';
 import { CMD, RawNbd, readData, replyErrno } from '../helpers/nbd-raw-client.ts';
 import { writeRandomImage } from '../helpers/nbd-tools.ts';
 
@@ -86,11 +86,8 @@ async function setup(name: string): Promise<{ server: NbdServer; provider: Count
   const provider = new CountingProvider(file);
   const server = new NbdServer(provider, { readWindowBytes: 128 * KiB });
   servers.push(server);
-  const sock = join(dir, `${name}.sock`);
-  await server.listenUnix(sock);
-  const c = await RawNbd.connect(sock);
+  const c = await serveAndOpen(server, join(dir, `${name}.sock`), 'disk');
   clients.push(c);
-  await c.open('disk', { sr: true });
   return { server, provider, c };
 }
 

@@ -11,6 +11,8 @@ import * as fs from 'node:fs';
 import { BlockError, DmError } from '../../src/core/errors.ts';
 import type { Extent } from '../../src/core/types.ts';
 import type { ExportHandle, ExportInfo, ExportProvider } from '../../src/nbd/export.ts';
+import type { NbdServer } from '../../src/nbd/server.ts';
+import { RawNbd } from './nbd-raw-client.ts';
 
 export type ExportSpec =
   | { kind: 'file'; name: string; path: string; readOnly?: boolean; description?: string }
@@ -223,4 +225,12 @@ export class TestProvider implements ExportProvider {
       onGone: (cb) => { state.gone.push(cb); },
     };
   }
+}
+
+/** `server` listening on `sock`, and a raw client that has opened `name` with structured replies */
+export async function serveAndOpen(server: NbdServer, sock: string, name: string): Promise<RawNbd> {
+  await server.listenUnix(sock);
+  const c = await RawNbd.connect(sock);
+  await c.open(name, { sr: true });
+  return c;
 }
