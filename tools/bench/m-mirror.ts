@@ -4,7 +4,9 @@
  *   M1  writes to a 2-leg mirror (core log, nosync: no resync runs) vs `linear` on an image
  *       like one leg: 1 MiB sequential, 4 KiB random at 1 and 32 in flight.
  *   M2  full resync of a 2-leg mirror (core log, sync; leg 0 a pre-filled image, leg 1 an
- *       empty file) from resume to the in-sync event vs `cp --sparse=never` of the image.
+ *       empty file) from resume to the in-sync event vs `cp --sparse=never` of the image;
+ *       and (resync-nbd) onto an `nbdkit file` export through the engine's NBD client vs
+ *       `nbdcopy` of the image onto the same export.
  *
  * The library path rather than fio over NBD: it measures the mirror and not the NBD server
  * and the client besides (N1/N2 measure those), with less noise.
@@ -23,7 +25,7 @@ import type { Worker } from './child.ts';
 import { startWorker } from './child.ts';
 import { createImage, L1_PATTERNS, warmPageCache } from './l1-library.ts';
 import { dmkitFactory, openDmkit } from './lib-sides.ts';
-import { run as runCmd, syncFile } from './nbd-tools.ts';
+import { run as runCmd, startNbdkit, syncFile, type Server } from './nbd-tools.ts';
 import { formatSize } from './size.ts';
 import { median, pairRatios } from './stats.ts';
 import type { BenchContext, ComparisonSide, Measurement, Row, Sample, SideRunner, Suite } from './suite.ts';
@@ -239,6 +241,7 @@ export const m1: Suite = {
 interface M2Spec {
   mode: 'm2';
   src: string;
+  /** leg 1: a file (recreated empty for every run) or an NBD URI (written over as it is) */
   dst: string;
   sectors: number;
   region: number;
@@ -268,10 +271,8 @@ async function m2Worker(spec: M2Spec): Promise<void> {
   for await (const line of createInterface({ input: process.stdin })) {
     if (!line.trim()) continue;
     const cmd = JSON.parse(line) as M2Command;
-    fs.rmSync(spec.dst, { force: true });
-    const fd = fs.openSync(spec.dst, 'w');
-    fs.ftruncateSync(fd, span);
-    fs.closeSync(fd);
+    const dstIsFile = !spec.dst.startsWith('nbd');
+    if (dstIsFile) createSparse(spec.dst, span);
     warmPageCache(spec.src, span);
     const name = `m2-${++n}`;
     const dev = await dm.create(name);
@@ -293,7 +294,7 @@ async function m2Worker(spec: M2Spec): Promise<void> {
     const cpu = process.cpuUsage(cpu0);
     const status = dm.status(name).map((l) => l.params).join(' ');
     await dm.remove(name);
-    fs.rmSync(spec.dst, { force: true }); // drops the leg's dirty pages unwritten (unless flushed)
+    if (dstIsFile) fs.rmSync(spec.dst, { force: true }); // drops the leg's dirty pages unwritten (unless flushed)
     reply({
       seconds, cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssKiB: process.resourceUsage().maxRSS,
       regions: Math.ceil(spec.sectors / spec.region), status,
@@ -315,7 +316,10 @@ export const m2: Suite = {
     'the copy in the page cache. The second row (resync-flush) adds, inside the timing, a flush of the mirror ' +
     '(fdatasync of both legs) and an fdatasync of the new file after cp; both then include writing the copy to ' +
     'disk. Before every run the source is re-read (hot page cache); after every run the copy is deleted (dropping ' +
-    'dirty pages unwritten). Three runs per side per pair (opt m2Runs), taken in turns A B B A A B; a pair\'s value is bytes over their total time. RSS: the resync worker\'s peak (cp: not measured).',
+    'dirty pages unwritten). Three runs per side per pair (opt m2Runs), taken in turns A B B A A B; a pair\'s value is bytes over their total time. RSS: the resync worker\'s peak (cp: not measured). ' +
+    'resync-nbd: leg 1 is `nbdkit -f -U SOCK file F` (F sparse, full-size, created once per pattern and written over by every run of ' +
+    'both sides), reached through the engine\'s NBD client; the reference is `nbdcopy SRC nbd+unix:///?socket=SOCK` onto the same ' +
+    'export (nbdcopy\'s defaults: 4 connections), timed from spawn to exit; neither side flushes.',
   async run(ctx: BenchContext): Promise<Row[]> {
     const region = regionSectors(ctx);
     const m2Runs = Math.max(1, Math.round(Number(ctx.opts.m2Runs ?? 3)));
@@ -324,9 +328,11 @@ export const m2: Suite = {
     const src = path.join(ctx.tmpdir, 'm2-src.img');
     const dst = path.join(ctx.tmpdir, 'm2-leg1.img');
     const cpDst = path.join(ctx.tmpdir, 'm2-cp.img');
+    const nbdDst = path.join(ctx.tmpdir, 'm2-nbd-leg1.img');
     const variants = [
-      { id: 'resync', flush: false },
-      { id: 'resync-flush', flush: true },
+      { id: 'resync', flush: false, nbd: false },
+      { id: 'resync-flush', flush: true, nbd: false },
+      { id: 'resync-nbd', flush: false, nbd: true },
     ].filter((v) => ctx.patterns.length === 0 || ctx.patterns.some((f) => v.id.includes(f)));
     if (variants.length === 0) return [];
     ctx.log(`M2: creating ${formatSize(span)} source image; region ${region} sectors`);
@@ -334,11 +340,17 @@ export const m2: Suite = {
     const rows: Row[] = [];
     try {
       for (const v of variants) {
+        let nbdkit: Server | null = null;
+        if (v.nbd) {
+          createSparse(nbdDst, span);
+          nbdkit = await startNbdkit(ctx.tmpdir, 'file', [nbdDst], ctx.env);
+        }
+        const legUri = nbdkit?.uri ?? '';
         const resync: ComparisonSide = {
           name: 'dmkit-resync',
-          detail: `mirror core 2 ${region} sync, resume → in-sync event${v.flush ? ' → flush (fdatasync both legs)' : ''}`,
+          detail: `mirror core 2 ${region} sync${v.nbd ? ', leg 1 on nbdkit file via the NBD client' : ''}, resume → in-sync event${v.flush ? ' → flush (fdatasync both legs)' : ''}`,
           async start(): Promise<SideRunner> {
-            const spec: M2Spec = { mode: 'm2', src, dst, sectors, region };
+            const spec: M2Spec = { mode: 'm2', src, dst: v.nbd ? legUri : dst, sectors, region };
             const w = await startWorker<M2Command, M2Result>(SELF, spec, ctx.env);
             if (ctx.warmupSeconds > 0) await w.run({ flush: false });
             return {
@@ -375,15 +387,41 @@ export const m2: Suite = {
             };
           },
         };
-        rows.push(await comparePairs(ctx, {
-          suite: 'M2', id: v.id, unit: 'MB/s', goal: 0.8, slices: m2Runs,
-          description: `full resync of ${formatSize(span)} (region ${formatSize(region * 512)}) vs cp${v.flush ? ', both flushed' : ', neither flushed'}`,
-          a: resync, b: cp,
-          notes: `value = bytes / wall seconds; ${m2Runs} copies per side per pair; region ${region} sectors`,
-        }));
+        const nbdcopy: ComparisonSide = {
+          name: 'nbdcopy',
+          detail: 'nbdcopy SRC nbd+unix:///?socket=SOCK (the same nbdkit export)',
+          async start(): Promise<SideRunner> {
+            const once = async (): Promise<number> => {
+              warmPageCache(src, span);
+              const t0 = process.hrtime.bigint();
+              const r = await runCmd('nbdcopy', [src, legUri], ctx.env);
+              if (r.code !== 0) throw new Error(`nbdcopy failed: ${r.stderr.trim()}`);
+              return Number(process.hrtime.bigint() - t0) / 1e9;
+            };
+            if (ctx.warmupSeconds > 0) await once();
+            return {
+              async run() {
+                const seconds = await once();
+                return { value: span / seconds, ops: 1, bytes: span, seconds, maxRssKiB: null };
+              },
+              stop: async () => {},
+            };
+          },
+        };
+        try {
+          rows.push(await comparePairs(ctx, {
+            suite: 'M2', id: v.id, unit: 'MB/s', goal: 0.8, slices: m2Runs,
+            description: `full resync of ${formatSize(span)} (region ${formatSize(region * 512)}) vs ` +
+              (v.nbd ? 'nbdcopy, onto an nbdkit file export' : `cp${v.flush ? ', both flushed' : ', neither flushed'}`),
+            a: resync, b: v.nbd ? nbdcopy : cp,
+            notes: `value = bytes / wall seconds; ${m2Runs} copies per side per pair; region ${region} sectors`,
+          }));
+        } finally {
+          await nbdkit?.stop();
+        }
       }
     } finally {
-      for (const f of [src, dst, cpDst]) fs.rmSync(f, { force: true });
+      for (const f of [src, dst, cpDst, nbdDst]) fs.rmSync(f, { force: true });
     }
     return rows;
   },
@@ -395,4 +433,12 @@ if (process.argv[1] && import.meta.url === pathToFileURL(process.argv[1]).href) 
     process.stderr.write(`${err instanceof Error ? err.stack : String(err)}\n`);
     process.exit(1);
   });
+}
+
+/** an empty sparse file of `size` bytes (replacing any file there) */
+function createSparse(file: string, size: number): void {
+  fs.rmSync(file, { force: true });
+  const fd = fs.openSync(file, 'w');
+  fs.ftruncateSync(fd, size);
+  fs.closeSync(fd);
 }
