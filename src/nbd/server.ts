@@ -29,8 +29,9 @@ export interface NbdServerOptions {
   /** per-connection cap on requests in flight before reading pauses (default 1024) */
   maxInFlightRequests?: number;
   /**
-   * per-connection cap on bytes of READs running plus replies the socket has not taken; more
-   * READs wait (default 128 KiB, or DMKIT_NBD_READ_WINDOW)
+   * per connection, READs wait while the bytes of READs running plus replies the socket has not
+   * taken reach this plus what the socket sends during one READ (default 128 KiB, or
+   * DMKIT_NBD_READ_WINDOW; docs/nbd.md)
    */
   readWindowBytes?: number;
   /** idle READ buffers kept for reuse across connections (default 32 MiB) */

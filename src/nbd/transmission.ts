@@ -317,8 +317,7 @@ export class Transmission {
     const errno = checkRequest(r, this.#ctx);
     if (errno !== 0) {
       this.#out.error(r, errno, C.errnoMessage(errno));
-      this.#recycle(r); // the handle never saw it
-      this.#retire(r);
+      this.#drop(r);
       return;
     }
     if (r.type === C.CMD_WRITE && r.length >= DEFER_WRITE_MIN) {
@@ -329,7 +328,7 @@ export class Transmission {
     if (r.type !== C.CMD_READ) return this.#execute(r);
     r.weight = r.length;
     this.#inflightBytes += r.length;
-    if (this.#deferredHead < this.#deferred.length || !this.#readFits()) this.#deferred.push(r);
+    if (this.#readsWaiting() || !this.#readFits()) this.#deferred.push(r);
     else this.#startRead(r);
   }
 
@@ -342,11 +341,8 @@ export class Transmission {
   readonly #startWrites = (): void => {
     const q = this.#writes.splice(0);
     for (const r of q) {
-      if (r.replied) {
-        // answered ESHUTDOWN at the end of a grace period: the handle never saw it
-        this.#recycle(r);
-        this.#retire(r);
-      } else this.#execute(r); // also after an abrupt close: the data arrived whole
+      if (r.replied) this.#drop(r); // answered ESHUTDOWN at the end of a grace period
+      else this.#execute(r); // also after an abrupt close: the data arrived whole
     }
   };
 
@@ -364,6 +360,10 @@ export class Transmission {
    * base, plus what the socket sends while the device serves one READ, so that a slow device
    * (a remote export) keeps enough READs running to fill the socket.
    */
+  #readsWaiting(): boolean {
+    return this.#deferredHead < this.#deferred.length;
+  }
+
   #readFits(): boolean {
     const pending = this.#readBytes + this.#socket.writableLength;
     return pending < this.#opts.readWindowBytes + this.#readMs * SOCKET_BYTES_PER_MS || pending === 0;
@@ -396,9 +396,9 @@ export class Transmission {
     while (this.#deferredHead < q.length) {
       const r = q[this.#deferredHead]!;
       if (r.replied || this.#closed) {
-        // answered at the end of a grace period, or nobody to answer: the handle never saw it
+        // answered at the end of a grace period, or nobody to answer
         q[this.#deferredHead++] = undefined!;
-        this.#retire(r);
+        this.#drop(r);
         continue;
       }
       if (!this.#readFits()) break;
@@ -454,7 +454,13 @@ export class Transmission {
   #readDone(r: Req): void {
     this.#readBytes -= r.length;
     this.#timeRead(r);
-    if (this.#deferredHead < this.#deferred.length) this.#startReads();
+    if (this.#readsWaiting()) this.#startReads();
+  }
+
+  /** a request the handle never saw is done with: its buffer back to the pool, its record retired */
+  #drop(r: Req): void {
+    this.#recycle(r);
+    this.#retire(r);
   }
 
   /** a pooled buffer nobody uses any more goes straight back (WRITE payload copies) */

@@ -362,52 +362,38 @@ export const m2: Suite = {
             };
           },
         };
-        const cp: ComparisonSide = {
-          name: 'cp',
-          detail: `cp --sparse=never SRC NEW${v.flush ? ' + fdatasync(NEW)' : ''}`,
+        // the references: one command copying the hot image, timed from spawn to exit (plus
+        // an fdatasync of the copy when the row flushes); the warm-up never flushes
+        const timedCopy = async (cmd: string, args: string[], flush: boolean): Promise<number> => {
+          warmPageCache(src, span);
+          const t0 = process.hrtime.bigint();
+          const r = await runCmd(cmd, args, ctx.env);
+          if (r.code !== 0) throw new Error(`${cmd} failed: ${r.stderr.trim()}`);
+          if (flush) syncFile(args[args.length - 1]!);
+          return Number(process.hrtime.bigint() - t0) / 1e9;
+        };
+        const commandSide = (name: string, detail: string, once: (flush: boolean) => Promise<number>, cleanup = (): void => {}): ComparisonSide => ({
+          name, detail,
           async start(): Promise<SideRunner> {
-            const once = async (flush: boolean): Promise<number> => {
-              fs.rmSync(cpDst, { force: true });
-              warmPageCache(src, span);
-              const t0 = process.hrtime.bigint();
-              const r = await runCmd('cp', ['--sparse=never', src, cpDst], ctx.env);
-              if (r.code !== 0) throw new Error(`cp failed: ${r.stderr.trim()}`);
-              if (flush) syncFile(cpDst);
-              const seconds = Number(process.hrtime.bigint() - t0) / 1e9;
-              fs.rmSync(cpDst, { force: true });
-              return seconds;
-            };
             if (ctx.warmupSeconds > 0) await once(false);
             return {
               async run() {
                 const seconds = await once(v.flush);
                 return { value: span / seconds, ops: 1, bytes: span, seconds, maxRssKiB: null };
               },
-              stop: async () => fs.rmSync(cpDst, { force: true }),
+              stop: async () => cleanup(),
             };
           },
-        };
-        const nbdcopy: ComparisonSide = {
-          name: 'nbdcopy',
-          detail: 'nbdcopy SRC nbd+unix:///?socket=SOCK (the same nbdkit export)',
-          async start(): Promise<SideRunner> {
-            const once = async (): Promise<number> => {
-              warmPageCache(src, span);
-              const t0 = process.hrtime.bigint();
-              const r = await runCmd('nbdcopy', [src, legUri], ctx.env);
-              if (r.code !== 0) throw new Error(`nbdcopy failed: ${r.stderr.trim()}`);
-              return Number(process.hrtime.bigint() - t0) / 1e9;
-            };
-            if (ctx.warmupSeconds > 0) await once();
-            return {
-              async run() {
-                const seconds = await once();
-                return { value: span / seconds, ops: 1, bytes: span, seconds, maxRssKiB: null };
-              },
-              stop: async () => {},
-            };
-          },
-        };
+        });
+        const dropCpCopy = (): void => fs.rmSync(cpDst, { force: true });
+        const cp = commandSide('cp', `cp --sparse=never SRC NEW${v.flush ? ' + fdatasync(NEW)' : ''}`, async (flush) => {
+          dropCpCopy();
+          const seconds = await timedCopy('cp', ['--sparse=never', src, cpDst], flush);
+          dropCpCopy();
+          return seconds;
+        }, dropCpCopy);
+        const nbdcopy = commandSide('nbdcopy', 'nbdcopy SRC nbd+unix:///?socket=SOCK (the same nbdkit export)',
+          () => timedCopy('nbdcopy', [src, legUri], false)); // the NBD row never flushes
         try {
           rows.push(await comparePairs(ctx, {
             suite: 'M2', id: v.id, unit: 'MB/s', goal: 0.8, slices: m2Runs,
