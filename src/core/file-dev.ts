@@ -9,12 +9,17 @@ import fsx from 'fs-ext';
 import type { Bio } from './bio.ts';
 import { SECTOR_SHIFT } from './bio.ts';
 import { BlockError, DmError, toBlockError } from './errors.ts';
-import type { BlockDev, Extent } from './types.ts';
+import type { BlockDev, Extent, SharedFile } from './types.ts';
 import { mergeExtents } from './extents.ts';
 import { envCount } from './env.ts';
 
 const RESOLVED = Promise.resolve();
 const SEEK_END = 2;
+/** fcntl(2) F_DUPFD_CLOEXEC (Linux) */
+const F_DUPFD_CLOEXEC = 1030;
+/** FileDev's shared state cells */
+const DIRTY = 0;
+const SYNCING = 1;
 const SEEK_DATA = 3;
 const SEEK_HOLE = 4;
 /** shared source of zeroes for write-zeroes (never written into) */
@@ -90,9 +95,15 @@ export class FileDev implements BlockDev {
   readonly sectors: number;
   readonly readOnly: boolean;
   #fd: number;
-  #dirty = false;
-  #flushing: Promise<void> | null = null;
+  /**
+   * [DIRTY, SYNCING] in shared memory: written since the last flush, fdatasyncs running. Shared
+   * with the FileDevs that adopt a duplicate of this fd on other threads, so a flush on any
+   * thread covers writes completed on all of them (NBD's multi-connection flush).
+   */
+  readonly #state: Int32Array;
   #closed = false;
+  /** this FileDev took the flock (open), rather than adopting a duplicate of a locked fd */
+  #locked = true;
   /** largest request done synchronously (0: never) */
   readonly #syncMax: number;
   readonly #syncSlowMs: number;
@@ -102,7 +113,8 @@ export class FileDev implements BlockDev {
   /** slow synchronous calls in a row */
   #slowRun = 0;
 
-  private constructor(ref: string, path: string, fd: number, sectors: number, opts: FileDevOptions) {
+  private constructor(ref: string, path: string, fd: number, sectors: number, opts: FileDevOptions, state?: Int32Array) {
+    this.#state = state ?? new Int32Array(new SharedArrayBuffer(8));
     this.ref = ref;
     this.path = path;
     this.#fd = fd;
@@ -142,6 +154,35 @@ export class FileDev implements BlockDev {
       fs.closeSync(fd);
       throw err;
     }
+  }
+
+  /**
+   * A FileDev over `fd`, a duplicate (dupFd) of another FileDev's descriptor: used by the NBD
+   * connection threads to do a device's file I/O themselves. It shares the original's open
+   * file (and its flock) and never unlocks it; closing it closes only `fd`.
+   */
+  static adopt(ref: string, path: string, share: SharedFile, sectors: number, opts: FileDevOptions = {}): FileDev {
+    const d = new FileDev(ref, path, share.fd, sectors, opts, share.state);
+    d.#locked = false;
+    return d;
+  }
+
+  /** a new descriptor for the same open file (close-on-exec, owned by the caller) and the shared flush state */
+  share(): SharedFile {
+    if (this.#closed) throw new DmError('EBADF', `${this.path} is closed`);
+    return { fd: fsx.fcntlSync(this.#fd, F_DUPFD_CLOEXEC, 0), state: this.#state };
+  }
+
+  /** read `buf.length` bytes at byte `pos` (no Bio: the connection threads' hot path) */
+  readAt(buf: Buffer, pos: number): Promise<void> {
+    if (this.#closed) return Promise.reject(new BlockError('EIO', `${this.path} is closed`));
+    return this.#read(buf, pos);
+  }
+
+  /** write `buf` at byte `pos`, durable before resolving when `fua` */
+  writeAt(buf: Buffer, pos: number, fua: boolean): Promise<void> {
+    if (this.#closed) return Promise.reject(new BlockError('EIO', `${this.path} is closed`));
+    return this.#write(buf, pos, fua);
   }
 
   submit(bio: Bio): Promise<void> {
@@ -231,7 +272,7 @@ export class FileDev implements BlockDev {
     } finally {
       this.#timed(t0);
     }
-    this.#dirty = true;
+    Atomics.store(this.#state, DIRTY, 1);
     if (!fua) return RESOLVED;
     return datasync(this.#fd).catch((e: unknown) => {
       throw toBlockError(e);
@@ -264,7 +305,7 @@ export class FileDev implements BlockDev {
         if (err) reject(toBlockError(err));
         else if (n < len) this.#writeFrom(buf, n, pos, fua).then(resolve, reject);
         else {
-          this.#dirty = true;
+          Atomics.store(this.#state, DIRTY, 1);
           if (fua) datasync(this.#fd).then(resolve, (e: unknown) => reject(toBlockError(e)));
           else resolve();
         }
@@ -276,7 +317,7 @@ export class FileDev implements BlockDev {
   async #writeFrom(buf: Buffer, done: number, pos: number, fua: boolean): Promise<void> {
     try {
       while (done < buf.length) done += await writeAt(this.#fd, buf, done, buf.length - done, pos + done);
-      this.#dirty = true;
+      Atomics.store(this.#state, DIRTY, 1);
       if (fua) await datasync(this.#fd);
     } catch (err) {
       throw toBlockError(err);
@@ -290,28 +331,29 @@ export class FileDev implements BlockDev {
         const n = Math.min(ZEROES.length, len - done);
         done += await writeAt(this.#fd, ZEROES, 0, n, pos + done);
       }
-      this.#dirty = true;
+      Atomics.store(this.#state, DIRTY, 1);
       if (fua) await datasync(this.#fd);
     } catch (err) {
       throw toBlockError(err);
     }
   }
 
-  /** Durable once every write completed before this call is on stable storage. */
+  /**
+   * Durable once every write completed before this call (on any thread sharing the file) is
+   * on stable storage: fdatasync when something was written since the last flush, or when
+   * another flush's fdatasync is still running (it may have started before those writes).
+   */
   flush(): Promise<void> {
-    if (this.#dirty) {
-      this.#dirty = false;
-      const p = datasync(this.#fd).catch((err) => {
-        this.#dirty = true;
-        throw toBlockError(err);
-      });
-      const tracked = p.finally(() => {
-        if (this.#flushing === tracked) this.#flushing = null;
-      });
-      this.#flushing = tracked;
-      return tracked;
-    }
-    return this.#flushing ?? Promise.resolve();
+    const st = this.#state;
+    if (Atomics.exchange(st, DIRTY, 0) === 0 && Atomics.load(st, SYNCING) === 0) return RESOLVED;
+    Atomics.add(st, SYNCING, 1);
+    return datasync(this.#fd).then(() => {
+      Atomics.sub(st, SYNCING, 1);
+    }, (err: unknown) => {
+      Atomics.sub(st, SYNCING, 1);
+      Atomics.store(st, DIRTY, 1);
+      throw toBlockError(err);
+    });
   }
 
   async allocation(sector: number, sectors: number): Promise<Extent[]> {
@@ -348,10 +390,12 @@ export class FileDev implements BlockDev {
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
-    try {
-      fsx.flockSync(this.#fd, 'un');
-    } catch {
-      /* closing releases it anyway */
+    if (this.#locked) {
+      try {
+        fsx.flockSync(this.#fd, 'un');
+      } catch {
+        /* closing releases it anyway */
+      }
     }
     fs.closeSync(this.#fd);
   }

@@ -18,6 +18,19 @@ interface Queued {
 
 export type DeviceState = 'active' | 'suspended';
 
+/**
+ * I/O that reaches a device's files without going through `submit`: the NBD connection
+ * threads read and write a `linear`-over-file device's file themselves (docs/nbd.md). The
+ * device stops it at suspend, as it drains its own I/O, and starts it again at resume with
+ * the table that is then live; removal stops it for good.
+ */
+export interface Bypass {
+  /** start no more such I/O; resolve once none is in flight */
+  stop(): Promise<void>;
+  /** the device runs again with `live` as its table */
+  start(live: Table): void;
+}
+
 export class MappedDevice extends EventEmitter implements BlockDev {
   name: string;
   uuid: string;
@@ -34,6 +47,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   #openCount = 0;
   #deferredRemove = false;
   #removed = false;
+  readonly #bypasses = new Set<Bypass>();
   readonly #onDone = (): void => {
     if (--this.#inflight === 0 && this.#drainWaiters.length) this.#wakeDrain();
   };
@@ -162,7 +176,9 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     const table = this.#live;
     if (table) for (const e of table.entries) await e.target.presuspend?.();
     this.#suspended = true;
+    const stopped = [...this.#bypasses].map((b) => b.stop());
     await this.drain();
+    await Promise.all(stopped);
     if (table) for (const e of table.entries) await e.target.postsuspend?.();
   }
 
@@ -194,7 +210,10 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     }
     if (this.#live) for (const e of this.#live.entries) await e.target.resume?.();
     this.#suspended = false;
-    if (this.#live) this.#reissue();
+    if (this.#live) {
+      for (const b of this.#bypasses) b.start(this.#live);
+      this.#reissue();
+    }
     return old;
   }
 
@@ -202,6 +221,16 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     const q = this.#queue;
     this.#queue = [];
     for (const { bio, resolve, reject } of q) this.submit(bio).then(resolve, reject);
+  }
+
+  /** register I/O that bypasses submit (it must already be stopped if the device is suspended) */
+  addBypass(b: Bypass): void {
+    if (this.#removed) throw new DeviceError('ENXIO', `${this.name}: device removed`);
+    this.#bypasses.add(b);
+  }
+
+  deleteBypass(b: Bypass): void {
+    this.#bypasses.delete(b);
   }
 
   get queued(): number {
@@ -251,6 +280,8 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   /** final teardown: fail queued I/O, wake waiters, hand back the tables to destroy */
   markRemoved(): Table[] {
     this.#removed = true;
+    for (const b of this.#bypasses) void b.stop();
+    this.#bypasses.clear();
     const q = this.#queue;
     this.#queue = [];
     for (const { reject } of q) reject(new BlockError('ENXIO', `${this.name}: device removed`));

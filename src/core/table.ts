@@ -3,7 +3,7 @@
  * lookup used on the I/O path. Built by the device manager (which owns device opening);
  * destroyed once, releasing targets then devices in reverse order.
  */
-import type { Target, TargetType } from './types.ts';
+import type { FileSpan, Target, TargetType } from './types.ts';
 
 export interface TableEntry {
   readonly begin: number;
@@ -46,6 +46,20 @@ export class Table {
       else hi = mid - 1;
     }
     return lo;
+  }
+
+  /** the whole table as file ranges in sector order (every target's fileMap), else null */
+  fileMap(): FileSpan[] | null {
+    const out: FileSpan[] = [];
+    for (const e of this.entries) {
+      const spans = e.target.fileMap?.() ?? null;
+      if (!spans) return null;
+      let n = 0;
+      for (const s of spans) n += s.sectors;
+      if (n !== e.length) return null; // a target that does not account for all of itself
+      out.push(...spans);
+    }
+    return out;
   }
 
   async destroy(): Promise<void> {

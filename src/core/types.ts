@@ -32,6 +32,27 @@ export interface BlockDev {
   allocation?(sector: number, sectors: number): Promise<Extent[]>;
 }
 
+/** A descriptor for an open image file, and its flush state shared across threads. */
+export interface SharedFile {
+  fd: number;
+  state: Int32Array;
+}
+
+/** A backing device whose sectors are a file's bytes (image file or block device). */
+export interface FileBackedDev extends BlockDev {
+  readonly path: string;
+  readonly readOnly: boolean;
+  /** a new descriptor for the same open file (owned and closed by the caller), and its flush state */
+  share(): SharedFile;
+}
+
+/** `sectors` sectors of a target mapped 1:1 onto `dev` from sector `offset` on. */
+export interface FileSpan {
+  readonly sectors: number;
+  readonly dev: FileBackedDev;
+  readonly offset: number;
+}
+
 export type StatusType = 'info' | 'table';
 
 /**
@@ -56,6 +77,12 @@ export interface Target {
   readonly maxIoSectors?: number;
   /** allocation map (relative sectors) for NBD BLOCK_STATUS; absent = all data; may be short as BlockDev's */
   allocation?(sector: number, sectors: number): Promise<Extent[]>;
+  /**
+   * The whole target as plain file ranges, in order, when every read and write of it is
+   * exactly a read or write of those ranges (linear over a file). Lets the NBD connection
+   * threads do such I/O themselves; absent or null = I/O must go through `map`.
+   */
+  fileMap?(): FileSpan[] | null;
   /** background work (resync, verify) in progress, for `dmkit wait --progress`; null = none */
   progress?(): Progress | null;
 }

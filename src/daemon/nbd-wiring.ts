@@ -35,6 +35,7 @@ export function nbdExtension(opts: DaemonOptions): DaemonExtension {
         await srv.close();
         throw err;
       }
+      srv.prestartThreads();
       server = srv;
     },
     async stop(): Promise<void> {

@@ -28,6 +28,37 @@ export interface ExportHandle {
   close(): void;
   /** called once if the export goes away (device removed, daemon stopping) */
   onGone(cb: () => void): void;
+  /**
+   * Optional: let a connection thread read and write the export's files itself (docs/nbd.md,
+   * "Connection threads"). The export calls `b.stop()` when such I/O must stop (suspend,
+   * removal) and waits for it, then `b.start()` with the file ranges to use from then on, or
+   * null when I/O must go through this handle. Returns the ranges to start with (null: none
+   * now) and a detach function, or null if the export never offers file ranges.
+   */
+  bypass?(b: ExportBypass): { ranges: FileRange[] | null; detach(): void } | null;
+}
+
+/** Bytes [start, start+length) of an export are bytes [offset, …) of an open file. */
+export interface FileRange {
+  start: number;
+  length: number;
+  ref: string;
+  path: string;
+  /** a descriptor of its own for the file: whoever receives the range closes it */
+  fd: number;
+  /** the file's flush state, shared by every thread writing it */
+  state: Int32Array;
+  offset: number;
+  /** the file's size in sectors */
+  fileSectors: number;
+  readOnly: boolean;
+}
+
+export interface ExportBypass {
+  /** start no more file I/O; resolve once none is in flight */
+  stop(): Promise<void>;
+  /** the export runs again: file I/O may use `ranges` from now on (null: none) */
+  start(ranges: FileRange[] | null): void;
 }
 
 export interface ExportProvider {

@@ -7,9 +7,11 @@ import type { Bio } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
 import type { DeviceMapper } from '../core/device-manager.ts';
 import { DeviceError } from '../core/errors.ts';
-import type { MappedDevice } from '../core/mapped-device.ts';
+import type { Bypass, MappedDevice } from '../core/mapped-device.ts';
+import type { Table } from '../core/table.ts';
 import type { Extent } from '../core/types.ts';
-import type { ExportHandle, ExportInfo, ExportProvider } from './export.ts';
+import type { ExportBypass, ExportHandle, ExportInfo, ExportProvider, FileRange } from './export.ts';
+import { closeRanges } from './file-ranges.ts';
 
 function infoOf(d: MappedDevice): ExportInfo {
   return { name: d.name, size: d.sectors * 512, readOnly: d.readOnly, description: d.uuid || undefined };
@@ -62,6 +64,13 @@ class DeviceExport implements ExportHandle {
     return this.#dev.allocation(offset / 512, Math.ceil(length / 512));
   }
 
+  bypass(b: ExportBypass): { ranges: FileRange[] | null; detach(): void } {
+    const dev = this.#dev;
+    const db: Bypass = { stop: () => b.stop(), start: (live) => b.start(fileRanges(live)) };
+    dev.addBypass(db);
+    return { ranges: dev.suspended ? null : fileRanges(dev.live), detach: () => dev.deleteBypass(db) };
+  }
+
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
@@ -76,6 +85,28 @@ class DeviceExport implements ExportHandle {
     if (this.#dev.removed) cb();
     else this.#gone.push(cb);
   }
+}
+
+/** a table's file ranges in bytes, each with a descriptor of its own; null if it has none */
+function fileRanges(table: Table | null): FileRange[] | null {
+  const spans = table?.fileMap();
+  if (!spans) return null;
+  const out: FileRange[] = [];
+  let start = 0;
+  try {
+    for (const s of spans) {
+      const { fd, state } = s.dev.share();
+      out.push({
+        start, length: s.sectors * 512, ref: s.dev.ref, path: s.dev.path, fd, state,
+        offset: s.offset * 512, fileSectors: s.dev.sectors, readOnly: s.dev.readOnly,
+      });
+      start += s.sectors * 512;
+    }
+  } catch {
+    closeRanges(out); // a device closed under us: no ranges
+    return null;
+  }
+  return out;
 }
 
 const FUA = Object.freeze({ fua: true });

@@ -12,6 +12,7 @@ import { DmError } from '../core/errors.ts';
 import { log, type Logger } from '../core/log.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { envCount } from '../core/env.ts';
+import { ConnThreads, defaultThreads, type HandedOff } from './conn-threads.ts';
 import type { ExportProvider } from './export.ts';
 import { handshake, type Negotiated } from './handshake.ts';
 import { loadTlsConfig, type TlsServerConfig } from './tls.ts';
@@ -41,6 +42,11 @@ export interface NbdServerOptions {
    * buffer (default true; DMKIT_NBD_DIRECT_READS=0 turns it off); plain sockets only
    */
   directReads?: boolean;
+  /**
+   * worker threads that serve connections to exports mapping straight onto files (docs/nbd.md,
+   * "Connection threads"); default DMKIT_NBD_THREADS, else one per CPU up to 4; 0 = none
+   */
+  threads?: number;
 }
 
 /** counters since the server was created */
@@ -53,14 +59,18 @@ export interface NbdServerStats {
   tls: number;
   /** connections dropped for protocol violations, timeouts or failed TLS */
   dropped: number;
-  /** transmission phases that run with direct reads */
+  /** transmission phases that run with direct reads (on the main thread) */
   direct: number;
+  /** connections moved to a connection thread */
+  threaded: number;
+  /** requests connection threads passed back to the main thread */
+  forwarded: number;
 }
 
 class Connection {
   readonly raw: Socket;
   current: Socket;
-  tx: Transmission | null = null;
+  tx: Pick<Transmission, 'end' | 'done'> | HandedOff | null = null;
   finished: Promise<void> = Promise.resolve();
 
   constructor(raw: Socket) {
@@ -82,7 +92,8 @@ export class NbdServer {
   readonly #log: Logger = log('nbd');
   readonly #servers: Server[] = [];
   readonly #conns = new Set<Connection>();
-  readonly #stats: NbdServerStats = { accepted: 0, go: 0, exportName: 0, tls: 0, dropped: 0, direct: 0 };
+  readonly #stats: NbdServerStats = { accepted: 0, go: 0, exportName: 0, tls: 0, dropped: 0, direct: 0, threaded: 0, forwarded: 0 };
+  readonly #threads: ConnThreads | null;
   #closing = false;
 
   constructor(provider: ExportProvider, opts: NbdServerOptions = {}) {
@@ -98,6 +109,22 @@ export class NbdServer {
       directReads: (opts.directReads ?? true) && process.env.DMKIT_NBD_DIRECT_READS !== '0',
       log: this.#log,
     };
+    const threads = opts.threads ?? envCount('DMKIT_NBD_THREADS', defaultThreads());
+    this.#threads = threads > 0
+      ? new ConnThreads(threads, {
+        maxInFlightBytes: this.#txOpts.maxInFlightBytes,
+        maxInFlightRequests: this.#txOpts.maxInFlightRequests,
+        readWindowBytes: this.#txOpts.readWindowBytes,
+        graceMs: this.#txOpts.graceMs,
+        bufferPoolBytes: opts.bufferPoolBytes ?? 32 * 1024 * 1024,
+        directReads: this.#txOpts.directReads,
+      }, this.#log)
+      : null;
+  }
+
+  /** start the connection threads now rather than at the first connection that moves */
+  prestartThreads(): void {
+    this.#threads?.prestart();
   }
 
   /** live client connections (handshaking or transmitting) */
@@ -106,7 +133,7 @@ export class NbdServer {
   }
 
   get stats(): Readonly<NbdServerStats> {
-    return { ...this.#stats };
+    return { ...this.#stats, forwarded: this.#threads?.forwarded ?? 0 };
   }
 
   /** listen on a Unix socket, created mode 0600; a stale socket file is replaced */
@@ -148,6 +175,7 @@ export class NbdServer {
       else c.destroy();
     }
     await Promise.all([...this.#conns].map((c) => c.finished));
+    await this.#threads?.close();
     await Promise.all(stopped);
   }
 
@@ -217,6 +245,14 @@ export class NbdServer {
     }
     if (session.via === 'go') this.#stats.go++;
     else this.#stats.exportName++;
+    const handed = this.#threads?.take(session) ?? null;
+    if (handed) {
+      this.#stats.threaded++;
+      conn.tx = handed;
+      if (this.#closing) handed.end('server closing');
+      await handed.done;
+      return;
+    }
     const tx = new Transmission({
       ...session,
       onSocket: (s) => {

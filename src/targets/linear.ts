@@ -3,16 +3,18 @@
  */
 import type { Bio } from '../core/bio.ts';
 import { ArgReader } from '../core/args.ts';
-import type { BlockDev, Extent, Target, TargetContext, TargetType } from '../core/types.ts';
+import type { BlockDev, Extent, FileBackedDev, FileSpan, Target, TargetContext, TargetType } from '../core/types.ts';
 import { openDevice, refArg } from './common.ts';
 
 class Linear implements Target {
   readonly #dev: BlockDev;
   readonly #offset: number;
+  readonly #sectors: number;
 
-  constructor(dev: BlockDev, offset: number) {
+  constructor(dev: BlockDev, offset: number, sectors: number) {
     this.#dev = dev;
     this.#offset = offset;
+    this.#sectors = sectors;
   }
 
   map(bio: Bio): Promise<void> {
@@ -22,6 +24,12 @@ class Linear implements Target {
 
   status(type: 'info' | 'table'): string {
     return type === 'table' ? `${refArg(this.#dev)} ${this.#offset}` : '';
+  }
+
+  fileMap(): FileSpan[] | null {
+    const d = this.#dev as Partial<FileBackedDev>;
+    if (typeof d.share !== 'function') return null;
+    return [{ sectors: this.#sectors, dev: this.#dev as FileBackedDev, offset: this.#offset }];
   }
 
   allocation(sector: number, sectors: number): Promise<Extent[]> {
@@ -44,6 +52,6 @@ export const linear: TargetType = {
     const ref = r.next('device');
     const offset = r.uint('device sector');
     const dev = await openDevice(ctx, ref, offset);
-    return new Linear(dev, offset);
+    return new Linear(dev, offset, ctx.length);
   },
 };

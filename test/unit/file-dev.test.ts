@@ -8,7 +8,7 @@
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import type { Bio } from '../../src/core/bio.ts';
 import { FileDev, SYNC_BURST_BYTES, type FileDevOptions } from '../../src/core/file-dev.ts';
 import { prng } from '../compliance/helpers.ts';
@@ -187,5 +187,34 @@ describe('FileDev I/O paths', () => {
       ro.close();
       await expect(read(ro, 0, 512).p).rejects.toMatchObject({ code: 'EIO', message: `${file} is closed` });
     }
+  });
+});
+
+describe('FileDev shared with another thread (adopt)', () => {
+  it('a flush through either covers writes through the other; the adopted one never drops the lock', async () => {
+    const d = open();
+    const share = d.share();
+    const other = FileDev.adopt(file, file, share, d.sectors);
+    const syncs = vi.spyOn(fs, 'fdatasync');
+    try {
+      await d.flush();
+      expect(syncs).toHaveBeenCalledTimes(0); // nothing written yet
+      await other.writeAt(Buffer.alloc(4096, 0x42), 8192, false);
+      await d.flush(); // written through the other descriptor, flushed through this one
+      expect(syncs).toHaveBeenCalledTimes(1);
+      await other.flush();
+      expect(syncs).toHaveBeenCalledTimes(1); // clean again
+      await d.submit({ op: 'write', sector: 0, sectors: 1, data: Buffer.alloc(512, 1), flags: {} });
+      await other.flush();
+      expect(syncs).toHaveBeenCalledTimes(2);
+    } finally {
+      syncs.mockRestore();
+    }
+    other.close();
+    // the lock belongs to the open file both shared: still held after the copy closed
+    expect(() => FileDev.open(file, file)).toThrow(/locked by another engine/);
+    const back = Buffer.alloc(4096);
+    await d.readAt(back, 8192);
+    expect(back.equals(Buffer.alloc(4096, 0x42))).toBe(true);
   });
 });

@@ -1,0 +1,170 @@
+/**
+ * Connection threads (src/nbd/conn-threads.ts, docs/nbd.md): a connection to a `linear`
+ * over an image moves to a worker thread that does the file I/O itself. The engine's
+ * semantics must not change with it: the same random I/O leaves the same bytes with and
+ * without threads; suspend stops the thread's file I/O (a WRITE waits, the file is untouched)
+ * and a table loaded meanwhile takes it; a reload to another file, to a table with no file
+ * ranges (zero) and back is followed at once; the connection is an opener (EBUSY), and
+ * `remove --force` ends it.
+ */
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, test } from 'vitest';
+import { DeviceMapper } from '../../src/index.ts';
+import { deviceExports } from '../../src/nbd/provider.ts';
+import { NbdServer } from '../../src/nbd/server.ts';
+import { prng } from '../compliance/helpers.ts';
+import { serveAndOpen } from '../helpers/nbd-file-provider.ts';
+import { RawNbd, readData, replyErrno } from '../helpers/nbd-raw-client.ts';
+import { sha256, writeRandomImage } from '../helpers/nbd-tools.ts';
+
+const MiB = 1024 * 1024;
+const SIZE = 4 * MiB;
+const SECTORS = SIZE / 512;
+const CMD = { READ: 0, WRITE: 1, FLUSH: 3 };
+const FLAG_FUA = 1;
+const NBD_ESHUTDOWN = 108;
+
+let dir: string;
+const dms: DeviceMapper[] = [];
+const servers: NbdServer[] = [];
+const clients: RawNbd[] = [];
+let seq = 0;
+
+beforeAll(() => {
+  dir = mkdtempSync(join(tmpdir(), 'dmkit-nbd-threads-'));
+});
+
+afterAll(async () => {
+  for (const c of clients) c.destroy();
+  for (const s of servers) await s.close();
+  for (const dm of dms) await dm.close();
+  rmSync(dir, { recursive: true, force: true });
+});
+
+interface Setup { dm: DeviceMapper; server: NbdServer; c: RawNbd; a: string; b: string; modelA: Buffer; modelB: Buffer }
+
+async function setup(threads: number): Promise<Setup> {
+  const n = seq++;
+  const a = join(dir, `a${n}.img`);
+  const b = join(dir, `b${n}.img`);
+  const modelA = Buffer.from(writeRandomImage(a, SIZE));
+  const modelB = Buffer.from(writeRandomImage(b, SIZE));
+  const dm = new DeviceMapper();
+  dms.push(dm);
+  await dm.create('vol', { table: `0 ${SECTORS} linear ${a} 0` });
+  const server = new NbdServer(deviceExports(dm), { threads });
+  servers.push(server);
+  const c = await serveAndOpen(server, join(dir, `s${n}.sock`), 'vol');
+  clients.push(c);
+  return { dm, server, c, a, b, modelA, modelB };
+}
+
+async function read(c: RawNbd, offset: number, length: number): Promise<Buffer> {
+  return readData(await c.roundTrip(CMD.READ, { offset, length }), offset, length);
+}
+
+async function write(c: RawNbd, offset: number, payload: Buffer, flags = 0): Promise<number> {
+  return replyErrno(await c.roundTrip(CMD.WRITE, { offset, payload, flags }));
+}
+
+describe('NBD connection threads', { timeout: 60_000 }, () => {
+  test.each([
+    ['on a connection thread', 1],
+    ['on the main thread', 0],
+  ])('random I/O leaves the model\'s bytes %s', async (_name, threads) => {
+    const { server, c, a, modelA: model } = await setup(threads);
+    const r = prng(4242);
+    // pipelined rounds of non-overlapping writes (some FUA) and reads of other places
+    for (let round = 0; round < 6; round++) {
+      const cookies: bigint[] = [];
+      const reads = new Map<bigint, { off: number; want: Buffer }>();
+      const half = round % 2 === 0 ? 0 : SIZE / 2;
+      let off = half + r.int(16) * 512;
+      while (true) {
+        const len = (1 + r.int(128)) * 512 * (r.int(4) === 0 ? 8 : 1);
+        if (off + len > half + SIZE / 2) break;
+        const payload = r.fill(Buffer.alloc(len));
+        cookies.push(c.send(CMD.WRITE, { offset: off, payload, flags: r.int(5) === 0 ? FLAG_FUA : 0 }));
+        payload.copy(model, off);
+        off += len + r.int(8) * 512;
+        const ro = (SIZE / 2 - half) + r.int((SIZE / 2 - 65536) / 512) * 512;
+        const rl = (1 + r.int(128)) * 512;
+        reads.set(c.send(CMD.READ, { offset: ro, length: rl }), { off: ro, want: Buffer.from(model.subarray(ro, ro + rl)) });
+      }
+      const got = await c.collect([...cookies, ...reads.keys()]);
+      for (const k of cookies) expect(replyErrno(got.get(k)!)).toBe(0);
+      for (const [k, { off: o, want }] of reads) expect(readData(got.get(k)!, o, want.length).equals(want)).toBe(true);
+    }
+    expect(replyErrno(await c.roundTrip(CMD.FLUSH))).toBe(0);
+    expect(sha256(readFileSync(a))).toBe(sha256(model));
+    expect((await read(c, 0, MiB)).equals(model.subarray(0, MiB))).toBe(true);
+    expect(server.stats.threaded).toBe(threads > 0 ? 1 : 0);
+    expect(server.stats.forwarded).toBe(threads > 0 ? 1 : 0); // the FLUSH (for the engine's part)
+  });
+
+  test('suspend stops the thread\'s file I/O; reloads to another file, to zero and back take effect', async () => {
+    const { dm, server, c, a, b, modelA, modelB } = await setup(1);
+    const x = Buffer.alloc(8192, 0x5a);
+    expect(await write(c, 0, x)).toBe(0);
+    expect(readFileSync(a).subarray(0, 8192).equals(x)).toBe(true);
+    expect(server.stats.threaded).toBe(1);
+    expect(server.stats.forwarded).toBe(0); // the thread wrote the file itself
+
+    await dm.suspend('vol');
+    const y = Buffer.alloc(4096, 0xa7);
+    const pending = c.collect([c.send(CMD.WRITE, { offset: 65536, payload: y })]);
+    let answered = false;
+    void pending.then(() => { answered = true; });
+    await new Promise((res) => setTimeout(res, 150));
+    // suspended: no reply, and the write reached neither file
+    expect(answered).toBe(false);
+    expect(readFileSync(a).subarray(65536, 65536 + 4096).equals(modelA.subarray(65536, 65536 + 4096))).toBe(true);
+    await dm.load('vol', `0 ${SECTORS} linear ${b} 0`);
+    await dm.resume('vol');
+    const [[, reply]] = [...(await pending).entries()];
+    expect(replyErrno(reply!)).toBe(0);
+    expect(readFileSync(b).subarray(65536, 65536 + 4096).equals(y)).toBe(true);
+    expect(readFileSync(a).subarray(65536, 65536 + 4096).equals(modelA.subarray(65536, 65536 + 4096))).toBe(true);
+    // the write waited on the main thread; the thread now reads B itself: B's bytes at 0,
+    // not the X written to A
+    const fwd = server.stats.forwarded;
+    expect(fwd).toBe(1);
+    expect((await read(c, 0, 8192)).equals(modelB.subarray(0, 8192))).toBe(true);
+    expect(server.stats.forwarded).toBe(fwd);
+
+    // a table without file ranges: everything goes through the engine
+    await dm.load('vol', `0 ${SECTORS} zero`);
+    await dm.resume('vol');
+    expect((await read(c, 0, 8192)).equals(Buffer.alloc(8192))).toBe(true);
+    expect(await write(c, 131072, Buffer.alloc(4096, 1))).toBe(0); // the zero target drops it
+    expect(server.stats.forwarded).toBe(fwd + 2);
+
+    // and back to A, at an offset
+    await dm.load('vol', `0 ${SECTORS - 16} linear ${a} 16`);
+    await dm.resume('vol');
+    expect((await read(c, 0, 8192 - 16 * 512)).equals(x.subarray(16 * 512))).toBe(true);
+    expect(await write(c, 0, Buffer.alloc(512, 0x33), FLAG_FUA)).toBe(0);
+    expect(readFileSync(a).subarray(16 * 512, 17 * 512).equals(Buffer.alloc(512, 0x33))).toBe(true);
+    expect(readFileSync(a).subarray(131072 + 8192, 131072 + 8192 + 4096).equals(modelA.subarray(131072 + 8192, 131072 + 8192 + 4096))).toBe(true);
+    expect(server.stats.forwarded).toBe(fwd + 2);
+    expect(server.stats.threaded).toBe(1);
+  });
+
+  test('a threaded connection is an opener; remove --force ends it', async () => {
+    const { dm, server, c } = await setup(1);
+    expect((await read(c, 0, 4096)).length).toBe(4096);
+    expect(server.stats.threaded).toBe(1);
+    expect(dm.get('vol').openCount).toBe(1);
+    await expect(dm.remove('vol')).rejects.toMatchObject({ code: 'EBUSY' });
+    const closed = new Promise<void>((res) => c.socket.once('close', () => res()));
+    await dm.remove('vol', { force: true });
+    // the export went away: a request now gets ESHUTDOWN, or the connection is already closing
+    const reply = await c.roundTrip(CMD.READ, { offset: 0, length: 4096 }).catch(() => null);
+    if (reply) expect(replyErrno(reply)).toBe(NBD_ESHUTDOWN);
+    await closed;
+    for (let i = 0; i < 100 && server.connections > 0; i++) await new Promise((res) => setTimeout(res, 20));
+    expect(server.connections).toBe(0);
+  });
+});
