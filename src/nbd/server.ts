@@ -116,7 +116,8 @@ export class NbdServer {
         maxInFlightRequests: this.#txOpts.maxInFlightRequests,
         readWindowBytes: this.#txOpts.readWindowBytes,
         graceMs: this.#txOpts.graceMs,
-        bufferPoolBytes: opts.bufferPoolBytes ?? 32 * 1024 * 1024,
+        // the threads share the pool's budget
+        bufferPoolBytes: Math.floor((opts.bufferPoolBytes ?? 32 * 1024 * 1024) / threads),
         directReads: this.#txOpts.directReads,
       }, this.#log)
       : null;
