@@ -13,7 +13,12 @@ import type { BlockDev, Extent, SharedFile } from './types.ts';
 import { mergeExtents } from './extents.ts';
 import { envCount } from './env.ts';
 
-const RESOLVED = Promise.resolve();
+/**
+ * What a request that completed synchronously returns (readAt/writeAt/submit): a caller may
+ * compare against it to skip a promise hop.
+ */
+export const SYNC_DONE: Promise<void> = Promise.resolve();
+const RESOLVED = SYNC_DONE;
 const SEEK_END = 2;
 /** fcntl(2) F_DUPFD_CLOEXEC (Linux) */
 const F_DUPFD_CLOEXEC = 1030;

@@ -5,7 +5,7 @@
  */
 import { Socket } from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
-import { FileDev } from '../core/file-dev.ts';
+import { FileDev, SYNC_DONE } from '../core/file-dev.ts';
 import { log } from '../core/log.ts';
 import type { Extent } from '../core/types.ts';
 import { BufferPool } from './buffer-pool.ts';
@@ -109,13 +109,20 @@ class ThreadExport implements ExportHandle {
   read(buf: Buffer, offset: number): Promise<void> {
     const s = this.#span(offset, buf.length, false);
     if (!s) return this.#forward('read', offset, buf.length, false, false, buf).then(noValue);
-    return s.dev.readAt(buf, offset + s.delta).then(this.#leaveOk, this.#leaveErr);
+    return this.#left(s.dev.readAt(buf, offset + s.delta));
   }
 
   write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
     const s = this.#span(offset, buf.length, true);
     if (!s) return this.#forward('write', offset, buf.length, fua, false, buf).then(noValue);
-    return s.dev.writeAt(buf, offset + s.delta, fua).then(this.#leaveOk, this.#leaveErr);
+    return this.#left(s.dev.writeAt(buf, offset + s.delta, fua));
+  }
+
+  /** leave the lease when file I/O `p` is over (at once if it completed synchronously) */
+  #left(p: Promise<void>): Promise<void> {
+    if (p !== SYNC_DONE) return p.then(this.#leaveOk, this.#leaveErr);
+    leave(this.#lease);
+    return p;
   }
 
   /** this thread's writes (and other threads' to the same files: shared flush state), and the main thread's */
