@@ -98,7 +98,7 @@ function fileRanges(table: Table | null): FileRange[] | null {
       const { fd, state } = s.dev.share();
       out.push({
         start, length: s.sectors * 512, ref: s.dev.ref, path: s.dev.path, fd, state,
-        offset: s.offset * 512, fileSectors: s.dev.sectors, readOnly: s.dev.readOnly,
+        offset: s.offset * 512, fileSectors: s.dev.sectors, readOnly: s.dev.readOnly || table!.readOnly,
       });
       start += s.sectors * 512;
     }

@@ -4,7 +4,8 @@
  * semantics must not change with it: the same random I/O leaves the same bytes with and
  * without threads; suspend stops the thread's file I/O (a WRITE waits, the file is untouched)
  * and a table loaded meanwhile takes it; a reload to another file, to a table with no file
- * ranges (zero) and back is followed at once; the connection is an opener (EBUSY), and
+ * ranges (zero), back, and to a read-only table is followed at once (the thread never writes
+ * a read-only device's file); the connection is an opener (EBUSY), and
  * `remove --force` ends it.
  */
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
@@ -149,6 +150,14 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     expect(readFileSync(a).subarray(16 * 512, 17 * 512).equals(Buffer.alloc(512, 0x33))).toBe(true);
     expect(readFileSync(a).subarray(131072 + 8192, 131072 + 8192 + 4096).equals(modelA.subarray(131072 + 8192, 131072 + 8192 + 4096))).toBe(true);
     expect(server.stats.forwarded).toBe(fwd + 2);
+
+    // reloaded read-only: the thread does not write, the engine refuses
+    await dm.load('vol', `0 ${SECTORS} linear ${a} 0`, { readOnly: true });
+    await dm.resume('vol');
+    const before = readFileSync(a);
+    expect(await write(c, 0, Buffer.alloc(4096, 0x77))).not.toBe(0);
+    expect(readFileSync(a).equals(before)).toBe(true);
+    expect((await read(c, 0, 8192)).equals(x)).toBe(true); // reads still come from the file
     expect(server.stats.threaded).toBe(1);
   });
 
