@@ -5,31 +5,14 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath, pathToFileURL } from 'node:url';
+import { bundleIsFresh } from '../tools/bundle-fresh.mjs';
 
 const bin = fileURLToPath(import.meta.url);
 const root = path.resolve(path.dirname(bin), '..');
 const bundle = path.join(root, 'dist', 'dmkit.mjs');
 globalThis.DMKIT_BIN = bin; // how the CLI re-runs itself to start a daemon
 
-function newerThan(dir, t) {
-  for (const e of fs.readdirSync(dir, { withFileTypes: true })) {
-    const p = path.join(dir, e.name);
-    if (e.isDirectory() ? newerThan(p, t) : fs.statSync(p).mtimeMs > t) return true;
-  }
-  return false;
-}
-
-function bundleIsFresh() {
-  try {
-    const t = fs.statSync(bundle).mtimeMs;
-    return fs.statSync(path.join(root, 'package.json')).mtimeMs <= t
-      && !newerThan(path.join(root, 'src'), t) && !newerThan(path.join(root, 'tools'), t);
-  } catch {
-    return false;
-  }
-}
-
-if (!process.argv.slice(2).includes('daemon') && bundleIsFresh()) {
+if (!process.argv.slice(2).includes('daemon') && bundleIsFresh('dmkit.mjs')) {
   await import(pathToFileURL(bundle).href);
 } else {
   const { register } = await import('tsx/esm/api');

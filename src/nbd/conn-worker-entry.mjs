@@ -1,6 +1,14 @@
-// A connection thread starts here (conn-threads.ts). dmkit runs from its TypeScript sources
-// through tsx, and a worker thread does not inherit the parent's loader: register it first.
-import { register } from 'tsx/esm/api';
+// A connection thread starts here (conn-threads.ts): from the bundle tools/build.mjs made
+// while it is fresh, else from the TypeScript sources through tsx (a worker thread does not
+// inherit the parent's loader).
+import path from 'node:path';
+import { pathToFileURL } from 'node:url';
+import { bundleIsFresh, root } from '../../tools/bundle-fresh.mjs';
 
-register();
-await import('./conn-worker.ts');
+if (bundleIsFresh('conn-worker.mjs')) {
+  await import(pathToFileURL(path.join(root, 'dist', 'conn-worker.mjs')).href);
+} else {
+  const { register } = await import('tsx/esm/api');
+  register();
+  await import('./conn-worker.ts');
+}
