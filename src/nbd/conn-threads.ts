@@ -24,7 +24,7 @@ import fsx from 'fs-ext';
 import type { Logger } from '../core/log.ts';
 import type { Extent } from '../core/types.ts';
 import type { ExportHandle, ExportInfo, FileRange } from './export.ts';
-import { abandon, closeRanges, GEN, newLease, revoke } from './file-ranges.ts';
+import { abandon, closeFd, closeRanges, GEN, newLease, revoke } from './file-ranges.ts';
 
 /** fcntl(2) F_DUPFD_CLOEXEC (Linux) */
 const F_DUPFD_CLOEXEC = 1030;
@@ -81,7 +81,8 @@ export interface IoReply {
   data?: Uint8Array;
   extents?: Extent[];
 }
-export interface ClosedMsg { t: 'closed'; c: number }
+/** the thread took the connection's descriptor (from then on it closes it) / is done with it */
+export interface ClosedMsg { t: 'adopted' | 'closed'; c: number }
 export type ToThread = ConnMsg | MapMsg | GoneMsg | IoReply;
 export type FromThread = IoMsg | ClosedMsg;
 
@@ -94,10 +95,15 @@ export interface HandedOff {
 interface Slot {
   worker: Worker;
   conns: Set<Handed>;
+  /** the thread has taken a connection (it started properly) */
+  adopted: boolean;
 }
 
 interface Handed extends HandedOff {
   id: number;
+  /** the duplicated descriptor, ours to close until the thread says it adopted it */
+  fd: number;
+  adopted: boolean;
   slot: Slot;
   handle: ExportHandle;
   lease: Int32Array;
@@ -118,9 +124,14 @@ export class ConnThreads {
   #nextId = 1;
   #nextGen = 1;
   #closed = false;
+  /** threads could not start: serve everything on the main thread */
+  #disabled = false;
   #forwarded = 0;
 
-  constructor(count: number, opts: ThreadOptions, log: Logger) {
+  readonly #entry: URL;
+
+  constructor(count: number, opts: ThreadOptions, log: Logger, entry = new URL('./conn-worker-entry.mjs', import.meta.url)) {
+    this.#entry = entry;
     this.#count = count;
     this.#opts = opts;
     this.#log = log;
@@ -148,7 +159,7 @@ export class ConnThreads {
    */
   take(session: { socket: Socket; leftover: Buffer; handle: ExportHandle; structured: boolean; baseAllocation: boolean }): HandedOff | null {
     const { socket, handle } = session;
-    if (this.#closed || this.#count === 0 || !handle.bypass || socket instanceof TLSSocket) return null;
+    if (this.#closed || this.#disabled || this.#count === 0 || !handle.bypass || socket instanceof TLSSocket) return null;
     const h = (socket as unknown as SocketInternals)._handle;
     if (!h || typeof h.fd !== 'number' || h.fd < 0 || typeof h.readStop !== 'function') return null;
     if (socket.readableLength > 0 || socket.writableLength > 0 || socket.destroyed) return null;
@@ -184,7 +195,7 @@ export class ConnThreads {
     const done = new Promise<void>((r) => { resolve = r; });
     const id = this.#nextId++;
     const r: Handed = {
-      id, slot, handle, lease, done,
+      id, fd, adopted: false, slot, handle, lease, done,
       detach: reg.detach,
       end: (reason: string) => {
         this.#log.debug(`ending threaded connection ${id}: ${reason}`);
@@ -225,9 +236,9 @@ export class ConnThreads {
   }
 
   #spawn(): Slot {
-    const worker = new Worker(new URL('./conn-worker-entry.mjs', import.meta.url), { workerData: this.#opts, trackUnmanagedFds: false });
+    const worker = new Worker(this.#entry, { workerData: this.#opts, trackUnmanagedFds: false });
     worker.unref();
-    const slot: Slot = { worker, conns: new Set() };
+    const slot: Slot = { worker, conns: new Set(), adopted: false };
     worker.on('message', (m: FromThread) => this.#onMessage(slot, m));
     worker.on('error', (err) => this.#log.error(`connection thread failed: ${err.stack ?? err.message}`));
     worker.on('exit', () => this.#lost(slot));
@@ -262,21 +273,36 @@ export class ConnThreads {
     if (gen) Atomics.store(r.lease, GEN, gen);
   }
 
-  /** a thread exited (terminated, or crashed): its connections are gone with it */
+  /**
+   * A thread exited (terminated, or crashed): its connections are gone with it. Descriptors
+   * it had not adopted yet are closed here (their clients see the connection close); the
+   * ones it had were closed with its handles. A thread that exits before taking any
+   * connection could not start (e.g. a broken install): connections then stay on the main
+   * thread.
+   */
   #lost(slot: Slot): void {
     const i = this.#slots.indexOf(slot);
     if (i >= 0) this.#slots.splice(i, 1);
     for (const r of [...slot.conns]) {
+      if (!r.adopted) closeFd(r.fd);
       abandon(r.lease);
       r.finish();
+    }
+    if (!slot.adopted && !this.#closed && !this.#disabled) {
+      this.#disabled = true;
+      this.#log.error('a connection thread exited before serving: NBD connections stay on the main thread');
     }
   }
 
   #onMessage(slot: Slot, m: FromThread): void {
     const r = this.#conns.get(m.c);
     if (!r) return;
-    if (m.t === 'closed') r.finish();
-    else this.#io(r, m);
+    if (m.t === 'io') this.#io(r, m);
+    else if (m.t === 'closed') r.finish();
+    else {
+      r.adopted = true;
+      slot.adopted = true;
+    }
   }
 
   /** a request the thread does not serve itself: run it on the export handle here */

@@ -200,6 +200,7 @@ const served = new Map<number, Served>();
 function adopt(m: ConnMsg): void {
   const handle = new ThreadExport(m);
   const socket = new Socket({ fd: m.fd, readable: true, writable: true });
+  send({ t: 'adopted', c: m.c });
   socket.on('error', (err) => logger.debug(`connection error: ${err.message}`));
   if (typeof socket.setNoDelay === 'function') socket.setNoDelay(true);
   const tx = new Transmission({

@@ -51,13 +51,16 @@ interface AtomicsWithWaitAsync {
   waitAsync(a: Int32Array, index: number, value: number): { async: boolean; value: Promise<unknown> | string };
 }
 
+/** close a descriptor handed over but not taken */
+export function closeFd(fd: number): void {
+  try {
+    fs.closeSync(fd);
+  } catch {
+    /* already closed */
+  }
+}
+
 /** close the descriptors of ranges nobody will use */
 export function closeRanges(ranges: readonly FileRange[] | null): void {
-  for (const r of ranges ?? []) {
-    try {
-      fs.closeSync(r.fd);
-    } catch {
-      /* already closed */
-    }
-  }
+  for (const r of ranges ?? []) closeFd(r.fd);
 }

@@ -47,6 +47,8 @@ export interface NbdServerOptions {
    * "Connection threads"); default DMKIT_NBD_THREADS, else one per CPU up to 4; 0 = none
    */
   threads?: number;
+  /** the module a connection thread runs (default: dmkit's own; for custom builds and tests) */
+  threadEntry?: URL;
 }
 
 /** counters since the server was created */
@@ -119,7 +121,7 @@ export class NbdServer {
         // the threads share the pool's budget
         bufferPoolBytes: Math.floor((opts.bufferPoolBytes ?? 32 * 1024 * 1024) / threads),
         directReads: this.#txOpts.directReads,
-      }, this.#log)
+      }, this.#log, opts.threadEntry)
       : null;
   }
 

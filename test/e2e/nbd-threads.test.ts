@@ -8,9 +8,10 @@
  * a read-only device's file); the connection is an opener (EBUSY), and
  * `remove --force` ends it.
  */
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { DeviceMapper } from '../../src/index.ts';
 import { deviceExports } from '../../src/nbd/provider.ts';
@@ -46,7 +47,7 @@ afterAll(async () => {
 
 interface Setup { dm: DeviceMapper; server: NbdServer; c: RawNbd; a: string; b: string; modelA: Buffer; modelB: Buffer }
 
-async function setup(threads: number): Promise<Setup> {
+async function setup(threads: number, threadEntry?: URL): Promise<Setup> {
   const n = seq++;
   const a = join(dir, `a${n}.img`);
   const b = join(dir, `b${n}.img`);
@@ -55,7 +56,7 @@ async function setup(threads: number): Promise<Setup> {
   const dm = new DeviceMapper();
   dms.push(dm);
   await dm.create('vol', { table: `0 ${SECTORS} linear ${a} 0` });
-  const server = new NbdServer(deviceExports(dm), { threads });
+  const server = new NbdServer(deviceExports(dm), { threads, threadEntry });
   servers.push(server);
   const c = await serveAndOpen(server, join(dir, `s${n}.sock`), 'vol');
   clients.push(c);
@@ -159,6 +160,25 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     expect(readFileSync(a).equals(before)).toBe(true);
     expect((await read(c, 0, 8192)).equals(x)).toBe(true); // reads still come from the file
     expect(server.stats.threaded).toBe(1);
+  });
+
+  test('a thread that cannot start: its connection closes, later ones are served on the main thread', async () => {
+    const broken = join(dir, 'broken-entry.mjs');
+    writeFileSync(broken, "throw new Error('connection thread cannot start');\n");
+    const { dm, server, c, a, modelA } = await setup(1, pathToFileURL(broken));
+    // the client handed to the dead thread is not left hanging: its connection closes
+    await expect(c.roundTrip(CMD.READ, { offset: 0, length: 4096 })).rejects.toThrow();
+    expect(server.stats.threaded).toBe(1);
+    for (let i = 0; i < 100 && dm.get('vol').openCount > 0; i++) await new Promise((res) => setTimeout(res, 20));
+    expect(dm.get('vol').openCount).toBe(0);
+    const c2 = await RawNbd.connect(join(dir, `s${seq - 1}.sock`));
+    clients.push(c2);
+    await c2.open('vol', { sr: true });
+    expect((await read(c2, 4096, 8192)).equals(modelA.subarray(4096, 4096 + 8192))).toBe(true);
+    expect(await write(c2, 0, Buffer.alloc(4096, 0x66))).toBe(0);
+    expect(readFileSync(a).subarray(0, 4096).equals(Buffer.alloc(4096, 0x66))).toBe(true);
+    expect(server.stats.threaded).toBe(1);
+    expect(dm.get('vol').openCount).toBe(1);
   });
 
   test('a threaded connection is an opener; remove --force ends it', async () => {
