@@ -27,6 +27,8 @@ export interface DaemonOptions {
   stateDir: string;
   /** `HOST:PORT` for the NBD listener (read by the NBD wiring extension) */
   nbdListen?: string;
+  /** NBD connection threads (default: DMKIT_NBD_THREADS, else CPUs up to 4; docs/nbd.md) */
+  nbdThreads?: number;
   /** TLS pre-shared key file for NBD */
   tlsPsk?: string;
   /** NBD TLS mode: `on` offers TLS, `require` refuses plain connections */

@@ -22,7 +22,7 @@ export function nbdExtension(opts: DaemonOptions): DaemonExtension {
     name: 'nbd',
     async start(d: Daemon): Promise<void> {
       const tls = opts.tlsPsk ? { pskFile: opts.tlsPsk, require: opts.tls === 'require' } : undefined;
-      const srv = new NbdServer(deviceExports(d.dm), { tls });
+      const srv = new NbdServer(deviceExports(d.dm), { tls, threads: opts.nbdThreads });
       try {
         await srv.listenUnix(nbdSocketPath(d.runtimeDir));
         if (listen) {

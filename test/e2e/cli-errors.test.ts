@@ -88,6 +88,8 @@ describe('dmkit failures', () => {
       ['wait', 'vol', 'soon'],
       ['daemon', '--nbd-listen', 'nowhere'],
       ['daemon', '--tls', 'maybe'],
+      ['daemon', '--nbd-threads', 'two'],
+      ['daemon', '--nbd-threads', '65'],
     )).toEqual([
       fails("unknown command 'frobnicate'"),
       fails("missing required argument 'name'"),
@@ -99,6 +101,8 @@ describe('dmkit failures', () => {
       fails("invalid event number 'soon' (expected a non-negative integer)"),
       fails("--nbd-listen: expected HOST:PORT, [IPv6]:PORT or PORT (e.g. 127.0.0.1:10809), got 'nowhere'"),
       fails("option '--tls <mode>' argument 'maybe' is invalid. Allowed choices are on, require."),
+      fails("--nbd-threads: expected a whole number of threads from 0 to 64, got 'two'"),
+      fails("--nbd-threads: expected a whole number of threads from 0 to 64, got '65'"),
     ]);
   });
 

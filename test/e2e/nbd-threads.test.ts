@@ -8,7 +8,7 @@
  * a read-only device's file); the connection is an opener (EBUSY), and
  * `remove --force` ends it.
  */
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -17,9 +17,11 @@ import { DeviceMapper } from '../../src/index.ts';
 import { deviceExports } from '../../src/nbd/provider.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
 import { prng } from '../compliance/helpers.ts';
+import { cleanup, daemonPid, image, ok as cli, sandbox } from '../helpers/daemon.ts';
+import { devUri } from '../helpers/daemon-nbd.ts';
 import { serveAndOpen } from '../helpers/nbd-file-provider.ts';
 import { RawNbd, readData, replyErrno } from '../helpers/nbd-raw-client.ts';
-import { sha256, writeRandomImage } from '../helpers/nbd-tools.ts';
+import { ok, requireTools, sha256, writeRandomImage } from '../helpers/nbd-tools.ts';
 
 const MiB = 1024 * 1024;
 const SIZE = 4 * MiB;
@@ -195,5 +197,31 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     await closed;
     for (let i = 0; i < 100 && server.connections > 0; i++) await new Promise((res) => setTimeout(res, 20));
     expect(server.connections).toBe(0);
+  });
+});
+
+describe('dmkit daemon --nbd-threads', { timeout: 60_000 }, () => {
+  test('starts that many connection threads, and serves the same bytes with none', async () => {
+    requireTools(['nbdcopy']);
+    const tasks: number[] = [];
+    for (const threads of [0, 1, 3]) {
+      const sb = sandbox();
+      try {
+        await cli(sb, ['daemon', '--nbd-threads', String(threads)]);
+        const img = image(sb, 'v.img', 4 * MiB, (i) => (i * 31 + 7) & 255);
+        await cli(sb, ['create', 'v', '--table', `0 ${(4 * MiB) / 512} linear ${img} 0`]);
+        const out = join(sb.dir, 'out.img');
+        await ok('nbdcopy', [devUri(sb, 'v'), out]);
+        expect(sha256(readFileSync(out))).toBe(sha256(readFileSync(img)));
+        tasks.push(readdirSync(`/proc/${daemonPid(sb)}/task`).length);
+      } finally {
+        await cleanup(sb);
+      }
+    }
+    // the same daemon but for its connection threads: each adds the same (a worker thread
+    // and what Node runs beside it)
+    const each = tasks[1]! - tasks[0]!;
+    expect(each).toBeGreaterThanOrEqual(1);
+    expect(tasks[2]! - tasks[0]!).toBe(3 * each);
   });
 });

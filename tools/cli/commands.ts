@@ -39,14 +39,25 @@ function checkListen(v: string): string {
   return v;
 }
 
+/** `--nbd-threads`: a whole number of connection threads, 0 (none) to NBD_THREADS_MAX */
+const NBD_THREADS_MAX = 64;
+function checkThreads(v: string): number {
+  const n = /^\d+$/.test(v) ? Number(v) : NaN;
+  if (!(n <= NBD_THREADS_MAX)) {
+    throw new DmError('EINVAL', `--nbd-threads: expected a whole number of threads from 0 to ${NBD_THREADS_MAX}, got '${v}'`);
+  }
+  return n;
+}
+
 async function daemon(o: Opts): Promise<void> {
   const plugins = (o.plugin as string[]).map((p) => path.resolve(p));
   const nbdListen = o.nbdListen === undefined ? undefined : checkListen(o.nbdListen as string);
+  const nbdThreads = o.nbdThreads === undefined ? undefined : checkThreads(o.nbdThreads as string);
   if (o.foreground) {
     process.env.DMKIT_LOG ??= 'info';
     const { startDaemon } = await import('../../src/daemon/daemon.ts');
     await startDaemon({
-      runtimeDir: runtimeDir(), stateDir: stateDir(), nbdListen, plugins, foreground: true,
+      runtimeDir: runtimeDir(), stateDir: stateDir(), nbdListen, nbdThreads, plugins, foreground: true,
       tlsPsk: o.tlsPsk ? path.resolve(o.tlsPsk as string) : undefined, tls: o.tls as 'on' | 'require' | undefined,
     });
     return;
@@ -55,6 +66,7 @@ async function daemon(o: Opts): Promise<void> {
   if (await isRunning(p)) throw new DmError('EEXIST', `a dmkit daemon is already running on ${p.socket}`);
   const args: string[] = [];
   if (nbdListen) args.push('--nbd-listen', nbdListen);
+  if (nbdThreads !== undefined) args.push('--nbd-threads', String(nbdThreads));
   if (o.tlsPsk) args.push('--tls-psk', path.resolve(o.tlsPsk as string));
   if (o.tls) args.push('--tls', o.tls as string);
   for (const pl of plugins) args.push('--plugin', pl);
@@ -138,6 +150,7 @@ export function buildProgram(): Command {
   program.command('daemon').description('run the daemon (in the background unless --foreground)')
     .option('--foreground', 'stay in the foreground, log to stderr')
     .option('--nbd-listen <host:port>', 'serve the devices over NBD on this address')
+    .option('--nbd-threads <n>', 'threads serving NBD connections to linear-over-file devices (0: none; default: CPUs, at most 4)')
     .addOption(new Option('--tls <mode>', 'NBD TLS').choices(['on', 'require']))
     .option('--tls-psk <file>', 'NBD TLS pre-shared key file')
     .option('--plugin <path>', 'load a target plugin module (repeatable)', collect, [])
