@@ -227,11 +227,21 @@ export class ConnThreads {
   }
 
   /** end every connection (they finish as the server's own do) and stop the threads */
+  /**
+   * End every connection (they finish as the server's own do: in-flight requests get the
+   * grace period) and stop the threads. A thread that has not let its connections finish by
+   * twice the grace period (blocked in a file call on a dead disk) is terminated regardless.
+   */
   async close(): Promise<void> {
     this.#closed = true;
     for (const r of this.#conns.values()) r.end('server closing');
-    await Promise.all([...this.#conns.values()].map((r) => r.done));
-    const slots = this.#slots.splice(0);
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.all([...this.#conns.values()].map((r) => r.done)),
+      new Promise<void>((resolve) => { timer = setTimeout(resolve, 2 * this.#opts.graceMs); }),
+    ]);
+    clearTimeout(timer);
+    const slots = [...this.#slots];
     await Promise.all(slots.map((s) => s.worker.terminate()));
   }
 

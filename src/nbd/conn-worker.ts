@@ -11,7 +11,7 @@ import type { Extent } from '../core/types.ts';
 import { BufferPool } from './buffer-pool.ts';
 import type { ConnMsg, FromThread, IoOp, IoReply, ThreadOptions, ToThread } from './conn-threads.ts';
 import type { ExportHandle, ExportInfo, FileRange } from './export.ts';
-import { closeRanges, enter, leave } from './file-ranges.ts';
+import { closeFd, closeRanges, enter, leave } from './file-ranges.ts';
 import { Transmission, type TransmissionOptions } from './transmission.ts';
 
 const port = parentPort!;
@@ -192,22 +192,34 @@ function noValue(): void {}
 
 interface Served {
   handle: ThreadExport;
-  tx: Transmission;
+  /** null only while the connection is being set up */
+  tx: Transmission | null;
 }
 
 const served = new Map<number, Served>();
 
 function adopt(m: ConnMsg): void {
   const handle = new ThreadExport(m);
-  const socket = new Socket({ fd: m.fd, readable: true, writable: true });
+  const entry: Served = { handle, tx: null };
+  served.set(m.c, entry);
+  let socket: Socket;
+  try {
+    socket = new Socket({ fd: m.fd, readable: true, writable: true });
+  } catch (err) {
+    // not a socket Node can wrap: drop the connection (the descriptor is ours to close)
+    logger.warn(`connection thread cannot take a connection: ${(err as Error).message}`);
+    closeFd(m.fd);
+    send({ t: 'adopted', c: m.c });
+    handle.close();
+    return;
+  }
   send({ t: 'adopted', c: m.c });
   socket.on('error', (err) => logger.debug(`connection error: ${err.message}`));
   if (typeof socket.setNoDelay === 'function') socket.setNoDelay(true);
-  const tx = new Transmission({
+  entry.tx = new Transmission({
     socket, leftover: Buffer.from(m.leftover.buffer, m.leftover.byteOffset, m.leftover.byteLength), handle,
     structured: m.structured, baseAllocation: m.baseAllocation,
   }, txOpts);
-  served.set(m.c, { handle, tx });
 }
 
 port.on('message', (m: ToThread) => {
@@ -225,6 +237,6 @@ port.on('message', (m: ToThread) => {
     case 'gone':
       return s.handle.gone();
     case 'end':
-      return s.tx.end('server closing');
+      return s.tx?.end('server closing');
   }
 });
