@@ -209,9 +209,12 @@ export class MappedDevice extends EventEmitter implements BlockDev {
       this.readOnly = this.#live.readOnly;
     }
     if (this.#live) for (const e of this.#live.entries) await e.target.resume?.();
+    // bypasses were stopped only if the device was suspended (a table swap suspends first):
+    // resuming a running device must not restart I/O that is still going on
+    const restart = this.#suspended;
     this.#suspended = false;
     if (this.#live) {
-      for (const b of this.#bypasses) b.start(this.#live);
+      if (restart) for (const b of this.#bypasses) b.start(this.#live);
       this.#reissue();
     }
     return old;

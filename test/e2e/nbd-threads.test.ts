@@ -164,6 +164,34 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     expect(server.stats.threaded).toBe(1);
   });
 
+  test('resume of a running device leaves the thread\'s file I/O alone (nothing was stopped)', async () => {
+    // file I/O through libuv's pool, so READs are in flight on the thread's descriptors
+    // while resume runs; a resume that swapped the thread's ranges anyway closed them under
+    // those READs
+    process.env.DMKIT_SYNC_IO = '0';
+    let s: Setup;
+    try {
+      s = await setup(1);
+    } finally {
+      delete process.env.DMKIT_SYNC_IO;
+    }
+    const { dm, server, c, modelA } = s;
+    const r = prng(99);
+    for (let round = 0; round < 20; round++) {
+      const reads = new Map<bigint, number>();
+      for (let i = 0; i < 48; i++) {
+        const off = r.int((SIZE - 65536) / 512) * 512;
+        reads.set(c.send(CMD.READ, { offset: off, length: 65536 }), off);
+      }
+      await dm.resume('vol');
+      await dm.resume('vol');
+      const got = await c.collect([...reads.keys()]);
+      for (const [k, off] of reads) expect(readData(got.get(k)!, off, 65536).equals(modelA.subarray(off, off + 65536))).toBe(true);
+    }
+    expect(server.stats.forwarded).toBe(0);
+    expect(server.stats.threaded).toBe(1);
+  });
+
   test('a thread that cannot start: its connection closes, later ones are served on the main thread', async () => {
     const broken = join(dir, 'broken-entry.mjs');
     writeFileSync(broken, "throw new Error('connection thread cannot start');\n");
