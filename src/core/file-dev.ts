@@ -94,6 +94,11 @@ function datasync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
 }
 
+/** a new descriptor (close-on-exec) for what `fd` refers to: a file, a socket */
+export function dupFd(fd: number): number {
+  return fsx.fcntlSync(fd, F_DUPFD_CLOEXEC, 0);
+}
+
 export class FileDev implements BlockDev {
   readonly ref: string;
   readonly path: string;
@@ -175,7 +180,7 @@ export class FileDev implements BlockDev {
   /** a new descriptor for the same open file (close-on-exec, owned by the caller) and the shared flush state */
   share(): SharedFile {
     if (this.#closed) throw new DmError('EBADF', `${this.path} is closed`);
-    return { fd: fsx.fcntlSync(this.#fd, F_DUPFD_CLOEXEC, 0), state: this.#state };
+    return { fd: dupFd(this.#fd), state: this.#state };
   }
 
   /** read `buf.length` bytes at byte `pos` (no Bio: the connection threads' hot path) */

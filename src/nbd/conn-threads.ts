@@ -20,14 +20,12 @@ import { availableParallelism } from 'node:os';
 import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { Worker } from 'node:worker_threads';
-import fsx from 'fs-ext';
+import { dupFd } from '../core/file-dev.ts';
 import type { Logger } from '../core/log.ts';
 import type { Extent } from '../core/types.ts';
 import type { ExportHandle, ExportInfo, FileRange } from './export.ts';
 import { abandon, closeFd, closeRanges, GEN, newLease, revoke } from './file-ranges.ts';
 
-/** fcntl(2) F_DUPFD_CLOEXEC (Linux) */
-const F_DUPFD_CLOEXEC = 1030;
 /** default number of connection threads: one per CPU, at most this many */
 const THREADS_MAX = 4;
 
@@ -137,11 +135,6 @@ export class ConnThreads {
     this.#log = log;
   }
 
-  /** connections being served on threads */
-  get size(): number {
-    return this.#conns.size;
-  }
-
   /** requests the threads passed to the main thread (not plain file I/O, or no file ranges then) */
   get forwarded(): number {
     return this.#forwarded;
@@ -179,7 +172,7 @@ export class ConnThreads {
     }
     let fd: number;
     try {
-      fd = fsx.fcntlSync(h.fd, F_DUPFD_CLOEXEC, 0);
+      fd = dupFd(h.fd);
     } catch (err) {
       this.#log.debug(`connection stays on the main thread: ${(err as Error).message}`);
       closeRanges(reg.ranges);

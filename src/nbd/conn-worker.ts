@@ -93,7 +93,9 @@ class ThreadExport implements ExportHandle {
    * what this connection wrote there is made durable now, and a FLUSH waits for that.
    */
   #retire(dev: FileDev): void {
-    this.#retired.push(dev.flush().finally(() => dev.close()));
+    const p = dev.flush().finally(() => dev.close());
+    p.catch(noValue); // reported by the next FLUSH, which awaits `p` itself
+    this.#retired.push(p);
   }
 
   /** the span serving [off, off+len) if the lease allows file I/O now (then leave() after it) */
