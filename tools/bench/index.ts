@@ -99,6 +99,9 @@ async function main(): Promise<void> {
     log: (msg) => process.stderr.write(`${msg}\n`),
   };
   if (ctx.pairs < 3) ctx.log(`note: ${ctx.pairs} pair(s); the method asks for at least 3`);
+  // measure what `npm ci` installs: the bundles (CLI, NBD connection threads) fresh, not the
+  // sources compiled at run time by tsx (a stale bundle is skipped; threads then hold more memory)
+  await import('../build.mjs');
   const v = versions();
   const mach = machine(tmpdir); // load average as the run starts
   const started = new Date();
