@@ -16,9 +16,11 @@
  *   --out FILE             report path (default bench/results/<date>-<suites>-<commit>.json)
  *   --seed N               offsets seed (default 1)
  */
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { l1 } from './l1-library.ts';
 import { m1, m2 } from './m-mirror.ts';
@@ -101,7 +103,8 @@ async function main(): Promise<void> {
   if (ctx.pairs < 3) ctx.log(`note: ${ctx.pairs} pair(s); the method asks for at least 3`);
   // measure what `npm ci` installs: the bundles (CLI, NBD connection threads) fresh, not the
   // sources compiled at run time by tsx (a stale bundle is skipped; threads then hold more memory)
-  await import('../build.mjs');
+  const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..', '..');
+  execFileSync(process.execPath, ['tools/build.mjs'], { cwd: root, stdio: 'inherit' });
   const v = versions();
   const mach = machine(tmpdir); // load average as the run starts
   const started = new Date();
