@@ -20,13 +20,13 @@ import { envCount } from './env.ts';
 export const SYNC_DONE: Promise<void> = Promise.resolve();
 const RESOLVED = SYNC_DONE;
 const SEEK_END = 2;
+const SEEK_DATA = 3;
+const SEEK_HOLE = 4;
 /** fcntl(2) F_DUPFD_CLOEXEC (Linux) */
 const F_DUPFD_CLOEXEC = 1030;
 /** FileDev's shared state cells */
 const DIRTY = 0;
 const SYNCING = 1;
-const SEEK_DATA = 3;
-const SEEK_HOLE = 4;
 /** shared source of zeroes for write-zeroes (never written into) */
 const ZEROES = Buffer.alloc(1 << 20);
 
