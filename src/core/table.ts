@@ -48,18 +48,24 @@ export class Table {
     return lo;
   }
 
-  /** the whole table as file ranges in sector order (every target's fileMap), else null */
-  fileMap(): FileSpan[] | null {
-    const out: FileSpan[] = [];
+  /**
+   * The table's file ranges: every line that is plain file ranges (Target.fileMap) gives its
+   * spans, every other line one span without a device (its I/O must go through `map`).
+   * Null when no line has file ranges.
+   */
+  fileMap(): Array<FileSpan | { readonly sectors: number; readonly dev: null }> | null {
+    const out: Array<FileSpan | { sectors: number; dev: null }> = [];
+    let files = false;
     for (const e of this.entries) {
       const spans = e.target.fileMap?.() ?? null;
-      if (!spans) return null;
       let n = 0;
-      for (const s of spans) n += s.sectors;
-      if (n !== e.length) return null; // a target that does not account for all of itself
-      out.push(...spans);
+      for (const s of spans ?? []) n += s.sectors;
+      if (spans && n === e.length) {
+        out.push(...spans);
+        files = true;
+      } else out.push({ sectors: e.length, dev: null }); // a target that does not account for all of itself counts as none
     }
-    return out;
+    return files ? out : null;
   }
 
   async destroy(): Promise<void> {

@@ -87,7 +87,7 @@ class DeviceExport implements ExportHandle {
   }
 }
 
-/** a table's file ranges in bytes, each with a descriptor of its own; null if it has none */
+/** a table's file ranges in bytes, each with a descriptor of its own (other lines leave gaps); null if it has none */
 function fileRanges(table: Table | null): FileRange[] | null {
   const spans = table?.fileMap();
   if (!spans) return null;
@@ -95,11 +95,13 @@ function fileRanges(table: Table | null): FileRange[] | null {
   let start = 0;
   try {
     for (const s of spans) {
-      const { fd, state } = s.dev.share();
-      out.push({
-        start, length: s.sectors * 512, ref: s.dev.ref, path: s.dev.path, fd, state,
-        offset: s.offset * 512, fileSectors: s.dev.sectors, readOnly: s.dev.readOnly || table!.readOnly,
-      });
+      if (s.dev) {
+        const { fd, state } = s.dev.share();
+        out.push({
+          start, length: s.sectors * 512, ref: s.dev.ref, path: s.dev.path, fd, state,
+          offset: s.offset * 512, fileSectors: s.dev.sectors, readOnly: s.dev.readOnly || table!.readOnly,
+        });
+      }
       start += s.sectors * 512;
     }
   } catch {

@@ -164,6 +164,28 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     expect(server.stats.threaded).toBe(1);
   });
 
+  test('a table with file lines and other lines: the thread serves the file lines, the engine the rest', async () => {
+    const { dm, server, c, a, b, modelA, modelB } = await setup(1);
+    const half = SECTORS / 2;
+    await dm.suspend('vol');
+    await dm.load('vol', `0 ${half} zero\n${half} ${half} linear ${b} 0`);
+    await dm.resume('vol');
+    expect(server.stats.threaded).toBe(1);
+    const fwd = server.stats.forwarded;
+    // the linear half, by the thread itself
+    expect((await read(c, SIZE / 2, 65536)).equals(modelB.subarray(0, 65536))).toBe(true);
+    expect(await write(c, SIZE / 2 + 65536, Buffer.alloc(4096, 0x3c))).toBe(0);
+    expect(readFileSync(b).subarray(65536, 65536 + 4096).equals(Buffer.alloc(4096, 0x3c))).toBe(true);
+    expect(server.stats.forwarded).toBe(fwd);
+    // the zero half, and a READ across both halves, by the engine
+    expect((await read(c, 0, 65536)).equals(Buffer.alloc(65536))).toBe(true);
+    const across = await read(c, SIZE / 2 - 4096, 8192);
+    expect(across.subarray(0, 4096).equals(Buffer.alloc(4096))).toBe(true);
+    expect(across.subarray(4096).equals(modelB.subarray(0, 4096))).toBe(true);
+    expect(server.stats.forwarded).toBe(fwd + 2);
+    expect(readFileSync(a).equals(modelA)).toBe(true); // the old table's file, untouched
+  });
+
   test('resume of a running device leaves the thread\'s file I/O alone (nothing was stopped)', async () => {
     // file I/O through libuv's pool, so READs are in flight on the thread's descriptors
     // while resume runs; a resume that swapped the thread's ranges anyway closed them under
