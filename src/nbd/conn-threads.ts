@@ -219,7 +219,6 @@ export class ConnThreads {
     return r;
   }
 
-  /** end every connection (they finish as the server's own do) and stop the threads */
   /**
    * End every connection (they finish as the server's own do: in-flight requests get the
    * grace period) and stop the threads. A thread that has not let its connections finish by

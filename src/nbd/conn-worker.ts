@@ -38,7 +38,6 @@ interface Span {
   /** file byte = export byte + delta */
   delta: number;
   dev: FileDev;
-  readOnly: boolean;
 }
 
 interface Pending {
@@ -83,7 +82,7 @@ class ThreadExport implements ExportHandle {
     }
     for (const r of ranges ?? []) {
       const dev = FileDev.adopt(r.ref, r.path, { fd: r.fd, state: r.state }, r.fileSectors, { readOnly: r.readOnly });
-      this.#spans.push({ start: r.start, end: r.start + r.length, delta: r.offset - r.start, dev, readOnly: r.readOnly });
+      this.#spans.push({ start: r.start, end: r.start + r.length, delta: r.offset - r.start, dev });
     }
     this.#gen = gen;
   }
@@ -102,7 +101,7 @@ class ThreadExport implements ExportHandle {
   #span(off: number, len: number, write: boolean): Span | null {
     if (!enter(this.#lease, this.#gen)) return null;
     for (const s of this.#spans) {
-      if (off >= s.start && off + len <= s.end && !(write && s.readOnly)) return s;
+      if (off >= s.start && off + len <= s.end && !(write && s.dev.readOnly)) return s;
     }
     leave(this.#lease);
     return null;

@@ -72,7 +72,8 @@ export interface NbdServerStats {
 class Connection {
   readonly raw: Socket;
   current: Socket;
-  tx: Pick<Transmission, 'end' | 'done'> | HandedOff | null = null;
+  /** the transmission phase, here or on a connection thread */
+  tx: HandedOff | null = null;
   finished: Promise<void> = Promise.resolve();
 
   constructor(raw: Socket) {
