@@ -4,14 +4,27 @@
  * flush of what was written since the last flush, SEEK_DATA/SEEK_HOLE allocation map.
  */
 import fs from 'node:fs';
+import { createRequire } from 'node:module';
 import { performance } from 'node:perf_hooks';
-import fsx from 'fs-ext';
+import type FsExt from 'fs-ext';
 import type { Bio } from './bio.ts';
 import { SECTOR_SHIFT } from './bio.ts';
 import { BlockError, DmError, toBlockError } from './errors.ts';
 import type { BlockDev, Extent, SharedFile } from './types.ts';
 import { mergeExtents } from './extents.ts';
 import { envCount } from './env.ts';
+
+let fsExt: typeof FsExt | null = null;
+
+/**
+ * fs-ext, loaded at first use. Its addon keeps V8 handles in static storage, reset by every
+ * load: loaded on a connection thread, the next thread's load after that thread exited
+ * aborted the whole process. Only the main thread calls it (open, lock, dup, allocation), so
+ * a connection thread, whose FileDevs adopt descriptors and are never locked, never loads it.
+ */
+function fsx(): typeof FsExt {
+  return (fsExt ??= createRequire(import.meta.url)('fs-ext') as typeof FsExt);
+}
 
 /**
  * What a request that completed synchronously returns (readAt/writeAt/submit): a caller may
@@ -96,7 +109,7 @@ function datasync(fd: number): Promise<void> {
 
 /** a new descriptor (close-on-exec) for what `fd` refers to: a file, a socket */
 export function dupFd(fd: number): number {
-  return fsx.fcntlSync(fd, F_DUPFD_CLOEXEC, 0);
+  return fsx().fcntlSync(fd, F_DUPFD_CLOEXEC, 0);
 }
 
 export class FileDev implements BlockDev {
@@ -148,10 +161,10 @@ export class FileDev implements BlockDev {
       const st = fs.fstatSync(fd);
       let bytes: number;
       if (st.isFile()) bytes = st.size;
-      else if (st.isBlockDevice()) bytes = fsx.seekSync(fd, 0, SEEK_END);
+      else if (st.isBlockDevice()) bytes = fsx().seekSync(fd, 0, SEEK_END);
       else throw new DmError('EINVAL', `${path} is neither a regular file nor a block device`);
       try {
-        fsx.flockSync(fd, 'exnb');
+        fsx().flockSync(fd, 'exnb');
       } catch (err) {
         const code = (err as NodeJS.ErrnoException).code;
         if (code === 'EAGAIN' || code === 'EWOULDBLOCK') {
@@ -169,7 +182,8 @@ export class FileDev implements BlockDev {
   /**
    * A FileDev over `fd`, a duplicate (dupFd) of another FileDev's descriptor: used by the NBD
    * connection threads to do a device's file I/O themselves. It shares the original's open
-   * file (and its flock) and never unlocks it; closing it closes only `fd`.
+   * file (and its flock) and never unlocks it; closing it closes only `fd` (detach() leaves
+   * `fd` open, for its owner to close).
    */
   static adopt(ref: string, path: string, share: SharedFile, sectors: number, opts: FileDevOptions = {}): FileDev {
     const d = new FileDev(ref, path, share.fd, sectors, opts, share.state);
@@ -374,7 +388,7 @@ export class FileDev implements BlockDev {
       while (pos < end) {
         let data: number;
         try {
-          data = fsx.seekSync(this.#fd, pos, SEEK_DATA);
+          data = fsx().seekSync(this.#fd, pos, SEEK_DATA);
         } catch (err) {
           if ((err as NodeJS.ErrnoException).code === 'ENXIO') data = end; // hole to EOF
           else throw err;
@@ -386,7 +400,7 @@ export class FileDev implements BlockDev {
           pos = holeEnd;
           if (pos >= end) break;
         }
-        const hole = Math.min(fsx.seekSync(this.#fd, pos, SEEK_HOLE), end);
+        const hole = Math.min(fsx().seekSync(this.#fd, pos, SEEK_HOLE), end);
         const alignedHole = Math.max(pos + 512, Math.ceil(hole / 512) * 512);
         out.push({ sectors: (Math.min(alignedHole, end) - pos) / 512, state: 'data' });
         pos = Math.min(alignedHole, end);
@@ -397,12 +411,22 @@ export class FileDev implements BlockDev {
     return mergeExtents(out);
   }
 
+  /**
+   * Stop using the descriptor without closing it, and return it: an adopted FileDev on a
+   * connection thread hands its descriptor back to the thread that gave it, which closes it
+   * (so a descriptor is closed exactly once, also when the adopting thread dies).
+   */
+  detach(): number {
+    this.#closed = true;
+    return this.#fd;
+  }
+
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
     if (this.#locked) {
       try {
-        fsx.flockSync(this.#fd, 'un');
+        fsx().flockSync(this.#fd, 'un');
       } catch {
         /* closing releases it anyway */
       }
