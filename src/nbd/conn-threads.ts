@@ -81,8 +81,10 @@ export interface IoReply {
 }
 /** the thread took the connection's descriptor (from then on it closes it) / is done with it */
 export interface ClosedMsg { t: 'adopted' | 'closed'; c: number }
+/** range descriptors the thread no longer uses: the main thread closes them */
+export interface ReleaseMsg { t: 'release'; fds: number[] }
 export type ToThread = ConnMsg | MapMsg | GoneMsg | IoReply;
-export type FromThread = IoMsg | ClosedMsg;
+export type FromThread = IoMsg | ClosedMsg | ReleaseMsg;
 
 /** a connection served on a thread, as the server sees it */
 export interface HandedOff {
@@ -95,6 +97,8 @@ interface Slot {
   conns: Set<Handed>;
   /** the thread has taken a connection (it started properly) */
   adopted: boolean;
+  /** range descriptors handed to the thread and not released yet: closed here if it dies */
+  fds: Set<number>;
 }
 
 interface Handed extends HandedOff {
@@ -211,6 +215,7 @@ export class ConnThreads {
     slot.conns.add(r);
     const gen = this.#nextGen++;
     Atomics.store(lease, GEN, gen);
+    this.#lend(slot, reg.ranges);
     this.#post(slot, {
       t: 'conn', c: id, fd, leftover: new Uint8Array(session.leftover), structured: session.structured,
       baseAllocation: session.baseAllocation, info: handle.info, lease, gen, ranges: reg.ranges,
@@ -240,7 +245,7 @@ export class ConnThreads {
   #spawn(): Slot {
     const worker = new Worker(this.#entry, { workerData: this.#opts, trackUnmanagedFds: false });
     worker.unref();
-    const slot: Slot = { worker, conns: new Set(), adopted: false };
+    const slot: Slot = { worker, conns: new Set(), adopted: false, fds: new Set() };
     worker.on('message', (m: FromThread) => this.#onMessage(slot, m));
     worker.on('error', (err) => this.#log.error(`connection thread failed: ${err.stack ?? err.message}`));
     worker.on('exit', () => this.#lost(slot));
@@ -254,6 +259,16 @@ export class ConnThreads {
     let best = this.#slots[0]!;
     for (const s of this.#slots) if (s.conns.size < best.conns.size) best = s;
     return best;
+  }
+
+  /** `ranges`' descriptors go to the thread until it releases them (or dies) */
+  #lend(slot: Slot, ranges: readonly FileRange[] | null): void {
+    for (const r of ranges ?? []) slot.fds.add(r.fd);
+  }
+
+  /** close descriptors the thread no longer uses (only ones lent to it: each exactly once) */
+  #release(slot: Slot, fds: readonly number[]): void {
+    for (const fd of fds) if (slot.fds.delete(fd)) closeFd(fd);
   }
 
   #post(slot: Slot, m: ToThread, transfer?: ArrayBuffer[]): void {
@@ -271,6 +286,7 @@ export class ConnThreads {
       return;
     }
     const gen = ranges ? this.#nextGen++ : 0;
+    this.#lend(r.slot, ranges);
     this.#post(r.slot, { t: 'map', c: r.id, gen, ranges });
     if (gen) Atomics.store(r.lease, GEN, gen);
   }
@@ -290,6 +306,7 @@ export class ConnThreads {
       abandon(r.lease);
       r.finish();
     }
+    this.#release(slot, [...slot.fds]);
     if (!slot.adopted && !this.#closed && !this.#disabled) {
       this.#disabled = true;
       this.#log.error('a connection thread exited before serving: NBD connections stay on the main thread');
@@ -297,6 +314,7 @@ export class ConnThreads {
   }
 
   #onMessage(slot: Slot, m: FromThread): void {
+    if (m.t === 'release') return this.#release(slot, m.fds);
     const r = this.#conns.get(m.c);
     if (!r) return;
     if (m.t === 'io') this.#io(r, m);

@@ -11,7 +11,7 @@ import type { Extent } from '../core/types.ts';
 import { BufferPool } from './buffer-pool.ts';
 import type { ConnMsg, FromThread, IoOp, IoReply, ThreadOptions, ToThread } from './conn-threads.ts';
 import type { ExportHandle, ExportInfo, FileRange } from './export.ts';
-import { closeFd, closeRanges, enter, leave } from './file-ranges.ts';
+import { closeFd, enter, leave } from './file-ranges.ts';
 import { Transmission, type TransmissionOptions } from './transmission.ts';
 
 const port = parentPort!;
@@ -29,6 +29,19 @@ const txOpts: TransmissionOptions = {
 
 function send(m: FromThread, transfer?: ArrayBuffer[]): void {
   port.postMessage(m, transfer);
+}
+
+/**
+ * Range descriptors are the main thread's: this thread hands them back when done with them
+ * and never closes one itself, so none is closed twice (a number closed here could belong to
+ * another file by the time the main thread closed it after this thread died) and none leaks.
+ */
+function release(fds: number[]): void {
+  if (fds.length > 0) send({ t: 'release', fds });
+}
+
+function rangeFds(ranges: readonly FileRange[] | null): number[] {
+  return (ranges ?? []).map((r) => r.fd);
 }
 
 /** one file range, open on this thread */
@@ -77,7 +90,7 @@ class ThreadExport implements ExportHandle {
     for (const s of this.#spans) this.#retire(s.dev);
     this.#spans = [];
     if (this.#closed) {
-      closeRanges(ranges);
+      release(rangeFds(ranges));
       return;
     }
     for (const r of ranges ?? []) {
@@ -92,7 +105,7 @@ class ThreadExport implements ExportHandle {
    * what this connection wrote there is made durable now, and a FLUSH waits for that.
    */
   #retire(dev: FileDev): void {
-    const p = dev.flush().finally(() => dev.close());
+    const p = dev.flush().finally(() => release([dev.detach()]));
     p.catch(noValue); // reported by the next FLUSH, which awaits `p` itself
     this.#retired.push(p);
   }
@@ -171,7 +184,7 @@ class ThreadExport implements ExportHandle {
     if (this.#closed) return;
     this.#closed = true;
     // no FLUSH asked for: the data stays in the page cache, as on the main thread
-    for (const s of this.#spans) s.dev.close();
+    release(this.#spans.map((s) => s.dev.detach()));
     this.#spans = [];
     this.#gen = 0;
     served.delete(this.#c);
@@ -209,8 +222,8 @@ function adopt(m: ConnMsg): void {
   } catch (err) {
     // not a socket Node can wrap: drop the connection (the descriptor is ours to close)
     logger.warn(`connection thread cannot take a connection: ${(err as Error).message}`);
+    send({ t: 'adopted', c: m.c }); // first: should this thread die now, the main thread must not close it too
     closeFd(m.fd);
-    send({ t: 'adopted', c: m.c });
     handle.close();
     return;
   }
@@ -227,7 +240,7 @@ port.on('message', (m: ToThread) => {
   if (m.t === 'conn') return adopt(m);
   const s = served.get(m.c);
   if (!s) {
-    if (m.t === 'map') closeRanges(m.ranges);
+    if (m.t === 'map') release(rangeFds(m.ranges));
     return;
   }
   switch (m.t) {

@@ -8,7 +8,7 @@
  * a read-only device's file); the connection is an opener (EBUSY), and
  * `remove --force` ends it.
  */
-import { mkdtempSync, readdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readdirSync, readFileSync, readlinkSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { pathToFileURL } from 'node:url';
@@ -63,6 +63,19 @@ async function setup(threads: number, threadEntry?: URL): Promise<Setup> {
   const c = await serveAndOpen(server, join(dir, `s${n}.sock`), 'vol');
   clients.push(c);
   return { dm, server, c, a, b, modelA, modelB };
+}
+
+/** this process's descriptors open on `path` */
+function fdsOn(path: string): number {
+  let n = 0;
+  for (const fd of readdirSync('/proc/self/fd')) {
+    try {
+      if (readlinkSync(`/proc/self/fd/${fd}`) === path) n++;
+    } catch {
+      /* closed meanwhile */
+    }
+  }
+  return n;
 }
 
 async function read(c: RawNbd, offset: number, length: number): Promise<Buffer> {
@@ -231,6 +244,70 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     expect(readFileSync(a).subarray(0, 4096).equals(Buffer.alloc(4096, 0x66))).toBe(true);
     expect(server.stats.threaded).toBe(1);
     expect(dm.get('vol').openCount).toBe(1);
+  });
+
+  test('a thread that dies mid-transfer: its client sees a close, acknowledged writes stand, nothing of it is left open', async () => {
+    // the real thread entry, which dies (an uncaught error) once the test creates `trigger`
+    const trigger = join(dir, 'crash-now');
+    const crashing = join(dir, 'crashing-entry.mjs');
+    const realEntry = new URL('../../src/nbd/conn-worker-entry.mjs', import.meta.url).href;
+    writeFileSync(crashing, [
+      "import { existsSync } from 'node:fs';",
+      `await import(${JSON.stringify(realEntry)});`,
+      `setInterval(() => { if (existsSync(${JSON.stringify(trigger)})) throw new Error('connection thread crashed'); }, 5);`,
+      '',
+    ].join('\n'));
+    const { dm, server, c, a, modelA } = await setup(1, pathToFileURL(crashing));
+    const BLOCK = 4096;
+    const acked: number[] = [];
+    let sent = 0;
+    const pattern = (i: number): Buffer => Buffer.alloc(BLOCK, (i % 251) + 1);
+    const sendNext = (): void => {
+      if (sent < SIZE / BLOCK) c.send(CMD.WRITE, { offset: sent * BLOCK, payload: pattern(sent++) });
+    };
+    for (let i = 0; i < 16; i++) sendNext();
+    const connected = fdsOn(a); // the device's descriptors and the thread's own
+    let closed = false;
+    while (!closed) {
+      try {
+        const r = await c.readReply();
+        expect(r.kind === 'simple' && r.errno).toBe(0);
+        acked.push(Number(r.cookie) - 1); // cookies count from 1, in send order
+        if (acked.length === 32) writeFileSync(trigger, '');
+        sendNext();
+      } catch {
+        closed = true;
+      }
+    }
+    rmSync(trigger);
+    // the crash came mid-stream: some writes were answered, not all
+    expect(acked.length).toBeGreaterThanOrEqual(32);
+    expect(acked.length).toBeLessThan(SIZE / BLOCK);
+    const onDisk = readFileSync(a);
+    for (const i of acked) expect(onDisk.subarray(i * BLOCK, (i + 1) * BLOCK).equals(pattern(i))).toBe(true);
+    expect(onDisk.subarray(sent * BLOCK).equals(modelA.subarray(sent * BLOCK))).toBe(true);
+    // the connection is no longer an opener, and the thread's descriptors did not leak
+    for (let i = 0; i < 100 && dm.get('vol').openCount > 0; i++) await new Promise((res) => setTimeout(res, 20));
+    expect(dm.get('vol').openCount).toBe(0);
+    const afterCrash = fdsOn(a);
+    expect(afterCrash).toBeLessThan(connected);
+    // a new connection goes to a new thread, which serves the device as written
+    const c2 = await RawNbd.connect(join(dir, `s${seq - 1}.sock`));
+    clients.push(c2);
+    await c2.open('vol', { sr: true });
+    const last = acked[acked.length - 1]!;
+    expect((await read(c2, last * BLOCK, BLOCK)).equals(pattern(last))).toBe(true);
+    expect(server.stats.threaded).toBe(2);
+    expect(fdsOn(a)).toBe(connected);
+    c2.destroy();
+    for (let i = 0; i < 100 && dm.get('vol').openCount > 0; i++) await new Promise((res) => setTimeout(res, 20));
+    expect(fdsOn(a)).toBe(afterCrash); // what a connection that ended normally leaves
+    // the image is free again once the device goes: another device can lock it
+    await dm.remove('vol');
+    await dm.create('again', { table: `0 ${SECTORS} linear ${a} 0` });
+    expect((await dm.read('again', last * BLOCK, BLOCK)).equals(pattern(last))).toBe(true);
+    await dm.remove('again');
+    expect(fdsOn(a)).toBe(0);
   });
 
   test('a threaded connection is an opener; remove --force ends it', async () => {
