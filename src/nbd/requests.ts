@@ -9,6 +9,7 @@
  * (one chunk), the pieces are read one after another into the single reply buffer.
  */
 import type { Extent } from '../core/types.ts';
+import { SYNC_DONE } from '../core/file-dev.ts';
 import type { ExportHandle } from './export.ts';
 import type { BufferPool } from './buffer-pool.ts';
 import * as C from './constants.ts';
@@ -154,6 +155,12 @@ function readConcurrent(h: ExportHandle, r: Req, sink: PieceSink): void {
       started = h.read(piece, offset);
     } catch (err) {
       started = Promise.reject(err);
+    }
+    // read synchronously (page cache): sent before the next piece is read, so the client
+    // takes it in while this thread reads on; the last piece settles a turn later, as always
+    if (started === SYNC_DONE && pending > 1) {
+      settle(piece, offset, null);
+      continue;
     }
     started.then(
       () => settle(piece, offset, null),

@@ -121,6 +121,26 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     expect(server.stats.forwarded).toBe(threads > 0 ? 1 : 0); // the FLUSH (for the engine's part)
   });
 
+  test('large READs on a thread: <= 256 KiB OFFSET_DATA chunks, DONE on the last only, the right bytes', async () => {
+    const { server, c, modelA: model } = await setup(1);
+    // pipelined: each reply's pieces are sent as they are read, and must stay whole per chunk
+    const want = new Map<bigint, number>();
+    for (let i = 0; i < 6; i++) {
+      const off = (i % 3) * MiB + i * 512;
+      want.set(c.send(CMD.READ, { offset: off, length: MiB + 3 * 512 }), off);
+    }
+    const got = await c.collect([...want.keys()]);
+    for (const [k, off] of want) {
+      const chunks = got.get(k)!;
+      expect(chunks.length).toBe(5); // 4 x 256 KiB + 1536 bytes
+      expect(chunks.every((r) => r.kind === 'chunk' && r.type === 1 && r.data.length - 8 <= 256 * 1024)).toBe(true);
+      expect(chunks.map((r) => (r.kind === 'chunk' ? r.flags & 1 : -1))).toEqual([0, 0, 0, 0, 1]);
+      expect(readData(chunks, off, MiB + 3 * 512).equals(model.subarray(off, off + MiB + 3 * 512))).toBe(true);
+    }
+    expect(server.stats.threaded).toBe(1);
+    expect(server.stats.forwarded).toBe(0); // the thread read them itself
+  });
+
   test('suspend stops the thread\'s file I/O; reloads to another file, to zero and back take effect', async () => {
     const { dm, server, c, a, b, modelA, modelB } = await setup(1);
     const x = Buffer.alloc(8192, 0x5a);
