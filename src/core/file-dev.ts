@@ -52,10 +52,15 @@ const ZEROES = Buffer.alloc(1 << 20);
  * often. One slow call alone does not: on a busy machine a page-cache read is sometimes
  * preempted for a few tenths of a millisecond (measured: 5–11 such calls in 4 s of fio at
  * qd1, which with a back-off on every one kept the device on the pool a quarter of the time).
- * `DMKIT_SYNC_IO=<bytes>` sets the largest synchronous request (0 turns it off).
+ * `DMKIT_SYNC_IO=<bytes>` sets the largest synchronous read (0 turns the synchronous path off),
+ * `DMKIT_SYNC_WRITE=<bytes>` the largest synchronous write (default four times that: a cached
+ * 1 MiB write done here beat the pool's, where concurrent writes queue on the file's lock).
+ * A call counts as slow above SYNC_SLOW_MS per SYNC_SLOW_UNIT bytes (a 1 MiB copy takes
+ * longer than a 4 KiB one without reaching the disk).
  */
 export const SYNC_IO_MAX_DEFAULT = 256 * 1024;
 export const SYNC_SLOW_MS = 0.2;
+export const SYNC_SLOW_UNIT = 256 * 1024;
 export const SYNC_BACKOFF_MS = 100;
 export const SYNC_SLOW_RUN = 2;
 /**
@@ -83,8 +88,10 @@ function takeSyncTurn(bytes: number): boolean {
 
 export interface FileDevOptions {
   readOnly?: boolean;
-  /** largest request served synchronously while fast (default DMKIT_SYNC_IO or 256 KiB; 0 = never) */
+  /** largest read served synchronously while fast (default DMKIT_SYNC_IO or 256 KiB; 0 = never) */
   syncIoMax?: number;
+  /** largest write served synchronously while fast (default DMKIT_SYNC_WRITE or 4 x syncIoMax) */
+  syncWriteMax?: number;
   /** SYNC_SLOW_RUN synchronous calls in a row slower than this (ms) send I/O back to the pool (default 0.2) */
   syncSlowMs?: number;
   /** for this long (ms) (default 100) */
@@ -129,6 +136,7 @@ export class FileDev implements BlockDev {
   #locked = true;
   /** largest request done synchronously (0: never) */
   readonly #syncMax: number;
+  readonly #syncWriteMax: number;
   readonly #syncSlowMs: number;
   readonly #syncBackoffMs: number;
   /** synchronous I/O is off until this time (performance.now() ms) after slow calls */
@@ -144,6 +152,7 @@ export class FileDev implements BlockDev {
     this.sectors = sectors;
     this.readOnly = !!opts.readOnly;
     this.#syncMax = opts.syncIoMax ?? envCount('DMKIT_SYNC_IO', SYNC_IO_MAX_DEFAULT);
+    this.#syncWriteMax = opts.syncWriteMax ?? envCount('DMKIT_SYNC_WRITE', 4 * this.#syncMax);
     this.#syncSlowMs = opts.syncSlowMs ?? SYNC_SLOW_MS;
     this.#syncBackoffMs = opts.syncBackoffMs ?? SYNC_BACKOFF_MS;
   }
@@ -257,10 +266,10 @@ export class FileDev implements BlockDev {
     return true;
   }
 
-  /** after a synchronous call started at t0: back off to the pool after a run of slow ones */
-  #timed(t0: number): void {
+  /** after a synchronous call of `bytes` started at t0: back off to the pool after a run of slow ones */
+  #timed(t0: number, bytes: number): void {
     const t = performance.now();
-    if (t - t0 <= this.#syncSlowMs) this.#slowRun = 0;
+    if (t - t0 <= this.#syncSlowMs * Math.max(1, bytes / SYNC_SLOW_UNIT)) this.#slowRun = 0;
     else if (++this.#slowRun >= SYNC_SLOW_RUN) {
       this.#slowRun = 0;
       this.#asyncUntil = t + this.#syncBackoffMs;
@@ -282,7 +291,7 @@ export class FileDev implements BlockDev {
     } catch (err) {
       return Promise.reject(toBlockError(err));
     } finally {
-      this.#timed(t0);
+      this.#timed(t0, buf.length);
     }
     return RESOLVED;
   }
@@ -294,7 +303,7 @@ export class FileDev implements BlockDev {
     } catch (err) {
       return Promise.reject(toBlockError(err));
     } finally {
-      this.#timed(t0);
+      this.#timed(t0, buf.length);
     }
     Atomics.store(this.#state, DIRTY, 1);
     if (!fua) return RESOLVED;
@@ -323,7 +332,7 @@ export class FileDev implements BlockDev {
   #write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
     if (this.readOnly) return Promise.reject(new BlockError('EROFS', `${this.path} is open read-only`));
     const len = buf.length;
-    if (len <= this.#syncMax && this.#syncOk(len)) return this.#writeSync(buf, pos, fua);
+    if (len <= this.#syncWriteMax && this.#syncOk(len)) return this.#writeSync(buf, pos, fua);
     return new Promise((resolve, reject) => {
       fs.write(this.#fd, buf, 0, len, pos, (err, n) => {
         if (err) reject(toBlockError(err));
