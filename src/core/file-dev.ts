@@ -134,8 +134,9 @@ export class FileDev implements BlockDev {
   #closed = false;
   /** this FileDev took the flock (open), rather than adopting a duplicate of a locked fd */
   #locked = true;
-  /** largest request done synchronously (0: never) */
+  /** largest read done synchronously (0: never) */
   readonly #syncMax: number;
+  /** largest write done synchronously (0: never) */
   readonly #syncWriteMax: number;
   readonly #syncSlowMs: number;
   readonly #syncBackoffMs: number;
