@@ -16,7 +16,7 @@ import { afterAll, beforeAll, describe, expect, test } from 'vitest';
 import { DeviceMapper } from '../../src/index.ts';
 import { deviceExports } from '../../src/nbd/provider.ts';
 import { NbdServer } from '../../src/nbd/server.ts';
-import { prng } from '../compliance/helpers.ts';
+import { prng, waitFor } from '../compliance/helpers.ts';
 import { cleanup, daemonPid, image, ok as cli, sandbox } from '../helpers/daemon.ts';
 import { devUri } from '../helpers/daemon-nbd.ts';
 import { serveAndOpen } from '../helpers/nbd-file-provider.ts';
@@ -254,7 +254,7 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     // the client handed to the dead thread is not left hanging: its connection closes
     await expect(c.roundTrip(CMD.READ, { offset: 0, length: 4096 })).rejects.toThrow();
     expect(server.stats.threaded).toBe(1);
-    for (let i = 0; i < 100 && dm.get('vol').openCount > 0; i++) await new Promise((res) => setTimeout(res, 20));
+    await waitFor(() => dm.get('vol').openCount === 0, 'the connection to let go of vol');
     expect(dm.get('vol').openCount).toBe(0);
     const c2 = await RawNbd.connect(join(dir, `s${seq - 1}.sock`));
     clients.push(c2);
@@ -307,7 +307,7 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     for (const i of acked) expect(onDisk.subarray(i * BLOCK, (i + 1) * BLOCK).equals(pattern(i))).toBe(true);
     expect(onDisk.subarray(sent * BLOCK).equals(modelA.subarray(sent * BLOCK))).toBe(true);
     // the connection is no longer an opener, and the thread's descriptors did not leak
-    for (let i = 0; i < 100 && dm.get('vol').openCount > 0; i++) await new Promise((res) => setTimeout(res, 20));
+    await waitFor(() => dm.get('vol').openCount === 0, 'the connection to let go of vol');
     expect(dm.get('vol').openCount).toBe(0);
     const afterCrash = fdsOn(a);
     expect(afterCrash).toBeLessThan(connected);
@@ -320,7 +320,7 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     expect(server.stats.threaded).toBe(2);
     expect(fdsOn(a)).toBe(connected);
     c2.destroy();
-    for (let i = 0; i < 100 && dm.get('vol').openCount > 0; i++) await new Promise((res) => setTimeout(res, 20));
+    await waitFor(() => dm.get('vol').openCount === 0, 'the connection to let go of vol');
     expect(fdsOn(a)).toBe(afterCrash); // what a connection that ended normally leaves
     // the image is free again once the device goes: another device can lock it
     await dm.remove('vol');

@@ -29,6 +29,11 @@ function read(d: FileDev, sector: number, bytes: number): { bio: Bio; p: Promise
   return { bio, p: d.submit(bio) };
 }
 
+function write(d: FileDev, sector: number, bytes: number, fill: number): { data: Buffer; p: Promise<void> } {
+  const data = Buffer.alloc(bytes, fill);
+  return { data, p: d.submit({ op: 'write', sector, sectors: bytes / 512, data, flags: {} }) };
+}
+
 /** true when `p` settles within a few microtask turns, i.e. without an event-loop turn */
 async function settledAtOnce(p: Promise<unknown>): Promise<boolean> {
   let settled = false;
@@ -67,29 +72,25 @@ describe('FileDev I/O paths', () => {
 
   it('writes are synchronous up to four times the read limit (or syncWriteMax), not above', async () => {
     const d = open({ syncIoMax: 64 * 1024, syncSlowMs: 1000 });
-    const write = (sector: number, bytes: number, fill: number): { data: Buffer; p: Promise<void> } => {
-      const data = Buffer.alloc(bytes, fill);
-      return { data, p: d.submit({ op: 'write', sector, sectors: bytes / 512, data, flags: {} }) };
-    };
-    const w256 = write(0, 256 * 1024, 0x11);
+    const w256 = write(d, 0, 256 * 1024, 0x11);
     expect(await settledAtOnce(w256.p)).toBe(true);
     const r128 = read(d, 0, 128 * 1024); // reads keep the 64 KiB limit
     expect(await settledAtOnce(r128.p)).toBe(false);
     await r128.p;
     expect(r128.bio.data.equals(w256.data.subarray(0, 128 * 1024))).toBe(true);
-    const big = write(1024, 256 * 1024 + 512, 0x22);
+    const big = write(d, 1024, 256 * 1024 + 512, 0x22);
     expect(await settledAtOnce(big.p)).toBe(false);
     await big.p;
     devs.pop()!.close();
     const none = open({ syncIoMax: 64 * 1024, syncWriteMax: 0 });
-    const small = none.submit({ op: 'write', sector: 2048, sectors: 1, data: Buffer.alloc(512, 0x33), flags: {} });
-    expect(await settledAtOnce(small)).toBe(false);
-    await small;
+    const small = write(none, 2048, 512, 0x33);
+    expect(await settledAtOnce(small.p)).toBe(false);
+    await small.p;
     expect(await settledAtOnce(read(none, 0, 4096).p)).toBe(true);
     const content = fs.readFileSync(file);
     expect(content.subarray(0, 256 * 1024).equals(w256.data)).toBe(true);
     expect(content.subarray(1024 * 512, 1024 * 512 + big.data.length).equals(big.data)).toBe(true);
-    expect(content.subarray(2048 * 512, 2049 * 512).equals(Buffer.alloc(512, 0x33))).toBe(true);
+    expect(content.subarray(2048 * 512, 2049 * 512).equals(small.data)).toBe(true);
   });
 
   it('syncIoMax 0 sends every request through the pool', async () => {
