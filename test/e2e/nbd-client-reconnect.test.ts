@@ -9,7 +9,7 @@ import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
-import { afterAll, beforeEach, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { DeviceMapper } from '../../src/index.ts';
 import { nbdResolver } from '../../src/nbd/resolver.ts';
 import { FaultProxy } from '../helpers/proxy.ts';
@@ -25,6 +25,8 @@ let proxy: FaultProxy;
 let dm: DeviceMapper;
 const model = Buffer.alloc(SIZE);
 let seed = 1;
+/** how nbdkit ended, if it did before the end of the file (with its stderr) */
+let nbdkitGone: string | null = null;
 
 async function startNbdkit(sock: string, args: string[]): Promise<ChildProcess> {
   const probe = spawnSync('nbdkit', ['--version'], { stdio: 'ignore' });
@@ -35,6 +37,9 @@ async function startNbdkit(sock: string, args: string[]): Promise<ChildProcess> 
   const proc = spawn('nbdkit', ['-f', '--exit-with-parent', '-U', sock, '-P', pid, ...args], { stdio: ['ignore', 'ignore', 'pipe'] });
   let stderr = '';
   proc.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  proc.once('exit', (code, signal) => {
+    nbdkitGone = `nbdkit exited (${signal ?? `status ${code}`}) during the tests: ${stderr.trim() || 'no stderr'}`;
+  });
   const deadline = Date.now() + 10_000;
   while (!fs.existsSync(pid) || fs.statSync(pid).size === 0) {
     if (proc.exitCode !== null || Date.now() > deadline) throw new Error(`nbdkit did not start: ${stderr}`);
@@ -105,12 +110,27 @@ function ready(): Promise<void> {
 
 beforeEach(ready);
 
+/** the server behind the proxy must live through every step: a failure names it, not a symptom */
+afterEach(() => {
+  if (nbdkitGone) throw new Error(nbdkitGone);
+});
+
 afterAll(async () => {
   await dm?.close();
   await proxy?.close();
-  if (server && server.exitCode === null) {
-    server.kill('SIGTERM');
-    await new Promise((r) => server!.once('exit', r));
+  if (server && server.exitCode === null && server.signalCode === null) {
+    const s = server;
+    const exited = new Promise((r) => s.once('exit', r));
+    s.kill('SIGTERM');
+    // an nbdkit that ignores SIGTERM is wedged: say so (the suite fails) instead of hanging here
+    let wedged = false;
+    const t = setTimeout(() => {
+      wedged = true;
+      s.kill('SIGKILL');
+    }, 5000);
+    await exited;
+    clearTimeout(t);
+    if (wedged) throw new Error('nbdkit did not exit within 5 s of SIGTERM (wedged): killed');
   }
   if (dir) fs.rmSync(dir, { recursive: true, force: true });
 });
