@@ -161,11 +161,6 @@ export class ReplyWriter {
     this.#send(header, r.buf, this.#releaser(r));
   }
 
-  /** one piece of a split structured READ; the last one carries DONE */
-  readPiece(r: Req, offset: number, data: Buffer, last: boolean): void {
-    this.#send(offsetDataHeader(r.cookieHi, r.cookieLo, last, offset, data.length), data, last ? this.#releaser(r) : undefined);
-  }
-
   /** BLOCK_STATUS chunk for [offset, offset+length) of the request */
   extents(r: Req, extents: readonly Extent[], length: number): void {
     const reqOne = (r.flags & C.CMD_FLAG_REQ_ONE) !== 0;

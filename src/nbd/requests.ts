@@ -3,10 +3,12 @@
  * on the export handle, where each command becomes one handle call whose promise settles
  * into the request's pre-bound callbacks (one hop).
  *
- * READs above READ_PIECE (256 KiB) are split, because page-cache reads slow down above
- * that size: with structured replies (and no DF) the pieces are read concurrently and each
- * is sent as its own OFFSET_DATA chunk as soon as it is ready; for simple replies, or DF
- * (one chunk), the pieces are read one after another into the single reply buffer.
+ * READs above READ_PIECE (256 KiB) are read in pieces, because page-cache reads slow down
+ * above that size: the pieces are read concurrently into the one reply buffer (a slow or
+ * remote device serves them in parallel; a cached file reads each synchronously), and the
+ * reply goes out whole once all are in: one OFFSET_DATA chunk under structured replies, or a
+ * simple reply. One chunk per READ, not one per piece: a client takes a 1 MiB reply in with
+ * one header and one receive loop, and fio 1 MiB reads ran 1.2x faster so (docs/benchmarks.md #40).
  */
 import type { Extent } from '../core/types.ts';
 import { SYNC_DONE } from '../core/file-dev.ts';
@@ -81,11 +83,8 @@ export function checkRequest(r: Req, ctx: CheckContext): number {
   return 0;
 }
 
-/** delivers one piece of a split structured READ; `last` is set on the final call */
-export type PieceSink = (r: Req, offset: number, data: Buffer, last: boolean) => void;
-
-/** start `r` on `h`; completion arrives through r.onOk / r.onErr / r.onExtents / sink */
-export function execute(h: ExportHandle, r: Req, structured: boolean, pool: BufferPool, sink: PieceSink): void {
+/** start `r` on `h`; completion arrives through r.onOk / r.onErr / r.onExtents */
+export function execute(h: ExportHandle, r: Req, pool: BufferPool): void {
   const fua = (r.flags & C.CMD_FLAG_FUA) !== 0;
   let p: Promise<unknown>;
   try {
@@ -93,9 +92,8 @@ export function execute(h: ExportHandle, r: Req, structured: boolean, pool: Buff
       case C.CMD_READ:
         r.pooled = pool.get(r.length);
         r.buf = r.pooled.length === r.length ? r.pooled : r.pooled.subarray(0, r.length);
-        if (r.length <= C.READ_PIECE) p = h.read(r.buf, r.offset);
-        else if (structured && (r.flags & C.CMD_FLAG_DF) === 0) return readConcurrent(h, r, sink);
-        else return void readSequential(h, r);
+        if (r.length > C.READ_PIECE) return readPieces(h, r);
+        p = h.read(r.buf, r.offset);
         break;
       case C.CMD_WRITE:
         p = h.write(r.buf!, r.offset, fua);
@@ -125,46 +123,32 @@ export function execute(h: ExportHandle, r: Req, structured: boolean, pool: Buff
   p.then(r.onOk, r.onErr);
 }
 
-async function readSequential(h: ExportHandle, r: Req): Promise<void> {
-  const buf = r.buf!;
-  try {
-    for (let p = 0; p < r.length; p += C.READ_PIECE) {
-      await h.read(buf.subarray(p, Math.min(p + C.READ_PIECE, r.length)), r.offset + p);
-    }
-  } catch (err) {
-    return r.onErr(err);
-  }
-  r.onOk();
-}
-
-function readConcurrent(h: ExportHandle, r: Req, sink: PieceSink): void {
+/**
+ * A large READ's pieces, read concurrently into r.buf; r.onOk or r.onErr once every piece
+ * has settled (a failed piece does not free the buffer while others still read into it).
+ * The final settlement is always a turn later, as for any handle call, even when every
+ * piece was read synchronously.
+ */
+function readPieces(h: ExportHandle, r: Req): void {
   const buf = r.buf!;
   let pending = Math.ceil(r.length / C.READ_PIECE);
   let failure: unknown = null;
-  const settle = (piece: Buffer, offset: number, err: unknown): void => {
-    pending--;
+  const settle = (err: unknown): void => {
     if (err !== null && failure === null) failure = err;
-    if (failure === null) sink(r, offset, piece, pending === 0);
-    else if (pending === 0) r.onErr(failure);
+    if (--pending > 0) return;
+    if (failure === null) r.onOk();
+    else r.onErr(failure);
   };
+  const ok = (): void => settle(null);
+  const fail = (err: unknown): void => settle(err ?? new Error('read failed'));
   for (let p = 0; p < r.length; p += C.READ_PIECE) {
-    const piece = buf.subarray(p, Math.min(p + C.READ_PIECE, r.length));
-    const offset = r.offset + p;
     let started: Promise<void>;
     try {
-      started = h.read(piece, offset);
+      started = h.read(buf.subarray(p, Math.min(p + C.READ_PIECE, r.length)), r.offset + p);
     } catch (err) {
       started = Promise.reject(err);
     }
-    // read synchronously (page cache): sent before the next piece is read, so the client
-    // takes it in while this thread reads on; the last piece settles a turn later, as always
-    if (started === SYNC_DONE && pending > 1) {
-      settle(piece, offset, null);
-      continue;
-    }
-    started.then(
-      () => settle(piece, offset, null),
-      (err: unknown) => settle(piece, offset, err ?? new Error('read failed')),
-    );
+    if (started === SYNC_DONE && pending > 1) settle(null);
+    else started.then(ok, fail);
   }
 }

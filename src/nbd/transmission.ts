@@ -347,7 +347,7 @@ export class Transmission {
   };
 
   #execute(r: Req): void {
-    execute(this.#handle, r, this.#ctx.structured, this.#opts.pool, this.#readPiece);
+    execute(this.#handle, r, this.#opts.pool);
   }
 
   // ------------------------------------------------------------ the read window
@@ -441,14 +441,6 @@ export class Transmission {
     }
     this.#retire(r);
   }
-
-  /** one piece of a split structured READ completed (called by requests.ts) */
-  readonly #readPiece = (r: Req, offset: number, data: Buffer, last: boolean): void => {
-    if (!r.replied) this.#out.readPiece(r, offset, data, last);
-    if (!last) return;
-    this.#readDone(r);
-    this.#retire(r);
-  };
 
   /** a READ the handle ran is over and its reply queued: the window moved */
   #readDone(r: Req): void {

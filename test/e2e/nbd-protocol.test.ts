@@ -162,23 +162,36 @@ describe('transmission', { timeout: 20_000 }, () => {
     expect(replyErrno(await c.roundTrip(CMD.CACHE, { offset: 0, length: MiB }))).toBe(0);
   });
 
-  test('large reads: split into ≤256 KiB OFFSET_DATA chunks under SR, one chunk with DF, one simple reply without SR', async () => {
+  test('large reads: one OFFSET_DATA chunk under SR (also with DF), one simple reply without SR', async () => {
     const sr = await client();
     await sr.open('disk', { sr: true });
-    const split = await sr.roundTrip(CMD.READ, { offset: MiB, length: 2 * MiB });
-    expect(split.length).toBe(8);
-    expect(split.every((r) => r.kind === 'chunk' && r.type === 1 && r.data.length - 8 <= 256 * 1024)).toBe(true);
-    expect(split.filter((r) => r.kind === 'chunk' && (r.flags & 1)).length).toBe(1);
-    expect(readData(split, MiB, 2 * MiB).equals(model.subarray(MiB, 3 * MiB))).toBe(true);
-    const df = await sr.roundTrip(CMD.READ, { offset: MiB, length: 2 * MiB, flags: FLAG.DF });
-    expect(df.length).toBe(1);
-    expect(readData(df, MiB, 2 * MiB).equals(model.subarray(MiB, 3 * MiB))).toBe(true);
+    for (const flags of [0, FLAG.DF]) {
+      const one = await sr.roundTrip(CMD.READ, { offset: MiB, length: 2 * MiB, flags });
+      expect(one.map((r) => (r.kind === 'chunk' ? [r.type, r.flags & 1, r.data.length - 8] : r.kind))).toEqual([[1, 1, 2 * MiB]]);
+      expect(readData(one, MiB, 2 * MiB).equals(model.subarray(MiB, 3 * MiB))).toBe(true);
+    }
     const simple = await client();
     await simple.open('disk');
     const whole = await simple.roundTrip(CMD.READ, { offset: 0, length: 8 * MiB });
     expect(whole.length).toBe(1);
     expect(whole[0]!.kind).toBe('simple');
     expect(sha256(readData(whole, 0, 8 * MiB))).toBe(sha256(model));
+  });
+
+  test('large reads: the device sees pieces of <= 256 KiB, all started before any is done', async () => {
+    const c = await client();
+    await c.open('held', { sr: true });
+    const data = Buffer.alloc(MiB);
+    for (let i = 0; i < MiB; i += 4096) data.fill(i >> 12, i, i + 4096);
+    expect(replyErrno(await c.roundTrip(CMD.WRITE, { offset: 0, payload: data }))).toBe(0);
+    const release = provider.hold('held');
+    const cookie = c.send(CMD.READ, { offset: 0, length: MiB - 512 });
+    await until(() => provider.parked('held').length === 4);
+    expect(provider.parked('held')).toEqual([256 * 1024, 256 * 1024, 256 * 1024, 256 * 1024 - 512]);
+    release();
+    const got = (await c.collect([cookie])).get(cookie)!;
+    expect(got.length).toBe(1);
+    expect(readData(got, 0, MiB - 512).equals(data.subarray(0, MiB - 512))).toBe(true);
   });
 
   test('BLOCK_STATUS: extents clipped to the request, REQ_ONE gives exactly one', async () => {

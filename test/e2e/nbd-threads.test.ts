@@ -121,9 +121,9 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     expect(server.stats.forwarded).toBe(threads > 0 ? 1 : 0); // the FLUSH (for the engine's part)
   });
 
-  test('large READs on a thread: <= 256 KiB OFFSET_DATA chunks, DONE on the last only, the right bytes', async () => {
-    const { server, c, modelA: model } = await setup(1);
-    // pipelined: each reply's pieces are sent as they are read, and must stay whole per chunk
+  test('large READs on a thread: one OFFSET_DATA chunk each with DONE, the right bytes; a failed piece fails the READ alone', async () => {
+    const { dm, server, c, a, modelA: model } = await setup(1);
+    // pipelined 1 MiB + 3 sectors: five pieces read into one buffer, sent as one chunk
     const want = new Map<bigint, number>();
     for (let i = 0; i < 6; i++) {
       const off = (i % 3) * MiB + i * 512;
@@ -132,13 +132,21 @@ describe('NBD connection threads', { timeout: 60_000 }, () => {
     const got = await c.collect([...want.keys()]);
     for (const [k, off] of want) {
       const chunks = got.get(k)!;
-      expect(chunks.length).toBe(5); // 4 x 256 KiB + 1536 bytes
-      expect(chunks.every((r) => r.kind === 'chunk' && r.type === 1 && r.data.length - 8 <= 256 * 1024)).toBe(true);
-      expect(chunks.map((r) => (r.kind === 'chunk' ? r.flags & 1 : -1))).toEqual([0, 0, 0, 0, 1]);
+      expect(chunks.map((r) => (r.kind === 'chunk' ? [r.type, r.flags & 1, r.data.length - 8] : r.kind))).toEqual([[1, 1, MiB + 3 * 512]]);
       expect(readData(chunks, off, MiB + 3 * 512).equals(model.subarray(off, off + MiB + 3 * 512))).toBe(true);
     }
     expect(server.stats.threaded).toBe(1);
     expect(server.stats.forwarded).toBe(0); // the thread read them itself
+
+    // the last MiB errors: a READ whose last piece lands there gets one ERROR chunk (EIO) and
+    // no data, while the thread reads its first pieces from the file; the connection serves on
+    await dm.suspend('vol');
+    await dm.load('vol', `0 ${SECTORS - 2048} linear ${a} 0\n${SECTORS - 2048} 2048 error`);
+    await dm.resume('vol');
+    const bad = await c.roundTrip(CMD.READ, { offset: SIZE - 2 * MiB + 512, length: MiB });
+    expect(bad.map((r) => (r.kind === 'chunk' ? [r.type, r.flags & 1] : r.kind))).toEqual([[0x8001, 1]]);
+    expect(replyErrno(bad)).toBe(5);
+    expect((await read(c, SIZE - 2 * MiB - 4096, MiB)).equals(model.subarray(SIZE - 2 * MiB - 4096, SIZE - MiB - 4096))).toBe(true);
   });
 
   test('suspend stops the thread\'s file I/O; reloads to another file, to zero and back take effect', async () => {

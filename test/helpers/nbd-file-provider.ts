@@ -130,7 +130,8 @@ interface Entry {
   info: ExportInfo;
   memory?: MemoryBackend;
   handles: Set<{ gone: Array<() => void> }>;
-  held: Array<() => void> | null;
+  /** parked I/O while held: its length and how to let it go */
+  held: Array<{ length: number; go: () => void }> | null;
 }
 
 export class TestProvider implements ExportProvider {
@@ -177,8 +178,13 @@ export class TestProvider implements ExportProvider {
     return () => {
       const q = e.held ?? [];
       e.held = null;
-      for (const go of q) go();
+      for (const p of q) p.go();
     };
+  }
+
+  /** lengths of the I/O parked on `name` by hold(), in arrival order */
+  parked(name: string): number[] {
+    return (this.#exports.get(name)?.held ?? []).map((p) => p.length);
   }
 
   open(name: string): ExportHandle {
@@ -188,13 +194,14 @@ export class TestProvider implements ExportProvider {
     const state = { gone: [] as Array<() => void>, closed: false };
     e.handles.add(state);
     this.openHandles++;
-    const gate = (): Promise<void> => (e.held ? new Promise<void>((r) => e.held!.push(r)) : Promise.resolve());
+    const gate = (length = 0): Promise<void> =>
+      (e.held ? new Promise<void>((go) => e.held!.push({ length, go })) : Promise.resolve());
     const rw = (): void => {
       if (e.info.readOnly) throw new BlockError('EPERM', `${name} is read-only`);
     };
     return {
       info: e.info,
-      read: async (buf, offset) => { await gate(); await be.read(buf, offset); },
+      read: async (buf, offset) => { await gate(buf.length); await be.read(buf, offset); },
       write: async (buf, offset, fua) => {
         await gate();
         rw();
