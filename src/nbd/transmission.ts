@@ -4,7 +4,8 @@
  *
  * Hot path: on plain sockets reads are direct (direct-socket.ts): requests arrive in one
  * reused staging buffer, a WRITE payload is copied out of it into a pooled buffer, and the
- * rest of a payload spanning reads is read by the kernel straight into that buffer. On other
+ * rest of a payload spanning reads is read by the kernel straight into that buffer; after a
+ * large WRITE the next read takes a header alone, so the next large payload is not copied. On other
  * sockets (TLS) each read is a fresh chunk: a header is parsed in place (only a header split
  * across chunks is copied, into one reused 28-byte buffer), a WRITE payload is a slice of the
  * chunk when contiguous and copied only when it spans chunks. Request records are pooled with
@@ -114,6 +115,15 @@ export class Transmission {
   #parsing = false;
   /** direct reads: requests land here, and a spanning WRITE payload in its own buffer */
   #staging: Buffer | null = null;
+  /**
+   * direct reads: the next read takes one request header only. After a large WRITE's payload
+   * the next request is likely another: read alone, its header leaves the payload in the
+   * socket for the kernel to read straight into the payload's buffer, where a full staging
+   * read would take up to 64 KiB of it that must then be copied out (docs/benchmarks.md #43)
+   */
+  #headerOnly = false;
+  /** the first REQUEST_HEADER_SIZE bytes of staging */
+  #stagingHead: Buffer | null = null;
 
   /** no more requests are parsed (DISC seen, connection finishing, or protocol error) */
   #stopped = false;
@@ -130,6 +140,7 @@ export class Transmission {
     const direct = this.#staging && rewrapForDirectReads(session.socket, { buffer: this.#nextBuffer, data: this.#onDirect });
     if (!direct) this.#staging = null;
     else {
+      this.#stagingHead = this.#staging!.subarray(0, C.REQUEST_HEADER_SIZE);
       this.#socket = direct;
       session.onSocket?.(direct);
     }
@@ -193,20 +204,25 @@ export class Transmission {
   /** direct reads: where the next read goes (the rest of a spanning WRITE payload, or staging) */
   readonly #nextBuffer = (): Buffer => {
     const w = this.#wreq;
-    return w ? w.buf!.subarray(this.#wfill) : this.#staging!;
+    if (w) return w.buf!.subarray(this.#wfill);
+    return this.#headerOnly ? this.#stagingHead! : this.#staging!;
   };
 
   /** direct reads: `n` bytes arrived in `buf` (staging, or a payload's remainder) */
   readonly #onDirect = (n: number, buf: Buffer): boolean => {
-    if (buf !== this.#staging) {
+    if (buf !== this.#staging && buf !== this.#stagingHead) {
       const w = this.#wreq!;
       this.#wfill += n;
       if (this.#wfill === w.length) {
         this.#wreq = null;
+        this.#headerOnly = w.length >= DEFER_WRITE_MIN;
         this.#dispatch(w);
         if (!this.#paused && !this.#stopped && this.#overBudget()) this.#pause();
       }
-    } else if (this.#backlog) {
+      return !this.#paused;
+    }
+    this.#headerOnly = false;
+    if (this.#backlog) {
       this.#backlog = Buffer.concat([this.#backlog, buf.subarray(0, n)]);
     } else this.#parse(buf.subarray(0, n), true);
     return !this.#paused;

@@ -11,7 +11,7 @@
  *   fioSlice=0.5      seconds per fio run; each side's share of a pair is ctx.seconds split
  *                     into runs of about this length, A and B taking turns (A B B A …)
  *   ceiling=0         skip the nbdkit memory runs
- *   ref=dmkit         N1/N2 development aid: side B is a second dmkit daemon (on a copy of the
+ *   ref=dmkit         development aid: side B is a second dmkit daemon (on a copy of the
  *                     image: an image is flocked) instead of nbdkit, to compare two dmkit
  *                     set-ups side by side; with
  *   aEnv=K=V[;K=V]    environment for side A's server only (e.g. UV_THREADPOOL_SIZE=2)
@@ -189,6 +189,25 @@ function sideEnv(text: string | undefined): Record<string, string> {
   return out;
 }
 
+/**
+ * Side A, the dmkit daemon over the image, and side B, `nbdkit file` on the same image or
+ * (ref=dmkit) a second dmkit daemon on its copy; aEnv/bEnv add to each side's environment.
+ */
+function sides(ctx: BenchContext, f: Fixture, once: (srv: Server, seconds: number, seed: number) => Promise<ClientRun>,
+  warmupSeconds: number): { dmkit: ComparisonSide; nbdkit: ComparisonSide } {
+  const aEnv = { ...ctx.env, ...sideEnv(ctx.opts.aEnv) };
+  const bEnv = { ...ctx.env, ...sideEnv(ctx.opts.bEnv) };
+  const envText = (e: string | undefined): string => (e ? ` with ${e}` : '');
+  const dmkit = serverSide('dmkit', `dmkit daemon (node bin/dmkit.js daemon --foreground) exporting \`0 ${f.sectors} linear ${path.basename(f.image)} 0\` on its nbd.sock${envText(ctx.opts.aEnv)}`,
+    () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.image} 0`, aEnv), once, warmupSeconds);
+  const nbdkit = f.copy
+    ? serverSide('dmkit-b', `a second dmkit daemon on a copy of the image${envText(ctx.opts.bEnv)}`,
+      () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.copy} 0`, bEnv), once, warmupSeconds)
+    : serverSide('nbdkit-file', `nbdkit -f -U SOCK file ${path.basename(f.image)} (defaults)${envText(ctx.opts.bEnv)}`,
+      () => startNbdkit(ctx.tmpdir, 'file', [f.image], bEnv), once, warmupSeconds);
+  return { dmkit, nbdkit };
+}
+
 async function fioSuite(ctx: BenchContext, suite: 'N1' | 'N2', patterns: readonly FioPattern[]): Promise<Row[]> {
   const list = filtered(ctx, patterns);
   if (list.length === 0) return [];
@@ -199,16 +218,7 @@ async function fioSuite(ctx: BenchContext, suite: 'N1' | 'N2', patterns: readonl
   try {
     for (const p of list) {
       const once = fioOnce(ctx, p);
-      const aEnv = { ...ctx.env, ...sideEnv(ctx.opts.aEnv) };
-      const bEnv = { ...ctx.env, ...sideEnv(ctx.opts.bEnv) };
-      const envText = (e: string | undefined): string => (e ? ` with ${e}` : '');
-      const dmkit = serverSide('dmkit', `dmkit daemon (node bin/dmkit.js daemon --foreground) exporting \`0 ${f.sectors} linear ${path.basename(f.image)} 0\` on its nbd.sock${envText(ctx.opts.aEnv)}`,
-        () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.image} 0`, aEnv), once, ctx.warmupSeconds);
-      const nbdkit = f.copy
-        ? serverSide('dmkit-b', `a second dmkit daemon on a copy of the image${envText(ctx.opts.bEnv)}`,
-          () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.copy} 0`, bEnv), once, ctx.warmupSeconds)
-        : serverSide('nbdkit-file', `nbdkit -f -U SOCK file ${path.basename(f.image)} (defaults)${envText(ctx.opts.bEnv)}`,
-          () => startNbdkit(ctx.tmpdir, 'file', [f.image], bEnv), once, ctx.warmupSeconds);
+      const { dmkit, nbdkit } = sides(ctx, f, once, ctx.warmupSeconds);
       const ceilingSamples: Sample[] = [];
       const write = p.job.rw.endsWith('write');
       const row = await comparePairs(ctx, {
@@ -311,16 +321,16 @@ export const n3: Suite = {
     try {
       for (const p of list) {
         const once = async (srv: Server): Promise<ClientRun> => {
-          if (p.writes && srv !== f.ceiling) syncFile(f.image);
           warmPageCache(src, f.span);
-          if (srv !== f.ceiling) warmPageCache(f.image, f.span);
+          // the export's image (and with ref=dmkit the second daemon's copy: whichever is served)
+          for (const img of srv === f.ceiling ? [] : f.copy ? [f.image, f.copy] : [f.image]) {
+            if (p.writes) syncFile(img);
+            warmPageCache(img, f.span);
+          }
           const r = await runOk('nbdcopy', p.args(srv.uri, src), ctx.env);
           return { value: f.span / r.seconds, ops: 1, bytes: f.span, seconds: r.seconds };
         };
-        const dmkit = serverSide('dmkit', `dmkit daemon exporting \`0 ${f.sectors} linear ${path.basename(f.image)} 0\``,
-          () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.image} 0`, ctx.env), once, 1);
-        const nbdkit = serverSide('nbdkit-file', `nbdkit -f -U SOCK file ${path.basename(f.image)}`,
-          () => startNbdkit(ctx.tmpdir, 'file', [f.image], ctx.env), once, 1);
+        const { dmkit, nbdkit } = sides(ctx, f, once, 1);
         const ceilingSamples: Sample[] = [];
         const row = await comparePairs(ctx, {
           suite: 'N3', id: p.id, unit: 'MB/s', goal: 1.0, slices: 1,
