@@ -14,6 +14,7 @@
  *   ref=dmkit         development aid: side B is a second dmkit daemon (on a copy of the
  *                     image: an image is flocked) instead of nbdkit, to compare two dmkit
  *                     set-ups side by side; with
+ *   warmups=1         N3: untimed copies per server before the pairs
  *   aEnv=K=V[;K=V]    environment for side A's server only (e.g. UV_THREADPOOL_SIZE=2)
  *   bEnv=K=V[;K=V]    environment for side B's server only
  */
@@ -77,16 +78,21 @@ function valueOf(unit: Row['unit'], ops: number, bytes: number, seconds: number)
   return unit === 'MB/s' ? bytes / seconds : ops / seconds;
 }
 
-/** A server-backed side: `start` launches the server, each run is one client run against it. */
-function serverSide(name: string, detail: string, launch: () => Promise<Server>,
-  once: (srv: Server, seconds: number, seed: number) => Promise<ClientRun>,
-  warmupSeconds: number): ComparisonSide {
+type Once = (srv: Server, seconds: number, seed: number) => Promise<ClientRun>;
+/** untimed client runs against a freshly started server */
+type Warmup = (srv: Server) => Promise<void>;
+
+/**
+ * A server-backed side: `start` launches the server and warms it up, each run is one client
+ * run against it.
+ */
+function serverSide(name: string, detail: string, launch: () => Promise<Server>, once: Once, warmup: Warmup): ComparisonSide {
   return {
     name, detail,
     async start(): Promise<SideRunner> {
       const srv = await launch();
       try {
-        if (warmupSeconds > 0) await once(srv, warmupSeconds, 0x5a5a);
+        await warmup(srv);
       } catch (err) {
         await srv.stop();
         throw err;
@@ -193,18 +199,17 @@ function sideEnv(text: string | undefined): Record<string, string> {
  * Side A, the dmkit daemon over the image, and side B, `nbdkit file` on the same image or
  * (ref=dmkit) a second dmkit daemon on its copy; aEnv/bEnv add to each side's environment.
  */
-function sides(ctx: BenchContext, f: Fixture, once: (srv: Server, seconds: number, seed: number) => Promise<ClientRun>,
-  warmupSeconds: number): { dmkit: ComparisonSide; nbdkit: ComparisonSide } {
+function sides(ctx: BenchContext, f: Fixture, once: Once, warmup: Warmup): { dmkit: ComparisonSide; nbdkit: ComparisonSide } {
   const aEnv = { ...ctx.env, ...sideEnv(ctx.opts.aEnv) };
   const bEnv = { ...ctx.env, ...sideEnv(ctx.opts.bEnv) };
   const envText = (e: string | undefined): string => (e ? ` with ${e}` : '');
   const dmkit = serverSide('dmkit', `dmkit daemon (node bin/dmkit.js daemon --foreground) exporting \`0 ${f.sectors} linear ${path.basename(f.image)} 0\` on its nbd.sock${envText(ctx.opts.aEnv)}`,
-    () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.image} 0`, aEnv), once, warmupSeconds);
+    () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.image} 0`, aEnv), once, warmup);
   const nbdkit = f.copy
     ? serverSide('dmkit-b', `a second dmkit daemon on a copy of the image${envText(ctx.opts.bEnv)}`,
-      () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.copy} 0`, bEnv), once, warmupSeconds)
+      () => startDmkit(ctx.tmpdir, 'vol', `0 ${f.sectors} linear ${f.copy} 0`, bEnv), once, warmup)
     : serverSide('nbdkit-file', `nbdkit -f -U SOCK file ${path.basename(f.image)} (defaults)${envText(ctx.opts.bEnv)}`,
-      () => startNbdkit(ctx.tmpdir, 'file', [f.image], bEnv), once, warmupSeconds);
+      () => startNbdkit(ctx.tmpdir, 'file', [f.image], bEnv), once, warmup);
   return { dmkit, nbdkit };
 }
 
@@ -218,7 +223,9 @@ async function fioSuite(ctx: BenchContext, suite: 'N1' | 'N2', patterns: readonl
   try {
     for (const p of list) {
       const once = fioOnce(ctx, p);
-      const { dmkit, nbdkit } = sides(ctx, f, once, ctx.warmupSeconds);
+      const { dmkit, nbdkit } = sides(ctx, f, once, async (srv) => {
+        if (ctx.warmupSeconds > 0) await once(srv, ctx.warmupSeconds, 0x5a5a);
+      });
       const ceilingSamples: Sample[] = [];
       const write = p.job.rw.endsWith('write');
       const row = await comparePairs(ctx, {
@@ -306,7 +313,7 @@ export const n3: Suite = {
     'the dmkit daemon (`linear` over the export image) and `nbdkit -f -U SOCK file` on the same export image run ' +
     'for the whole comparison; each run is one `nbdcopy` with its defaults (both servers set CAN_MULTI_CONN, so ' +
     'nbdcopy opens one connection per core; no --flush), timed with hrtime from spawn to exit. One run per side ' +
-    'per pair (no slices), order alternating between pairs; each server first gets one untimed copy. Before every ' +
+    'per pair (no slices), order alternating between pairs; each server first gets one untimed copy (`--opt warmups=K`: K). Before every ' +
     'run (untimed): fdatasync of the export image when it is written, then a full read of the source and export ' +
     'images (hot page cache). Value = bytes copied / wall seconds; ratio = throughput ratio (= reference time / ' +
     'dmkit time). Before each pair one copy against `nbdkit memory` as the ceiling. RSS = server VmHWM after the ' +
@@ -314,6 +321,7 @@ export const n3: Suite = {
   async run(ctx: BenchContext): Promise<Row[]> {
     const list = filtered(ctx, N3_PATTERNS);
     if (list.length === 0) return [];
+    const warmups = Number(ctx.opts.warmups ?? 1);
     const f = await fixture(ctx, 'n3');
     const src = path.join(ctx.tmpdir, 'n3-src.img');
     createImage(src, f.span);
@@ -330,7 +338,9 @@ export const n3: Suite = {
           const r = await runOk('nbdcopy', p.args(srv.uri, src), ctx.env);
           return { value: f.span / r.seconds, ops: 1, bytes: f.span, seconds: r.seconds };
         };
-        const { dmkit, nbdkit } = sides(ctx, f, once, 1);
+        const { dmkit, nbdkit } = sides(ctx, f, once, async (srv) => {
+          for (let i = 0; i < warmups; i++) await once(srv);
+        });
         const ceilingSamples: Sample[] = [];
         const row = await comparePairs(ctx, {
           suite: 'N3', id: p.id, unit: 'MB/s', goal: 1.0, slices: 1,
