@@ -14,7 +14,8 @@
  *   ref=dmkit         development aid: side B is a second dmkit daemon (on a copy of the
  *                     image: an image is flocked) instead of nbdkit, to compare two dmkit
  *                     set-ups side by side; with
- *   warmups=1         N3: untimed copies per server before the pairs
+ *   warmups=3         N3: untimed copies per server before the pairs (a fresh daemon's
+ *                     connection threads run their JIT warm-up over about the first GiB each)
  *   aEnv=K=V[;K=V]    environment for side A's server only (e.g. UV_THREADPOOL_SIZE=2)
  *   bEnv=K=V[;K=V]    environment for side B's server only
  */
@@ -313,7 +314,7 @@ export const n3: Suite = {
     'the dmkit daemon (`linear` over the export image) and `nbdkit -f -U SOCK file` on the same export image run ' +
     'for the whole comparison; each run is one `nbdcopy` with its defaults (both servers set CAN_MULTI_CONN, so ' +
     'nbdcopy opens one connection per core; no --flush), timed with hrtime from spawn to exit. One run per side ' +
-    'per pair (no slices), order alternating between pairs; each server first gets one untimed copy (`--opt warmups=K`: K). Before every ' +
+    'per pair (no slices), order alternating between pairs; each server first gets three untimed copies (`--opt warmups=K`: K; a fresh daemon\'s connection threads warm up their JIT over the first GiB or so). Before every ' +
     'run (untimed): fdatasync of the export image when it is written, then a full read of the source and export ' +
     'images (hot page cache). Value = bytes copied / wall seconds; ratio = throughput ratio (= reference time / ' +
     'dmkit time). Before each pair one copy against `nbdkit memory` as the ceiling. RSS = server VmHWM after the ' +
@@ -321,7 +322,7 @@ export const n3: Suite = {
   async run(ctx: BenchContext): Promise<Row[]> {
     const list = filtered(ctx, N3_PATTERNS);
     if (list.length === 0) return [];
-    const warmups = Number(ctx.opts.warmups ?? 1);
+    const warmups = Number(ctx.opts.warmups ?? 3);
     const f = await fixture(ctx, 'n3');
     const src = path.join(ctx.tmpdir, 'n3-src.img');
     createImage(src, f.span);
