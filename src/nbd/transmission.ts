@@ -5,12 +5,12 @@
  * Hot path: on plain sockets reads are direct (direct-socket.ts): requests arrive in one
  * reused staging buffer, a WRITE payload is copied out of it into a pooled buffer, and the
  * rest of a payload spanning reads is read by the kernel straight into that buffer; after a
- * large WRITE the next read takes a header alone, so the next large payload is not copied. On other
- * sockets (TLS) each read is a fresh chunk: a header is parsed in place (only a header split
- * across chunks is copied, into one reused 28-byte buffer), a WRITE payload is a slice of the
- * chunk when contiguous and copied only when it spans chunks. Request records are pooled with
- * their completion callbacks pre-bound, so a request costs one `then` on the handle's promise
- * plus its reply header. Replies completing in one tick are corked into a single writev, and
+ * large WRITE the next read takes a header alone, so the next large payload is not copied.
+ * On other sockets (TLS) each read is a fresh chunk: a header is parsed in place (only a
+ * header split across chunks is copied, into one reused 28-byte buffer), a WRITE payload is a
+ * slice of the chunk when contiguous and copied only when it spans chunks. Request records
+ * are pooled with their completion callbacks pre-bound, so a request costs one `then` on the
+ * handle's promise plus its reply header. Replies completing in one tick are corked into a single writev, and
  * a header and its data are always queued back to back, so replies never interleave.
  * READ buffers and copied WRITE payloads come from the server's BufferPool and go back only
  * after the handle call succeeded (and, for READs, the socket write finished): a handle must
