@@ -12,7 +12,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, test } from 'vitest';
-import { cleanup, daemonPid, dmkit, ok as cli, sandbox, signalDaemon, waitGone, type Sandbox } from '../helpers/daemon.ts';
+import { cleanup, daemonPid, dmkit, ok as cli, sandbox, sandboxDaemon, signalDaemon, waitGone, type Sandbox } from '../helpers/daemon.ts';
 import { devUri, firstDiff, Nbdsh, scatterStripes, sparseFile, streaming } from '../helpers/daemon-nbd.ts';
 import { ok, requireTools } from '../helpers/nbd-tools.ts';
 
@@ -125,7 +125,8 @@ describe('daemon killed or stopped under NBD clients', { timeout: 60_000 }, () =
     await s.ok(`c = h.aio_pwrite(b"\\x42" * 4096, 0)
 for _ in range(3): h.poll(20)`);
     expect(await s.ok('result = h.aio_command_completed(c)')).toBe(false);
-    const pid = daemonPid(sb);
+    const pid = sandboxDaemon(sb);
+    expect(pid).toBeGreaterThan(0);
     process.kill(pid, 'SIGTERM');
     const r = await s.run(`done, n = False, 0
 while not done and n < 300:

@@ -37,11 +37,8 @@ const children = new Set<ChildProcess>();
 process.on('exit', () => {
   for (const c of children) c.kill('SIGKILL');
   for (const sb of live) {
-    try {
-      process.kill(daemonPid(sb), 'SIGKILL');
-    } catch {
-      /* not running */
-    }
+    const pid = sandboxDaemon(sb);
+    if (pid) process.kill(pid, 'SIGKILL');
   }
 });
 
@@ -120,6 +117,25 @@ export function daemonPid(sb: Sandbox): number {
   return Number(fs.readFileSync(sb.pidFile, 'utf8').trim());
 }
 
+/**
+ * The pid in the sandbox's pid file if that process is alive and is this sandbox's daemon
+ * (its environment names the sandbox's runtime dir), else 0. A daemon killed with SIGKILL
+ * leaves its pid file behind, and on a machine with pid_max 32768 a test run goes round the
+ * pids: a signal sent to the stale pid hit whatever process had it by then (an nbdkit of
+ * another test file, which then stopped serving mid-test).
+ */
+export function sandboxDaemon(sb: Sandbox): number {
+  let pid: number;
+  let environ: string;
+  try {
+    pid = daemonPid(sb);
+    environ = fs.readFileSync(`/proc/${pid}/environ`, 'latin1');
+  } catch {
+    return 0;
+  }
+  return isAlive(pid) && environ.split('\0').includes(`DMKIT_RUNTIME_DIR=${sb.runtimeDir}`) ? pid : 0;
+}
+
 /** running, and not a zombie waiting for init to reap it */
 export function isAlive(pid: number): boolean {
   try {
@@ -140,7 +156,8 @@ export async function waitGone(pid: number, limitMs = 30_000): Promise<void> {
 
 /** Signal the daemon and wait until it is gone. Returns its pid. */
 export async function signalDaemon(sb: Sandbox, signal: NodeJS.Signals): Promise<number> {
-  const pid = daemonPid(sb);
+  const pid = sandboxDaemon(sb);
+  if (!pid) throw new Error(`no daemon of this sandbox is running (pid file: ${fs.existsSync(sb.pidFile) ? daemonPid(sb) : 'none'})`);
   process.kill(pid, signal);
   await waitGone(pid);
   return pid;
@@ -149,13 +166,8 @@ export async function signalDaemon(sb: Sandbox, signal: NodeJS.Signals): Promise
 /** Stop whatever daemon the sandbox has and delete the sandbox. */
 export async function cleanup(sb: Sandbox): Promise<void> {
   live.delete(sb);
-  let pid = 0;
-  try {
-    pid = daemonPid(sb);
-  } catch {
-    /* none */
-  }
-  if (pid && isAlive(pid)) {
+  const pid = sandboxDaemon(sb);
+  if (pid) {
     process.kill(pid, 'SIGTERM');
     await waitGone(pid, 15_000).catch(() => process.kill(pid, 'SIGKILL'));
   }
