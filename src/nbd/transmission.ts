@@ -10,8 +10,9 @@
  * header split across chunks is copied, into one reused 28-byte buffer), a WRITE payload is a
  * slice of the chunk when contiguous and copied only when it spans chunks. Request records
  * are pooled with their completion callbacks pre-bound, so a request costs one `then` on the
- * handle's promise plus its reply header. Replies completing in one tick are corked into a single writev, and
- * a header and its data are always queued back to back, so replies never interleave.
+ * handle's promise plus its reply header. Replies completing in one tick are corked into a
+ * single writev, and a header and its data are always queued back to back, so replies never
+ * interleave.
  * READ buffers and copied WRITE payloads come from the server's BufferPool and go back only
  * after the handle call succeeded (and, for READs, the socket write finished): a handle must
  * not touch a buffer once its promise has resolved, as a dm target may not touch a bio's
@@ -71,6 +72,8 @@ const FREE_REQS_MAX = 256;
 const SOCKET_BYTES_PER_MS = 4e6;
 /** WRITEs from this size on start after the turn's socket reads (#startWrites) */
 const DEFER_WRITE_MIN = 64 * 1024;
+/** after a WRITE payload of this size read directly, the next read takes a header alone (#headerOnly) */
+const HEADER_ALONE_AFTER = 64 * 1024;
 /** how many recent READ times the device's READ time is taken from */
 const READ_SAMPLES = 8;
 const SHUTDOWN_MESSAGE = 'export is shutting down';
@@ -215,7 +218,7 @@ export class Transmission {
       this.#wfill += n;
       if (this.#wfill === w.length) {
         this.#wreq = null;
-        this.#headerOnly = w.length >= DEFER_WRITE_MIN;
+        this.#headerOnly = w.length >= HEADER_ALONE_AFTER;
         this.#dispatch(w);
         if (!this.#paused && !this.#stopped && this.#overBudget()) this.#pause();
       }

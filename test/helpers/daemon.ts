@@ -121,8 +121,8 @@ export function daemonPid(sb: Sandbox): number {
  * The pid in the sandbox's pid file if that process is alive and is this sandbox's daemon
  * (its environment names the sandbox's runtime dir), else 0. A daemon killed with SIGKILL
  * leaves its pid file behind, and on a machine with pid_max 32768 a test run goes round the
- * pids: a signal sent to the stale pid hit whatever process had it by then (an nbdkit of
- * another test file, which then stopped serving mid-test).
+ * pids: a signal sent to the stale pid would hit whatever process had it by then (an nbdkit
+ * of another test file, say, which would then stop serving mid-test).
  */
 export function sandboxDaemon(sb: Sandbox): number {
   let pid: number;
