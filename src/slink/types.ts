@@ -1,0 +1,129 @@
+/**
+ * The site link (slink) interface: a transport from a replicator to one site. Slink 0 is the
+ * local site; slinks 1 … N are remote. The replicator owns everything that is replication
+ * (log order, epochs, policies, fall-behind, dirty logs, resync); a slink only carries I/O
+ * to its site's devices and says whether they work. Network transports (nbd, tcp) implement
+ * the same interface as `blockdev`, and the slink compliance suite runs against each.
+ *
+ * Slinks are created only through the registry (`createSlink` in registry.ts). Every member
+ * is called from the single-threaded event loop. Promises reject with a `BlockError`
+ * (errno code); what the caller does with each is stated per member.
+ */
+import type { Bio } from '../core/bio.ts';
+import type { Logger } from '../core/log.ts';
+import type { BlockDev, StatusType } from '../core/types.ts';
+
+/** What a slink may use: the replicator's context. */
+export interface SlinkContext {
+  /** the control (replicator) device's name, for messages */
+  readonly device: string;
+  /** raise an event on the control device (the site went down or came back) */
+  event(): void;
+  readonly log: Logger;
+}
+
+/** What attaching one device may use: the replicator-dev's context (its table opens the device). */
+export interface SlinkDeviceContext {
+  /** the replicator-dev's device name, for messages */
+  readonly device: string;
+  /** open a device by reference (released by the core with the replicator-dev's table) */
+  open(ref: string): Promise<BlockDev>;
+  /** the replicator-dev's length in sectors: the remote device must hold it */
+  readonly length: number;
+}
+
+/**
+ * One device at the site. Its `submit` carries writes (with `fua`), discards, write-zeroes
+ * and flushes, and reads (resync verification, digests); sectors are relative to the
+ * device's start at the site. It is a `BlockDev`, so the copy service can resync into it.
+ */
+export interface RemoteDevice extends BlockDev {
+  /** the group's device number */
+  readonly devNr: number;
+  /**
+   * Any I/O. Resolves when the site has it (a write with `fua`, and a flush, once it is
+   * durable there). Rejects with EIO (or ENXIO, ETIMEDOUT, ECONNRESET … for network
+   * transports) when the site failed it: the replicator marks the slink down, keeps the
+   * entry for a later retry and retests the slink. May wait as long as the transport's own
+   * timeouts allow, never forever.
+   */
+  submit(bio: Bio): Promise<void>;
+  /**
+   * Does the device work again? Called by the replicator's retest timer after a failure.
+   * Resolves when it does (e.g. a flush succeeded); rejects with the reason otherwise.
+   */
+  test(): Promise<void>;
+  /**
+   * Optional: digests of `sectors` sectors from `sector` on, in blocks of `blockSectors`,
+   * computed at the site (checksum resync and verify). Absent = the replicator reads the
+   * blocks through `submit` and hashes them itself.
+   */
+  digest?(sector: number, sectors: number, blockSectors: number): Promise<Buffer[]>;
+  /** the replicator-dev's `<dev_params…>` for this device (status table), e.g. `['/img/b.img']` */
+  params(): string[];
+  /** The replicator-dev's table is destroyed. No I/O is in flight. Never rejects. */
+  detach(): Promise<void>;
+}
+
+export interface SiteLink {
+  /** the registered type name as the table gave it (`blockdev`, `local`, …) */
+  readonly type: string;
+  /** the slink number: 0 local, 1 … N remote */
+  readonly slink: number;
+  /** how long after a failure the replicator calls `test()` again, in milliseconds */
+  readonly retestMs: number;
+  /**
+   * replicator-dev's constructor: open the site's device from `params` (the tuple's
+   * `<dev_params…>`) through `ctx`. Throws `TargetArgError` naming the bad parameter, or
+   * when the device cannot be opened or is smaller than `ctx.length` ("device too small").
+   */
+  attach(ctx: SlinkDeviceContext, devNr: number, params: readonly string[]): Promise<RemoteDevice>;
+  /**
+   * The transport options as `key=value` words for the replicator's status table (those
+   * given, in their order; empty when none), which `createSlink` accepts back.
+   */
+  options(): string[];
+  /** `info` part of the replicator's per-slink status (may be empty): transport state such as a peer address */
+  status(type: StatusType): string;
+  /** The replicator's table is destroyed: close connections, stop timers. Never rejects. */
+  destroy(): Promise<void>;
+}
+
+/** A registered transport. */
+export interface SiteLinkType {
+  readonly name: string;
+  /** other names the table may use (blockdev: `local`) */
+  readonly aliases?: readonly string[];
+  /**
+   * Create the slink from its number and transport options (`key=value` words of the
+   * slink's parameters, in order, already split from policy and fall-behind). Throws
+   * `TargetArgError` naming an unknown key or a bad value.
+   */
+  create(ctx: SlinkContext, slink: number, options: readonly string[]): Promise<SiteLink> | SiteLink;
+}
+
+/** Synchronous or asynchronous shipping, and what an async slink does when it falls behind. */
+export interface SlinkPolicy {
+  readonly mode: 'sync' | 'async';
+  /** `+stall`: block writers; `+pull-ahead`: go to the dirty logs; none: switch to synchronous */
+  readonly onFallBehind: 'sync' | 'stall' | 'pull-ahead';
+}
+
+/** A fall-behind threshold: outstanding ios, outstanding sectors, or age of the oldest unshipped entry. */
+export type FallBehind =
+  | { readonly kind: 'ios'; readonly value: number }
+  | { readonly kind: 'size'; readonly sectors: number; readonly text: string }
+  | { readonly kind: 'timeout'; readonly ms: number; readonly text: string };
+
+/** A slink's parameters from the replicator's table: `<slink#> [<policy> [<fallbehind>]] [<key>=<value>…]`. */
+export interface SlinkParams {
+  readonly slink: number;
+  readonly policy: SlinkPolicy;
+  /** the policy as written (`async+pull-ahead`), for status table; null when left out */
+  readonly policyText: string | null;
+  readonly fallBehind: FallBehind | null;
+  /** the fall-behind as written (`size 64m`, `ios=100`), for status table */
+  readonly fallBehindText: string | null;
+  /** transport `key=value` words, in order */
+  readonly options: readonly string[];
+}
