@@ -133,7 +133,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     let p: Promise<void>;
     if (bio.flags.preflush && bio.op !== 'flush') {
       const rest: Bio = { op: bio.op, sector: bio.sector, sectors: bio.sectors, data: bio.data, flags: { fua: bio.flags.fua, noUnmap: bio.flags.noUnmap } };
-      p = flushTable(table).then(() => route(table, rest));
+      p = table.flushTargets.length ? flushTable(table).then(() => route(table, rest)) : route(table, rest);
     } else {
       p = route(table, bio);
     }
@@ -296,12 +296,17 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   }
 }
 
-/** Send a flush to every target of a table. */
+/**
+ * Send a flush to every target of a table that takes flushes (dm's per-target
+ * `num_flush_bios`): `error` and `zero` lines get none, so a table of only such lines
+ * flushes at once and successfully, as in the kernel.
+ */
 export function flushTable(table: Table): Promise<void> {
+  const targets = table.flushTargets;
+  if (targets.length === 0) return Promise.resolve();
   const flush: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
-  const entries = table.entries;
-  if (entries.length === 1) return entries[0]!.target.map(flush);
-  return settleAll(entries.map((e) => e.target.map(flush)));
+  if (targets.length === 1) return targets[0]!.map(flush);
+  return settleAll(targets.map((t) => t.map(flush)));
 }
 
 /**

@@ -22,6 +22,8 @@ export class Table {
   readonly readOnly: boolean;
   /** references of the devices the table opened (deps) */
   readonly deps: readonly string[];
+  /** the targets a flush goes to: those that take flushes (`Target.flushBios` ≠ 0), in table order */
+  readonly flushTargets: readonly Target[];
   readonly #release: Array<() => void>;
   #destroyed = false;
 
@@ -32,6 +34,7 @@ export class Table {
     this.readOnly = readOnly;
     const last = entries[entries.length - 1];
     this.sectors = last ? last.end : 0;
+    this.flushTargets = entries.filter((e) => e.target.flushBios !== 0).map((e) => e.target);
   }
 
   /** index of the entry covering `sector` (binary search; sector < this.sectors) */

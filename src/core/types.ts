@@ -75,6 +75,14 @@ export interface Target {
   destroy?(): Promise<void> | void;
   /** split bios so none crosses a multiple of this many sectors from the target start */
   readonly maxIoSectors?: number;
+  /**
+   * Flushes this target takes (dm's `num_flush_bios`). 0: the core never sends it a flush,
+   * neither a device flush nor the flush before a `preflush` bio, so a flush of a table
+   * succeeds whatever such a line would do with it (`error`, `zero`: nothing below them to
+   * make durable). 1 (default, when absent): one flush bio per flush of the device, which
+   * the target passes on to every device below it that its semantics require.
+   */
+  readonly flushBios?: 0 | 1;
   /** allocation map (relative sectors) for NBD BLOCK_STATUS; absent = all data; may be short as BlockDev's */
   allocation?(sector: number, sectors: number): Promise<Extent[]>;
   /**

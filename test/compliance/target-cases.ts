@@ -36,8 +36,6 @@ export interface TargetCase {
   boundaries: number[];
   /** images a flush must reach (through every target that forwards flushes) */
   flushes: number[];
-  /** does a flush fail (an error target in the table)? */
-  flushFails: boolean;
 }
 
 /** each backing image has this many sectors (8 MiB) */
@@ -137,7 +135,6 @@ export function compose(name: string, segments: Segment[]): TargetCase {
     write: (sector) => segments[find(sector)]!.write(sector - starts[find(sector)]!),
     boundaries: segments.flatMap((s, i) => [...(i > 0 ? [starts[i]!] : []), ...s.edges.map((e) => starts[i]! + e)]),
     flushes: [...new Set(segments.flatMap((s) => s.flushes))].sort(),
-    flushFails: segments.some((s) => s.line([]) === 'error'),
   };
 }
 

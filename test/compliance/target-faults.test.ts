@@ -122,11 +122,11 @@ describe('(d) suspend and resume with I/O in flight', () => {
 });
 
 describe('(e) faults', () => {
-  it('error fails reads, writes, flushes and discards with EIO', async () => {
+  it('error fails reads, writes and discards with EIO; it takes no flush, so a flush succeeds', async () => {
     await dm.create('vol', { table: '0 64 error' });
     await expectCode(dm.read('vol', 0, SECTOR), 'EIO');
     await expectCode(dm.write('vol', 0, randomSectors(1)), 'EIO');
-    await expectCode(dm.flush('vol'), 'EIO');
+    await dm.flush('vol');
     await expectCode(dm.discard('vol', 0, 8 * SECTOR), 'EIO');
     await expectCode(dm.writeZeroes('vol', 0, 8 * SECTOR), 'EIO');
   });
@@ -216,7 +216,7 @@ describe('(e) faults', () => {
     expect(info('vol')).toBe(`2 ${img} dm:bad 1 AD`);
     expect(dm.get('vol').eventNr).toBe(ev + 1);
     await expectCode(dm.read('vol', 0, 32 * SECTOR), 'EIO');
-    await expectCode(dm.flush('vol'), 'EIO');
+    await dm.flush('vol'); // the stripe's device holds an error table, which takes no flush (as in dm)
     expect(dm.get('vol').eventNr).toBe(ev + 1);
     expect(dm.table('vol')[0]!.params).toBe(`2 16 ${img} 0 dm:bad 0`);
   });

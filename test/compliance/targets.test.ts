@@ -154,8 +154,7 @@ describe.each(CASES)('target compliance: $name', (tc: TargetCase) => {
     for (const f of new Set(locs.map((l) => l.file))) expect(counts.get(`cnt${f}`)!.fuaWrites, `FUA writes reaching img${f}`).toBeGreaterThan(0);
     const written = counts.get('cnt0')!.writes + counts.get('cnt1')!.writes + counts.get('cnt2')!.writes;
     expect(written).toBe(counts.get('cnt0')!.fuaWrites + counts.get('cnt1')!.fuaWrites + counts.get('cnt2')!.fuaWrites);
-    if (tc.flushFails) await expectCode(dm.flush('vol'), 'EIO');
-    else await dm.flush('vol');
+    await dm.flush('vol'); // an error line takes no flush (dm's num_flush_bios = 0): it never fails one
     for (let f = 0; f < IMAGES; f++) {
       expect(counts.get(`cnt${f}`)!.flushes > 0, `flush reaching img${f}`).toBe(tc.flushes.includes(f));
     }
