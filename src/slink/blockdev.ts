@@ -1,0 +1,128 @@
+/**
+ * `blockdev` slink (alias `local`): the site's devices are devices this engine can open by
+ * reference — image files, block devices, `dm:NAME`, `nbd://…` — so the "site" is as far
+ * away as that reference reaches. Slink 0 (the local site) is always one.
+ *
+ *   replicator:      blockdev <#params> <slink#> [<policy> [<fallbehind>]] [retest=<seconds>]
+ *   replicator-dev:  <slink#> 1 <dev> <dlog_type> …
+ *
+ * I/O goes straight to the opened device: no queue, no copy, no promise of its own. A
+ * failure is the device's own BlockError; `test()` flushes the device and reads sector 0.
+ */
+import { EMPTY, SECTOR_SIZE, type Bio } from '../core/bio.ts';
+import { BlockError, TargetArgError } from '../core/errors.ts';
+import { escapeArg } from '../core/table-parse.ts';
+import type { BlockDev, Extent, StatusType } from '../core/types.ts';
+import { readOptions, readRetest } from './options.ts';
+import type { RemoteDevice, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
+
+const KNOWN_OPTIONS = ['retest'] as const;
+
+/** One site device: the opened device, bios forwarded as they are. */
+class BlockdevRemote implements RemoteDevice {
+  readonly devNr: number;
+  readonly allocation?: (sector: number, sectors: number) => Promise<Extent[]>;
+  readonly #dev: BlockDev;
+  #detached = false;
+
+  constructor(dev: BlockDev, devNr: number) {
+    this.#dev = dev;
+    this.devNr = devNr;
+    if (dev.allocation) this.allocation = (sector, sectors) => dev.allocation!(sector, sectors);
+  }
+
+  get ref(): string {
+    return this.#dev.ref;
+  }
+  /** the site device's current size */
+  get sectors(): number {
+    return this.#dev.sectors;
+  }
+
+  submit(bio: Bio): Promise<void> {
+    if (this.#detached) return Promise.reject(new BlockError('ESHUTDOWN', `${this.#dev.ref}: slink device detached`));
+    return this.#dev.submit(bio);
+  }
+
+  /** a flush, then a read of sector 0: both must succeed */
+  async test(): Promise<void> {
+    await this.submit({ op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} });
+    await this.submit({ op: 'read', sector: 0, sectors: 1, data: Buffer.alloc(SECTOR_SIZE), flags: {} });
+  }
+
+  params(): string[] {
+    return [escapeArg(this.#dev.ref)];
+  }
+
+  /** nothing to close: the core releases the device with the replicator-dev's table */
+  detach(): Promise<void> {
+    this.#detached = true;
+    return Promise.resolve();
+  }
+}
+
+class BlockdevSlink implements SiteLink {
+  readonly type = 'blockdev';
+  readonly slink: number;
+  readonly retestMs: number;
+  readonly #options: readonly string[];
+
+  constructor(slink: number, retestMs: number, options: readonly string[]) {
+    this.slink = slink;
+    this.retestMs = retestMs;
+    this.#options = options;
+  }
+
+  async attach(ctx: SlinkDeviceContext, devNr: number, params: readonly string[]): Promise<RemoteDevice> {
+    const ref = readDeviceParam(this.slink, params);
+    const dev = await openSiteDevice(ctx, this.slink, ref);
+    return new BlockdevRemote(dev, devNr);
+  }
+
+  options(): string[] {
+    return [...this.#options];
+  }
+
+  /** info: nothing (the device's health shows in the replicator's state); table: the options */
+  status(type: StatusType): string {
+    return type === 'info' ? '' : this.#options.map(escapeArg).join(' ');
+  }
+
+  destroy(): Promise<void> {
+    return Promise.resolve();
+  }
+}
+
+/** `<dev>`: exactly one word */
+function readDeviceParam(slink: number, params: readonly string[]): string {
+  if (params.length !== 1) {
+    const got = params.length === 0 ? 'none' : `${params.length} ('${params.join(' ')}')`;
+    throw new TargetArgError(`slink ${slink}: blockdev takes 1 device parameter (<dev>), got ${got}`);
+  }
+  return params[0]!;
+}
+
+/** open `ref` through the replicator-dev's context; it must hold ctx.length sectors */
+async function openSiteDevice(ctx: SlinkDeviceContext, slink: number, ref: string): Promise<BlockDev> {
+  let dev: BlockDev;
+  try {
+    dev = await ctx.open(ref);
+  } catch (err) {
+    throw new TargetArgError(`slink ${slink}: ${(err as Error).message}`, (err as { code?: string }).code ?? 'EINVAL');
+  }
+  if (dev.sectors < ctx.length) {
+    throw new TargetArgError(`slink ${slink}: device too small for target: ${ref} has ${dev.sectors} sectors, needs ${ctx.length}`);
+  }
+  return dev;
+}
+
+/** The `blockdev` transport, also named `local`. Options: `retest=<seconds>` (default 15). */
+export const blockdevSlink: SiteLinkType = {
+  name: 'blockdev',
+  aliases: ['local'],
+  create(_ctx: SlinkContext, slink: number, options: readonly string[]): SiteLink {
+    const opts = readOptions(slink, 'blockdev', options, KNOWN_OPTIONS);
+    const retestMs = readRetest(slink, opts.get('retest'));
+    return new BlockdevSlink(slink, retestMs, [...options]);
+  },
+};

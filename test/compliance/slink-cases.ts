@@ -1,0 +1,109 @@
+/**
+ * The transports the slink compliance suite (slink.test.ts) runs against, and how to set
+ * up a site for each. A case gets the suite's engine (the "source" side, where the
+ * replicator would run and whose table opens the site devices) and builds a site of
+ * `devices` devices of `sectors` sectors; the suite then drives the slink created through
+ * the registry and checks the site's bytes with `readSite`, which must read them
+ * independently of the slink (the backing files with node:fs, say).
+ *
+ * Faults come from the engine's own targets (`error` loaded under a site device) or, for
+ * network transports, from a fault-injecting proxy or a stopped server: never from a mock.
+ * The nbd and tcp transports add their cases here.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import type { DeviceMapper } from '../../src/index.ts';
+import { SECTOR, makeImage } from './helpers.ts';
+
+/** What the suite gives a case. */
+export interface SlinkEnv {
+  /** the suite's engine: its tables attach the site devices (through `ctx.open`) */
+  readonly dm: DeviceMapper;
+  /** a temp dir of the test, removed by the suite */
+  readonly dir: string;
+  /** how many site devices to make, numbered 0 … devices − 1 */
+  readonly devices: number;
+  /** the size of each, in sectors (the suite attaches them with this length) */
+  readonly sectors: number;
+}
+
+/** A site set up for one test. */
+export interface SlinkSite {
+  /** the registered type name (or alias) the table would give */
+  readonly slinkType: string;
+  /** transport options a working slink to this site needs (`peer=…`), maybe none */
+  readonly options: readonly string[];
+  /** the replicator-dev's `<dev_params…>` for site device `i` (unescaped words) */
+  devParams(i: number): string[];
+  /** device i's `sectors` sectors as the site stores them, read without the slink */
+  readSite(i: number): Buffer | Promise<Buffer>;
+  /** make every site device fail its I/O (the site is down) */
+  breakSite(): Promise<void>;
+  /** undo breakSite: the same devices, with the same contents, work again */
+  healSite(): Promise<void>;
+  /** `<dev_params…>` naming devices that do not exist at the site */
+  readonly missingDevParams: readonly (readonly string[])[];
+  /** `<dev_params…>` of a site device holding fewer than `sectors` sectors */
+  smallDevParams(sectors: number): Promise<string[]>;
+  /** release what setup made that the suite does not (servers, processes); the suite closes its engine after */
+  teardown(): Promise<void>;
+}
+
+export interface SlinkCase {
+  readonly name: string;
+  setup(env: SlinkEnv): Promise<SlinkSite>;
+}
+
+/** where site device i starts in its image: a linear offset, so device-relative sectors show */
+const SITE_OFFSET = 128;
+
+/**
+ * blockdev (or its alias `local`): site devices `dm:siteN` in the suite's own engine, each
+ * `linear` over an image file at an offset. breakSite loads `error` tables under them and
+ * resumes; healSite loads the linear tables back.
+ */
+function blockdevCase(slinkType: 'blockdev' | 'local'): SlinkCase {
+  return {
+    name: slinkType === 'local' ? 'local (alias of blockdev)' : 'blockdev',
+    async setup({ dm, dir, devices, sectors }) {
+      const images: string[] = [];
+      const linear = (i: number): string => `0 ${sectors} linear ${images[i]} ${SITE_OFFSET}`;
+      const reload = async (table: (i: number) => string): Promise<void> => {
+        for (let i = 0; i < devices; i++) {
+          await dm.load(`site${i}`, table(i));
+          await dm.resume(`site${i}`);
+        }
+      };
+      for (let i = 0; i < devices; i++) {
+        images.push(makeImage(dir, `site${i}.img`, SITE_OFFSET + sectors + 64, 100 + i));
+        await dm.create(`site${i}`, { table: linear(i) });
+      }
+      return {
+        slinkType,
+        options: [],
+        devParams: (i) => [`dm:site${i}`],
+        readSite(i) {
+          const buf = Buffer.alloc(sectors * SECTOR);
+          const fd = fs.openSync(images[i]!, 'r');
+          try {
+            fs.readSync(fd, buf, 0, buf.length, SITE_OFFSET * SECTOR);
+          } finally {
+            fs.closeSync(fd);
+          }
+          return buf;
+        },
+        breakSite: () => reload(() => `0 ${sectors} error`),
+        healSite: () => reload(linear),
+        missingDevParams: [['dm:nosuch'], [path.join(dir, 'nosuch.img')]],
+        async smallDevParams(need) {
+          await dm.create('small', { table: `0 ${need - 1} linear ${images[0]} 0` });
+          return ['dm:small'];
+        },
+        teardown: () => Promise.resolve(),
+      };
+    },
+  };
+}
+
+/** every transport case, run by slink.test.ts */
+export const SLINK_CASES: readonly SlinkCase[] = [blockdevCase('blockdev'), blockdevCase('local')];
