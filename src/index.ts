@@ -6,12 +6,23 @@ import { DeviceMapper as CoreDeviceMapper } from './core/device-manager.ts';
 import type { TargetType } from './core/types.ts';
 import { builtinTargets } from './targets/index.ts';
 import { nbdResolver } from './nbd/resolver.ts';
+import { loadPlugin } from './plugin.ts';
 
 export class DeviceMapper extends CoreDeviceMapper {
   constructor(opts: { targets?: readonly TargetType[] } = {}) {
     super({ targets: opts.targets ?? builtinTargets });
     // nbd://, nbd+unix://, nbds:// … device references (the engine as an NBD client)
     this.addResolver(nbdResolver());
+  }
+
+  /**
+   * Load a plugin module from anywhere on disk: target types into this engine, dirty log
+   * types, slinks and replogs into their registries (src/plugin.ts has the module shapes).
+   * The plugin may `import … from 'dmkit'`. Returns what it registered (target type names;
+   * `dirtylog:NAME`, `slink:NAME`, `replog:NAME`); all or nothing.
+   */
+  loadPlugin(modulePath: string): Promise<string[]> {
+    return loadPlugin(this, modulePath);
   }
 }
 
@@ -21,10 +32,18 @@ export { MappedDevice } from './core/mapped-device.ts';
 export { BlockError, DmError, TableError, TargetArgError, DeviceError } from './core/errors.ts';
 export { ArgReader } from './core/args.ts';
 export { copyRanges, RegionGate } from './core/copy.ts';
-export { createDirtyLog, registerDirtyLog, listDirtyLogs } from './dirtylog/registry.ts';
+export { createDirtyLog, registerDirtyLog, unregisterDirtyLog, listDirtyLogs } from './dirtylog/registry.ts';
+export { registerSlink, unregisterSlink, listSlinks } from './slink/registry.ts';
+// INTEGRATION POINT (src/plugin.ts `registries`): once src/replog/registry.ts is committed,
+// export its registration functions here, as the slink registry's above:
+//   export { registerReplog, unregisterReplog, listReplogs } from './replog/registry.ts';
 export { NbdClient } from './nbd/client.ts';
 export { nbdResolver } from './nbd/resolver.ts';
 export type { CopyProgress, CopyOptions } from './core/copy.ts';
 export type { Bio, BioOp, BioFlags } from './core/bio.ts';
 export type { BlockDev, Target, TargetType, TargetContext, Extent, AllocState, StatusType } from './core/types.ts';
+export type { PluginApi, PluginModule } from './plugin.ts';
+export type { DirtyLog, DirtyLogContext, DirtyLogType } from './dirtylog/types.ts';
+export type { SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext, RemoteDevice } from './slink/types.ts';
+export type { Replog, ReplogContext, ReplogType } from './replog/types.ts';
 export { VERSION } from './version.ts';

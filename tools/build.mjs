@@ -2,8 +2,14 @@
 // ~0.1 s instead of compiling TypeScript on every call, and the NBD connection thread into
 // dist/conn-worker.mjs (a thread that loads tsx and compiles its modules holds ~25 MiB more).
 // Each is used only while it is newer than every source file (tools/bundle-fresh.mjs);
-// otherwise the sources run through tsx.
+// otherwise the sources run through tsx. `node tools/build.mjs OUTDIR` writes them to OUTDIR
+// instead (a test runs the daemon from a bundle of its own that way).
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
 import { build } from 'esbuild';
+
+const root = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '..');
+const outdir = path.resolve(process.argv[2] ?? path.join(root, 'dist'));
 
 const common = {
   bundle: true,
@@ -13,10 +19,11 @@ const common = {
   packages: 'external',
   sourcemap: 'linked',
   logLevel: 'warning',
+  absWorkingDir: root,
   banner: { js: "import { createRequire as __dmkitCreateRequire } from 'node:module'; const require = __dmkitCreateRequire(import.meta.url);" },
 };
 
 await Promise.all([
-  build({ ...common, entryPoints: ['tools/dmkit.ts'], outfile: 'dist/dmkit.mjs' }),
-  build({ ...common, entryPoints: ['src/nbd/conn-worker.ts'], outfile: 'dist/conn-worker.mjs' }),
+  build({ ...common, entryPoints: ['tools/dmkit.ts'], outfile: path.join(outdir, 'dmkit.mjs') }),
+  build({ ...common, entryPoints: ['src/nbd/conn-worker.ts'], outfile: path.join(outdir, 'conn-worker.mjs') }),
 ]);

@@ -6,8 +6,6 @@
  */
 import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
-import path from 'node:path';
-import { pathToFileURL } from 'node:url';
 import type { BioFlags } from './bio.ts';
 import { EMPTY } from './bio.ts';
 import { DeviceError, DmError, TableError } from './errors.ts';
@@ -70,25 +68,6 @@ export class DeviceMapper extends EventEmitter {
   /** Add a resolver; one added later takes precedence over earlier ones (and the defaults). */
   addResolver(r: DeviceResolver): void {
     this.#resolvers.push(r);
-  }
-
-  /** Load target types from a module: `export default` a type or an array, or `register(dm)`. */
-  async loadPlugin(modulePath: string): Promise<string[]> {
-    const url = pathToFileURL(path.resolve(modulePath)).href;
-    const mod = (await import(url)) as { default?: unknown; register?: (dm: DeviceMapper) => unknown; targets?: unknown };
-    const before = new Set(this.targets.list().map((t) => t.name));
-    if (typeof mod.register === 'function') await mod.register(this);
-    else {
-      const exported = mod.targets ?? mod.default;
-      const list = Array.isArray(exported) ? exported : [exported];
-      for (const t of list) {
-        if (!t || typeof (t as TargetType).create !== 'function') {
-          throw new DmError('EINVAL', `plugin ${modulePath}: expected a target type ({name, version, create}) or register(dm)`);
-        }
-        this.targets.register(t as TargetType);
-      }
-    }
-    return this.targets.list().map((t) => t.name).filter((n) => !before.has(n));
   }
 
   // ---- lookup ----

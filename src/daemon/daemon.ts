@@ -33,7 +33,7 @@ export interface DaemonOptions {
   tlsPsk?: string;
   /** NBD TLS mode: `on` offers TLS, `require` refuses plain connections */
   tls?: 'on' | 'require';
-  /** target plugin modules, loaded with dm.loadPlugin before the device set is restored */
+  /** plugin modules (src/plugin.ts), loaded with dm.loadPlugin before the device set is restored */
   plugins?: string[];
   /** this process is the daemon: SIGTERM/SIGINT stop it and exit the process */
   foreground?: boolean;

@@ -175,6 +175,7 @@ export function register(dm) {
   it('refuses a module that exports no target type', async () => {
     const file = path.join(dir, 'empty.mjs');
     fs.writeFileSync(file, 'export const nothing = 1;\n');
-    await expect(dm.loadPlugin(file)).rejects.toThrow(`plugin ${file}: expected a target type ({name, version, create}) or register(dm)`);
+    await expect(dm.loadPlugin(file)).rejects.toThrow(
+      `plugin ${file}: expected register(dm, api), arrays targets/dirtyLogs/slinks/replogs, or a default-exported target type ({name, version, create}) or array of them`);
   });
 });

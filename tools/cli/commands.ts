@@ -153,7 +153,7 @@ export function buildProgram(): Command {
     .option('--nbd-threads <n>', 'threads serving NBD connections to linear-over-file devices (0: none; default: CPUs, at most 4)')
     .addOption(new Option('--tls <mode>', 'NBD TLS').choices(['on', 'require']))
     .option('--tls-psk <file>', 'NBD TLS pre-shared key file')
-    .option('--plugin <path>', 'load a target plugin module (repeatable)', collect, [])
+    .option('--plugin <path>', 'load a plugin module: target types, dirty logs, slinks, replogs (repeatable)', collect, [])
     .action((o: Opts) => daemon(o));
   return program;
 }
