@@ -34,6 +34,8 @@ export interface TableLineOut {
   length: number;
   type: string;
   params: string;
+  /** status only: the target's `statusJson()` where it has one */
+  detail?: unknown;
 }
 
 export interface DeviceInfo {
@@ -468,7 +470,11 @@ export class DeviceMapper extends EventEmitter {
 
 function lines(table: Table | null, type: StatusType): TableLineOut[] {
   if (!table) return [];
-  return table.entries.map((e) => ({ start: e.begin, length: e.length, type: e.type.name, params: e.target.status(type) }));
+  return table.entries.map((e) => {
+    const line: TableLineOut = { start: e.begin, length: e.length, type: e.type.name, params: e.target.status(type) };
+    if (type === 'info' && e.target.statusJson) line.detail = e.target.statusJson();
+    return line;
+  });
 }
 
 function toSector(bytes: number, what: string): number {

@@ -7,7 +7,7 @@ import type { Bio } from './bio.ts';
 import { EMPTY } from './bio.ts';
 import { BlockError, DeviceError, toBlockError } from './errors.ts';
 import type { Table, TableEntry } from './table.ts';
-import type { BlockDev, Extent } from './types.ts';
+import type { BlockDev, Extent, Target } from './types.ts';
 import { appendClipped, mergeExtents } from './extents.ts';
 
 interface Queued {
@@ -87,6 +87,12 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   }
   get inflight(): number {
     return this.#inflight;
+  }
+  /** the live table's target instance covering `sector` (a replicator-dev finds its replicator this way) */
+  liveTarget(sector: number): Target | null {
+    const t = this.#live;
+    if (!t || sector < 0 || sector >= t.sectors) return null;
+    return t.entries[t.find(sector)]!.target;
   }
   get deferredRemove(): boolean {
     return this.#deferredRemove;

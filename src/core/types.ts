@@ -91,6 +91,8 @@ export interface Target {
    * threads do such I/O themselves; absent or null = I/O must go through `map`.
    */
   fileMap?(): FileSpan[] | null;
+  /** status with names for `--json` (the replicator's sites, lag, ring use); absent = the info line only */
+  statusJson?(): unknown;
   /** background work (resync, verify) in progress, for `dmkit wait --progress`; null = none */
   progress?(): Progress | null;
 }

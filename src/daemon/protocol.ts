@@ -45,6 +45,8 @@ export interface DeviceSummary extends DeviceInfo {
   deps: string[];
   /** target types of the live table, in table order */
   types: string[];
+  /** replicator / replicator-dev: the live target's status with names (its `statusJson`) */
+  replication?: unknown;
 }
 
 export interface HelloResult {

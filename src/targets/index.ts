@@ -7,5 +7,7 @@ import { error } from './error.ts';
 import { delay } from './delay.ts';
 import { flakey } from './flakey.ts';
 import { mirror } from './mirror.ts';
+import { replicator } from './replicator.ts';
+import { replicatorDev } from './replicator-dev.ts';
 
-export const builtinTargets: readonly TargetType[] = [linear, striped, zero, error, delay, flakey, mirror];
+export const builtinTargets: readonly TargetType[] = [linear, striped, zero, error, delay, flakey, mirror, replicator, replicatorDev];

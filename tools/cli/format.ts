@@ -26,7 +26,39 @@ export function infoLong(d: DeviceSummary): string {
     + `Major, minor:      ${DM_MAJOR}, ${d.minor}\n`
     + `Number of targets: ${d.targets}\n`;
   if (d.uuid) s += `UUID: ${d.uuid}\n`;
+  if (d.replication) s += replicationLines(d.replication as ReplicationJson);
   return `${s}\n`;
+}
+
+/** the replicator's and replicator-dev's `statusJson` as `info` shows it */
+interface ReplicationJson {
+  replog?: { type: string; usedSectors: number; sizeSectors: number; head: number };
+  replicator?: string;
+  devNr?: number;
+  sites: Array<{
+    slink: number; type?: string; state: string; device?: string; policy?: string; fallBehind?: string | null;
+    lag?: { ios: number; sectors: number; ageMs: number };
+    resync?: { work: string; done: number; total: number } | null;
+    inSyncRegions?: number; regions?: number; lastError?: string | null;
+  }>;
+}
+
+function replicationLines(r: ReplicationJson): string {
+  const row = (label: string, text: string): string => `${label.padEnd(19)}${text}\n`;
+  let s = '';
+  if (r.replog) s += row('Replication log:', `${r.replog.type}, ${r.replog.usedSectors}/${r.replog.sizeSectors} sectors used, last entry ${r.replog.head}`);
+  if (r.replicator !== undefined) s += row('Replicator:', `${r.replicator}, device number ${r.devNr}`);
+  for (const x of r.sites) {
+    const parts = [x.state];
+    if (x.device) parts.push(x.device);
+    if (x.policy) parts.push(x.fallBehind ? `${x.policy} (fall-behind ${x.fallBehind})` : x.policy);
+    if (x.lag) parts.push(`lag ${x.lag.ios} ios, ${x.lag.sectors} sectors, ${(x.lag.ageMs / 1000).toFixed(1)} s`);
+    if (x.regions !== undefined) parts.push(`${x.inSyncRegions}/${x.regions} regions in sync`);
+    if (x.resync) parts.push(`${x.resync.work} ${x.resync.done}/${x.resync.total} sectors`);
+    if (x.lastError) parts.push(`last error: ${x.lastError}`);
+    s += row(`Slink ${x.slink}:`, parts.join(', '));
+  }
+  return s;
 }
 
 /** dmsetup's `attr` field: (L)ive, (I)nactive, (s)uspended, (r)ead-only / read-(w)rite */

@@ -1,0 +1,424 @@
+/**
+ * A replication group (the `replicator` control target's instance): the replication log,
+ * the sites, the devices bound by their replicator-devs, and the write path:
+ *
+ *   hold/stall check → region gate → log append (seq, epoch) → local write
+ *   → every site that is synchronous at that moment has it → (fua: log flushed) → ack
+ *
+ * Epochs: a write that arrives after another write of the group completed may depend on
+ * it, so it starts a new epoch; writes in flight together share one. Sites apply an epoch
+ * only after the previous one completed there (REPLICATION.md guarantee 2).
+ *
+ * Checkpoints every CHECKPOINT_MS record where each site and the local devices stand; the
+ * ring frees space behind the oldest of them. A full ring never fails a write: the site
+ * holding the tail goes to its dirty logs (or, `+stall` and up, writers wait for it).
+ */
+import type { Bio } from '../core/bio.ts';
+import { EMPTY } from '../core/bio.ts';
+import { BlockError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import type { Progress, StatusType, Target, TargetContext } from '../core/types.ts';
+import type { Replog, ReplogOp } from '../replog/types.ts';
+import type { SiteLink } from '../slink/types.ts';
+import { groupMessage } from './replicator-messages.ts';
+import type { Site } from './replicator-site.ts';
+import { groupStatus, groupStatusJson } from './replicator-status.ts';
+import type { DevBinding, SiteHost } from './replicator-types.ts';
+
+const TICK_MS = 100;
+const CHECKPOINT_TICKS = 2;
+const TIMES = 1 << 16;
+const FLUSH_ENTRY: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
+
+export interface GroupStats {
+  enabled: boolean;
+  writes: number;
+  writeBytes: number;
+  flushes: number;
+  overflows: number;
+}
+
+export class ReplicatorGroup implements Target, SiteHost {
+  readonly log: Replog;
+  readonly logger: Logger;
+  readonly local: SiteLink;
+  readonly sites: readonly Site[];
+  readonly ctx: TargetContext;
+  readonly stats: GroupStats = { enabled: true, writes: 0, writeBytes: 0, flushes: 0, overflows: 0 };
+  resyncRate = 0;
+  appendedSectors = 0;
+
+  #head = 0;
+  #epoch = Date.now() * 1000;
+  #epochDone = false;
+  readonly #times = new Float64Array(TIMES);
+  readonly #bindings = new Map<number, DevBinding>();
+  readonly #boundWaiters = new Map<number, Array<() => void>>();
+  #recovered = false;
+  #state: 'new' | 'active' | 'suspended' | 'destroyed' = 'new';
+  /** entries appended whose local write is not done */
+  readonly #localInflight = new Set<number>();
+  /** local devices still to replay after recovery: localDone cannot pass recoveredLocalDone until done */
+  readonly #replayPending = new Set<number>();
+  #replayFrom = 0;
+  #replayTo = 0;
+  #holdP: Promise<void> | null = null;
+  #holdRelease: (() => void) | null = null;
+  #appending = 0;
+  #appendWaiters: Array<() => void> = [];
+  #overflowing: Promise<void> | null = null;
+  #cp: Promise<void> = Promise.resolve();
+  #cpMark = '';
+  #timer: NodeJS.Timeout | null = null;
+  #ticks = 0;
+
+  constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[]) {
+    this.ctx = ctx;
+    this.log = log;
+    this.logger = ctx.log;
+    this.local = local;
+    this.sites = sites;
+  }
+
+  // ---- SiteHost ----
+
+  get head(): number {
+    return this.#head;
+  }
+
+  appendTime(seq: number): number {
+    if (seq > this.#head || this.#head - seq >= TIMES) return this.#times[(this.#head + 1) % TIMES] || Date.now();
+    return this.#times[seq % TIMES] || Date.now();
+  }
+
+  binding(devNr: number): DevBinding | null {
+    return this.#bindings.get(devNr) ?? null;
+  }
+
+  bindings(): Iterable<DevBinding> {
+    return this.#bindings.values();
+  }
+
+  whenBound(devNr: number): Promise<void> {
+    if (this.#bindings.has(devNr)) return Promise.resolve();
+    return new Promise((resolve) => {
+      const list = this.#boundWaiters.get(devNr) ?? [];
+      list.push(resolve);
+      this.#boundWaiters.set(devNr, list);
+    });
+  }
+
+  async hold(): Promise<() => void> {
+    while (this.#holdP) await this.#holdP;
+    let release!: () => void;
+    this.#holdP = new Promise<void>((r) => (release = r));
+    this.#holdRelease = release;
+    while (this.#appending > 0) await new Promise<void>((r) => this.#appendWaiters.push(r));
+    let done = false;
+    return () => {
+      if (done) return;
+      done = true;
+      this.#holdP = null;
+      this.#holdRelease = null;
+      release();
+    };
+  }
+
+  event(what: string): void {
+    this.logger.info(`${this.ctx.device}: ${what}`);
+    this.ctx.event();
+  }
+
+  siteOf(slink: number): Site | undefined {
+    return this.sites.find((s) => s.slink === slink);
+  }
+
+  // ---- devices ----
+
+  /** a replicator-dev resumes: replay what recovery found for it, then ship for it */
+  async bind(b: DevBinding): Promise<void> {
+    const other = this.#bindings.get(b.devNr);
+    if (other && other.name !== b.name) {
+      throw new BlockError('EBUSY', `${this.ctx.device}: device number ${b.devNr} is already bound by ${other.name}`);
+    }
+    if (this.#replayPending.has(b.devNr)) {
+      await this.#replay(b);
+      this.#replayPending.delete(b.devNr);
+    }
+    this.#bindings.set(b.devNr, b);
+    for (const w of this.#boundWaiters.get(b.devNr) ?? []) w();
+    this.#boundWaiters.delete(b.devNr);
+    for (const s of this.sites) s.bound();
+  }
+
+  /**
+   * The replicator-dev's table is destroyed. If it is still the one bound (not replaced by
+   * a reload), the device leaves the group: what the sites have not taken of it yet goes
+   * to its dirty logs (Site.release) before they are closed.
+   */
+  async unbind(b: DevBinding): Promise<void> {
+    if (this.#bindings.get(b.devNr) !== b) return;
+    this.#bindings.delete(b.devNr);
+    for (const s of this.sites) {
+      await s.release(b).catch((err: Error) => this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}`));
+    }
+  }
+
+  /** name of the device bound as `devNr`, if any */
+  boundName(devNr: number): string | null {
+    return this.#bindings.get(devNr)?.name ?? null;
+  }
+
+  /** Re-apply, in order, every logged write of `b` that may not have reached its local device before a crash. */
+  async #replay(b: DevBinding): Promise<void> {
+    const reader = this.log.reader(this.#replayFrom);
+    let n = 0;
+    for (let e = await reader.next(); e && e.seq <= this.#replayTo; e = await reader.next()) {
+      if (e.devNr !== b.devNr) continue;
+      const bio: Bio = e.op === 'flush' ? FLUSH_ENTRY : { op: e.op, sector: e.sector, sectors: e.sectors, data: e.data, flags: {} };
+      await b.local.submit(bio);
+      n++;
+    }
+    await b.local.submit(FLUSH_ENTRY);
+    if (n) this.event(`${b.name}: replayed ${n} logged write(s) onto the local device after recovery`);
+  }
+
+  // ---- the write path (called by replicator-dev's map) ----
+
+  async write(b: DevBinding, bio: Bio): Promise<void> {
+    await this.#admit();
+    this.#appending++;
+    const gate = b.gate;
+    const region = gate && bio.op !== 'flush' ? gate.regionOf(bio.sector) : -1;
+    let entered = false;
+    let seq: number;
+    try {
+      if (region >= 0) {
+        if (!gate!.tryEnter(region)) await gate!.enter(region);
+        entered = true;
+      }
+      seq = await this.#append(b.devNr, bio);
+      this.#localInflight.add(seq);
+    } catch (err) {
+      if (entered) gate!.leave(region);
+      throw err;
+    } finally {
+      if (--this.#appending === 0) this.#wakeAppenders();
+    }
+    for (const s of this.sites) s.appended();
+    try {
+      await b.local.submit(bio);
+      this.#localInflight.delete(seq);
+      const waits: Promise<void>[] = [];
+      for (const s of this.sites) if (s.synchronous) waits.push(s.waitShipped(seq));
+      if (bio.op === 'flush' || bio.flags.fua) waits.push(this.log.flush());
+      if (waits.length) await Promise.all(waits);
+    } finally {
+      this.#localInflight.delete(seq);
+      if (entered) gate!.leave(region);
+      this.#epochDone = true;
+    }
+    if (this.stats.enabled) {
+      if (bio.op === 'flush') this.stats.flushes++;
+      else {
+        this.stats.writes++;
+        this.stats.writeBytes += bio.data.length;
+      }
+    }
+  }
+
+  /** wait while writers are held (resync's last pass, clear-bitmap) or a +stall site is behind */
+  async #admit(): Promise<void> {
+    for (;;) {
+      if (this.#state === 'destroyed') throw new BlockError('ENXIO', `${this.ctx.device}: replicator removed`);
+      if (this.#holdP) {
+        await this.#holdP;
+        continue;
+      }
+      const stalled = this.sites.find((s) => s.stalled);
+      if (stalled) {
+        await stalled.waitUnstalled();
+        continue;
+      }
+      return;
+    }
+  }
+
+  #wakeAppenders(): void {
+    const w = this.#appendWaiters;
+    this.#appendWaiters = [];
+    for (const f of w) f();
+  }
+
+  async #append(devNr: number, bio: Bio): Promise<number> {
+    const op = bio.op as ReplogOp;
+    for (;;) {
+      while (this.#overflowing) await this.#overflowing;
+      if (op === 'flush' || this.#epochDone) {
+        this.#epoch++;
+        this.#epochDone = false;
+      }
+      try {
+        const seq = await this.log.append({
+          devNr, op, sector: bio.sector, sectors: bio.sectors,
+          data: op === 'write' ? bio.data : EMPTY, epoch: this.#epoch, fua: !!bio.flags.fua,
+        });
+        if (op === 'flush') this.#epochDone = true; // a flush ends its epoch
+        if (seq > this.#head) this.#head = seq;
+        this.#times[seq % TIMES] = Date.now();
+        this.appendedSectors += bio.sectors;
+        return seq;
+      } catch (err) {
+        if ((err as { code?: string }).code !== 'ENOSPC') throw err;
+        this.#overflowing ??= this.#makeSpace().finally(() => (this.#overflowing = null));
+      }
+    }
+  }
+
+  /** the ring is full: checkpoint; if that frees nothing, the site holding the tail goes to its dirty logs */
+  async #makeSpace(): Promise<void> {
+    const tail = this.log.tail;
+    await this.#checkpoint();
+    if (this.log.tail !== tail) return;
+    const holder = this.sites.filter((s) => s.mode === 'ship').sort((a, b) => a.watermark - b.watermark)[0];
+    if (!holder || holder.watermark >= this.#localDone()) {
+      await sleep(2); // local writes in flight hold the tail
+      return;
+    }
+    if (holder.policy.onFallBehind === 'stall' && holder.up && !holder.paused) {
+      await sleep(5); // +stall: writers wait for the site
+      return;
+    }
+    this.stats.overflows++;
+    this.logger.warn(`${this.ctx.device}: replication log full: slink ${holder.slink} falls back to its dirty logs`);
+    await holder.overflow();
+    await this.#checkpoint();
+  }
+
+  // ---- checkpoints ----
+
+  #localDone(): number {
+    let done = this.#head;
+    for (const s of this.#localInflight) if (s - 1 < done) done = s - 1;
+    if (this.#replayPending.size > 0 && this.#replayFrom - 1 < done) done = this.#replayFrom - 1;
+    return done;
+  }
+
+  #checkpoint(): Promise<void> {
+    const run = this.#cp.then(async () => {
+      const localDone = this.#localDone();
+      const slinks = [];
+      for (const s of this.sites) slinks.push(await s.position());
+      await this.log.checkpoint({ localDone, slinks });
+      this.#cpMark = `${localDone}:${slinks.map((p) => `${p.seq}${p.mode}`).join(',')}`;
+    });
+    this.#cp = run.catch((err: unknown) => this.logger.limited('checkpoint', `${this.ctx.device}: checkpoint failed: ${(err as Error).message}`));
+    return this.#cp;
+  }
+
+  #tick(): void {
+    for (const s of this.sites) s.tick();
+    if (++this.#ticks % CHECKPOINT_TICKS !== 0) return;
+    const mark = `${this.#localDone()}:${this.sites.map((s) => `${s.watermark}${s.mode}`).join(',')}`;
+    if (mark !== this.#cpMark) void this.#checkpoint();
+  }
+
+  // ---- Target ----
+
+  /** the control device carries no data: reads are zeroes, writes fail */
+  map(bio: Bio): Promise<void> {
+    if (bio.op === 'read') {
+      bio.data.fill(0);
+      return Promise.resolve();
+    }
+    if (bio.op === 'flush') return Promise.resolve();
+    return Promise.reject(new BlockError('EPERM', `${this.ctx.device}: the replicator control device carries no data`));
+  }
+
+  async resume(): Promise<void> {
+    if (this.#state === 'active') return;
+    if (!this.#recovered) await this.#recover();
+    this.#state = 'active';
+    for (const s of this.sites) s.start();
+    this.#timer = setInterval(() => this.#tick(), TICK_MS);
+    this.#timer.unref?.();
+  }
+
+  async #recover(): Promise<void> {
+    const rec = await this.log.recover();
+    this.#recovered = true;
+    this.#head = rec.head;
+    const localDone = Math.min(rec.state?.localDone ?? rec.head, rec.head);
+    for (const s of this.sites) s.init(rec.state?.slinks.find((p) => p.slink === s.slink) ?? (rec.state ? { slink: s.slink, seq: localDone, mode: 'log' } : null), rec.head);
+    if (localDone < rec.head) {
+      this.#replayFrom = localDone + 1;
+      this.#replayTo = rec.head;
+      const reader = this.log.reader(this.#replayFrom);
+      for (let e = await reader.next(); e && e.seq <= rec.head; e = await reader.next()) this.#replayPending.add(e.devNr);
+    }
+    if (rec.tornTail) this.event('replication log: a torn entry at the head was discarded (never acknowledged)');
+    if (rec.entries > 0) this.logger.info(`${this.ctx.device}: recovered ${rec.entries} log entries, head ${rec.head}`);
+  }
+
+  async presuspend(): Promise<void> {
+    if (this.#state !== 'active') return;
+    if (this.#timer) clearInterval(this.#timer);
+    this.#timer = null;
+  }
+
+  async postsuspend(): Promise<void> {
+    if (this.#state !== 'active') return;
+    await this.#checkpoint();
+    for (const s of this.sites) await s.stop();
+    await this.#checkpoint();
+    this.#state = 'suspended';
+  }
+
+  async destroy(): Promise<void> {
+    if (this.#state === 'active') {
+      await this.presuspend();
+      await this.postsuspend().catch(() => undefined);
+    }
+    this.#state = 'destroyed';
+    this.#holdRelease?.();
+    for (const s of this.sites) await s.stop().catch(() => undefined);
+    for (const s of this.sites) await s.link.destroy();
+    await this.local.destroy();
+    await this.log.destroy();
+  }
+
+  message(args: string[]): Promise<string | void> | string | void {
+    return groupMessage(this, args);
+  }
+
+  /** for `replog resize` and messages that need a checkpoint first */
+  checkpointNow(): Promise<void> {
+    return this.#checkpoint();
+  }
+
+  status(type: StatusType): string {
+    return groupStatus(this, type);
+  }
+
+  statusJson(): unknown {
+    return groupStatusJson(this);
+  }
+
+  progress(): Progress | null {
+    let done = 0;
+    let total = 0;
+    let work = '';
+    for (const s of this.sites) {
+      const p = s.progress();
+      if (!p) continue;
+      work ||= p.work;
+      done += p.done;
+      total += p.total;
+    }
+    return total > 0 ? { work, doneSectors: done, totalSectors: total } : null;
+  }
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((r) => setTimeout(r, ms));
+}

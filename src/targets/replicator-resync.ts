@@ -1,0 +1,128 @@
+/**
+ * A site's resync and verify (the replicator's use of the copy service):
+ *
+ *   resync: copy every out-of-sync region local → site, pass after pass, each region held
+ *   against writes while it is copied (the device's RegionGate); when a pass leaves nothing
+ *   out of sync, writers are held for a moment, every logged entry is marked, and if still
+ *   nothing is out of sync the site ships in order from the head on. After CONVERGE_PASSES
+ *   passes under a writer that keeps dirtying regions, writers are held for the last pass
+ *   (REPLICATION.md guarantee 5: resync converges).
+ *
+ *   verify: compare every in-sync region with the site, the region held against writes and
+ *   compared only once everything logged before is on the site (no false positives from
+ *   writes in flight); differing regions go out of sync for a following resync.
+ */
+import { copyRanges, type CopyOutcome } from '../core/copy.ts';
+import type { Site } from './replicator-site.ts';
+import type { SiteHost } from './replicator-types.ts';
+
+/** resync passes under a running writer before writers are held for the last pass */
+export const CONVERGE_PASSES = 3;
+/** regions copied at once by a resync */
+const RESYNC_CONCURRENCY = 4;
+
+export interface ResyncHandle {
+  readonly abort: AbortController;
+  /** sectors to copy in all (grows when writes dirty more regions) */
+  total: number;
+  copied: number;
+}
+
+/** Run passes until the site is in sync (resolves), aborted (resolves), or an I/O error (rejects). */
+export async function resyncPasses(site: Site, host: SiteHost, h: ResyncHandle): Promise<void> {
+  for (let pass = 1; ; pass++) {
+    const last = pass > CONVERGE_PASSES;
+    const release = last ? await host.hold() : null;
+    try {
+      if (release) await site.waitPosition(host.head);
+      h.total = h.copied + site.outOfSync() * site.regionSectors();
+      await copyPass(site, host, h);
+      if (h.abort.signal.aborted) return;
+      const hold = release ?? (await host.hold());
+      try {
+        await site.waitPosition(host.head);
+        if (site.outOfSync() === 0 && !h.abort.signal.aborted) {
+          site.toShip();
+          return;
+        }
+      } finally {
+        if (!release) hold();
+      }
+    } finally {
+      release?.();
+    }
+  }
+}
+
+/** copy every out-of-sync region of every device local → site once, then persist the dirty logs */
+async function copyPass(site: Site, host: SiteHost, h: ResyncHandle): Promise<void> {
+  for (const b of host.bindings()) {
+    const r = b.remotes.get(site.slink);
+    if (!r) continue;
+    const dlog = r.dlog;
+    const size = dlog.regionSize;
+    let next = 0;
+    await copyRanges({
+      src: b.local,
+      dst: [r.dev],
+      ranges: () => {
+        while (next < dlog.regionCount && dlog.inSync(next)) next++;
+        if (next >= dlog.regionCount) return null;
+        const sector = next++ * size;
+        return { sector, sectors: Math.min(size, b.length - sector) };
+      },
+      chunkSectors: Math.min(size, 2048),
+      concurrency: RESYNC_CONCURRENCY,
+      rate: () => host.resyncRate,
+      gate: b.gate ?? undefined,
+      continueOnError: true,
+      flushAtEnd: true,
+      signal: h.abort.signal,
+      after: (range, outcome: CopyOutcome) => {
+        const region = range.sector / size;
+        if (outcome.readError || outcome.writeErrors[0]) throw outcome.readError ?? outcome.writeErrors[0]!;
+        dlog.setRegionSync(region, true);
+        dlog.clearRegion(region);
+        h.copied += range.sectors;
+        site.stats.resyncedBytes += range.sectors * 512;
+      },
+    });
+    await dlog.flush();
+  }
+}
+
+/** Compare the site with the local devices; marks and counts differing regions. `progress.done` counts regions. */
+export async function verifySite(site: Site, host: SiteHost, progress: { done: number; total: number }): Promise<{ differing: number; regions: number }> {
+  let differing = 0;
+  let regions = 0;
+  for (const b of host.bindings()) {
+    const r = b.remotes.get(site.slink);
+    if (!r || !b.gate) continue;
+    const size = r.dlog.regionSize;
+    const a = Buffer.allocUnsafe(size * 512);
+    const c = Buffer.allocUnsafe(size * 512);
+    for (let region = 0; region < r.dlog.regionCount; region++, progress.done++) {
+      regions++;
+      if (!r.dlog.inSync(region)) continue;
+      const sector = region * size;
+      const n = Math.min(size, b.length - sector);
+      const mine = a.subarray(0, n * 512);
+      const theirs = c.subarray(0, n * 512);
+      await b.gate.lock(region);
+      try {
+        await site.waitPosition(host.head);
+        await b.local.submit({ op: 'read', sector, sectors: n, data: mine, flags: {} });
+        await r.dev.submit({ op: 'read', sector, sectors: n, data: theirs, flags: {} });
+        if (!mine.equals(theirs)) {
+          differing++;
+          r.dlog.markRegion(region);
+          r.dlog.setRegionSync(region, false);
+        }
+      } finally {
+        b.gate.unlock(region);
+      }
+    }
+    await r.dlog.flush();
+  }
+  return { differing, regions };
+}

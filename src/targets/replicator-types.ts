@@ -1,0 +1,54 @@
+/**
+ * What the replicator's parts share: a device of the group as bound by its replicator-dev
+ * (local device, per-site remote devices and dirty logs, the region gate), and the group's
+ * side of a site (`SiteHost`).
+ */
+import type { RegionGate } from '../core/copy.ts';
+import type { Logger } from '../core/log.ts';
+import type { BlockDev } from '../core/types.ts';
+import type { DirtyLog } from '../dirtylog/types.ts';
+import type { Replog } from '../replog/types.ts';
+import type { RemoteDevice } from '../slink/types.ts';
+
+/** One device of the group at one remote site. */
+export interface SiteDev {
+  readonly dev: RemoteDevice;
+  readonly dlog: DirtyLog;
+}
+
+/** A device of the group, bound by its live replicator-dev. */
+export interface DevBinding {
+  readonly devNr: number;
+  /** the replicator-dev's device name */
+  readonly name: string;
+  /** length in sectors */
+  readonly length: number;
+  /** the local device (slink 0) */
+  readonly local: BlockDev;
+  /** per remote slink number */
+  readonly remotes: ReadonlyMap<number, SiteDev>;
+  /** writes against resync copies, region by region (region size of the dirty logs) */
+  readonly gate: RegionGate | null;
+}
+
+/** The group as a site sees it. */
+export interface SiteHost {
+  readonly log: Replog;
+  readonly logger: Logger;
+  /** seq of the last entry appended */
+  readonly head: number;
+  /** sectors appended since start */
+  readonly appendedSectors: number;
+  /** bytes per second for resync copies (0 = unlimited) */
+  readonly resyncRate: number;
+  /** wall-clock ms when `seq` was appended (approximate for old entries) */
+  appendTime(seq: number): number;
+  binding(devNr: number): DevBinding | null;
+  bindings(): Iterable<DevBinding>;
+  /** resolves when `devNr` is bound */
+  whenBound(devNr: number): Promise<void>;
+  /** hold new writes before they are logged; resolves once those being logged are; returns the release */
+  hold(): Promise<() => void>;
+  /** a state change: logged and raised as a device event */
+  event(what: string): void;
+}

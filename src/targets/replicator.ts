@@ -1,0 +1,83 @@
+/**
+ * replicator: the control target of a replication group. It owns the replication log
+ * (from the replog registry) and the group's site links (from the slink registry); the
+ * devices of the group are `replicator-dev` targets that name it. The write path, sites,
+ * checkpoints and overflow handling are in replicator-group.ts and replicator-site.ts.
+ */
+import { ArgReader } from '../core/args.ts';
+import { TargetArgError } from '../core/errors.ts';
+import type { Target, TargetContext, TargetType } from '../core/types.ts';
+import { createReplog } from '../replog/registry.ts';
+import type { Replog, ReplogContext } from '../replog/types.ts';
+import { parseSlinkParams } from '../slink/params.ts';
+import { createSlink } from '../slink/registry.ts';
+import type { SiteLink, SlinkContext, SlinkParams } from '../slink/types.ts';
+import { ReplicatorGroup } from './replicator-group.ts';
+import { Site } from './replicator-site.ts';
+
+/** slink numbers 0 … MAX_SLINK (the checkpoint holds up to 64 positions) */
+const MAX_SLINK = 63;
+
+/** `<replog_type> <#replog_params> <replog_params…>` */
+async function parseReplog(ctx: TargetContext, r: ArgReader): Promise<Replog> {
+  const type = r.next('replog type');
+  const args = r.group('replog parameters', { min: 1 });
+  const logCtx: ReplogContext = { device: ctx.device, open: (ref) => ctx.open(ref), event: () => ctx.event(), log: ctx.log };
+  return createReplog(type, logCtx, args);
+}
+
+/** `(<slink_type> <#slink_params> <slink_params…>){1..N}`: slink 0 (local) exactly once */
+async function parseSlinks(ctx: TargetContext, r: ArgReader, made: SiteLink[]): Promise<Array<{ link: SiteLink; params: SlinkParams }>> {
+  const slinkCtx: SlinkContext = { device: ctx.device, event: () => ctx.event(), log: ctx.log };
+  const out: Array<{ link: SiteLink; params: SlinkParams }> = [];
+  while (!r.atEnd()) {
+    const type = r.next('slink type');
+    const words = r.group(`slink parameters of '${type}'`, { min: 1 });
+    const params = parseSlinkParams(words, MAX_SLINK);
+    if (out.some((x) => x.params.slink === params.slink)) r.fail(`slink ${params.slink} is given twice`);
+    if (params.slink === 0 && (params.policyText !== null || params.fallBehind !== null)) {
+      r.fail('slink 0 is the local site: it takes no policy or fall-behind');
+    }
+    const link = await createSlink(type, slinkCtx, params.slink, params.options);
+    made.push(link);
+    out.push({ link, params });
+  }
+  if (!out.some((x) => x.params.slink === 0)) r.fail('missing slink 0 (the local site, e.g. blockdev 1 0)');
+  if (out.length < 2) r.fail('missing a remote slink (expected at least one slink besides slink 0)');
+  return out;
+}
+
+export const replicator: TargetType = {
+  name: 'replicator',
+  version: [1, 0, 0],
+  /**
+   * `<replog_type> <#replog_params> <replog_params…> (<slink_type> <#slink_params> <slink_params…>){2..N}`
+   *   replog  ringbuffer <2-4> <dev> <dev_start> [auto|create|open [<size>]]
+   *   slink   <type> <#params> <slink#> [<policy> [<fallbehind>]] [<key>=<value>…]
+   *           slink 0 is the local site (`blockdev 1 0`); 1 … 63 are remote
+   *           policy sync|synchronous|async|asynchronous[+stall|+pull-ahead] (default async)
+   *           fallbehind ios <N> | size <N>[s|k|m|g|t|p] | timeout <N>[t|s|m|h|d] (or key=N)
+   * The control device carries no data: reads return zeroes, writes fail with EPERM.
+   */
+  async create(ctx: TargetContext, args: string[]): Promise<Target> {
+    const r = new ArgReader(args, 'replicator');
+    const log = await parseReplog(ctx, r);
+    const made: SiteLink[] = [];
+    try {
+      const slinks = await parseSlinks(ctx, r, made);
+      const local = slinks.find((x) => x.params.slink === 0)!.link;
+      const sites: Site[] = [];
+      const group = new ReplicatorGroup(ctx, log, local, sites);
+      for (const { link, params } of slinks) {
+        if (params.slink === 0) continue;
+        sites.push(new Site(group, link, params.policy, params.policyText, params.fallBehind, params.fallBehindText));
+      }
+      return group;
+    } catch (err) {
+      for (const l of made.reverse()) await l.destroy();
+      await log.destroy();
+      if (err instanceof TargetArgError) throw err;
+      throw new TargetArgError((err as Error).message, (err as { code?: string }).code);
+    }
+  },
+};

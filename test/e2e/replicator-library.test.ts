@@ -1,0 +1,101 @@
+/**
+ * The replicator in-process: a group of devices replicated to a second site (image files
+ * behind `dm:` devices, so the site can be failed with the engine's own targets), every
+ * scenario ending with the site's images compared against the source and a reference model.
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import { afterEach, describe, expect, it } from 'vitest';
+import { caughtUp, makeGroup, Model, SECTOR, tmpDir, waitFor, type Group } from '../helpers/replication.ts';
+
+let g: Group | null = null;
+afterEach(async () => {
+  await g?.dm.close();
+  if (g) fs.rmSync(g.dir, { recursive: true, force: true });
+  g = null;
+});
+
+async function randomWrites(grp: Group, models: Model[], n: number, maxSectors = 16): Promise<void> {
+  for (let k = 0; k < n; k++) {
+    const dev = k % grp.spec.devices;
+    const sectors = 1 + crypto.randomInt(maxSectors);
+    const sector = crypto.randomInt(grp.spec.sectors - sectors);
+    const data = crypto.randomBytes(sectors * SECTOR);
+    await grp.dm.write(`vol${dev}`, sector * SECTOR, data);
+    models[dev]!.write(sector * SECTOR, data);
+  }
+}
+
+function expectSame(grp: Group, models: Model[]): void {
+  for (let i = 0; i < grp.spec.devices; i++) {
+    expect(fs.readFileSync(grp.local(i)).equals(models[i]!.bytes), `local ${i} equals the model`).toBe(true);
+    expect(fs.readFileSync(grp.remote(i)).equals(models[i]!.bytes), `remote ${i} equals the model`).toBe(true);
+  }
+}
+
+describe('replicator (library)', () => {
+  it('ships the writes of every device of the group to the second site', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    const models = [new Model(4096), new Model(4096)];
+    await randomWrites(g, models, 300);
+    await g.dm.flush('vol0');
+    await waitFor(() => caughtUp(g!), 'slink 1 caught up');
+    expectSame(g, models);
+    expect(g.status()).toMatch(/^0:S,0,0 1:A,0,0 \d+\/8192$/);
+    expect(g.dm.status('vol0')[0]!.params).toBe('A,1/1 A,64/64');
+  });
+
+  it('a sync site has each write before it is acknowledged', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 2048, policy: 'sync' });
+    for (let k = 0; k < 50; k++) {
+      const data = crypto.randomBytes(4096);
+      const sector = crypto.randomInt(2048 - 8);
+      await g.dm.write('vol0', sector * SECTOR, data);
+      const fd = fs.openSync(g.remote(0), 'r');
+      const got = Buffer.alloc(4096);
+      fs.readSync(fd, got, 0, 4096, sector * SECTOR);
+      fs.closeSync(fd);
+      expect(got.equals(data)).toBe(true);
+    }
+    expect(g.status()).toMatch(/^0:S,0,0 1:S,0,0 /);
+  });
+
+  it('status table round-trips through create', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 2048, policy: 'async+pull-ahead size=1m' });
+    const repl = g.dm.table('repl')[0]!;
+    const vol = g.dm.table('vol0')[0]!;
+    await g.dm.remove('vol0');
+    await g.dm.remove('repl');
+    await g.dm.create('repl', { table: `0 1 replicator ${repl.params}` });
+    await g.dm.create('vol0', { table: `0 2048 replicator-dev ${vol.params}` });
+    expect(g.dm.table('repl')[0]!.params).toBe(repl.params);
+    expect(g.dm.table('vol0')[0]!.params).toBe(vol.params);
+  });
+
+  it('a dead site never fails a write; it is retested and catches up from its position', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096, ring: 8192 });
+    const models = [new Model(4096), new Model(4096)];
+    await randomWrites(g, models, 20);
+    await waitFor(() => caughtUp(g!), 'caught up');
+    await g.breakSite();
+    await randomWrites(g, models, 100);
+    await waitFor(() => /1:D,/.test(g!.status()), 'slink 1 down');
+    await g.healSite();
+    await waitFor(() => caughtUp(g!), 'caught up after retest');
+    expectSame(g, models);
+  });
+
+  it('ring overflow with a dead site: writes go on, the site falls back to its dirty logs and resyncs', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 8192, ring: 4096 });
+    const models = [new Model(8192), new Model(8192)];
+    await g.breakSite();
+    await randomWrites(g, models, 10);
+    await waitFor(() => /1:D,/.test(g!.status()), 'slink 1 down');
+    await randomWrites(g, models, 400, 64); // ~6 MiB through a 2 MiB ring
+    expect(g.dm.status('vol0')[0]!.params).toMatch(/^A,1\/1 D,\d+\/128$/);
+    await g.healSite();
+    await waitFor(() => caughtUp(g!), 'resynced');
+    expectSame(g, models);
+    expect(g.dm.status('vol0')[0]!.params).toBe('A,1/1 A,128/128');
+  });
+});
