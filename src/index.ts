@@ -34,9 +34,7 @@ export { ArgReader } from './core/args.ts';
 export { copyRanges, RegionGate } from './core/copy.ts';
 export { createDirtyLog, registerDirtyLog, unregisterDirtyLog, listDirtyLogs } from './dirtylog/registry.ts';
 export { registerSlink, unregisterSlink, listSlinks } from './slink/registry.ts';
-// INTEGRATION POINT (src/plugin.ts `registries`): once src/replog/registry.ts is committed,
-// export its registration functions here, as the slink registry's above:
-//   export { registerReplog, unregisterReplog, listReplogs } from './replog/registry.ts';
+export { registerReplog, unregisterReplog, listReplogs } from './replog/registry.ts';
 export { NbdClient } from './nbd/client.ts';
 export { nbdResolver } from './nbd/resolver.ts';
 export type { CopyProgress, CopyOptions } from './core/copy.ts';

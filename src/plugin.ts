@@ -20,10 +20,9 @@
  * - nothing, having registered its types itself when imported (`registerDirtyLog` … of `dmkit`).
  * A load registers all or nothing: when it fails, what it had registered is unregistered.
  */
-import fs from 'node:fs';
 import nodeModule from 'node:module';
 import path from 'node:path';
-import { fileURLToPath, pathToFileURL } from 'node:url';
+import { pathToFileURL } from 'node:url';
 import { DmError } from './core/errors.ts';
 import type { TargetType } from './core/types.ts';
 import { listDirtyLogs, registerDirtyLog, unregisterDirtyLog } from './dirtylog/registry.ts';
@@ -81,7 +80,7 @@ const fn = <F>(x: unknown): F | null => (typeof x === 'function' ? (x as F) : nu
 export async function loadPlugin(dm: DeviceMapper, modulePath: string): Promise<string[]> {
   const ns = (await import('./index.ts')) as unknown as Api;
   installResolver(ns);
-  const kinds = await registries(dm, ns);
+  const kinds = registries(dm, ns);
   const api = pluginApi(dm, ns, kinds);
   const before = kinds.map((k) => new Set(k.list?.() ?? []));
   const added = (): string[][] => kinds.map((k, i) => (k.list?.() ?? []).filter((n) => !before[i]!.has(n)));
@@ -164,24 +163,14 @@ async function importPlugin(modulePath: string): Promise<Api> {
 
 /**
  * The registries plugins can add to. Targets are the engine's own; dirty logs, slinks and
- * replogs are process-wide, found among the API's exports by name.
- *
- * INTEGRATION POINT (the replog registry, written alongside this): while src/index.ts
- * does not export `registerReplog`/`unregisterReplog`/`listReplogs` (from
- * src/replog/registry.ts), they are imported here by path when that file exists (from the
- * sources; not from the bundle, which has only what index.ts reaches). Once it is
- * committed, add its `export { … } from` line to src/index.ts (as for the slink registry)
- * and delete `byPath` below, passing `ns` for the slinks and replogs: nothing else changes.
+ * replogs are process-wide, found among the API's exports by name (`registerX`,
+ * `unregisterX`, `listXs`), so a kind this dmkit lacks is refused with ENOTSUP.
  */
-async function registries(dm: DeviceMapper, ns: Api): Promise<Kind[]> {
-  /** `registerX`, `unregisterX`, `listXs` of the API, else of the module at `file` */
-  const late = async (key: KindKey, what: string, file: string, x: string): Promise<Kind> => {
-    const m = ns[`register${x}`] ? ns : await byPath(file);
-    return {
-      key, what, prefix: `${x.toLowerCase()}:`,
-      register: fn(m[`register${x}`]), unregister: fn(m[`unregister${x}`]), list: fn(m[`list${x}s`]),
-    };
-  };
+function registries(dm: DeviceMapper, ns: Api): Kind[] {
+  const byName = (key: KindKey, what: string, x: string): Kind => ({
+    key, what, prefix: `${x.toLowerCase()}:`,
+    register: fn(ns[`register${x}`]), unregister: fn(ns[`unregister${x}`]), list: fn(ns[`list${x}s`]),
+  });
   return [
     {
       key: 'targets', what: 'target type', prefix: '',
@@ -190,15 +179,9 @@ async function registries(dm: DeviceMapper, ns: Api): Promise<Kind[]> {
       list: () => dm.targets.list().map((t) => t.name),
     },
     { key: 'dirtyLogs', what: 'dirty log type', prefix: 'dirtylog:', register: registerDirtyLog, unregister: unregisterDirtyLog, list: listDirtyLogs },
-    await late('slinks', 'slink type', './slink/registry.ts', 'Slink'),
-    await late('replogs', 'replog type', './replog/registry.ts', 'Replog'),
+    byName('slinks', 'slink type', 'Slink'),
+    byName('replogs', 'replog type', 'Replog'),
   ];
-}
-
-/** a module of the sources by path, or {} when it is not there (see the integration point) */
-async function byPath(file: string): Promise<Api> {
-  const url = new URL(file, import.meta.url);
-  return fs.existsSync(fileURLToPath(url)) ? ((await import(url.href)) as Api) : {};
 }
 
 function pluginApi(dm: DeviceMapper, ns: Api, kinds: Kind[]): PluginApi {
