@@ -71,7 +71,7 @@ async function parseTuple(ctx: TargetContext, r: ArgReader, group: ReplicatorGro
 }
 
 class ReplicatorDev implements Target {
-  readonly maxIoSectors: number | undefined;
+  readonly maxIoSectors: number;
   readonly #ctx: TargetContext;
   readonly #group: ReplicatorGroup;
   readonly #ref: string;
@@ -89,7 +89,8 @@ class ReplicatorDev implements Target {
     const remotes = new Map<number, SiteDev>();
     for (const t of tuples) if (t.dlog) remotes.set(t.slink, { dev: t.dev, dlog: t.dlog });
     const region = [...remotes.values()][0]?.dlog.regionSize;
-    this.maxIoSectors = region;
+    // bios never cross a region (one region per log entry and gate), nor exceed what one log entry takes
+    this.maxIoSectors = Math.min(region ?? Infinity, group.maxEntrySectors);
     const local = tuples.find((t) => t.slink === 0)!.dev;
     this.#binding = { devNr, name: ctx.device, length: ctx.length, local, remotes, gate: region ? new RegionGate(region) : null };
   }

@@ -129,6 +129,16 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.ctx.event();
   }
 
+  /**
+   * The largest write one log entry takes (replicator-dev splits at it): a quarter of the
+   * ring (the ring refuses entries over half of it), a power of 2, at most 1 MiB.
+   */
+  get maxEntrySectors(): number {
+    let n = 2048;
+    while (n > 8 && n * 4 > this.log.size) n >>= 1;
+    return n;
+  }
+
   siteOf(slink: number): Site | undefined {
     return this.sites.find((s) => s.slink === slink);
   }
@@ -291,7 +301,12 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     this.stats.overflows++;
     this.logger.warn(`${this.ctx.device}: replication log full: slink ${holder.slink} falls back to its dirty logs`);
-    await holder.overflow();
+    try {
+      await holder.overflow();
+    } catch {
+      await sleep(10); // the replicator is suspended: writers wait for its resume
+      return;
+    }
     await this.#checkpoint();
   }
 
@@ -348,8 +363,14 @@ export class ReplicatorGroup implements Target, SiteHost {
     const rec = await this.log.recover();
     this.#recovered = true;
     this.#head = rec.head;
-    const localDone = Math.min(rec.state?.localDone ?? rec.head, rec.head);
-    for (const s of this.sites) s.init(rec.state?.slinks.find((p) => p.slink === s.slink) ?? (rec.state ? { slink: s.slink, seq: localDone, mode: 'log' } : null), rec.head);
+    // no checkpoint yet (a crash before the first one): every entry in the ring is to be replayed and shipped
+    const base = this.log.tail - 1;
+    const localDone = Math.min(rec.state?.localDone ?? base, rec.head);
+    for (const s of this.sites) {
+      // a slink the last checkpoint does not know (added to the table since) starts on its dirty logs
+      const pos = rec.state ? rec.state.slinks.find((p) => p.slink === s.slink) ?? { slink: s.slink, seq: localDone, mode: 'log' as const } : { slink: s.slink, seq: base, mode: 'ship' as const };
+      s.init(pos, rec.head);
+    }
     if (localDone < rec.head) {
       this.#replayFrom = localDone + 1;
       this.#replayTo = rec.head;

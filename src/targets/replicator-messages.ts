@@ -55,7 +55,7 @@ export async function groupMessage(g: ReplicatorGroup, args: string[]): Promise<
     case 'verify': {
       const s = remote(g, r);
       r.expectEnd();
-      if (!s.up) r.fail(`slink ${s.slink} is down: nothing to verify against`);
+      if (!s.up || s.paused) r.fail(`slink ${s.slink} is ${s.paused ? 'suspended' : 'down'}: nothing to verify against`);
       void s.verify().catch((err: Error) => g.logger.warn(`${g.ctx.device}: verify of slink ${s.slink} failed: ${err.message}`));
       return 'verify started';
     }

@@ -69,7 +69,7 @@ export class Site {
   #slot: (() => void) | null = null;
   #settledWaiters: Array<() => void> = [];
   #syncWaiters: Array<{ seq: number; resolve: () => void }> = [];
-  #posWaiters: Array<{ seq: number; resolve: () => void }> = [];
+  #posWaiters: Array<{ seq: number; resolve: () => void; reject: (err: Error) => void }> = [];
   #stallWaiters: Array<() => void> = [];
   /** sectors shipped or marked since start (outstanding = appended − this) */
   #doneSectors = 0;
@@ -107,7 +107,7 @@ export class Site {
     return this.#watermark;
   }
   get stalled(): boolean {
-    return this.#stalled && this.#up && this.#mode === 'ship' && !this.#paused;
+    return this.#stalled && this.#up && this.#mode === 'ship';
   }
   get resyncing(): boolean {
     return this.#resync !== null;
@@ -146,11 +146,11 @@ export class Site {
   // ---- lifecycle ----
 
   /** the group recovered its log: start from the checkpoint's position for this slink */
-  init(pos: SlinkPosition | null, head: number): void {
-    this.#watermark = pos ? Math.min(pos.seq, head) : head;
+  init(pos: SlinkPosition, head: number): void {
+    this.#watermark = Math.min(pos.seq, head);
     this.#issued = this.#watermark;
-    this.#durable = { seq: this.#watermark, mode: pos?.mode ?? 'ship' };
-    if (pos?.mode === 'log') {
+    this.#durable = { seq: this.#watermark, mode: pos.mode };
+    if (pos.mode === 'log') {
       this.#mode = 'log';
       this.#logReason = 'dirty';
     }
@@ -168,6 +168,8 @@ export class Site {
     this.#active = false;
     this.#gen++;
     this.#wakeLoop();
+    this.#resync?.abort.abort();
+    this.#failPositions();
     if (this.#retest) clearTimeout(this.#retest);
     this.#retest = null;
     await this.#stopResync();
@@ -202,7 +204,7 @@ export class Site {
     if (this.#mode === 'ship' && this.#up && !this.#paused && this.#active) {
       // a healthy site usually takes the rest in a moment (a clean shutdown): keep it in order
       let timer: NodeJS.Timeout | undefined;
-      await Promise.race([this.waitPosition(head), new Promise<void>((res) => (timer = setTimeout(res, RELEASE_WAIT_MS)))]);
+      await Promise.race([this.waitPosition(head).catch(() => undefined), new Promise<void>((res) => (timer = setTimeout(res, RELEASE_WAIT_MS)))]);
       clearTimeout(timer);
       if (this.#watermark >= head) return;
     }
@@ -419,10 +421,27 @@ export class Site {
     for (const f of w) f();
   }
 
-  /** resolves once the watermark reaches `seq` (marking in log mode never stops); for replicator-resync.ts */
+  /**
+   * Resolves once the watermark reaches `seq`. In log mode marking never stops; in ship
+   * mode it rejects (EIO) when the site goes down or is suspended first, and at once if it
+   * already is. For replicator-resync.ts and the group.
+   */
   waitPosition(seq: number): Promise<void> {
     if (this.#watermark >= seq) return Promise.resolve();
-    return new Promise((resolve) => this.#posWaiters.push({ seq, resolve }));
+    if (!this.#canRun()) return Promise.reject(this.#notShipping());
+    return new Promise((resolve, reject) => this.#posWaiters.push({ seq, resolve, reject }));
+  }
+
+  #notShipping(): BlockError {
+    return new BlockError('EIO', `slink ${this.slink} is ${this.#paused ? 'suspended' : this.#up ? 'stopped' : 'down'}`);
+  }
+
+  /** the loop stopped in ship mode: nobody waits for a position it will not reach */
+  #failPositions(): void {
+    const w = this.#posWaiters;
+    this.#posWaiters = [];
+    const err = this.#notShipping();
+    for (const x of w) x.reject(err);
   }
 
   // ---- fall-behind ----
@@ -470,6 +489,12 @@ export class Site {
     if (this.#mode === 'ship') { // in log mode the loop only marks: it goes on
       this.#gen++;
       this.#wakeLoop();
+    }
+    if (this.#mode === 'ship') {
+      const wasUp = this.#up;
+      this.#up = false; // so the rejection says down
+      this.#failPositions();
+      this.#up = wasUp;
     }
     if (this.#up) {
       this.#up = false;
@@ -617,7 +642,7 @@ export class Site {
     const abort = new AbortController();
     const handle = { abort, total: 0, copied: 0, done: Promise.resolve() };
     handle.done = resyncPasses(this, this.#host, handle).catch((err: unknown) => {
-      if ((err as { code?: string }).code !== 'EINTR') this.#down(err);
+      if ((err as { code?: string }).code !== 'EINTR' && !abort.signal.aborted && this.#active) this.#down(err);
     }).finally(() => {
       if (this.#resync === handle) this.#resync = null;
     });
@@ -657,6 +682,7 @@ export class Site {
     this.#paused = true;
     this.#gen++;
     this.#wakeLoop();
+    if (this.#mode === 'ship') this.#failPositions();
     this.#releaseSync();
     this.#releaseStall();
     void this.#stopResync();
@@ -712,7 +738,7 @@ export class Site {
    * differing regions, now out of sync (a following `resync` repairs them).
    */
   async verify(): Promise<number> {
-    if (!this.#up) throw new BlockError('EIO', `slink ${this.slink} is down`);
+    if (!this.#up || this.#paused) throw new BlockError('EIO', `slink ${this.slink} is ${this.#paused ? 'suspended' : 'down'}: nothing to verify against`);
     let total = 0;
     for (const b of this.#host.bindings()) total += b.remotes.get(this.slink)?.dlog.regionCount ?? 0;
     this.#verify = { done: 0, total };
