@@ -195,9 +195,15 @@ export class Site {
    * A device leaves the group (its replicator-dev is removed, not replaced): the entries of
    * it this site has not taken yet are marked in its dirty logs here (flushed), and skipped
    * later, so the site never waits for a device that is gone. If it comes back, its dirty
-   * logs send this site into resync.
+   * logs send this site into resync. A resync running may be copying the device's regions:
+   * it stops (its copies in flight done) before the device is detached, and starts again
+   * for the devices that stay (the caller has unbound `b`).
    */
   async release(b: DevBinding): Promise<void> {
+    if (this.#resync) {
+      await this.#stopResync();
+      this.#startResync();
+    }
     const r = b.remotes.get(this.slink);
     const head = this.#host.head;
     if (!r || this.#watermark >= head) return;

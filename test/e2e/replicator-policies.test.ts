@@ -304,6 +304,32 @@ describe('resync under a writer that never stops', () => {
   });
 });
 
+describe('a device leaves the group', () => {
+  it('removing a replicator-dev while its site resyncs it neither fails the site nor stops the resync of the others', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    const models = [new Model(4096), new Model(4096)];
+    for (let k = 0; k < 40; k++) {
+      const data = crypto.randomBytes(8192);
+      const off = crypto.randomInt(4096 / 16) * 8192;
+      await g.dm.write(`vol${k % 2}`, off, data);
+      models[k % 2]!.write(off, data);
+    }
+    await waitFor(() => caughtUp(g!), 'caught up');
+    await g.slowSite(20);
+    await g.dm.message('repl', 0, ['resync', '1', 'full']); // 2 × 64 regions, 20 ms each at the site
+    await waitFor(() => siteJson(g!.dm).resyncedBytes > 0, 'the resync copying');
+    expect(slinkState(g.dm)).toBe('R');
+    expect(g.dm.status('vol0')[0]!.params).toMatch(/^A,1\/1 R,\d+\+\/64$/); // vol0's regions being copied
+    await g.dm.remove('vol0');
+    await g.healSite();
+    await waitFor(() => caughtUp(g!), 'vol1 resynced and shipping in order', 15_000);
+    expect(siteJson(g.dm)).toMatchObject({ errors: 0, lastError: null });
+    expect(g.dm.status('vol1')[0]!.params).toBe('A,1/1 A,64/64');
+    expectSameBytes(fs.readFileSync(g.remote(1)), models[1]!.bytes, 'site image of the device that stayed');
+    expectSameBytes(fs.readFileSync(g.local(1)), models[1]!.bytes, 'local image of the device that stayed');
+  });
+});
+
 describe('write-order fidelity across the devices of a group', () => {
   /**
    * Two writers, one per device, each write to a block never written before (so the site's
