@@ -243,7 +243,7 @@ describe('ring overflow', () => {
   it('with a slow site: the site falls back to its dirty logs (R), then resyncs identical', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 8192, ring: 4096 });
     const models = [new Model(8192), new Model(8192)];
-    await g.slowSite(20);
+    await g.slowSite(100); // 64 KiB entries, 10 a second: far slower than the writer
     await overflow(g, models);
     expect(replJson(g.dm).statistics.overflows).toBeGreaterThan(0);
     expect(['R', 'A']).toContain(slinkState(g.dm));
@@ -350,18 +350,20 @@ describe('write-order fidelity across the devices of a group', () => {
       let completions = 0;
       let stop = false;
       const lane = async (dev: number): Promise<void> => {
-        for (let k = 0; k < 120 && !stop; k++) {
+        // about 500 writes a second per lane (the site takes about 300): a backlog builds up
+        for (let k = 0; k < 170 && !stop; k++) {
           const w: W = { dev, off: free[dev]!.pop()! * BLOCK, data: crypto.randomBytes(BLOCK), completedBefore: completions, done: -1 };
           log.push(w);
           await g!.dm.write(`vol${dev}`, w.off, w.data);
           w.done = completions++;
           models[dev]!.write(w.off, w.data);
+          await sleep(1);
         }
       };
       const lanes = Promise.all([lane(0), lane(1)]);
-      await sleep(20 + crypto.randomInt(150));
+      await sleep(20 + crypto.randomInt(100));
       await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
-      await sleep(30);
+      await sleep(50); // writes after the cut: in the ring, never on the site
       stop = true;
       await lanes;
       // ships already handed to the site drain: suspend and resume the site's devices
