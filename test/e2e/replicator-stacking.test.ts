@@ -99,8 +99,9 @@ describe('replicator stacked with the daemon, NBD clients and servers', () => {
     expectSameBytes(fs.readFileSync(a), model, 'mirror leg a');
     expectSameBytes(fs.readFileSync(b), model, 'mirror leg b');
     expectSameBytes(fs.readFileSync(remote), model, 'site image');
-    // the table the daemon prints names the stack as given
-    expect(await ok(sb, ['table', 'vol-a'])).toBe(`0 ${LEN} replicator-dev dm:repl-a 0 0 1 dm:m0 nolog 0 1 1 ${remote} disk 3 ${dlog} ${REGION} nosync\n`);
+    // the table the daemon prints names the stack as given (a live log's `nosync` has done its work)
+    const table = await ok(sb, ['table', 'vol-a']);
+    expect([`disk 3 ${dlog} ${REGION} nosync`, `disk 2 ${dlog} ${REGION}`].map((log) => `0 ${LEN} replicator-dev dm:repl-a 0 0 1 dm:m0 nolog 0 1 1 ${remote} ${log}\n`)).toContain(table);
     await ok(sb, ['remove', 'vol-a', 'repl-a', 'm0']);
   });
 
