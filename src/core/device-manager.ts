@@ -61,6 +61,8 @@ export class DeviceMapper extends EventEmitter {
   readonly #backing = new Map<string, Backing>();
   readonly #resolvers: DeviceResolver[] = [];
   readonly #log = log('dm');
+  /** close() is tearing everything down */
+  #closing = false;
 
   constructor(opts: { targets?: readonly TargetType[] } = {}) {
     super();
@@ -303,6 +305,7 @@ export class DeviceMapper extends EventEmitter {
    * a resume that never comes. Its queued I/O fails with ENXIO, as at remove.
    */
   async close(): Promise<void> {
+    this.#closing = true;
     for (const d of this.list()) {
       if (!d.live || this.onSuspended(d.name)) continue;
       await this.flush(d.name).catch((e) => this.#log.warn(`${d.name}: flush at close failed: ${e.message}`));
@@ -334,6 +337,7 @@ export class DeviceMapper extends EventEmitter {
     const release: Array<() => void> = [];
     const deps: string[] = [];
     const opened = new Map<string, Promise<BlockDev>>();
+    const engine = this; // eslint-disable-line @typescript-eslint/no-this-alias -- for the ctx getter
     let next = 0;
     try {
       for (const line of parsed) {
@@ -350,6 +354,9 @@ export class DeviceMapper extends EventEmitter {
           length: line.length,
           log: log(`${name}:${type.name}`),
           event: () => dev.event(),
+          get closing() {
+            return engine.#closing;
+          },
           // a table opens each device once, however many of its targets use it (dm's open count)
           open: (ref: string) => {
             let p = opened.get(ref);

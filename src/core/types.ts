@@ -117,6 +117,12 @@ export interface TargetContext {
   /** raise a device event (dm_table_event): wakes `wait` */
   event(): void;
   readonly log: Logger;
+  /**
+   * true while the engine tears every device down (`close`: a daemon stopping): a
+   * destructor may then leave state for the next start instead of treating its
+   * device as gone for good
+   */
+  readonly closing?: boolean;
 }
 
 export interface TargetType {

@@ -92,7 +92,7 @@ class ReplicatorDev implements Target {
     // bios never cross a region (one region per log entry and gate), nor exceed what one log entry takes
     this.maxIoSectors = Math.min(region ?? Infinity, group.maxEntrySectors);
     const local = tuples.find((t) => t.slink === 0)!.dev;
-    this.#binding = { devNr, name: ctx.device, length: ctx.length, local, remotes, gate: region ? new RegionGate(region) : null };
+    this.#binding = { devNr, name: ctx.device, length: ctx.length, local, remotes, gate: region ? new RegionGate(region) : null, event: () => ctx.event() };
   }
 
   map(bio: Bio): Promise<void> {
@@ -113,7 +113,9 @@ class ReplicatorDev implements Target {
   }
 
   async destroy(): Promise<void> {
-    await this.#group.unbind(this.#binding);
+    // the engine stopping: the device stays in the group (restored at the next start), its sites keep their positions
+    if (this.#ctx.closing) this.#group.detach(this.#binding);
+    else await this.#group.unbind(this.#binding);
     for (const t of this.#tuples) {
       await t.dlog?.flush().catch(() => undefined);
       await t.dlog?.destroy();
@@ -139,7 +141,7 @@ class ReplicatorDev implements Target {
     parts.push(this.#ref, String(this.#devNr));
     for (const t of this.#tuples) {
       const p = t.dev.params();
-      parts.push(String(t.slink), String(p.length), ...p, t.dlog ? t.dlog.status('table') : t.nolog);
+      parts.push(String(t.slink), String(p.length), ...p, t.dlog ? this.#dlogTable(t.dlog) : t.nolog);
     }
     return parts.join(' ');
   }
@@ -155,6 +157,19 @@ class ReplicatorDev implements Target {
       total += t.dlog.regionCount * t.dlog.regionSize;
     }
     return total > 0 ? { work: 'resync', doneSectors: done, totalSectors: total } : null;
+  }
+
+  /**
+   * A remote's dirty log as the table shows it. `sync`/`nosync` start a new log: once the
+   * log is live they have done that, and the table (which the daemon saves and loads again
+   * at restart) no longer says it, so a restart keeps what the log recorded instead of
+   * declaring every region in sync (nosync) or out of sync (sync) again.
+   */
+  #dlogTable(dlog: DirtyLog): string {
+    const text = dlog.status('table');
+    if (this.#state === 'new') return text;
+    const m = /^(\S+) (\d+) (.*) (?:sync|nosync)$/.exec(text);
+    return m ? `${m[1]} ${Number(m[2]) - 1} ${m[3]}` : text;
   }
 
   statusJson(): unknown {

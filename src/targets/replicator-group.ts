@@ -127,6 +127,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   event(what: string): void {
     this.logger.info(`${this.ctx.device}: ${what}`);
     this.ctx.event();
+    for (const b of this.#bindings.values()) b.event();
   }
 
   /**
@@ -174,6 +175,11 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
   }
 
+  /** the engine stops: the device goes without leaving the group (the sites keep waiting for it) */
+  detach(b: DevBinding): void {
+    if (this.#bindings.get(b.devNr) === b) this.#bindings.delete(b.devNr);
+  }
+
   /** name of the device bound as `devNr`, if any */
   boundName(devNr: number): string | null {
     return this.#bindings.get(devNr)?.name ?? null;
@@ -196,6 +202,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   // ---- the write path (called by replicator-dev's map) ----
 
   async write(b: DevBinding, bio: Bio): Promise<void> {
+    const max = this.maxEntrySectors;
+    if (bio.sectors > max && bio.op !== 'flush') return this.#writeSplit(b, bio, max);
     await this.#admit();
     this.#appending++;
     const gate = b.gate;
@@ -235,6 +243,18 @@ export class ReplicatorGroup implements Target, SiteHost {
         this.stats.writeBytes += bio.data.length;
       }
     }
+  }
+
+  /** a write larger than a log entry takes now (the ring was shrunk since the device was loaded), in pieces */
+  async #writeSplit(b: DevBinding, bio: Bio, max: number): Promise<void> {
+    const parts: Promise<void>[] = [];
+    for (let s = 0; s < bio.sectors; s += max) {
+      const n = Math.min(max, bio.sectors - s);
+      const data = bio.op === 'write' ? bio.data.subarray(s * 512, (s + n) * 512) : EMPTY;
+      parts.push(this.write(b, { op: bio.op, sector: bio.sector + s, sectors: n, data, flags: bio.flags }));
+    }
+    const results = await Promise.allSettled(parts);
+    for (const r of results) if (r.status === 'rejected') throw r.reason;
   }
 
   /** wait while writers are held (resync's last pass, clear-bitmap) or a +stall site is behind */

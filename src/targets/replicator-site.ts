@@ -20,6 +20,8 @@ import type { DevBinding, SiteHost } from './replicator-types.ts';
 
 /** entries in flight to one site */
 const MAX_INFLIGHT = 32;
+/** a site over its fall-behind is back under at this fraction of the threshold */
+const LEAVE_FRACTION = 0.9;
 /** how long a leaving device waits for a healthy site to take its backlog before it goes to the dirty logs */
 const RELEASE_WAIT_MS = 2000;
 const FLUSH: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
@@ -71,6 +73,8 @@ export class Site {
   #syncWaiters: Array<{ seq: number; resolve: () => void }> = [];
   #posWaiters: Array<{ seq: number; resolve: () => void; reject: (err: Error) => void }> = [];
   #stallWaiters: Array<() => void> = [];
+  /** entries up to here may have reached the site before the restart (see `consistent`) */
+  #reshipUntil = 0;
   /** sectors shipped or marked since start (outstanding = appended − this) */
   #doneSectors = 0;
   #durable: { seq: number; mode: 'ship' | 'log' } = { seq: 0, mode: 'ship' };
@@ -148,6 +152,7 @@ export class Site {
   /** the group recovered its log: start from the checkpoint's position for this slink */
   init(pos: SlinkPosition, head: number): void {
     this.#watermark = Math.min(pos.seq, head);
+    this.#reshipUntil = head;
     this.#issued = this.#watermark;
     this.#durable = { seq: this.#watermark, mode: pos.mode };
     if (pos.mode === 'log') {
@@ -452,12 +457,17 @@ export class Site {
 
   // ---- fall-behind ----
 
-  #exceeded(): boolean {
+  /**
+   * Over the threshold; once over (`engaged`), still over until back under LEAVE_FRACTION
+   * of it, so a site hovering at its threshold does not flip state on every write.
+   */
+  #exceeded(engaged: boolean): boolean {
     const fb = this.fallBehind;
     if (!fb) return false;
-    if (fb.kind === 'ios') return this.outstandingIos() > fb.value;
-    if (fb.kind === 'size') return this.outstandingSectors() > fb.sectors;
-    return this.lagMs() > fb.ms;
+    const f = engaged ? LEAVE_FRACTION : 1;
+    if (fb.kind === 'ios') return this.outstandingIos() > fb.value * f;
+    if (fb.kind === 'size') return this.outstandingSectors() > fb.sectors * f;
+    return this.lagMs() > fb.ms * f;
   }
 
   #checkFallBehind(): void {
@@ -466,7 +476,7 @@ export class Site {
       this.#setStalled(false);
       return;
     }
-    const over = this.#exceeded();
+    const over = this.#exceeded(this.#forced || this.#stalled);
     if (this.policy.onFallBehind === 'sync') this.#setForced(over);
     else if (this.policy.onFallBehind === 'stall') this.#setStalled(over);
     else if (over) this.#enterLog('pull-ahead');
@@ -759,11 +769,23 @@ export class Site {
 
   /** resync or verify progress in sectors; null when neither runs */
   progress(): { work: string; done: number; total: number } | null {
-    if (this.#verify) return { work: 'verify', done: this.#verify.done, total: this.#verify.total };
-    if (this.#mode !== 'log') return null;
     const size = this.regionSectors();
-    const out = this.outOfSync() * size;
-    const total = Math.max(this.#resync?.total ?? 0, out);
-    return { work: 'resync', done: total - out, total };
+    if (this.#verify) return { work: 'verify', done: this.#verify.done * size, total: this.#verify.total * size };
+    if (this.#mode !== 'log') return null;
+    let total = 0;
+    for (const b of this.#host.bindings()) {
+      const r = b.remotes.get(this.slink);
+      if (r) total += r.dlog.regionCount * r.dlog.regionSize;
+    }
+    return { work: 'resync', done: total - this.outOfSync() * size, total };
+  }
+
+  /**
+   * In-order image? False in dirty-log mode, and after a restart until the site has
+   * passed the log's head at recovery: entries since the last checkpoint are shipped a
+   * second time, and until they all are, an older write may sit over a newer one.
+   */
+  get consistent(): boolean {
+    return this.#mode === 'ship' && this.#watermark >= this.#reshipUntil;
   }
 }

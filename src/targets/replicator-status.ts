@@ -53,7 +53,7 @@ export function groupStatusJson(g: ReplicatorGroup): unknown {
         policy: s.policyText ?? (s.policy.mode === 'sync' ? 'sync' : 'async'),
         fallBehind: s.fallBehindText,
         mode: s.mode === 'ship' ? 'in-order' : 'dirty-log',
-        consistent: s.mode === 'ship',
+        consistent: s.consistent,
         lag: { ios: s.outstandingIos(), sectors: s.outstandingSectors(), bytes: s.outstandingSectors() * 512, ageMs: s.lagMs() },
         shipped: { ios: s.stats.shippedIos, bytes: s.stats.shippedBytes },
         resyncedBytes: s.stats.resyncedBytes,

@@ -29,6 +29,8 @@ export interface DevBinding {
   readonly remotes: ReadonlyMap<number, SiteDev>;
   /** writes against resync copies, region by region (region size of the dirty logs) */
   readonly gate: RegionGate | null;
+  /** raise an event on the replicator-dev's device (a site's state changed) */
+  event(): void;
 }
 
 /** The group as a site sees it. */
