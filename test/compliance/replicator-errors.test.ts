@@ -13,13 +13,13 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { listDirtyLogs } from '../../src/dirtylog/registry.ts';
-import { DeviceMapper, TableError } from '../../src/index.ts';
+import { builtinTargets, DeviceMapper, TableError } from '../../src/index.ts';
 import { listReplogs } from '../../src/replog/registry.ts';
 import { listSlinks } from '../../src/slink/registry.ts';
 import {
   caughtUp, image, makeGroup, pokeFile, readFileRange, replJson, SECTOR, siteJson, slinkState, tmpDir, waitFor, type Group,
 } from '../helpers/replication.ts';
-import { expectSameBytes } from './helpers.ts'; // also quiets the engine's warnings
+import { countingTarget, expectSameBytes } from './helpers.ts'; // also quiets the engine's warnings
 
 const LEN = 2048; // sectors of every replicated device here (1 MiB)
 const REGION = 64;
@@ -294,6 +294,23 @@ describe('message effects', () => {
     expect(readFileRange(grp.remote(0), 100 * 4096, 4096).equals(data)).toBe(false);
     await waitFor(() => caughtUp(grp), 'caught up');
     expectSameBytes(readFileRange(grp.remote(0), 100 * 4096, 4096), data, 'async write after catching up');
+  });
+
+  it('policy sync: a FUA write reaches the site as FUA and a flush as a flush, both before the ack', async () => {
+    const counting = countingTarget();
+    const dm = new DeviceMapper({ targets: [...builtinTargets, counting.type] });
+    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: LEN, region: REGION, policy: 'sync' }, dm);
+    await dm.load('site0', `0 ${LEN} counting ${g.remote(0)} 0`); // the site's device counts what reaches it
+    await dm.resume('site0');
+    const c = counting.counts.get('site0')!;
+    await dm.write('vol0', 8192, Buffer.alloc(4096, 1), { fua: true });
+    expect(c).toMatchObject({ writes: 1, fuaWrites: 1 });
+    const flushes = c.flushes;
+    await dm.flush('vol0');
+    expect(c.flushes).toBeGreaterThan(flushes);
+    await dm.write('vol0', 16384, Buffer.alloc(4096, 2));
+    expect(c).toMatchObject({ writes: 2, fuaWrites: 1 });
+    expectSameBytes(readFileRange(g.remote(0), 8192, 12288), Buffer.concat([Buffer.alloc(4096, 1), Buffer.alloc(4096), Buffer.alloc(4096, 2)]), 'site image');
   });
 
   it('fallbehind: set, replaced and removed, shown in table and json; the table loads back', async () => {
