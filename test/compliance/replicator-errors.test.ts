@@ -259,6 +259,22 @@ describe('message errors', () => {
     expect(grp.status()).toMatch(/^0:S,0,0 1:A,0,0 /);
   });
 
+  it('replog resize below the entries the ring keeps is refused, naming what does not fit; once shipped it is done', async () => {
+    const grp = await group();
+    await msg(grp, 'slink', 'suspend', '1');
+    for (let k = 0; k < 70; k++) await grp.dm.write('vol0', (k % 32) * 32768, Buffer.alloc(32768, k));
+    expect(grp.status()).toBe('0:S,0,0 1:D,70,4480 4550/8192'); // 70 × (512 + 32768) bytes kept
+    const err = await rejection(msg(grp, 'replog', 'resize', '4096'));
+    expect(err.code).toBe('EINVAL');
+    expect(err.message).toBe('ringbuffer: cannot shrink to 4096 sectors: the kept entries 1-70 reach ring byte 2329600, the new ring holds 2084352');
+    expect(grp.status()).toBe('0:S,0,0 1:D,70,4480 4550/8192');
+    await msg(grp, 'slink', 'resume', '1');
+    await waitFor(() => grp.status() === '0:S,0,0 1:A,0,0 0/8192', 'shipped and freed');
+    await msg(grp, 'replog', 'resize', '4096');
+    expect(grp.status()).toBe('0:S,0,0 1:A,0,0 0/4096');
+    expectSameBytes(fs.readFileSync(grp.remote(0)), fs.readFileSync(grp.local(0)), 'site image');
+  });
+
   it('fallbehind on a sync slink is refused; so is verify of a down slink', async () => {
     const grp = await group('sync');
     expect((await rejection(msg(grp, 'fallbehind', '1', 'ios', '5'))).message).toBe("slink 1: sync slink takes no fall-behind (got 'ios 5')");
