@@ -126,7 +126,7 @@ async function main(): Promise<void> {
 
   say('');
   say(`soak: ${summary.rounds} rounds, ${kills} SIGKILLs, ${summary.failed} failed, ${summary.seconds} s (round p50 ${summary.roundMs.p50} ms, p95 ${summary.roundMs.p95} ms; restart p50 ${summary.restartMs.p50} ms)`);
-  say(`      ${summary.writes.acknowledged} of ${summary.writes.submitted} writes acknowledged; remote images judged at ${summary.remoteAtKill.judged} kills (${summary.remoteAtKill.invalid} not order-consistent); ${summary.resyncs} round(s) resynced`);
+  say(`      ${summary.writes.acknowledged} of ${summary.writes.submitted} writes acknowledged; remote images judged at ${summary.remoteAtKill.judged} kills (${summary.remoteAtKill.invalid} not order-consistent, declared so by the status after the restart unless a failure below says otherwise); ${summary.resyncs} round(s) resynced`);
   for (const [k, v] of Object.entries(kinds)) say(`      ${k.padEnd(12)} ${v.rounds} rounds, ${v.kills} kills, ${v.failed} failed`);
   for (const f of summary.failures) say(`  FAILED round ${f.index} (kind ${f.kind}, seed ${f.seed}): ${f.failures[0]?.split('\n')[0]}`);
   say(`report: ${path.relative(ROOT, out)}`);

@@ -38,7 +38,7 @@ export interface Status {
   params: string;
   detail: {
     statistics?: { overflows: number };
-    sites: Array<{ slink: number; stateChar: string; consistent?: boolean; resyncedBytes?: number }>;
+    sites: Array<{ slink: number; stateChar: string; mode?: string; consistent?: boolean; resyncedBytes?: number }>;
   };
 }
 
@@ -203,11 +203,11 @@ export class Rig {
     await gone;
   }
 
-  /** caught up: slink 1 in order with nothing outstanding, every region of every device in sync */
+  /** caught up: slink 1 in order and consistent with nothing outstanding, every region of every device in sync */
   async caughtUp(limitMs = 60_000): Promise<Status> {
     for (const end = Date.now() + limitMs; ; await sleep(20)) {
       const s = await this.status('repl');
-      if (/(^| )1:[AS],0,0( |$)/.test(s.params)) {
+      if (/(^| )1:[AS],0,0( |$)/.test(s.params) && s.detail.sites.find((x) => x.slink === 1)?.consistent === true) {
         let all = true;
         for (let i = 0; i < this.opts.devices && all; i++) {
           const m = /^A,1\/1 A,(\d+)\/(\d+)$/.exec((await this.status(`vol${i}`)).params);
