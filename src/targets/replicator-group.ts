@@ -67,6 +67,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   #appending = 0;
   #appendWaiters: Array<() => void> = [];
   #overflowing: Promise<void> | null = null;
+  /** the hold taken at suspend, released at resume */
+  #suspendHold: (() => void) | null = null;
   #cp: Promise<void> = Promise.resolve();
   #cpMark = '';
   #timer: NodeJS.Timeout | null = null;
@@ -305,18 +307,22 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
   }
 
-  /** the ring is full: checkpoint; if that frees nothing, the site holding the tail goes to its dirty logs */
+  /** the ring is full: checkpoint; if that frees too little, the site holding the tail goes to its dirty logs */
   async #makeSpace(): Promise<void> {
     const tail = this.log.tail;
     await this.#checkpoint();
-    if (this.log.tail !== tail) return;
+    const freed = this.log.tail !== tail;
+    // room again: writers go on. A checkpoint that leaves the ring over half full only freed
+    // what a site slower than the writers shipped since the last one: waiting for it would
+    // hold the writers to that site's pace, so it goes to its dirty logs (guarantee 4)
+    if (freed && this.log.used() * 2 <= this.log.size) return;
     const holder = this.sites.filter((s) => s.mode === 'ship').sort((a, b) => a.watermark - b.watermark)[0];
     if (!holder || holder.watermark >= this.#localDone()) {
-      await sleep(2); // local writes in flight hold the tail
+      if (!freed) await sleep(2); // local writes in flight hold the tail
       return;
     }
     if (holder.policy.onFallBehind === 'stall' && holder.up && !holder.paused) {
-      await sleep(5); // +stall: writers wait for the site
+      if (!freed) await sleep(5); // +stall: writers wait for the site
       return;
     }
     this.stats.overflows++;
@@ -375,6 +381,8 @@ export class ReplicatorGroup implements Target, SiteHost {
     if (!this.#recovered) await this.#recover();
     this.#state = 'active';
     for (const s of this.sites) s.start();
+    this.#suspendHold?.();
+    this.#suspendHold = null;
     this.#timer = setInterval(() => this.#tick(), TICK_MS);
     this.#timer.unref?.();
   }
@@ -407,10 +415,16 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.#timer = null;
   }
 
+  /**
+   * Suspended, the group logs nothing: writers of its replicator-devs wait (as dm queues
+   * I/O of a suspended device) until resume, so nothing is appended behind a checkpoint or
+   * after the ring has been handed to a new table (reload).
+   */
   async postsuspend(): Promise<void> {
     if (this.#state !== 'active') return;
     await this.#checkpoint();
-    for (const s of this.sites) await s.stop();
+    for (const s of this.sites) await s.stop(); // ends resyncs (and any hold they have) first
+    this.#suspendHold = await this.hold();
     await this.#checkpoint();
     this.#state = 'suspended';
   }
@@ -421,6 +435,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       await this.postsuspend().catch(() => undefined);
     }
     this.#state = 'destroyed';
+    this.#suspendHold?.();
     this.#holdRelease?.();
     for (const s of this.sites) await s.stop().catch(() => undefined);
     for (const s of this.sites) await s.link.destroy();

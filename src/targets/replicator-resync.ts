@@ -18,6 +18,8 @@ import type { SiteHost } from './replicator-types.ts';
 
 /** resync passes under a running writer before writers are held for the last pass */
 export const CONVERGE_PASSES = 3;
+/** how long writers are held waiting for every entry to be marked before they are let go again */
+const MARK_WAIT_MS = 1000;
 /** regions copied at once by a resync */
 const RESYNC_CONCURRENCY = 4;
 
@@ -33,15 +35,15 @@ export async function resyncPasses(site: Site, host: SiteHost, h: ResyncHandle):
   for (let pass = 1; ; pass++) {
     const last = pass > CONVERGE_PASSES;
     const release = last ? await host.hold() : null;
+    let waited = true;
     try {
-      if (release) await site.waitPosition(host.head);
+      if (release && !(waited = await marked(site, host))) continue;
       h.total = h.copied + site.outOfSync() * site.regionSectors();
       await copyPass(site, host, h);
       if (h.abort.signal.aborted) return;
       const hold = release ?? (await host.hold());
       try {
-        await site.waitPosition(host.head);
-        if (site.outOfSync() === 0 && !h.abort.signal.aborted) {
+        if ((waited = await marked(site, host)) && site.outOfSync() === 0 && !h.abort.signal.aborted) {
           site.toShip();
           return;
         }
@@ -51,7 +53,20 @@ export async function resyncPasses(site: Site, host: SiteHost, h: ResyncHandle):
     } finally {
       release?.();
     }
+    if (h.abort.signal.aborted) return;
+    if (!waited) await new Promise((r) => setTimeout(r, MARK_WAIT_MS)); // writers go meanwhile
   }
+}
+
+/**
+ * Writers held: wait until every logged entry is marked. False after MARK_WAIT_MS (an
+ * entry of a device not bound yet, e.g. still being restored): the caller lets writers go
+ * and tries again after a pause, rather than holding them for a device that may not come.
+ */
+async function marked(site: Site, host: SiteHost): Promise<boolean> {
+  let timer: NodeJS.Timeout | undefined;
+  const timeout = new Promise<false>((r) => (timer = setTimeout(() => r(false), MARK_WAIT_MS)));
+  return Promise.race([site.waitPosition(host.head).then(() => true), timeout]).finally(() => clearTimeout(timer));
 }
 
 /** copy every out-of-sync region of every device local → site once, then persist the dirty logs */

@@ -98,4 +98,23 @@ describe('replicator (library)', () => {
     expectSame(g, models);
     expect(g.dm.status('vol0')[0]!.params).toBe('A,1/1 A,128/128');
   });
+
+  it('a suspended replicator logs nothing: its devices\' writes wait until resume, then replicate', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 2048 });
+    const models = [new Model(2048)];
+    await randomWrites(g, models, 10);
+    await g.dm.suspend('repl');
+    const head = (g.dm.status('repl')[0]!.detail as { replog: { head: number } }).replog.head;
+    const data = crypto.randomBytes(4096);
+    let done = false;
+    const pending = g.dm.write('vol0', 8192, data).then(() => (done = true));
+    await new Promise((r) => setTimeout(r, 300));
+    expect(done, 'the write waits while the replicator is suspended').toBe(false);
+    expect((g.dm.status('repl')[0]!.detail as { replog: { head: number } }).replog.head).toBe(head);
+    await g.dm.resume('repl');
+    await pending;
+    models[0]!.write(8192, data);
+    await waitFor(() => caughtUp(g!), 'caught up');
+    expectSame(g, models);
+  });
 });
