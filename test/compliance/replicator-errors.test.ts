@@ -466,6 +466,37 @@ describe('message effects', () => {
     expectImagesEqual(grp, data, 'after verify + resync');
   });
 
+  it('verify under a running writer: writes in flight are no false positives, the one damaged region is found', async () => {
+    const grp = await group();
+    const data = await fillVol(grp);
+    await waitFor(() => caughtUp(grp), 'caught up');
+    pokeFile(grp.remote(0), 3 * REGION * SECTOR + 100, Buffer.from('damage'));
+    let stop = false;
+    let writes = 0;
+    const writer = (async () => {
+      while (!stop) { // regions 16-31 only
+        const off = (16 * REGION + crypto.randomInt(16 * REGION / 8) * 8) * SECTOR;
+        const block = crypto.randomBytes(4096);
+        await grp.dm.write('vol0', off, block);
+        block.copy(data, off);
+        writes++;
+      }
+    })();
+    try {
+      await waitFor(() => writes > 20, 'the writer going');
+      await msg(grp, 'verify', '1');
+      await waitFor(() => siteJson(grp.dm).lastVerify !== null, 'the verify');
+    } finally {
+      stop = true;
+      await writer;
+    }
+    expect(siteJson(grp.dm).lastVerify).toEqual({ differing: 1, regions: NR });
+    expect(volStatus(grp)).toBe(`A,1/1 A,${NR - 1}/${NR}`);
+    await msg(grp, 'resync', '1');
+    await waitFor(() => caughtUp(grp) && volStatus(grp) === `A,1/1 A,${NR}/${NR}`, 'repaired');
+    expectImagesEqual(grp, data, 'after verify under writes + resync');
+  });
+
   it('verify of a suspended slink with a backlog holds no write (refused, or done without waiting for the site)', async () => {
     const grp = await group();
     await msg(grp, 'slink', 'suspend', '1');
