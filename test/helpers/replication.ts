@@ -183,3 +183,10 @@ export function readFileRange(file: string, offset: number, length: number): Buf
     fs.closeSync(fd);
   }
 }
+
+/** the rejection of `p`; throws if it resolves */
+export async function rejectionOf(p: Promise<unknown>): Promise<Error & { code?: string }> {
+  const err = await p.then(() => null, (e: unknown) => e as Error & { code?: string });
+  if (!err) throw new Error('expected a rejection, got success');
+  return err;
+}
