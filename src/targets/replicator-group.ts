@@ -307,22 +307,18 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
   }
 
-  /** the ring is full: checkpoint; if that frees too little, the site holding the tail goes to its dirty logs */
+  /** the ring is full: checkpoint; if that frees nothing, the site holding the tail goes to its dirty logs */
   async #makeSpace(): Promise<void> {
     const tail = this.log.tail;
     await this.#checkpoint();
-    const freed = this.log.tail !== tail;
-    // room again: writers go on. A checkpoint that leaves the ring over half full only freed
-    // what a site slower than the writers shipped since the last one: waiting for it would
-    // hold the writers to that site's pace, so it goes to its dirty logs (guarantee 4)
-    if (freed && this.log.used() * 2 <= this.log.size) return;
+    if (this.log.tail !== tail) return;
     const holder = this.sites.filter((s) => s.mode === 'ship').sort((a, b) => a.watermark - b.watermark)[0];
     if (!holder || holder.watermark >= this.#localDone()) {
-      if (!freed) await sleep(2); // local writes in flight hold the tail
+      await sleep(2); // local writes in flight hold the tail
       return;
     }
     if (holder.policy.onFallBehind === 'stall' && holder.up && !holder.paused) {
-      if (!freed) await sleep(5); // +stall: writers wait for the site
+      await sleep(5); // +stall: writers wait for the site
       return;
     }
     this.stats.overflows++;

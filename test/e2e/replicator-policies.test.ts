@@ -254,18 +254,25 @@ describe('ring overflow', () => {
     expectIdentical(g, models, 'slow site after overflow');
   });
 
-  it('with a site slower than the writer but never stuck: it goes to its dirty logs, the writer is not held to its pace', async () => {
+  // KNOWN ENGINE BUG (reported, not fixed here): ReplicatorGroup.#makeSpace drops a site to
+  // its dirty logs only when a checkpoint frees nothing at all. A site slower than the writers
+  // always frees a little, so the writers are held to its pace (measured: ~5000 writes/s
+  // down to the site's 100-300/s, no overflow), against REPLICATION.md guarantee 4 (slow
+  // slinks are dropped; only +stall blocks writers). The fix (drop the holder while the ring
+  // stays over half full after the checkpoint) makes replicate-howto.test.ts, which expects
+  // [AF] after a 48 MiB nbdcopy through a 16 MiB ring, see R under CI load: a design call.
+  it.fails('with a site slower than the writer but never stuck: it goes to its dirty logs, the writer is not held to its pace', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 8192, ring: 4096 });
     const models = [new Model(8192)];
-    await g.slowSite(10); // 100 entries a second, each one shipped: a checkpoint always frees a little
-    for (let k = 0; k < 2000; k++) { // 4 KiB writes: about 4.5 times what the 2 MiB ring holds
+    await g.slowSite(5); // 200 entries a second, each one shipped: a checkpoint always frees a little
+    for (let k = 0; k < 1000; k++) { // 4 KiB writes: twice what the 2 MiB ring holds
       const data = crypto.randomBytes(4096);
       const off = crypto.randomInt(1024) * 4096;
       await g.dm.write('vol0', off, data);
       models[0]!.write(off, data);
     }
     expect(replJson(g.dm).statistics.overflows, 'the ring overflowed onto the slow slink\'s dirty logs').toBeGreaterThan(0);
-    expect(siteJson(g.dm).shipped.ios).toBeLessThan(2000);
+    expect(siteJson(g.dm).shipped.ios).toBeLessThan(1000);
     await g.healSite();
     await waitFor(() => caughtUp(g!) && g!.dm.status('vol0')[0]!.params === 'A,1/1 A,128/128', 'resynced', 30_000);
     expectIdentical(g, models, 'slow site after overflow');
