@@ -307,18 +307,24 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
   }
 
-  /** the ring is full: checkpoint; if that frees nothing, the site holding the tail goes to its dirty logs */
+  /**
+   * The ring is full: checkpoint. If that leaves the ring over half full, it only freed what
+   * a site slower than the writers shipped since the last one: waiting for it would hold
+   * the writers to that site's pace, so the site holding the tail goes to its dirty logs
+   * (REPLICATION.md guarantee 4), unless it is `+stall` and up (writers wait for it).
+   */
   async #makeSpace(): Promise<void> {
     const tail = this.log.tail;
     await this.#checkpoint();
-    if (this.log.tail !== tail) return;
+    const freed = this.log.tail !== tail;
+    if (freed && this.log.used() * 2 <= this.log.size) return;
     const holder = this.sites.filter((s) => s.mode === 'ship').sort((a, b) => a.watermark - b.watermark)[0];
     if (!holder || holder.watermark >= this.#localDone()) {
-      await sleep(2); // local writes in flight hold the tail
+      if (!freed) await sleep(2); // local writes in flight hold the tail
       return;
     }
     if (holder.policy.onFallBehind === 'stall' && holder.up && !holder.paused) {
-      await sleep(5); // +stall: writers wait for the site
+      if (!freed) await sleep(5); // +stall: writers wait for the site
       return;
     }
     this.stats.overflows++;
