@@ -55,8 +55,9 @@ async function parseTuple(ctx: TargetContext, r: ArgReader, group: ReplicatorGro
   const logType = r.next(`slink ${slink} dirty log type`);
   if (slink === 0) {
     if (logType !== 'nolog' && logType !== '-') r.fail(`slink 0 is the local site: its dirty log must be 'nolog 0' or '- 0' (got '${logType}')`);
-    const n = r.uint('slink 0 dirty log parameter count', { max: 0 });
-    return { slink, dev, dlog: null, nolog: `${logType} ${n}` };
+    const n = r.next('slink 0 dirty log parameter count');
+    if (n !== '0') r.fail(`slink 0 is the local site: its dirty log takes no parameters (expected '${logType} 0', got '${logType} ${n}')`);
+    return { slink, dev, dlog: null, nolog: `${logType} 0` };
   }
   const logArgs = r.group(`slink ${slink} dirty log parameters`);
   const logCtx: DirtyLogContext = {
@@ -66,8 +67,14 @@ async function parseTuple(ctx: TargetContext, r: ArgReader, group: ReplicatorGro
     log: ctx.log,
     flushData: () => dev.submit(FLUSH),
   };
-  const dlog = await createDirtyLog(logType, logCtx, logArgs, ctx.length);
-  return { slink, dev, dlog, nolog: '' };
+  try {
+    const dlog = await createDirtyLog(logType, logCtx, logArgs, ctx.length);
+    return { slink, dev, dlog, nolog: '' };
+  } catch (err) {
+    await dev.detach();
+    // name the tuple, as the slink's own errors do
+    throw new TargetArgError(`slink ${slink}: dirty log: ${(err as Error).message}`, (err as { code?: string }).code);
+  }
 }
 
 class ReplicatorDev implements Target {
