@@ -34,8 +34,8 @@ export interface Slot {
   reject: ((err: Error) => void) | null;
 }
 
-/** The default bound on cached entry images: 16 MiB. */
-export const CACHE_BYTES = 16 * 1024 * 1024;
+/** The default bound on cached entry images: 32 MiB (32 of the largest entries the replicator makes). */
+export const CACHE_BYTES = 32 * 1024 * 1024;
 /** the most slots kept, whatever their size */
 export const CACHE_SLOTS = 16384;
 

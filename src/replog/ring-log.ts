@@ -29,8 +29,14 @@ import { scanRing } from './ring-recovery.ts';
 import { RingSpace } from './ring-space.ts';
 import type { AppendEntry, CheckpointState, Recovered, Replog, ReplogContext, ReplogEntry, ReplogReader } from './types.ts';
 
-/** payloads of this size and more are written from the caller's buffer, not copied */
-export const BIG_PAYLOAD = 256 * 1024;
+/**
+ * Payloads of this size and more are written from the caller's buffer, not copied, and not
+ * cached. Anything the replicator logs (at most 1 MiB per entry) is below it: one copy into
+ * the entry image, then one write, and the image serves the shippers from memory (measured:
+ * a 1 MiB entry read back from the log device per site cost more than the copy, and left
+ * the site unable to keep up with a 1 MiB writer).
+ */
+export const BIG_PAYLOAD = 2 * 1024 * 1024;
 const OPS: ReadonlySet<string> = new Set(['write', 'discard', 'write-zeroes', 'flush']);
 const EMPTY = Buffer.alloc(0);
 const noop = (): void => {};

@@ -70,6 +70,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   /** the hold taken at suspend, released at resume */
   #suspendHold: (() => void) | null = null;
   #cp: Promise<void> = Promise.resolve();
+  /** a checkpoint is queued or running */
+  #cpRunning = false;
   #cpMark = '';
   #timer: NodeJS.Timeout | null = null;
   #ticks = 0;
@@ -299,6 +301,8 @@ export class ReplicatorGroup implements Target, SiteHost {
         if (seq > this.#head) this.#head = seq;
         this.#times[seq % TIMES] = Date.now();
         this.appendedSectors += bio.sectors;
+        // a ring half full gets its checkpoint now, not at the next tick: space frees before writers hit ENOSPC
+        if (!this.#cpRunning && this.log.used() * 2 > this.log.size) void this.#checkpoint();
         return seq;
       } catch (err) {
         if ((err as { code?: string }).code !== 'ENOSPC') throw err;
@@ -348,6 +352,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   }
 
   #checkpoint(): Promise<void> {
+    this.#cpRunning = true;
     const run = this.#cp.then(async () => {
       const localDone = this.#localDone();
       const slinks = [];
@@ -355,8 +360,12 @@ export class ReplicatorGroup implements Target, SiteHost {
       await this.log.checkpoint({ localDone, slinks });
       this.#cpMark = `${localDone}:${slinks.map((p) => `${p.seq}${p.mode}`).join(',')}`;
     });
-    this.#cp = run.catch((err: unknown) => this.logger.limited('checkpoint', `${this.ctx.device}: checkpoint failed: ${(err as Error).message}`));
-    return this.#cp;
+    const cp = run.catch((err: unknown) => this.logger.limited('checkpoint', `${this.ctx.device}: checkpoint failed: ${(err as Error).message}`))
+      .finally(() => {
+        if (this.#cp === cp) this.#cpRunning = false;
+      });
+    this.#cp = cp;
+    return cp;
   }
 
   #tick(): void {
