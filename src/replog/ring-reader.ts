@@ -111,6 +111,20 @@ export class RingReader implements ReplogReader {
     return this.#seq;
   }
 
+  tryNext(): ReplogEntry | null | undefined {
+    if (this.#running) return undefined;
+    const ring = this.#ring;
+    const seq = this.#seq;
+    if (seq < ring.tail) return undefined; // next() reports it
+    if (seq > ring.head) return null;
+    if (ring.moves !== this.#moves) return undefined;
+    const slot = ring.cache.get(seq);
+    if (!slot?.entry) return undefined;
+    this.#off = slot.off + slot.bytes;
+    this.#seq = seq + 1;
+    return slot.entry;
+  }
+
   next(): Promise<ReplogEntry | null> {
     if (this.#running) {
       const p = this.#running.then(noop, noop).then(() => this.next());

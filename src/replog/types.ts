@@ -89,6 +89,13 @@ export interface ReplogReader {
    * falls back to the slink's dirty logs).
    */
   next(): Promise<ReplogEntry | null>;
+  /**
+   * Optional fast path: the next entry when the log has it in memory (no I/O), returned at
+   * once and consumed as `next()` would; null at the head; undefined when it would need a
+   * read (then call `next()`). Lets a shipper take a run of entries in one turn of the
+   * event loop instead of one per turn.
+   */
+  tryNext?(): ReplogEntry | null | undefined;
 }
 
 export interface Replog {

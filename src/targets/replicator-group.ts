@@ -355,6 +355,8 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.#cpRunning = true;
     const run = this.#cp.then(async () => {
       const localDone = this.#localDone();
+      // the ring may drop entries up to localDone only once their local writes are durable
+      await Promise.all([...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)));
       const slinks = [];
       for (const s of this.sites) slinks.push(await s.position());
       await this.log.checkpoint({ localDone, slinks });

@@ -281,7 +281,9 @@ export class Site {
         await new Promise<void>((r) => (this.#slot = r));
         continue;
       }
-      const e = await reader.next();
+      // a run of cached entries is taken in one turn (the writers get one turn each too)
+      let e = reader.tryNext ? reader.tryNext() : undefined;
+      if (e === undefined) e = await reader.next();
       if (gen !== this.#gen) return;
       if (!e) {
         await new Promise<void>((r) => (this.#wake = r));
