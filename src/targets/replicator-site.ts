@@ -1,32 +1,29 @@
 /**
- * One remote site of a replicator group: the shipper that carries the log's entries to the
- * site in log order (epochs one after the other, an epoch's entries concurrently), the
- * fall-behind measures and policy, the dirty-log fallback (`log` mode: entries are marked
- * in the site's dirty logs instead of shipped), retest after a failure, and resync through
- * the copy service until the site can ship in order again.
+ * One remote site of a replicator group: its state and what the group sees of it, the
+ * fall-behind measures and policy, the switch to the dirty-log fallback (`log` mode:
+ * entries are marked in the site's dirty logs instead of shipped) and back once resync has
+ * copied what differs, down and retest after a failure, its messages, and the position a
+ * checkpoint records. Its parts: the loop that carries the log's entries to the site in log
+ * order (epochs one after the other, an epoch's entries concurrently) is the `Shipper`
+ * (replicator-shipper.ts); the dirty logs and the resync and verify runs over them (through
+ * the copy service) are `SiteLogs` (replicator-site-logs.ts).
  *
  * Modes: `ship` (in-order, the site's image is a prefix of the group's writes) and `log`
  * (its dirty logs say what differs; resync copies it; the image is not order-consistent).
  * Health: up or down (a failed I/O; retested every `retestMs`).
  */
-import type { Bio } from '../core/bio.ts';
-import { EMPTY } from '../core/bio.ts';
 import { BlockError, toBlockError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import type { ReplogEntry, SlinkPosition } from '../replog/types.ts';
+import type { SlinkPosition } from '../replog/types.ts';
 import type { FallBehind, SiteLink, SlinkPolicy } from '../slink/types.ts';
-import { resyncPasses, verifySite, type ResyncHandle } from './replicator-resync.ts';
+import { FLUSH, Shipper } from './replicator-shipper.ts';
+import { SiteLogs } from './replicator-site-logs.ts';
 import type { DevBinding, SiteHost } from './replicator-types.ts';
 
-/** entries in flight to one site */
-const MAX_INFLIGHT = 32;
 /** a site over its fall-behind is back under at this fraction of the threshold */
 const LEAVE_FRACTION = 0.9;
 /** how long a leaving device waits for a healthy site to take its backlog before it goes to the dirty logs */
 const RELEASE_WAIT_MS = 2000;
-const FLUSH: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
-const FUA = { fua: true } as const;
-const NONE = {} as const;
 
 export type SiteState = 'S' | 'A' | 'F' | 'P' | 'R' | 'D';
 type LogReason = 'pull-ahead' | 'overflow' | 'resync' | 'dirty';
@@ -58,32 +55,15 @@ export class Site {
   #active = false;
   #forced = false;
   #stalled = false;
-  /** every entry with seq ≤ watermark is shipped (ship) or marked (log) */
-  #watermark = 0;
-  /** last entry handed to the site or marked */
-  #issued = 0;
-  readonly #inflightSeqs = new Set<number>();
-  /** ships in flight of any generation (a new loop starts only when none is) */
-  #allInflight = 0;
-  #gen = 0;
-  #loop: Promise<void> | null = null;
-  #wake: (() => void) | null = null;
-  #slot: (() => void) | null = null;
-  #settledWaiters: Array<() => void> = [];
-  #syncWaiters: Array<{ seq: number; resolve: () => void }> = [];
-  #posWaiters: Array<{ seq: number; resolve: () => void; reject: (err: Error) => void }> = [];
+  /** the loop: watermark, entries in flight, and who waits for the watermark */
+  readonly #shipper: Shipper;
   #stallWaiters: Array<() => void> = [];
   /** entries up to here may have reached the site before the restart (see `consistent`) */
   #reshipUntil = 0;
-  /** sectors shipped or marked since start (outstanding = appended − this) */
-  #doneSectors = 0;
   #durable: { seq: number; mode: 'ship' | 'log' } = { seq: 0, mode: 'ship' };
   #retest: NodeJS.Timeout | null = null;
-  #resync: { abort: AbortController; done: Promise<void>; total: number; copied: number } | null = null;
-  #verify: { done: number; total: number } | null = null;
-  lastVerify: { differing: number; regions: number } | null = null;
-  /** per device that left the group: its entries up to this seq are in its dirty logs (skipped) */
-  readonly #skip = new Map<number, number>();
+  /** the dirty logs, and the resync and verify runs over them */
+  readonly #logs: SiteLogs;
 
   constructor(host: SiteHost, link: SiteLink, policy: SlinkPolicy, policyText: string | null, fallBehind: FallBehind | null, fallBehindText: string | null) {
     this.#host = host;
@@ -94,6 +74,19 @@ export class Site {
     this.fallBehind = fallBehind;
     this.fallBehindText = fallBehindText;
     this.#log = host.logger;
+    this.#logs = new SiteLogs(host, this, (err) => {
+      if (this.#active) this.#down(err);
+    });
+    this.#shipper = new Shipper(host, {
+      slink: this.slink,
+      stats: this.stats,
+      mode: () => this.#mode,
+      canRun: () => this.#canRun(),
+      mark: (e, b) => this.#logs.mark(e, b),
+      completed: () => this.#checkFallBehind(),
+      down: (err) => this.#down(err),
+      failed: (err) => this.#failed(err),
+    });
   }
 
   // ---- state seen by the group ----
@@ -108,13 +101,16 @@ export class Site {
     return this.#paused;
   }
   get watermark(): number {
-    return this.#watermark;
+    return this.#shipper.watermark;
   }
   get stalled(): boolean {
     return this.#stalled && this.#up && this.#mode === 'ship';
   }
   get resyncing(): boolean {
-    return this.#resync !== null;
+    return this.#logs.resyncing;
+  }
+  get lastVerify(): { differing: number; regions: number } | null {
+    return this.#logs.lastVerify;
   }
 
   /** Is a write acknowledged only once this site has it (policy sync, or forced by fall-behind)? */
@@ -136,25 +132,25 @@ export class Site {
   }
 
   outstandingIos(): number {
-    return Math.max(0, this.#host.head - this.#watermark);
+    return Math.max(0, this.#host.head - this.#shipper.watermark);
   }
   outstandingSectors(): number {
-    return Math.max(0, this.#host.appendedSectors - this.#doneSectors);
+    return Math.max(0, this.#host.appendedSectors - this.#shipper.doneSectors);
   }
   /** age in ms of the oldest entry not yet shipped (0 when none) */
   lagMs(): number {
-    if (this.#watermark >= this.#host.head) return 0;
-    return Math.max(0, Date.now() - this.#host.appendTime(this.#watermark + 1));
+    if (this.#shipper.watermark >= this.#host.head) return 0;
+    return Math.max(0, Date.now() - this.#host.appendTime(this.#shipper.watermark + 1));
   }
 
   // ---- lifecycle ----
 
   /** the group recovered its log: start from the checkpoint's position for this slink */
   init(pos: SlinkPosition, head: number): void {
-    this.#watermark = Math.min(pos.seq, head);
+    const seq = Math.min(pos.seq, head);
+    this.#shipper.init(seq);
     this.#reshipUntil = head;
-    this.#issued = this.#watermark;
-    this.#durable = { seq: this.#watermark, mode: pos.mode };
+    this.#durable = { seq, mode: pos.mode };
     if (pos.mode === 'log') {
       this.#mode = 'log';
       this.#logReason = 'dirty';
@@ -165,35 +161,34 @@ export class Site {
   start(): void {
     this.#active = true;
     this.#checkDirty();
-    this.#run();
+    this.#shipper.run();
   }
 
   /** stop shipping and resync; wait for I/O in flight (suspend, destroy) */
   async stop(): Promise<void> {
     this.#active = false;
-    this.#gen++;
-    this.#wakeLoop();
-    this.#resync?.abort.abort();
+    this.#shipper.cancel();
+    this.#logs.abortResync();
     this.#failPositions();
     if (this.#retest) clearTimeout(this.#retest);
     this.#retest = null;
-    await this.#stopResync();
-    await this.#settled();
-    await this.#loop;
-    this.#releaseSync();
+    await this.#logs.stopResync();
+    await this.#shipper.settled();
+    await this.#shipper.loop;
+    this.#shipper.releaseSync();
     this.#releaseStall();
   }
 
   /** the group appended an entry */
   appended(): void {
-    this.#wakeLoop();
+    this.#shipper.wake();
     this.#checkFallBehind();
   }
 
   /** a device was bound (maybe its dirty logs say it is out of sync here) */
   bound(): void {
     this.#checkDirty();
-    this.#wakeLoop();
+    this.#shipper.wake();
   }
 
   /**
@@ -205,27 +200,26 @@ export class Site {
    * for the devices that stay (the caller has unbound `b`).
    */
   async release(b: DevBinding): Promise<void> {
-    if (this.#resync) {
-      await this.#stopResync();
+    if (this.#logs.resyncing) {
+      await this.#logs.stopResync();
       this.#startResync();
     }
     const r = b.remotes.get(this.slink);
     const head = this.#host.head;
-    if (!r || this.#watermark >= head) return;
+    if (!r || this.#shipper.watermark >= head) return;
     if (this.#mode === 'ship' && this.#up && !this.#paused && this.#active) {
       // a healthy site usually takes the rest in a moment (a clean shutdown): keep it in order
       let timer: NodeJS.Timeout | undefined;
       await Promise.race([this.waitPosition(head).catch(() => undefined), new Promise<void>((res) => (timer = setTimeout(res, RELEASE_WAIT_MS)))]);
       clearTimeout(timer);
-      if (this.#watermark >= head) return;
+      if (this.#shipper.watermark >= head) return;
     }
-    const reader = this.#host.log.reader(this.#watermark + 1);
+    const reader = this.#host.log.reader(this.#shipper.watermark + 1);
     for (let e = await reader.next(); e && e.seq <= head; e = await reader.next()) {
-      if (e.devNr === b.devNr) this.#mark(e, b);
+      if (e.devNr === b.devNr) this.#logs.mark(e, b);
     }
     await r.dlog.flush();
-    this.#skip.set(b.devNr, head);
-    this.#wakeLoop();
+    this.#shipper.skip(b.devNr, head);
   }
 
   /** periodic: fall-behind by age */
@@ -235,8 +229,8 @@ export class Site {
 
   /** resolves once `seq` is on the site, or once the site is no longer synchronous */
   waitShipped(seq: number): Promise<void> {
-    if (this.#watermark >= seq || !this.synchronous) return Promise.resolve();
-    return new Promise((resolve) => this.#syncWaiters.push({ seq, resolve }));
+    if (this.#shipper.watermark >= seq || !this.synchronous) return Promise.resolve();
+    return this.#shipper.waitShipped(seq);
   }
 
   /** resolves once the site is not stalling writers */
@@ -245,169 +239,19 @@ export class Site {
     return new Promise((resolve) => this.#stallWaiters.push(resolve));
   }
 
-  // ---- the loop: ship or mark entries in order ----
+  // ---- what the loop asks of the site (replicator-shipper.ts) ----
 
   #canRun(): boolean {
     return this.#active && (this.#mode === 'log' || (this.#up && !this.#paused));
   }
 
-  #run(): void {
-    if (!this.#canRun() || this.#loop) return;
-    const gen = ++this.#gen;
-    const loop = (async () => {
-      await this.#settled();
-      if (gen === this.#gen) await this.#process(gen);
-    })().catch((err: unknown) => this.#failed(gen, err)).finally(() => {
-      if (this.#loop === loop) this.#loop = null;
-      if (gen !== this.#gen) this.#run(); // a restart was asked for while this one ran
-    });
-    this.#loop = loop;
-  }
-
-  /** stop the loop and start a new one from the watermark (mode change, recovery) */
-  #restart(): void {
-    this.#gen++;
-    this.#wakeLoop();
-    if (!this.#loop) this.#run();
-  }
-
-  async #process(gen: number): Promise<void> {
-    const reader = this.#host.log.reader(this.#watermark + 1);
-    this.#issued = this.#watermark;
-    this.#inflightSeqs.clear();
-    let epoch = -1;
-    while (gen === this.#gen) {
-      if (this.#inflightSeqs.size >= MAX_INFLIGHT) {
-        await new Promise<void>((r) => (this.#slot = r));
-        continue;
-      }
-      // a run of cached entries is taken in one turn (the writers get one turn each too)
-      let e = reader.tryNext ? reader.tryNext() : undefined;
-      if (e === undefined) e = await reader.next();
-      if (gen !== this.#gen) return;
-      if (!e) {
-        await new Promise<void>((r) => (this.#wake = r));
-        continue;
-      }
-      let b = this.#host.binding(e.devNr);
-      if (!b && e.seq <= (this.#skip.get(e.devNr) ?? 0)) { // its device left the group; its dirty logs have it
-        this.#issued = e.seq;
-        this.#complete(e);
-        continue;
-      }
-      while (!b && gen === this.#gen) {
-        await Promise.race([this.#host.whenBound(e.devNr), new Promise<void>((r) => (this.#wake = r))]);
-        b = this.#host.binding(e.devNr);
-      }
-      if (gen !== this.#gen || !b) return;
-      if (this.#mode === 'log') {
-        this.#mark(e, b);
-        this.#issued = e.seq;
-        this.#complete(e);
-        continue;
-      }
-      if (e.epoch !== epoch && this.#inflightSeqs.size > 0) {
-        await this.#drainGen(gen);
-        if (gen !== this.#gen) return;
-      }
-      epoch = e.epoch;
-      this.#ship(gen, e, b);
-    }
-  }
-
-  #ship(gen: number, e: ReplogEntry, b: DevBinding): void {
-    this.#issued = e.seq;
-    const remote = b.remotes.get(this.slink);
-    if (!remote) { // this device is not replicated to this site
-      this.#complete(e);
-      return;
-    }
-    this.#inflightSeqs.add(e.seq);
-    this.#allInflight++;
-    const bio: Bio = e.op === 'flush' ? FLUSH : { op: e.op, sector: e.sector, sectors: e.sectors, data: e.data, flags: e.fua ? FUA : NONE };
-    remote.dev.submit(bio).then(
-      () => {
-        this.#settle();
-        if (gen !== this.#gen) return;
-        this.#inflightSeqs.delete(e.seq);
-        this.stats.shippedIos++;
-        this.stats.shippedBytes += e.data.length;
-        this.#complete(e);
-        this.#wakeSlot();
-      },
-      (err: unknown) => {
-        this.#settle();
-        if (gen !== this.#gen) return;
-        this.#inflightSeqs.delete(e.seq);
-        this.#down(err);
-      },
-    );
-  }
-
-  #complete(e: ReplogEntry): void {
-    this.#doneSectors += e.sectors;
-    let w = this.#issued;
-    for (const s of this.#inflightSeqs) if (s - 1 < w) w = s - 1;
-    if (w > this.#watermark) {
-      this.#watermark = w;
-      this.#releaseWaiters();
-    }
-    this.#checkFallBehind();
-  }
-
-  /** log mode: the entry's regions are out of sync at this site */
-  #mark(e: ReplogEntry, b: DevBinding): void {
-    const r = b.remotes.get(this.slink);
-    if (!r || e.op === 'flush' || e.sectors === 0) return;
-    const size = r.dlog.regionSize;
-    const last = Math.floor((e.sector + e.sectors - 1) / size);
-    for (let region = Math.floor(e.sector / size); region <= last; region++) {
-      r.dlog.markRegion(region);
-      r.dlog.setRegionSync(region, false);
-    }
-  }
-
-  #drainGen(gen: number): Promise<void> {
-    return (async () => {
-      while (this.#inflightSeqs.size > 0 && gen === this.#gen) await new Promise<void>((r) => (this.#slot = r));
-    })();
-  }
-
-  #settle(): void {
-    if (--this.#allInflight === 0) {
-      const w = this.#settledWaiters;
-      this.#settledWaiters = [];
-      for (const f of w) f();
-    }
-    this.#wakeSlot();
-  }
-
-  #settled(): Promise<void> {
-    if (this.#allInflight === 0) return Promise.resolve();
-    return new Promise((r) => this.#settledWaiters.push(r));
-  }
-
-  #wakeLoop(): void {
-    const w = this.#wake;
-    this.#wake = null;
-    w?.();
-    this.#wakeSlot();
-  }
-
-  #wakeSlot(): void {
-    const s = this.#slot;
-    this.#slot = null;
-    s?.();
-  }
-
-  #failed(gen: number, err: unknown): void {
-    if (gen !== this.#gen) return;
+  #failed(err: unknown): void {
     const code = (err as { code?: string }).code;
     if (code === 'EOVERFLOW') {
       // the entries this site needs are gone from the ring: whole resync from the dirty logs
       this.#log.warn(`slink ${this.slink}: log entries already dropped; falling back to a full resync`);
-      this.#watermark = this.#host.head;
-      this.#markAll();
+      this.#shipper.watermark = this.#host.head;
+      this.#logs.markAll();
       this.#enterLog('dirty');
       return;
     }
@@ -415,18 +259,6 @@ export class Site {
   }
 
   // ---- waiters ----
-
-  #releaseWaiters(): void {
-    const w = this.#watermark;
-    if (this.#syncWaiters.length) this.#syncWaiters = this.#syncWaiters.filter((x) => (x.seq <= w ? (x.resolve(), false) : true));
-    if (this.#posWaiters.length) this.#posWaiters = this.#posWaiters.filter((x) => (x.seq <= w ? (x.resolve(), false) : true));
-  }
-
-  #releaseSync(): void {
-    const w = this.#syncWaiters;
-    this.#syncWaiters = [];
-    for (const x of w) x.resolve();
-  }
 
   #releaseStall(): void {
     const w = this.#stallWaiters;
@@ -440,9 +272,9 @@ export class Site {
    * already is. For replicator-resync.ts and the group.
    */
   waitPosition(seq: number): Promise<void> {
-    if (this.#watermark >= seq) return Promise.resolve();
+    if (this.#shipper.watermark >= seq) return Promise.resolve();
     if (!this.#canRun()) return Promise.reject(this.#notShipping());
-    return new Promise((resolve, reject) => this.#posWaiters.push({ seq, resolve, reject }));
+    return this.#shipper.waitPosition(seq);
   }
 
   #notShipping(): BlockError {
@@ -451,10 +283,7 @@ export class Site {
 
   /** the loop stopped in ship mode: nobody waits for a position it will not reach */
   #failPositions(): void {
-    const w = this.#posWaiters;
-    this.#posWaiters = [];
-    const err = this.#notShipping();
-    for (const x of w) x.reject(err);
+    this.#shipper.failPositions(this.#notShipping());
   }
 
   // ---- fall-behind ----
@@ -487,7 +316,7 @@ export class Site {
   #setForced(v: boolean): void {
     if (this.#forced === v) return;
     this.#forced = v;
-    if (!v) this.#releaseSync();
+    if (!v) this.#shipper.releaseSync();
     this.#host.event(`slink ${this.slink} ${v ? 'fell behind: synchronous' : 'back under its fall-behind: asynchronous'}`);
   }
 
@@ -504,10 +333,7 @@ export class Site {
     const e = toBlockError(err);
     this.stats.errors++;
     this.lastError = e.message;
-    if (this.#mode === 'ship') { // in log mode the loop only marks: it goes on
-      this.#gen++;
-      this.#wakeLoop();
-    }
+    if (this.#mode === 'ship') this.#shipper.cancel(); // in log mode the loop only marks: it goes on
     if (this.#mode === 'ship') {
       const wasUp = this.#up;
       this.#up = false; // so the rejection says down
@@ -517,9 +343,9 @@ export class Site {
     if (this.#up) {
       this.#up = false;
       this.#log.warn(`slink ${this.slink} (${this.link.type}) down: ${e.message}`);
-      this.#releaseSync();
+      this.#shipper.releaseSync();
       this.#releaseStall();
-      void this.#stopResync();
+      void this.#logs.stopResync();
       this.#host.event(`slink ${this.slink} down`);
     }
     this.#scheduleRetest();
@@ -551,7 +377,7 @@ export class Site {
     this.#up = true;
     this.#log.warn(`slink ${this.slink} (${this.link.type}) is back`);
     this.#host.event(`slink ${this.slink} up`);
-    this.#restart();
+    this.#shipper.restart();
     this.#startResync();
     return true;
   }
@@ -564,13 +390,7 @@ export class Site {
       this.#startResync();
       return;
     }
-    for (const b of this.#host.bindings()) {
-      const r = b.remotes.get(this.slink);
-      if (r && r.dlog.getSyncCount() < r.dlog.regionCount) {
-        this.#enterLog('dirty');
-        return;
-      }
-    }
+    if (this.#logs.anyOutOfSync()) this.#enterLog('dirty');
   }
 
   /** stop shipping: mark the backlog and every later entry in the dirty logs; resync when up */
@@ -580,9 +400,9 @@ export class Site {
     this.#logReason = reason;
     this.#setForced(false);
     this.#setStalled(false);
-    this.#releaseSync();
+    this.#shipper.releaseSync();
     this.#host.event(`slink ${this.slink} on its dirty logs (${reason})`);
-    this.#restart();
+    this.#shipper.restart();
     this.#startResync();
   }
 
@@ -597,81 +417,34 @@ export class Site {
 
   /** `resync <slink#> [full]` */
   requestResync(full: boolean): void {
-    if (full) this.#markAll();
+    if (full) this.#logs.markAll();
     this.#enterLog('resync');
     if (!this.#up) void this.retest();
   }
 
   /** `clear-bitmap <slink#>`: declare the site in sync now (seeding); ships from the head on */
-  async clearBitmap(): Promise<void> {
-    await this.#stopResync();
-    const release = await this.#host.hold();
-    try {
-      // log mode: every entry so far marked first (then dropped for good); ship mode keeps its backlog
-      if (this.#mode === 'log') await this.waitPosition(this.#host.head);
-      for (const b of this.#host.bindings()) {
-        const r = b.remotes.get(this.slink);
-        if (!r) continue;
-        for (let i = 0; i < r.dlog.regionCount; i++) {
-          r.dlog.setRegionSync(i, true);
-          r.dlog.clearRegion(i);
-        }
-        await r.dlog.flush();
-      }
-      if (this.#mode === 'log') this.toShip();
-      else this.#host.event(`slink ${this.slink}: bitmap cleared`);
-    } finally {
-      release();
-    }
-  }
-
-  #markAll(): void {
-    for (const b of this.#host.bindings()) {
-      const r = b.remotes.get(this.slink);
-      if (!r) continue;
-      for (let i = 0; i < r.dlog.regionCount; i++) {
-        r.dlog.markRegion(i);
-        r.dlog.setRegionSync(i, false);
-      }
-    }
+  clearBitmap(): Promise<void> {
+    return this.#logs.clearBitmap();
   }
 
   /** regions out of sync at this site, over every bound device */
   outOfSync(): number {
-    let n = 0;
-    for (const b of this.#host.bindings()) {
-      const r = b.remotes.get(this.slink);
-      if (r) n += r.dlog.regionCount - r.dlog.getSyncCount();
-    }
-    return n;
+    return this.#logs.outOfSync();
   }
 
   /** resync is done (writers held, every entry marked): ship in order from the head on */
   toShip(): void {
     this.#mode = 'ship';
     this.#logReason = null;
-    this.#watermark = this.#host.head;
+    this.#shipper.watermark = this.#host.head;
     this.#host.event(`slink ${this.slink} in sync: shipping in order`);
-    this.#restart();
+    this.#shipper.restart();
   }
 
+  /** a resync runs while the site is active, up, not suspended and in log mode (SiteLogs) */
   #startResync(): void {
-    if (this.#resync || !this.#active || !this.#up || this.#paused || this.#mode !== 'log') return;
-    const abort = new AbortController();
-    const handle = { abort, total: 0, copied: 0, done: Promise.resolve() };
-    handle.done = resyncPasses(this, this.#host, handle).catch((err: unknown) => {
-      if ((err as { code?: string }).code !== 'EINTR' && !abort.signal.aborted && this.#active) this.#down(err);
-    }).finally(() => {
-      if (this.#resync === handle) this.#resync = null;
-    });
-    this.#resync = handle;
-  }
-
-  async #stopResync(): Promise<void> {
-    const r = this.#resync;
-    if (!r) return;
-    r.abort.abort();
-    await r.done;
+    if (!this.#active || !this.#up || this.#paused || this.#mode !== 'log') return;
+    this.#logs.startResync();
   }
 
   // ---- messages ----
@@ -684,7 +457,7 @@ export class Site {
       this.fallBehindText = null;
     }
     this.#checkFallBehind();
-    this.#releaseSync();
+    this.#shipper.releaseSync();
     this.#host.event(`slink ${this.slink} policy ${text}`);
   }
 
@@ -698,21 +471,20 @@ export class Site {
   pause(): void {
     if (this.#paused) return;
     this.#paused = true;
-    this.#gen++;
-    this.#wakeLoop();
+    this.#shipper.cancel();
     if (this.#mode === 'ship') this.#failPositions();
-    this.#releaseSync();
+    this.#shipper.releaseSync();
     this.#releaseStall();
-    void this.#stopResync();
+    void this.#logs.stopResync();
     this.#host.event(`slink ${this.slink} suspended`);
-    if (this.#mode === 'log') this.#restart(); // marking goes on while suspended
+    if (this.#mode === 'log') this.#shipper.restart(); // marking goes on while suspended
   }
 
   unpause(): void {
     if (!this.#paused) return;
     this.#paused = false;
     this.#host.event(`slink ${this.slink} resumed`);
-    this.#restart();
+    this.#shipper.restart();
     this.#startResync();
   }
 
@@ -724,7 +496,7 @@ export class Site {
    * if that failed or the site is down.
    */
   async position(): Promise<SlinkPosition> {
-    const seq = this.#watermark;
+    const seq = this.#shipper.watermark;
     const mode = this.#mode;
     if (seq !== this.#durable.seq || mode !== this.#durable.mode) {
       try {
@@ -744,42 +516,20 @@ export class Site {
 
   /** sectors per region of this site's dirty logs (0 when no device is bound) */
   regionSectors(): number {
-    for (const b of this.#host.bindings()) {
-      const r = b.remotes.get(this.slink);
-      if (r) return r.dlog.regionSize;
-    }
-    return 0;
+    return this.#logs.regionSectors();
   }
 
   /**
    * `verify <slink#>` (replicator-resync.ts verifySite): resolves with the number of
    * differing regions, now out of sync (a following `resync` repairs them).
    */
-  async verify(): Promise<number> {
-    if (!this.#up || this.#paused) throw new BlockError('EIO', `slink ${this.slink} is ${this.#paused ? 'suspended' : 'down'}: nothing to verify against`);
-    let total = 0;
-    for (const b of this.#host.bindings()) total += b.remotes.get(this.slink)?.dlog.regionCount ?? 0;
-    this.#verify = { done: 0, total };
-    try {
-      this.lastVerify = await verifySite(this, this.#host, this.#verify);
-    } finally {
-      this.#verify = null;
-    }
-    this.#host.event(`slink ${this.slink} verified: ${this.lastVerify.differing} region(s) differ`);
-    return this.lastVerify.differing;
+  verify(): Promise<number> {
+    return this.#logs.verify();
   }
 
   /** resync or verify progress in sectors; null when neither runs */
   progress(): { work: string; done: number; total: number } | null {
-    const size = this.regionSectors();
-    if (this.#verify) return { work: 'verify', done: this.#verify.done * size, total: this.#verify.total * size };
-    if (this.#mode !== 'log') return null;
-    let total = 0;
-    for (const b of this.#host.bindings()) {
-      const r = b.remotes.get(this.slink);
-      if (r) total += r.dlog.regionCount * r.dlog.regionSize;
-    }
-    return { work: 'resync', done: total - this.outOfSync() * size, total };
+    return this.#logs.progress(this.#mode === 'log');
   }
 
   /**
@@ -788,6 +538,6 @@ export class Site {
    * second time, and until they all are, an older write may sit over a newer one.
    */
   get consistent(): boolean {
-    return this.#mode === 'ship' && this.#watermark >= this.#reshipUntil;
+    return this.#mode === 'ship' && this.#shipper.watermark >= this.#reshipUntil;
   }
 }

@@ -1,0 +1,280 @@
+/**
+ * The ordered loop of one remote site (replicator-site.ts): it reads the log from the
+ * site's watermark on and, in `ship` mode, hands each entry to the site's device for it,
+ * epochs one after the other and an epoch's entries concurrently (up to MAX_INFLIGHT); in
+ * `log` mode it has the site mark each entry in its dirty logs instead. The watermark moves
+ * as entries complete, and releases whoever waits for it (writers of a synchronous site,
+ * positions).
+ *
+ * A loop belongs to a generation: the site ends it (`cancel`; `restart` also starts the
+ * next one); ships still in flight of an old generation change nothing when they complete,
+ * and a new loop starts only once none of any generation is in flight.
+ */
+import type { Bio } from '../core/bio.ts';
+import { EMPTY } from '../core/bio.ts';
+import type { ReplogEntry } from '../replog/types.ts';
+import type { SiteStats } from './replicator-site.ts';
+import type { DevBinding, SiteHost } from './replicator-types.ts';
+
+/** entries in flight to one site */
+const MAX_INFLIGHT = 32;
+/** a flush of the site's device (a flush entry; the site's checkpoint flushes with it too) */
+export const FLUSH: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
+const FUA = { fua: true } as const;
+const NONE = {} as const;
+
+/** What the loop needs from its site. */
+export interface ShipperSite {
+  readonly slink: number;
+  /** shipped I/Os and bytes are counted here */
+  readonly stats: SiteStats;
+  /** ship the entries, or mark them in the dirty logs */
+  mode(): 'ship' | 'log';
+  /** may a loop run now (the site active, and up and not suspended unless in log mode)? */
+  canRun(): boolean;
+  /** log mode: the entry's regions go out of sync at the site */
+  mark(e: ReplogEntry, b: DevBinding): void;
+  /** an entry was shipped or marked (the watermark may have moved): check the fall-behind */
+  completed(): void;
+  /** a ship of the current generation failed: the site is down */
+  down(err: unknown): void;
+  /** the loop of the current generation failed (reading the log: EOVERFLOW when its entries are gone) */
+  failed(err: unknown): void;
+}
+
+export class Shipper {
+  readonly #host: SiteHost;
+  readonly #site: ShipperSite;
+  /** every entry with seq ≤ watermark is shipped (ship) or marked (log) */
+  #watermark = 0;
+  /** last entry handed to the site or marked */
+  #issued = 0;
+  readonly #inflightSeqs = new Set<number>();
+  /** ships in flight of any generation (a new loop starts only when none is) */
+  #allInflight = 0;
+  #gen = 0;
+  #loop: Promise<void> | null = null;
+  #wake: (() => void) | null = null;
+  #slot: (() => void) | null = null;
+  #settledWaiters: Array<() => void> = [];
+  #syncWaiters: Array<{ seq: number; resolve: () => void }> = [];
+  #posWaiters: Array<{ seq: number; resolve: () => void; reject: (err: Error) => void }> = [];
+  /** sectors shipped or marked since start (outstanding = appended − this) */
+  #doneSectors = 0;
+  /** per device that left the group: its entries up to this seq are in its dirty logs (skipped) */
+  readonly #skip = new Map<number, number>();
+
+  constructor(host: SiteHost, site: ShipperSite) {
+    this.#host = host;
+    this.#site = site;
+  }
+
+  get watermark(): number {
+    return this.#watermark;
+  }
+  /** the site moves it (in sync from the head on, or the entries it needs are gone); no waiter is released */
+  set watermark(seq: number) {
+    this.#watermark = seq;
+  }
+  get doneSectors(): number {
+    return this.#doneSectors;
+  }
+  /** the running loop, if any */
+  get loop(): Promise<void> | null {
+    return this.#loop;
+  }
+
+  /** the group recovered its log: the site starts from `seq` */
+  init(seq: number): void {
+    this.#watermark = seq;
+    this.#issued = seq;
+  }
+
+  /** a device left the group: its entries up to `seq` are in its dirty logs, skip them */
+  skip(devNr: number, seq: number): void {
+    this.#skip.set(devNr, seq);
+    this.wake();
+  }
+
+  /** start a loop from the watermark, unless one runs or the site may not run one */
+  run(): void {
+    if (!this.#site.canRun() || this.#loop) return;
+    const gen = ++this.#gen;
+    const loop = (async () => {
+      await this.settled();
+      if (gen === this.#gen) await this.#process(gen);
+    })().catch((err: unknown) => this.#failed(gen, err)).finally(() => {
+      if (this.#loop === loop) this.#loop = null;
+      if (gen !== this.#gen) this.run(); // a restart was asked for while this one ran
+    });
+    this.#loop = loop;
+  }
+
+  /** stop the loop and start a new one from the watermark (mode change, recovery) */
+  restart(): void {
+    this.cancel();
+    if (!this.#loop) this.run();
+  }
+
+  /** end the loop's generation: it stops, and its ships in flight change nothing when they complete */
+  cancel(): void {
+    this.#gen++;
+    this.wake();
+  }
+
+  async #process(gen: number): Promise<void> {
+    const reader = this.#host.log.reader(this.#watermark + 1);
+    this.#issued = this.#watermark;
+    this.#inflightSeqs.clear();
+    let epoch = -1;
+    while (gen === this.#gen) {
+      if (this.#inflightSeqs.size >= MAX_INFLIGHT) {
+        await new Promise<void>((r) => (this.#slot = r));
+        continue;
+      }
+      // a run of cached entries is taken in one turn (the writers get one turn each too)
+      let e = reader.tryNext ? reader.tryNext() : undefined;
+      if (e === undefined) e = await reader.next();
+      if (gen !== this.#gen) return;
+      if (!e) {
+        await new Promise<void>((r) => (this.#wake = r));
+        continue;
+      }
+      let b = this.#host.binding(e.devNr);
+      if (!b && e.seq <= (this.#skip.get(e.devNr) ?? 0)) { // its device left the group; its dirty logs have it
+        this.#issued = e.seq;
+        this.#complete(e);
+        continue;
+      }
+      while (!b && gen === this.#gen) {
+        await Promise.race([this.#host.whenBound(e.devNr), new Promise<void>((r) => (this.#wake = r))]);
+        b = this.#host.binding(e.devNr);
+      }
+      if (gen !== this.#gen || !b) return;
+      if (this.#site.mode() === 'log') {
+        this.#site.mark(e, b);
+        this.#issued = e.seq;
+        this.#complete(e);
+        continue;
+      }
+      if (e.epoch !== epoch && this.#inflightSeqs.size > 0) {
+        await this.#drainGen(gen);
+        if (gen !== this.#gen) return;
+      }
+      epoch = e.epoch;
+      this.#ship(gen, e, b);
+    }
+  }
+
+  #ship(gen: number, e: ReplogEntry, b: DevBinding): void {
+    this.#issued = e.seq;
+    const remote = b.remotes.get(this.#site.slink);
+    if (!remote) { // this device is not replicated to this site
+      this.#complete(e);
+      return;
+    }
+    this.#inflightSeqs.add(e.seq);
+    this.#allInflight++;
+    const bio: Bio = e.op === 'flush' ? FLUSH : { op: e.op, sector: e.sector, sectors: e.sectors, data: e.data, flags: e.fua ? FUA : NONE };
+    remote.dev.submit(bio).then(
+      () => {
+        this.#settle();
+        if (gen !== this.#gen) return;
+        this.#inflightSeqs.delete(e.seq);
+        this.#site.stats.shippedIos++;
+        this.#site.stats.shippedBytes += e.data.length;
+        this.#complete(e);
+        this.#wakeSlot();
+      },
+      (err: unknown) => {
+        this.#settle();
+        if (gen !== this.#gen) return;
+        this.#inflightSeqs.delete(e.seq);
+        this.#site.down(err);
+      },
+    );
+  }
+
+  #complete(e: ReplogEntry): void {
+    this.#doneSectors += e.sectors;
+    let w = this.#issued;
+    for (const s of this.#inflightSeqs) if (s - 1 < w) w = s - 1;
+    if (w > this.#watermark) {
+      this.#watermark = w;
+      this.#releaseWaiters();
+    }
+    this.#site.completed();
+  }
+
+  #drainGen(gen: number): Promise<void> {
+    return (async () => {
+      while (this.#inflightSeqs.size > 0 && gen === this.#gen) await new Promise<void>((r) => (this.#slot = r));
+    })();
+  }
+
+  #settle(): void {
+    if (--this.#allInflight === 0) {
+      const w = this.#settledWaiters;
+      this.#settledWaiters = [];
+      for (const f of w) f();
+    }
+    this.#wakeSlot();
+  }
+
+  /** resolves once no ship of any generation is in flight */
+  settled(): Promise<void> {
+    if (this.#allInflight === 0) return Promise.resolve();
+    return new Promise((r) => this.#settledWaiters.push(r));
+  }
+
+  /** a new entry, a device bound or left, or the generation ended: the loop looks again */
+  wake(): void {
+    const w = this.#wake;
+    this.#wake = null;
+    w?.();
+    this.#wakeSlot();
+  }
+
+  #wakeSlot(): void {
+    const s = this.#slot;
+    this.#slot = null;
+    s?.();
+  }
+
+  #failed(gen: number, err: unknown): void {
+    if (gen !== this.#gen) return;
+    this.#site.failed(err);
+  }
+
+  // ---- waiters on the watermark ----
+
+  #releaseWaiters(): void {
+    const w = this.#watermark;
+    if (this.#syncWaiters.length) this.#syncWaiters = this.#syncWaiters.filter((x) => (x.seq <= w ? (x.resolve(), false) : true));
+    if (this.#posWaiters.length) this.#posWaiters = this.#posWaiters.filter((x) => (x.seq <= w ? (x.resolve(), false) : true));
+  }
+
+  /** a writer of a synchronous site: resolves once the watermark reaches `seq`, or at `releaseSync` */
+  waitShipped(seq: number): Promise<void> {
+    return new Promise((resolve) => this.#syncWaiters.push({ seq, resolve }));
+  }
+
+  /** the site is no longer synchronous: every writer waiting for it goes */
+  releaseSync(): void {
+    const w = this.#syncWaiters;
+    this.#syncWaiters = [];
+    for (const x of w) x.resolve();
+  }
+
+  /** resolves once the watermark reaches `seq`; rejects at `failPositions` */
+  waitPosition(seq: number): Promise<void> {
+    return new Promise((resolve, reject) => this.#posWaiters.push({ seq, resolve, reject }));
+  }
+
+  /** the loop stopped in ship mode: nobody waits for a position it will not reach */
+  failPositions(err: Error): void {
+    const w = this.#posWaiters;
+    this.#posWaiters = [];
+    for (const x of w) x.reject(err);
+  }
+}

@@ -1,0 +1,173 @@
+/**
+ * The dirty logs of one remote site (replicator-site.ts) over every bound device, and the
+ * runs that work from them (replicator-resync.ts): in `log` mode the site's entries are
+ * marked here instead of shipped, a resync copies what they say differs, and verify marks
+ * what it finds differing. The site decides when a resync may start and what a resync's
+ * I/O error does; this keeps the run, its progress and the last verify's result.
+ */
+import { BlockError } from '../core/errors.ts';
+import type { ReplogEntry } from '../replog/types.ts';
+import { resyncPasses, verifySite } from './replicator-resync.ts';
+import type { Site } from './replicator-site.ts';
+import type { DevBinding, SiteHost } from './replicator-types.ts';
+
+export class SiteLogs {
+  readonly #host: SiteHost;
+  readonly #site: Site;
+  readonly #slink: number;
+  /** a resync failed with an I/O error (not aborted) */
+  readonly #failed: (err: unknown) => void;
+  #resync: { abort: AbortController; done: Promise<void>; total: number; copied: number } | null = null;
+  #verify: { done: number; total: number } | null = null;
+  #lastVerify: { differing: number; regions: number } | null = null;
+
+  constructor(host: SiteHost, site: Site, failed: (err: unknown) => void) {
+    this.#host = host;
+    this.#site = site;
+    this.#slink = site.slink;
+    this.#failed = failed;
+  }
+
+  // ---- the dirty logs ----
+
+  /** log mode: the entry's regions are out of sync at this site */
+  mark(e: ReplogEntry, b: DevBinding): void {
+    const r = b.remotes.get(this.#slink);
+    if (!r || e.op === 'flush' || e.sectors === 0) return;
+    const size = r.dlog.regionSize;
+    const last = Math.floor((e.sector + e.sectors - 1) / size);
+    for (let region = Math.floor(e.sector / size); region <= last; region++) {
+      r.dlog.markRegion(region);
+      r.dlog.setRegionSync(region, false);
+    }
+  }
+
+  /** every region of every bound device out of sync (a full resync) */
+  markAll(): void {
+    for (const b of this.#host.bindings()) {
+      const r = b.remotes.get(this.#slink);
+      if (!r) continue;
+      for (let i = 0; i < r.dlog.regionCount; i++) {
+        r.dlog.markRegion(i);
+        r.dlog.setRegionSync(i, false);
+      }
+    }
+  }
+
+  /** `clear-bitmap <slink#>` (Site.clearBitmap): every region in sync and clean; in log mode the site ships from the head on */
+  async clearBitmap(): Promise<void> {
+    const site = this.#site;
+    await this.stopResync();
+    const release = await this.#host.hold();
+    try {
+      // log mode: every entry so far marked first (then dropped for good); ship mode keeps its backlog
+      if (site.mode === 'log') await site.waitPosition(this.#host.head);
+      for (const b of this.#host.bindings()) {
+        const r = b.remotes.get(this.#slink);
+        if (!r) continue;
+        for (let i = 0; i < r.dlog.regionCount; i++) {
+          r.dlog.setRegionSync(i, true);
+          r.dlog.clearRegion(i);
+        }
+        await r.dlog.flush();
+      }
+      if (site.mode === 'log') site.toShip();
+      else this.#host.event(`slink ${this.#slink}: bitmap cleared`);
+    } finally {
+      release();
+    }
+  }
+
+  /** does any bound device have regions out of sync at this site? */
+  anyOutOfSync(): boolean {
+    for (const b of this.#host.bindings()) {
+      const r = b.remotes.get(this.#slink);
+      if (r && r.dlog.getSyncCount() < r.dlog.regionCount) return true;
+    }
+    return false;
+  }
+
+  /** regions out of sync at this site, over every bound device */
+  outOfSync(): number {
+    let n = 0;
+    for (const b of this.#host.bindings()) {
+      const r = b.remotes.get(this.#slink);
+      if (r) n += r.dlog.regionCount - r.dlog.getSyncCount();
+    }
+    return n;
+  }
+
+  /** sectors per region of this site's dirty logs (0 when no device is bound) */
+  regionSectors(): number {
+    for (const b of this.#host.bindings()) {
+      const r = b.remotes.get(this.#slink);
+      if (r) return r.dlog.regionSize;
+    }
+    return 0;
+  }
+
+  // ---- resync and verify ----
+
+  get resyncing(): boolean {
+    return this.#resync !== null;
+  }
+
+  /** start a resync unless one runs (the site checked that it may run) */
+  startResync(): void {
+    if (this.#resync) return;
+    const abort = new AbortController();
+    const handle = { abort, total: 0, copied: 0, done: Promise.resolve() };
+    handle.done = resyncPasses(this.#site, this.#host, handle).catch((err: unknown) => {
+      if ((err as { code?: string }).code !== 'EINTR' && !abort.signal.aborted) this.#failed(err);
+    }).finally(() => {
+      if (this.#resync === handle) this.#resync = null;
+    });
+    this.#resync = handle;
+  }
+
+  /** ask a running resync to stop, without waiting for it */
+  abortResync(): void {
+    this.#resync?.abort.abort();
+  }
+
+  /** stop a running resync; resolves once its copies in flight are done */
+  async stopResync(): Promise<void> {
+    const r = this.#resync;
+    if (!r) return;
+    r.abort.abort();
+    await r.done;
+  }
+
+  get lastVerify(): { differing: number; regions: number } | null {
+    return this.#lastVerify;
+  }
+
+  /** `verify <slink#>` (Site.verify): resolves with the number of regions that differ, now out of sync */
+  async verify(): Promise<number> {
+    const site = this.#site;
+    if (!site.up || site.paused) throw new BlockError('EIO', `slink ${this.#slink} is ${site.paused ? 'suspended' : 'down'}: nothing to verify against`);
+    let total = 0;
+    for (const b of this.#host.bindings()) total += b.remotes.get(this.#slink)?.dlog.regionCount ?? 0;
+    this.#verify = { done: 0, total };
+    try {
+      this.#lastVerify = await verifySite(site, this.#host, this.#verify);
+    } finally {
+      this.#verify = null;
+    }
+    this.#host.event(`slink ${this.#slink} verified: ${this.#lastVerify.differing} region(s) differ`);
+    return this.#lastVerify.differing;
+  }
+
+  /** verify progress, else resync progress in log mode, in sectors; null when neither runs */
+  progress(logMode: boolean): { work: string; done: number; total: number } | null {
+    const size = this.regionSectors();
+    if (this.#verify) return { work: 'verify', done: this.#verify.done * size, total: this.#verify.total * size };
+    if (!logMode) return null;
+    let total = 0;
+    for (const b of this.#host.bindings()) {
+      const r = b.remotes.get(this.#slink);
+      if (r) total += r.dlog.regionCount * r.dlog.regionSize;
+    }
+    return { work: 'resync', done: total - this.outOfSync() * size, total };
+  }
+}
