@@ -72,9 +72,15 @@ export class Shipper {
   get watermark(): number {
     return this.#watermark;
   }
-  /** the site moves it (in sync from the head on, or the entries it needs are gone); no waiter is released */
+  /**
+   * The site moves it (in sync from the head on, or the entries it needs are gone): those
+   * waiting for a position up to it are released, and the entries skipped count as done.
+   */
   set watermark(seq: number) {
+    const forward = seq > this.#watermark;
     this.#watermark = seq;
+    if (seq >= this.#host.head) this.#doneSectors = Math.max(this.#doneSectors, this.#host.appendedSectors);
+    if (forward) this.#releaseWaiters();
   }
   get doneSectors(): number {
     return this.#doneSectors;

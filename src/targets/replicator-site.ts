@@ -509,6 +509,11 @@ export class Site {
         }
       } catch (err) {
         if (mode === 'ship') this.#down(err);
+        else { // a dirty log that cannot be written: the position stays where it was made good
+          this.stats.errors++;
+          this.lastError = toBlockError(err).message;
+          this.#log.limited('dlog-flush', `slink ${this.slink}: dirty log flush failed, position kept at ${this.#durable.seq}: ${this.lastError}`);
+        }
       }
     }
     return { slink: this.slink, seq: this.#durable.seq, mode: this.#durable.mode };
