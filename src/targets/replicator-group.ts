@@ -411,16 +411,26 @@ export class ReplicatorGroup implements Target, SiteHost {
     // no checkpoint yet (a crash before the first one): every entry in the ring is to be replayed and shipped
     const base = this.log.tail - 1;
     const localDone = Math.min(rec.state?.localDone ?? base, rec.head);
-    for (const s of this.sites) {
-      // a slink the last checkpoint does not know (added to the table since) starts on its dirty logs
-      const pos = rec.state ? rec.state.slinks.find((p) => p.slink === s.slink) ?? { slink: s.slink, seq: localDone, mode: 'log' as const } : { slink: s.slink, seq: base, mode: 'ship' as const };
-      s.init(pos, rec.head);
+    // a slink the last checkpoint does not know (added to the table since) starts on its dirty logs
+    const positions = this.sites.map((s) => (rec.state
+      ? rec.state.slinks.find((p) => p.slink === s.slink) ?? { slink: s.slink, seq: localDone, mode: 'log' as const }
+      : { slink: s.slink, seq: base, mode: 'ship' as const }));
+    // one pass over what is kept: the devices to replay, and each site's backlog in sectors (its lag)
+    const backlog = this.sites.map(() => 0);
+    const from = Math.min(localDone, ...positions.map((p) => p.seq)) + 1;
+    if (from <= rec.head) {
+      const reader = this.log.reader(from);
+      for (let e = await reader.next(); e && e.seq <= rec.head; e = await reader.next()) {
+        if (e.seq > localDone) this.#replayPending.add(e.devNr);
+        positions.forEach((p, i) => {
+          if (e!.seq > p.seq) backlog[i]! += e!.sectors;
+        });
+      }
     }
+    this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
     if (localDone < rec.head) {
       this.#replayFrom = localDone + 1;
       this.#replayTo = rec.head;
-      const reader = this.log.reader(this.#replayFrom);
-      for (let e = await reader.next(); e && e.seq <= rec.head; e = await reader.next()) this.#replayPending.add(e.devNr);
     }
     if (rec.tornTail) this.event('replication log: a torn entry at the head was discarded (never acknowledged)');
     if (rec.entries > 0) this.logger.info(`${this.ctx.device}: recovered ${rec.entries} log entries, head ${rec.head}`);

@@ -91,9 +91,11 @@ export class Shipper {
   }
 
   /** the group recovered its log: the site starts from `seq` */
-  init(seq: number): void {
+  init(seq: number, backlogSectors: number): void {
     this.#watermark = seq;
     this.#issued = seq;
+    // the backlog kept in the ring counts as outstanding (appended sectors count only new appends)
+    this.#doneSectors = -backlogSectors;
   }
 
   /** a device left the group: its entries up to `seq` are in its dirty logs, skip them */

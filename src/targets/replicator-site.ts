@@ -146,9 +146,9 @@ export class Site {
   // ---- lifecycle ----
 
   /** the group recovered its log: start from the checkpoint's position for this slink */
-  init(pos: SlinkPosition, head: number): void {
+  init(pos: SlinkPosition, head: number, backlogSectors: number): void {
     const seq = Math.min(pos.seq, head);
-    this.#shipper.init(seq);
+    this.#shipper.init(seq, backlogSectors);
     this.#reshipUntil = head;
     this.#durable = { seq, mode: pos.mode };
     if (pos.mode === 'log') {

@@ -6,6 +6,7 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import { afterEach, describe, expect, it } from 'vitest';
+import { DeviceMapper } from '../../src/index.ts';
 import { caughtUp, makeGroup, Model, SECTOR, tmpDir, waitFor, type Group } from '../helpers/replication.ts';
 
 let g: Group | null = null;
@@ -116,5 +117,37 @@ describe('replicator (library)', () => {
     models[0]!.write(8192, data);
     await waitFor(() => caughtUp(g!), 'caught up');
     expectSame(g, models);
+  });
+
+  it('after a restart, a site behind reports its whole backlog kept in the ring, then ships it in order', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 2048 });
+    const models = [new Model(2048)];
+    await randomWrites(g, models, 5);
+    // caught up and checkpointed (the ring empty): the site's position is persisted at the head
+    await waitFor(() => / 1:A,0,0 0\/8192$/.test(g!.status()), 'caught up and checkpointed');
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    for (let k = 0; k < 10; k++) { // 10 × 8 sectors the site does not have
+      const data = crypto.randomBytes(4096);
+      await g.dm.write('vol0', k * 8192, data);
+      models[0]!.write(k * 8192, data);
+    }
+    expect(g.status()).toMatch(/^0:S,0,0 1:D,10,80 /);
+    const replTable = g.dm.table('repl')[0]!.params;
+    const devTable = g.dm.table('vol0')[0]!.params;
+    await g.dm.close();
+    // the same files in a new engine; the site is down at first (an error table under it)
+    const dm = new DeviceMapper();
+    g = { ...g, dm, status: () => dm.status('repl')[0]!.params };
+    await dm.create('site0', { table: '0 2048 error' });
+    await dm.create('repl', { table: `0 1 replicator ${replTable}` });
+    await dm.create('vol0', { table: `0 2048 replicator-dev ${devTable}` });
+    await waitFor(() => /^0:S,0,0 1:D,/.test(g!.status()), 'slink 1 down');
+    // the kept backlog is its lag: the 10 writes and the flush entry of the engine's close
+    expect(g.status()).toMatch(/^0:S,0,0 1:D,11,80 /);
+    await dm.load('site0', `0 2048 linear ${g.remote(0)} 0`);
+    await dm.resume('site0');
+    await waitFor(() => caughtUp(g!), 'caught up from the ring');
+    expectSame(g, models);
+    expect(g.dm.status('vol0')[0]!.params).toBe('A,1/1 A,32/32'); // shipped in order: no region went out of sync
   });
 });
