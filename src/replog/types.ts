@@ -101,9 +101,13 @@ export interface ReplogReader {
 export interface Replog {
   /** the registered type name (`ringbuffer`, …) */
   readonly type: string;
-  /** ring size in sectors (the header's: it wins over the table on open) */
+  /**
+   * the log's size in sectors from `dev_start`, its header and checkpoints included (the
+   * header's: it wins over the table on open). One entry takes at most half of it; the
+   * replicator splits writes at a quarter.
+   */
   readonly size: number;
-  /** seq of the last entry appended (0 = none yet) */
+  /** seq of the last entry written, every earlier one written too (0 = none yet): what readers can see */
   readonly head: number;
   /** seq of the oldest entry still kept (head + 1 when the ring is empty) */
   readonly tail: number;
@@ -141,10 +145,12 @@ export interface Replog {
 
   /**
    * Persist `state` (positions the caller has made good: shipped entries flushed on their
-   * site, marked entries flushed in the dirty logs) and then free the ring space before
-   * the oldest position. Checkpoints go to alternating slots, so a torn checkpoint leaves
-   * the previous one. Concurrent calls are serialised. May wait. Rejects with EIO (the
-   * previous checkpoint still holds; nothing is freed).
+   * site, marked entries flushed in the dirty logs, local writes flushed up to
+   * `localDone`) and then free the ring space before the oldest position. Checkpoints go
+   * to alternating slots, so a torn checkpoint leaves the previous one. Concurrent calls
+   * are serialised. May wait. Rejects with EIO (the previous checkpoint still holds;
+   * nothing is freed), or EINVAL for a position beyond the head or more than 64 slinks
+   * (the caller's bug). After `destroy`, every member rejects with ESHUTDOWN.
    */
   checkpoint(state: CheckpointState): Promise<void>;
 
