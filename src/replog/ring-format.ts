@@ -225,33 +225,6 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
 // ---------------------------------------------------------------------------------------
 // Entries
 
-/** An entry header: one replicated write (or discard, write-zeroes, flush) and its payload size. */
-export interface EntryHeader {
-  readonly kind: 'entry';
-  readonly op: ReplogOp;
-  readonly fua: boolean;
-  readonly devNr: number;
-  readonly payloadBytes: number;
-  readonly seq: number;
-  readonly epoch: number;
-  readonly sector: number;
-  readonly sectors: number;
-  readonly time: number;
-  readonly prevCrc: number;
-  readonly crc: number;
-}
-
-/** A wrap marker: entry `seq` follows at ring offset 0 (the rest of the ring is unused this lap). */
-export interface WrapMarker {
-  readonly kind: 'wrap';
-  readonly seq: number;
-  readonly payloadBytes: 0;
-  readonly crc: number;
-}
-
-/** What a 512-byte header position in the ring holds when it is one of this log's. */
-export type RingRecord = EntryHeader | WrapMarker;
-
 /** What `encodeEntryHeader` writes (the CRC is `sealEntry`'s). */
 export interface EntryFields {
   readonly op: ReplogOp;
@@ -265,6 +238,23 @@ export interface EntryFields {
   readonly time: number;
   readonly prevCrc: number;
 }
+
+/** An entry header: one replicated write (or discard, write-zeroes, flush) and its payload size. */
+export interface EntryHeader extends EntryFields {
+  readonly kind: 'entry';
+  readonly crc: number;
+}
+
+/** A wrap marker: entry `seq` follows at ring offset 0 (the rest of the ring is unused this lap). */
+export interface WrapMarker {
+  readonly kind: 'wrap';
+  readonly seq: number;
+  readonly payloadBytes: 0;
+  readonly crc: number;
+}
+
+/** What a 512-byte header position in the ring holds when it is one of this log's. */
+export type RingRecord = EntryHeader | WrapMarker;
 
 /** Write an entry header at b[0…512) (the rest of the 512 bytes zeroed); CRC not yet set. */
 export function encodeEntryHeader(b: Buffer, f: EntryFields, uuid: Buffer): void {

@@ -333,15 +333,13 @@ export class Site {
     const e = toBlockError(err);
     this.stats.errors++;
     this.lastError = e.message;
-    if (this.#mode === 'ship') this.#shipper.cancel(); // in log mode the loop only marks: it goes on
-    if (this.#mode === 'ship') {
-      const wasUp = this.#up;
-      this.#up = false; // so the rejection says down
+    const wasUp = this.#up;
+    this.#up = false;
+    if (this.#mode === 'ship') { // in log mode the loop only marks: it goes on
+      this.#shipper.cancel();
       this.#failPositions();
-      this.#up = wasUp;
     }
-    if (this.#up) {
-      this.#up = false;
+    if (wasUp) {
       this.#log.warn(`slink ${this.slink} (${this.link.type}) down: ${e.message}`);
       this.#shipper.releaseSync();
       this.#releaseStall();

@@ -15,7 +15,7 @@ import { DeviceMapper, TableError } from '../../src/index.ts';
 import { listReplogs } from '../../src/replog/registry.ts';
 import { listSlinks } from '../../src/slink/registry.ts';
 import {
-  image, makeGroup, rejectionOf as rejection, slinkState, tmpDir, waitFor, type Group,
+  image, groupPerTest, rejectionOf as rejection, slinkState, tmpDir, waitFor, type Group,
 } from '../helpers/replication.ts';
 import { expectSameBytes } from './helpers.ts'; // also quiets the engine's warnings
 
@@ -173,17 +173,7 @@ describe('constructor errors', () => {
 // ---------------------------------------------------------------------------------------
 // messages
 
-let g: Group | null = null;
-afterEach(async () => {
-  await g?.dm.close();
-  if (g) fs.rmSync(g.dir, { recursive: true, force: true });
-  g = null;
-});
-
-async function group(policy = 'async'): Promise<Group> {
-  g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: LEN, region: REGION, policy });
-  return g;
-}
+const group = groupPerTest({ devices: 1, sectors: LEN, region: REGION });
 
 const msg = (grp: Group, ...words: string[]): Promise<string> => grp.dm.message('repl', 0, words);
 const replTable = (grp: Group): string => grp.dm.table('repl')[0]!.params;

@@ -12,10 +12,10 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { builtinTargets, DeviceMapper } from '../../src/index.ts';
 import {
-  caughtUp, makeGroup, pokeFile, readFileRange, rejectionOf as rejection, replJson, SECTOR, siteJson, slinkState, tmpDir, waitFor,
+  caughtUp, groupPerTest, pokeFile, readFileRange, rejectionOf as rejection, replJson, SECTOR, siteJson, slinkState, waitFor,
   type Group,
 } from '../helpers/replication.ts';
 import { countingTarget, expectSameBytes } from './helpers.ts'; // also quiets the engine's warnings
@@ -24,17 +24,7 @@ const LEN = 2048; // sectors of the replicated device (1 MiB)
 const REGION = 64;
 const NR = LEN / REGION; // 32
 
-let g: Group | null = null;
-afterEach(async () => {
-  await g?.dm.close();
-  if (g) fs.rmSync(g.dir, { recursive: true, force: true });
-  g = null;
-});
-
-async function group(policy = 'async'): Promise<Group> {
-  g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: LEN, region: REGION, policy });
-  return g;
-}
+const group = groupPerTest({ devices: 1, sectors: LEN, region: REGION });
 
 const msg = (grp: Group, ...words: string[]): Promise<string> => grp.dm.message('repl', 0, words);
 const volStatus = (grp: Group): string => grp.dm.status('vol0')[0]!.params;
@@ -82,7 +72,7 @@ describe('message effects', () => {
   it('policy sync: a FUA write reaches the site as FUA and a flush as a flush, both before the ack', async () => {
     const counting = countingTarget();
     const dm = new DeviceMapper({ targets: [...builtinTargets, counting.type] });
-    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: LEN, region: REGION, policy: 'sync' }, dm);
+    const g = await group('sync', dm);
     await dm.load('site0', `0 ${LEN} counting ${g.remote(0)} 0`); // the site's device counts what reaches it
     await dm.resume('site0');
     const c = counting.counts.get('site0')!;

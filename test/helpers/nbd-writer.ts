@@ -61,8 +61,13 @@ export interface AckLog {
 /** the bytes of a write: xorshift32 from `seed`, the same in the child and the model */
 export function writeData(seed: number, length: number): Buffer {
   const buf = Buffer.alloc(length);
-  let x = (seed ^ 0x9e3779b9) >>> 0 || 1;
-  for (let i = 0; i < length; i += 4) {
+  fillXorshift(buf, 0, (seed ^ 0x9e3779b9) >>> 0 || 1);
+  return buf;
+}
+
+/** fill buf[from…] (a multiple of 4 bytes) with xorshift32 words from state `x` (non-zero) */
+export function fillXorshift(buf: Buffer, from: number, x: number): void {
+  for (let i = from; i < buf.length; i += 4) {
     x ^= x << 13;
     x >>>= 0;
     x ^= x >>> 17;
@@ -70,7 +75,6 @@ export function writeData(seed: number, length: number): Buffer {
     x >>>= 0;
     buf.writeUInt32LE(x, i);
   }
-  return buf;
 }
 
 export function readAckLog(file: string): AckLog {

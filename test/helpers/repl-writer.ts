@@ -19,6 +19,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { WriteRecord } from './replication-checker.ts';
 import { blockDigest } from './replication-checker.ts';
+import { fillXorshift } from './nbd-writer.ts';
 
 const ROOT = fileURLToPath(new URL('../..', import.meta.url));
 const CHILD = path.join(ROOT, 'test', 'helpers', 'repl-writer-child.ts');
@@ -70,15 +71,7 @@ export function blockData(round: number, id: number, dev: number, block: number)
   buf.writeUInt32LE(id, 8);
   buf.writeUInt32LE(dev, 12);
   buf.writeUInt32LE(block, 16);
-  let x = (Math.imul(round + 1, 0x9e3779b1) ^ Math.imul(id + 1, 0x85ebca6b) ^ Math.imul(block + 1, 0xc2b2ae35) ^ dev) >>> 0 || 1;
-  for (let i = 20; i < BLOCK; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    buf.writeUInt32LE(x, i);
-  }
+  fillXorshift(buf, 20, (Math.imul(round + 1, 0x9e3779b1) ^ Math.imul(id + 1, 0x85ebca6b) ^ Math.imul(block + 1, 0xc2b2ae35) ^ dev) >>> 0 || 1);
   return buf;
 }
 

@@ -8,6 +8,7 @@ import crypto from 'node:crypto';
 import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
+import { afterEach } from 'vitest';
 import { DeviceMapper } from '../../src/index.ts';
 
 export const SECTOR = 512;
@@ -98,6 +99,21 @@ export async function makeGroup(s: GroupSpec, dm = new DeviceMapper()): Promise<
     slowSite: (ms) => swap((i) => `0 ${spec.sectors} delay ${path.join(dir, `remote${i}.img`)} 0 0 ${path.join(dir, `remote${i}.img`)} 0 ${ms}`),
     status: () => dm.status('repl')[0]!.params,
   };
+}
+
+/**
+ * One group per test, closed and its files removed after the test:
+ * `const group = groupPerTest({ devices: 1, sectors: LEN, region })`, then
+ * `await group('sync')` (optionally in a given engine) in a test.
+ */
+export function groupPerTest(base: Omit<GroupSpec, 'dir' | 'policy'>): (policy?: string, dm?: DeviceMapper) => Promise<Group> {
+  let g: Group | null = null;
+  afterEach(async () => {
+    await g?.dm.close();
+    if (g) fs.rmSync(g.dir, { recursive: true, force: true });
+    g = null;
+  });
+  return async (policy = 'async', dm?: DeviceMapper) => (g = await makeGroup({ ...base, dir: tmpDir(), policy }, dm));
 }
 
 /** true once slink 1 shows no backlog in state A or S */
