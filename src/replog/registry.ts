@@ -60,6 +60,9 @@ class CountedReplog implements Replog {
   get type(): string {
     return this.#log.type;
   }
+  get uuid(): string {
+    return this.#log.uuid;
+  }
   get size(): number {
     return this.#log.size;
   }

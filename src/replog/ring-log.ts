@@ -123,6 +123,9 @@ export class RingLog implements Replog {
     };
   }
 
+  get uuid(): string {
+    return this.#uuid.toString('hex');
+  }
   get size(): number {
     return this.#header.size;
   }

@@ -102,6 +102,11 @@ export interface Replog {
   /** the registered type name (`ringbuffer`, …) */
   readonly type: string;
   /**
+   * the log's identity (hex), the same for its whole life and a new one for a new log:
+   * receivers key their applied positions by it, since sequence numbers restart with a log
+   */
+  readonly uuid: string;
+  /**
    * the log's size in sectors from `dev_start`, its header and checkpoints included (the
    * header's: it wins over the table on open). One entry takes at most half of it; the
    * replicator splits writes at a quarter.

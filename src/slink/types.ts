@@ -13,10 +13,23 @@ import type { Bio } from '../core/bio.ts';
 import type { Logger } from '../core/log.ts';
 import type { BlockDev, StatusType } from '../core/types.ts';
 
+/** A log entry's place in the group's order, handed to `RemoteDevice.submit` by the shipper. */
+export interface ShipTag {
+  /** the entry's sequence number in the replication log (group-wide, increasing) */
+  readonly seq: number;
+  /** the entry's epoch: entries of one epoch are concurrent, epochs are applied in order */
+  readonly epoch: number;
+}
+
 /** What a slink may use: the replicator's context. */
 export interface SlinkContext {
   /** the control (replicator) device's name, for messages */
   readonly device: string;
+  /**
+   * The group's identity: the replication log's uuid. A receiver keys its applied position
+   * by it (with the slink number), so a new log starts a new stream.
+   */
+  readonly groupId: string;
   /** raise an event on the control device (the site went down or came back) */
   event(): void;
   readonly log: Logger;
@@ -46,8 +59,13 @@ export interface RemoteDevice extends BlockDev {
    * transports) when the site failed it: the replicator marks the slink down, keeps the
    * entry for a later retry and retests the slink. May wait as long as the transport's own
    * timeouts allow, never forever.
+   *
+   * `tag` comes with every entry shipped from the log (its group-wide sequence number and
+   * epoch); resync copies and tests come without one. A transport whose receiver persists
+   * its applied position (tcp) uses it to apply each entry exactly once and in order across
+   * reconnects and crashes; the others ignore it.
    */
-  submit(bio: Bio): Promise<void>;
+  submit(bio: Bio, tag?: ShipTag): Promise<void>;
   /**
    * Does the device work again? Called by the replicator's retest timer after a failure.
    * Resolves when it does (e.g. a flush succeeded); rejects with the reason otherwise.

@@ -184,7 +184,7 @@ export class Shipper {
     this.#inflightSeqs.add(e.seq);
     this.#allInflight++;
     const bio: Bio = e.op === 'flush' ? FLUSH : { op: e.op, sector: e.sector, sectors: e.sectors, data: e.data, flags: e.fua ? FUA : NONE };
-    remote.dev.submit(bio).then(
+    remote.dev.submit(bio, e).then(
       () => {
         this.#settle();
         if (gen !== this.#gen) return;

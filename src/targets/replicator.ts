@@ -27,8 +27,8 @@ async function parseReplog(ctx: TargetContext, r: ArgReader): Promise<Replog> {
 }
 
 /** `(<slink_type> <#slink_params> <slink_params…>){1..N}`: slink 0 (local) exactly once */
-async function parseSlinks(ctx: TargetContext, r: ArgReader, made: SiteLink[]): Promise<Array<{ link: SiteLink; params: SlinkParams }>> {
-  const slinkCtx: SlinkContext = { device: ctx.device, event: () => ctx.event(), log: ctx.log };
+async function parseSlinks(ctx: TargetContext, r: ArgReader, log: Replog, made: SiteLink[]): Promise<Array<{ link: SiteLink; params: SlinkParams }>> {
+  const slinkCtx: SlinkContext = { device: ctx.device, groupId: log.uuid, event: () => ctx.event(), log: ctx.log };
   const out: Array<{ link: SiteLink; params: SlinkParams }> = [];
   while (!r.atEnd()) {
     const type = r.next('slink type');
@@ -64,7 +64,7 @@ export const replicator: TargetType = {
     const log = await parseReplog(ctx, r);
     const made: SiteLink[] = [];
     try {
-      const slinks = await parseSlinks(ctx, r, made);
+      const slinks = await parseSlinks(ctx, r, log, made);
       const local = slinks.find((x) => x.params.slink === 0)!.link;
       const sites: Site[] = [];
       const group = new ReplicatorGroup(ctx, log, local, sites);

@@ -60,7 +60,7 @@ let dm: DeviceMapper;
 let host: Host;
 let events: number;
 
-const sctx: SlinkContext = { device: 'repl', event: () => void events++, log: log('slink-test') };
+const sctx: SlinkContext = { device: 'repl', groupId: '00112233445566778899aabbccddeeff', event: () => void events++, log: log('slink-test') };
 
 beforeEach(() => {
   dir = makeTempDir('dmkit-slink-');

@@ -10,7 +10,7 @@ import { createSlink, listSlinks, registerSlink, unregisterSlink } from '../../s
 import type { SiteLinkType, SlinkContext } from '../../src/slink/types.ts';
 
 let events = 0;
-const sctx: SlinkContext = { device: 'repl', event: () => void events++, log: log('slink-test') };
+const sctx: SlinkContext = { device: 'repl', groupId: '00112233445566778899aabbccddeeff', event: () => void events++, log: log('slink-test') };
 
 describe('slink registry', () => {
   /** a transport with no devices, recording the names it was created under */
