@@ -12,6 +12,8 @@ import { appendClipped, mergeExtents } from './extents.ts';
 
 interface Queued {
   bio: Bio;
+  /** submitted by the replication receiver of a secondary device */
+  receiver: boolean;
   resolve: () => void;
   reject: (err: unknown) => void;
 }
@@ -48,6 +50,8 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   #deferredRemove = false;
   #removed = false;
   readonly #bypasses = new Set<Bypass>();
+  /** who this device receives replication from while it is secondary (null: primary) */
+  #secondary: string | null = null;
   readonly #onDone = (): void => {
     if (--this.#inflight === 0 && this.#drainWaiters.length) this.#wakeDrain();
   };
@@ -101,17 +105,61 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     return this.#removed;
   }
 
+  /** who the device receives replication from while it is secondary; null when it is primary */
+  get secondary(): string | null {
+    return this.#secondary;
+  }
+
+  /**
+   * Make the device secondary: from now on its writes fail with EROFS for every opener
+   * (library, NBD clients, tables above it), except through the returned device, which is
+   * the replication receiver's way in. NBD connection threads that write its files
+   * directly are stopped and restarted read-only first. `owner` names the sender for
+   * messages. Throws EBUSY when it is already secondary for someone else.
+   */
+  async setSecondary(owner: string): Promise<BlockDev> {
+    if (this.#secondary !== null && this.#secondary !== owner) {
+      throw new DeviceError('EBUSY', `${this.name}: already secondary, receiving from ${this.#secondary}`);
+    }
+    if (this.#secondary === null) {
+      this.#secondary = owner;
+      await this.#restartBypasses();
+      this.event();
+    }
+    const self = this; // eslint-disable-line @typescript-eslint/no-this-alias
+    return { ref: this.ref, get sectors() { return self.sectors; }, submit: (bio: Bio) => this.#submit(bio, true) };
+  }
+
+  /** Writable again for every opener (the sender stopped replicating to it). */
+  async clearSecondary(): Promise<void> {
+    if (this.#secondary === null) return;
+    this.#secondary = null;
+    await this.#restartBypasses();
+    this.event();
+  }
+
+  async #restartBypasses(): Promise<void> {
+    if (this.#suspended || !this.#live) return; // they restart at resume, seeing the new role
+    const live = this.#live;
+    await Promise.all([...this.#bypasses].map((b) => b.stop()));
+    for (const b of this.#bypasses) b.start(live);
+  }
+
   /** Submit a bio (device-relative sectors). Checks the contract, queues while suspended. */
   submit(bio: Bio): Promise<void> {
-    const bad = this.#check(bio);
+    return this.#submit(bio, false);
+  }
+
+  #submit(bio: Bio, receiver: boolean): Promise<void> {
+    const bad = this.#check(bio, receiver);
     if (bad) return Promise.reject(bad);
     if (this.#suspended || !this.#live) {
-      return new Promise((resolve, reject) => this.#queue.push({ bio, resolve, reject }));
+      return new Promise((resolve, reject) => this.#queue.push({ bio, receiver, resolve, reject }));
     }
     return this.#dispatch(this.#live, bio);
   }
 
-  #check(bio: Bio): BlockError | null {
+  #check(bio: Bio, receiver: boolean): BlockError | null {
     if (this.#removed) return new BlockError('ENXIO', `${this.name}: device removed`);
     const { op, sector, sectors } = bio;
     if (op === 'flush') return null;
@@ -122,6 +170,9 @@ export class MappedDevice extends EventEmitter implements BlockDev {
       return new BlockError('EINVAL', `${this.name}: ${op} buffer of ${bio.data.length} bytes for ${sectors} sectors`);
     }
     if (op !== 'read' && this.readOnly) return new BlockError('EROFS', `${this.name}: device is read-only`);
+    if (op !== 'read' && this.#secondary !== null && !receiver) {
+      return new BlockError('EROFS', `${this.name}: device is secondary (it receives replication from ${this.#secondary}); writes are refused until it is promoted`);
+    }
     const size = this.#live && !this.#suspended ? this.#live.sectors : Infinity;
     if (sector + sectors > size) {
       return new BlockError(op === 'read' ? 'EINVAL' : 'ENOSPC',
@@ -229,7 +280,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   #reissue(): void {
     const q = this.#queue;
     this.#queue = [];
-    for (const { bio, resolve, reject } of q) this.submit(bio).then(resolve, reject);
+    for (const { bio, receiver, resolve, reject } of q) this.#submit(bio, receiver).then(resolve, reject);
   }
 
   /** register I/O that bypasses submit (it must already be stopped if the device is suspended) */

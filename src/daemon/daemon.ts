@@ -20,6 +20,8 @@ import { ensurePrivateDir, runtimePaths, stateFile, type RuntimePaths } from './
 import { PROTOCOL_VERSION, type HelloResult } from './protocol.ts';
 import { ControlServer } from './server.ts';
 import { nbdExtension } from './nbd-wiring.ts';
+import { replicationExtension } from './replication-wiring.ts';
+import type { ReplicationReceiver } from '../replication/receiver.ts';
 import { restore, StateStore, writeAtomic } from './state.ts';
 
 export interface DaemonOptions {
@@ -33,6 +35,12 @@ export interface DaemonOptions {
   tlsPsk?: string;
   /** NBD TLS mode: `on` offers TLS, `require` refuses plain connections */
   tls?: 'on' | 'require';
+  /** `HOST:PORT` where `tcp` slinks of other sites reach this daemon (src/replication/receiver.ts) */
+  replicationListen?: string;
+  /** the shared secret file of `--replication-listen` (mode 0600 or stricter) */
+  replicationSecret?: string;
+  /** `require`: refuse replication senders that do not use TLS */
+  replicationTls?: 'require';
   /** plugin modules (src/plugin.ts), loaded with dm.loadPlugin before the device set is restored */
   plugins?: string[];
   /** this process is the daemon: SIGTERM/SIGINT stop it and exit the process */
@@ -54,8 +62,8 @@ export interface DaemonExtension {
 }
 
 export type ExtensionFactory = (opts: DaemonOptions) => DaemonExtension | null | undefined;
-/** the NBD export runs with every daemon */
-const factories: ExtensionFactory[] = [nbdExtension];
+/** the NBD export runs with every daemon; the replication receiver when asked for */
+const factories: ExtensionFactory[] = [nbdExtension, replicationExtension];
 
 /** Register an extension factory; every daemon started afterwards asks it for an extension. */
 export function registerDaemonExtension(factory: ExtensionFactory): void {
@@ -73,6 +81,10 @@ export class Daemon {
   restoreErrors: Array<{ name: string; error: string }> = [];
   /** where the NBD export listens on TCP, set by the NBD extension (reported by `hello`) */
   nbdTcp: { host: string; port: number } | null = null;
+  /** where the replication receiver listens, set by its extension (reported by `hello`) */
+  replicationTcp: { host: string; port: number } | null = null;
+  /** the replication receiver, when this daemon is a receiving site */
+  receiver: ReplicationReceiver | null = null;
   readonly #log = log('daemon');
   #lockFd: number;
   #server: ControlServer | null = null;
@@ -94,6 +106,7 @@ export class Daemon {
     return {
       protocol: PROTOCOL_VERSION, version: VERSION, pid: process.pid,
       runtimeDir: this.runtimeDir, stateDir: this.stateDir, restoreErrors: this.restoreErrors, nbdTcp: this.nbdTcp,
+      replicationTcp: this.replicationTcp,
     };
   }
 

@@ -59,6 +59,8 @@ export interface HelloResult {
   restoreErrors: Array<{ name: string; error: string }>;
   /** the NBD export's TCP address, when it listens on TCP */
   nbdTcp: { host: string; port: number } | null;
+  /** where the replication receiver listens (`--replication-listen`), null when it does not */
+  replicationTcp: { host: string; port: number } | null;
 }
 
 export interface TablesResult {

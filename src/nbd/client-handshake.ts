@@ -200,7 +200,8 @@ async function negotiate(endpoint: NbdEndpoint, opts: HandshakeOptions, held: So
   return { ...(await exportName(sock, r, opts.exportName, noZeroes, where)), structured, metaContextId, socket: sock, leftover: r.detach() };
 }
 
-function startTls(sock: Socket, psk: TlsPsk, where: string): Promise<Socket> {
+/** the client side of a TLS-PSK handshake on a connected socket (NBD STARTTLS, replication) */
+export function startTls(sock: Socket, psk: TlsPsk, where: string): Promise<Socket> {
   // failures of the raw socket surface on the TLS socket; never let them go unhandled here
   sock.on('error', () => {});
   return new Promise((resolve, reject) => {

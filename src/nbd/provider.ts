@@ -14,7 +14,7 @@ import type { ExportBypass, ExportHandle, ExportInfo, ExportProvider, FileRange 
 import { closeRanges } from './file-ranges.ts';
 
 function infoOf(d: MappedDevice): ExportInfo {
-  return { name: d.name, size: d.sectors * 512, readOnly: d.readOnly, description: d.uuid || undefined };
+  return { name: d.name, size: d.sectors * 512, readOnly: d.readOnly || d.secondary !== null, description: d.uuid || undefined };
 }
 
 class DeviceExport implements ExportHandle {
@@ -66,9 +66,9 @@ class DeviceExport implements ExportHandle {
 
   bypass(b: ExportBypass): { ranges: FileRange[] | null; detach(): void } {
     const dev = this.#dev;
-    const db: Bypass = { stop: () => b.stop(), start: (live) => b.start(fileRanges(live)) };
+    const db: Bypass = { stop: () => b.stop(), start: (live) => b.start(fileRanges(live, dev.secondary !== null)) };
     dev.addBypass(db);
-    return { ranges: dev.suspended ? null : fileRanges(dev.live), detach: () => dev.deleteBypass(db) };
+    return { ranges: dev.suspended ? null : fileRanges(dev.live, dev.secondary !== null), detach: () => dev.deleteBypass(db) };
   }
 
   close(): void {
@@ -88,7 +88,7 @@ class DeviceExport implements ExportHandle {
 }
 
 /** a table's file ranges in bytes, each with a descriptor of its own (other lines leave gaps); null if it has none */
-function fileRanges(table: Table | null): FileRange[] | null {
+function fileRanges(table: Table | null, secondary: boolean): FileRange[] | null {
   const spans = table?.fileMap();
   if (!spans) return null;
   const out: FileRange[] = [];
@@ -99,7 +99,7 @@ function fileRanges(table: Table | null): FileRange[] | null {
         const { fd, state } = s.dev.share();
         out.push({
           start, length: s.sectors * 512, ref: s.dev.ref, path: s.dev.path, fd, state,
-          offset: s.offset * 512, fileSectors: s.dev.sectors, readOnly: s.dev.readOnly || table!.readOnly,
+          offset: s.offset * 512, fileSectors: s.dev.sectors, readOnly: s.dev.readOnly || table!.readOnly || secondary,
         });
       }
       start += s.sectors * 512;

@@ -52,12 +52,16 @@ export function loadTlsConfig(opts: { pskFile: string; require: boolean }): TlsS
   } catch (err) {
     throw new DmError('EINVAL', `cannot read PSK file ${opts.pskFile}: ${(err as Error).message}`, { cause: err });
   }
-  const keys = parsePskFile(text, opts.pskFile);
+  return pskServerConfig(parsePskFile(text, opts.pskFile), opts.require);
+}
+
+/** a server's TLS-PSK configuration from its keys (identity → key) */
+export function pskServerConfig(keys: ReadonlyMap<string, Buffer>, require: boolean): TlsServerConfig {
   const context = createSecureContext({
     ciphers: PSK_CIPHERS,
     minVersion: 'TLSv1.2',
   });
-  return { keys, context, require: opts.require };
+  return { keys, context, require };
 }
 
 /**

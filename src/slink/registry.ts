@@ -1,7 +1,7 @@
 /**
  * The slink registry: the only way to create a site link. The replicator calls
  * `createSlink(type, ctx, slinkNr, options)` and never imports a transport. `blockdev`
- * (alias `local`) is registered here; `nbd` and `tcp` and plugins add theirs with
+ * (alias `local`) and `nbd` are registered here; `tcp` and plugins add theirs with
  * `registerSlink`.
  *
  * A type is registered under its name and each of its aliases; every one of them is a
@@ -13,6 +13,8 @@ import { DmError, TargetArgError } from '../core/errors.ts';
 import { Registry } from '../core/registry.ts';
 import type { StatusType } from '../core/types.ts';
 import { blockdevSlink } from './blockdev.ts';
+import { tcpSlink } from './tcp.ts';
+import { nbdSlink } from './nbd.ts';
 import type { RemoteDevice, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
 
 /** Every table word: a type's name → the type itself; an alias → an entry naming its type. */
@@ -21,6 +23,8 @@ const names = new Registry<SiteLinkType>('slink type');
 const aliasOf = new Map<string, string>();
 
 registerSlink(blockdevSlink);
+registerSlink(tcpSlink);
+registerSlink(nbdSlink);
 
 /**
  * Add a transport under its name and its aliases, all or none. Refuses a name or alias
@@ -116,6 +120,9 @@ class CountedSlink implements SiteLink {
   }
   status(type: StatusType): string {
     return this.#link.status(type);
+  }
+  statusJson(): Record<string, unknown> | undefined {
+    return this.#link.statusJson?.();
   }
   async destroy(): Promise<void> {
     try {

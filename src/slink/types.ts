@@ -103,6 +103,11 @@ export interface SiteLink {
   options(): string[];
   /** `info` part of the replicator's per-slink status (may be empty): transport state such as a peer address */
   status(type: StatusType): string;
+  /**
+   * Optional: the transport's state for `status --json` (connection, bytes on the wire,
+   * compression ratio, last error …), with names.
+   */
+  statusJson?(): Record<string, unknown> | undefined;
   /** The replicator's table is destroyed: close connections, stop timers. Never rejects. */
   destroy(): Promise<void>;
 }

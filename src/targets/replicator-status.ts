@@ -62,6 +62,7 @@ export function groupStatusJson(g: ReplicatorGroup): unknown {
         errors: s.stats.errors,
         lastError: s.lastError || null,
         transport: s.link.status('info') || null,
+        link: s.link.statusJson?.() ?? null,
       })),
     ],
   };

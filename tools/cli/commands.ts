@@ -34,8 +34,8 @@ function verb(f: (s: A.Session, ...args: never[]) => Promise<void>) {
   };
 }
 
-function checkListen(v: string): string {
-  parseListen(v); // throws a precise EINVAL
+function checkListen(v: string, option = '--nbd-listen'): string {
+  parseListen(v, option); // throws a precise EINVAL
   return v;
 }
 
@@ -53,12 +53,15 @@ async function daemon(o: Opts): Promise<void> {
   const plugins = (o.plugin as string[]).map((p) => path.resolve(p));
   const nbdListen = o.nbdListen === undefined ? undefined : checkListen(o.nbdListen as string);
   const nbdThreads = o.nbdThreads === undefined ? undefined : checkThreads(o.nbdThreads as string);
+  const replicationListen = o.replicationListen === undefined ? undefined : checkListen(o.replicationListen as string, '--replication-listen');
+  const replicationSecret = o.replicationSecret === undefined ? undefined : path.resolve(o.replicationSecret as string);
   if (o.foreground) {
     process.env.DMKIT_LOG ??= 'info';
     const { startDaemon } = await import('../../src/daemon/daemon.ts');
     await startDaemon({
       runtimeDir: runtimeDir(), stateDir: stateDir(), nbdListen, nbdThreads, plugins, foreground: true,
       tlsPsk: o.tlsPsk ? path.resolve(o.tlsPsk as string) : undefined, tls: o.tls as 'on' | 'require' | undefined,
+      replicationListen, replicationSecret, replicationTls: o.replicationTls as 'require' | undefined,
     });
     return;
   }
@@ -69,6 +72,9 @@ async function daemon(o: Opts): Promise<void> {
   if (nbdThreads !== undefined) args.push('--nbd-threads', String(nbdThreads));
   if (o.tlsPsk) args.push('--tls-psk', path.resolve(o.tlsPsk as string));
   if (o.tls) args.push('--tls', o.tls as string);
+  if (replicationListen) args.push('--replication-listen', replicationListen);
+  if (replicationSecret) args.push('--replication-secret', replicationSecret);
+  if (o.replicationTls) args.push('--replication-tls', o.replicationTls as string);
   for (const pl of plugins) args.push('--plugin', pl);
   await spawnDaemon(p, args);
 }
@@ -153,6 +159,9 @@ export function buildProgram(): Command {
     .option('--nbd-threads <n>', 'threads serving NBD connections to linear-over-file devices (0: none; default: CPUs, at most 4)')
     .addOption(new Option('--tls <mode>', 'NBD TLS').choices(['on', 'require']))
     .option('--tls-psk <file>', 'NBD TLS pre-shared key file')
+    .option('--replication-listen <host:port>', 'receive replication from tcp slinks of other sites on this address')
+    .option('--replication-secret <file>', 'the shared secret senders must prove (mode 0600)')
+    .addOption(new Option('--replication-tls <mode>', 'refuse replication senders without TLS').choices(['require']))
     .option('--plugin <path>', 'load a plugin module: target types, dirty logs, slinks, replogs (repeatable)', collect, [])
     .action((o: Opts) => daemon(o));
   return program;

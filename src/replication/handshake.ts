@@ -1,0 +1,178 @@
+/**
+ * The replication handshake, both ends: version negotiation, optional TLS, then a mutual
+ * HMAC-SHA256 challenge–response over the shared secret. Nothing but these frames is
+ * accepted before AUTH_OK, so no data flows to or from an unauthenticated peer.
+ *
+ *   C → S  HELLO          {min, max, tls, name}
+ *   S → C  HELLO_REPLY    {version, tls}                 (or ERROR: no common version, TLS required)
+ *          … both sides start TLS here when tls is true (PSK derived from the secret) …
+ *   C → S  AUTH_CHALLENGE {nonce: Nc}
+ *   S → C  AUTH_RESPONSE  {nonce: Ns, mac: HMAC(secret, "dmkit-replication server" v Nc Ns)}
+ *   C → S  AUTH_PROOF     {mac: HMAC(secret, "dmkit-replication client" v Ns Nc)}
+ *   S → C  AUTH_OK        (or ERROR EACCES, and the connection is closed)
+ *
+ * The client checks the receiver's proof before it proves itself, so neither side learns
+ * anything it could replay: each proof binds both fresh nonces and its own role.
+ */
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import type { Socket } from 'node:net';
+import type { TLSSocket } from 'node:tls';
+import { DmError } from '../core/errors.ts';
+import { startTls as clientTls } from '../nbd/client-handshake.ts';
+import { pskServerConfig, startTls as serverTls, type TlsServerConfig } from '../nbd/tls.ts';
+import { FrameSocket, type Frame } from './frame-socket.ts';
+import {
+  FrameType, MAX_CONTROL, MAX_VERSION, MIN_VERSION, ProtocolError, bool, decodeJson, encodeError, encodeJson, hex, str, uint,
+} from './protocol.ts';
+
+const NONCE = 32;
+const TLS_IDENTITY = 'dmkit-replication';
+
+/** A shared secret: at least 16 bytes, from a file no one else can read. */
+export interface Secret {
+  readonly file: string;
+  readonly key: Buffer;
+}
+
+/**
+ * Read a secret file: refused (EACCES) when group or others may read or write it, or
+ * (EINVAL) when it holds fewer than 16 bytes after trimming; every message names the file.
+ */
+export function loadSecret(file: string): Secret {
+  let st: fs.Stats;
+  try {
+    st = fs.statSync(file);
+  } catch (err) {
+    throw new DmError('ENOENT', `replication secret ${file}: cannot read it: ${(err as Error).message}`);
+  }
+  if (!st.isFile()) throw new DmError('EINVAL', `replication secret ${file}: not a regular file`);
+  if ((st.mode & 0o077) !== 0) {
+    throw new DmError('EACCES', `replication secret ${file}: mode ${(st.mode & 0o777).toString(8).padStart(4, '0')} lets others read it; chmod 600 it (refused)`);
+  }
+  const key = Buffer.from(fs.readFileSync(file, 'utf8').trim(), 'utf8');
+  if (key.length < 16) throw new DmError('EINVAL', `replication secret ${file}: ${key.length} bytes; a secret needs at least 16`);
+  return { file, key };
+}
+
+function mac(secret: Secret, role: 'server' | 'client', version: number, a: Buffer, b: Buffer): Buffer {
+  return crypto.createHmac('sha256', secret.key).update(`dmkit-replication ${role} ${version}\n`).update(a).update(b).digest();
+}
+
+/** the TLS pre-shared key both ends derive from the secret */
+function tlsKey(secret: Secret): Buffer {
+  return crypto.createHmac('sha256', secret.key).update('dmkit-replication tls psk').digest();
+}
+
+/** an ERROR frame from the peer as a DmError (its code and message) */
+function peerError(f: Frame, where: string): DmError {
+  let code = 'EPROTO';
+  let message = 'error frame';
+  try {
+    const o = decodeJson(f.payload, 'ERROR');
+    code = str(o, 'code', 'ERROR', 32);
+    message = str(o, 'message', 'ERROR', 2048);
+  } catch { /* keep the generic words */ }
+  return new DmError(code, `${where}: ${message}`);
+}
+
+async function expect(fs: FrameSocket, type: FrameType, what: string, deadline: number, where: string): Promise<Frame> {
+  const f = await fs.next(Math.max(1, deadline - Date.now()), what);
+  if (f.h.type === FrameType.ERROR) throw peerError(f, where);
+  if (f.h.type !== type) throw new ProtocolError(`${where}: expected ${what}, got frame type ${f.h.type}`);
+  return f;
+}
+
+export interface Authenticated {
+  readonly frames: FrameSocket;
+  readonly version: number;
+  readonly tls: boolean;
+}
+
+/** The sender's side. Rejects with EACCES (auth or TLS), ETIMEDOUT, EPROTO, ECONNRESET … */
+export async function clientHandshake(
+  sock: Socket, opts: { secret: Secret; tls: boolean; timeoutMs: number; name: string; where: string },
+): Promise<Authenticated> {
+  const deadline = Date.now() + opts.timeoutMs;
+  let frames = new FrameSocket(sock, { maxPayload: MAX_CONTROL });
+  frames.send(FrameType.HELLO, 0, [encodeJson({ min: MIN_VERSION, max: MAX_VERSION, tls: opts.tls, name: opts.name })]);
+  const hr = decodeJson((await expect(frames, FrameType.HELLO_REPLY, 'HELLO_REPLY', deadline, opts.where)).payload, 'HELLO_REPLY');
+  const version = uint(hr, 'version', 'HELLO_REPLY');
+  if (version < MIN_VERSION || version > MAX_VERSION) throw new ProtocolError(`${opts.where}: receiver chose version ${version}, we speak ${MIN_VERSION}…${MAX_VERSION}`);
+  const tls = bool(hr, 'tls', 'HELLO_REPLY');
+  if (tls !== opts.tls) throw new ProtocolError(`${opts.where}: receiver answered tls=${tls} to tls=${opts.tls}`);
+  if (tls) {
+    frames.detach();
+    const t = await clientTls(sock, { identity: TLS_IDENTITY, key: tlsKey(opts.secret) }, opts.where);
+    t.resume();
+    frames = new FrameSocket(t, { maxPayload: MAX_CONTROL });
+  }
+  const nc = crypto.randomBytes(NONCE);
+  frames.send(FrameType.AUTH_CHALLENGE, 0, [encodeJson({ nonce: nc.toString('hex') })]);
+  const ar = decodeJson((await expect(frames, FrameType.AUTH_RESPONSE, 'AUTH_RESPONSE', deadline, opts.where)).payload, 'AUTH_RESPONSE');
+  const ns = hex(ar, 'nonce', 'AUTH_RESPONSE', NONCE);
+  const theirs = hex(ar, 'mac', 'AUTH_RESPONSE', 32);
+  if (!crypto.timingSafeEqual(theirs, mac(opts.secret, 'server', version, nc, ns))) {
+    frames.send(FrameType.ERROR, 0, [encodeError('EACCES', 'authentication failed: your proof does not match our secret')]);
+    frames.end();
+    throw new DmError('EACCES', `${opts.where}: authentication failed: the receiver's proof does not match our secret (${opts.secret.file})`);
+  }
+  frames.send(FrameType.AUTH_PROOF, 0, [encodeJson({ mac: mac(opts.secret, 'client', version, ns, nc).toString('hex') })]);
+  await expect(frames, FrameType.AUTH_OK, 'AUTH_OK', deadline, opts.where);
+  return { frames, version, tls };
+}
+
+/** What the receiver's side needs. */
+export interface ServerAuth {
+  readonly secret: Secret;
+  /** refuse peers that do not ask for TLS */
+  readonly requireTls: boolean;
+  readonly timeoutMs: number;
+}
+
+const tlsConfigs = new WeakMap<Secret, TlsServerConfig>();
+
+/**
+ * The receiver's side. On a failure it sends the peer an ERROR frame saying why (where the
+ * protocol allows) and rejects; the caller logs it and closes the connection.
+ */
+export async function serverHandshake(sock: Socket, auth: ServerAuth, where: string): Promise<Authenticated & { name: string }> {
+  const deadline = Date.now() + auth.timeoutMs;
+  let frames = new FrameSocket(sock, { maxPayload: MAX_CONTROL });
+  const refuse = (code: string, message: string): never => {
+    frames.send(FrameType.ERROR, 0, [encodeError(code, message)]);
+    frames.end();
+    throw new DmError(code, `${where}: ${message}`);
+  };
+  try {
+    const hello = decodeJson((await expect(frames, FrameType.HELLO, 'HELLO', deadline, where)).payload, 'HELLO');
+    const min = uint(hello, 'min', 'HELLO');
+    const max = uint(hello, 'max', 'HELLO');
+    const tls = bool(hello, 'tls', 'HELLO');
+    const name = str(hello, 'name', 'HELLO', 256);
+    const version = Math.min(max, MAX_VERSION);
+    if (version < Math.max(min, MIN_VERSION)) refuse('EPROTO', `no common protocol version (peer speaks ${min}…${max}, we speak ${MIN_VERSION}…${MAX_VERSION})`);
+    if (auth.requireTls && !tls) refuse('EACCES', 'this receiver requires TLS (set tls=on on the slink)');
+    frames.send(FrameType.HELLO_REPLY, 0, [encodeJson({ version, tls })]);
+    if (tls) {
+      frames.detach();
+      let cfg = tlsConfigs.get(auth.secret);
+      if (!cfg) tlsConfigs.set(auth.secret, cfg = pskServerConfig(new Map([[TLS_IDENTITY, tlsKey(auth.secret)]]), true));
+      const t: TLSSocket = await serverTls(sock, cfg);
+      frames = new FrameSocket(t, { maxPayload: MAX_CONTROL });
+    }
+    const ch = decodeJson((await expect(frames, FrameType.AUTH_CHALLENGE, 'AUTH_CHALLENGE', deadline, where)).payload, 'AUTH_CHALLENGE');
+    const nc = hex(ch, 'nonce', 'AUTH_CHALLENGE', NONCE);
+    const ns = crypto.randomBytes(NONCE);
+    frames.send(FrameType.AUTH_RESPONSE, 0, [encodeJson({ nonce: ns.toString('hex'), mac: mac(auth.secret, 'server', version, nc, ns).toString('hex') })]);
+    const pr = decodeJson((await expect(frames, FrameType.AUTH_PROOF, 'AUTH_PROOF', deadline, where)).payload, 'AUTH_PROOF');
+    if (!crypto.timingSafeEqual(hex(pr, 'mac', 'AUTH_PROOF', 32), mac(auth.secret, 'client', version, ns, nc))) {
+      refuse('EACCES', 'authentication failed: the sender does not know our secret');
+    }
+    frames.send(FrameType.AUTH_OK, 0);
+    return { frames, version, tls, name };
+  } catch (err) {
+    if (err instanceof ProtocolError && !frames.failure) refuse('EPROTO', err.message);
+    throw err;
+  }
+}

@@ -1,0 +1,217 @@
+/**
+ * dmkit's replication protocol (the `tcp` slink and the receiving daemon): frames, their
+ * header and CRCs, and the payloads of each frame type. The format is documented in
+ * docs/formats/replication-protocol.md; this file is its codec and nothing else.
+ *
+ * Every frame is a 32-byte header and `length` payload bytes, big-endian:
+ *
+ *    0 u32 magic 'DMKR'     4 u8 type   5 u8 flags   6 u16 reserved (0)
+ *    8 u64 id (a request's id; its reply echoes it)
+ *   16 u32 payload length  20 u32 payload CRC32C (0 when integrity is off)
+ *   24 u32 header CRC32C over bytes 0 … 23       28 u32 reserved (0)
+ *
+ * A header whose CRC or magic is wrong cannot be trusted to frame what follows: the
+ * connection is dropped (and the sender re-sends on a new one). A payload whose CRC is
+ * wrong under a good header is answered with RESEND for its id.
+ */
+import { crc32c } from '@node-rs/crc32';
+import { DmError } from '../core/errors.ts';
+
+export const MAGIC = 0x444d4b52; // 'DMKR'
+export const HEADER_SIZE = 32;
+/** protocol versions this build speaks */
+export const MIN_VERSION = 1;
+export const MAX_VERSION = 1;
+/** the largest data payload of one IO frame; bigger bios are split by the sender */
+export const MAX_DATA = 4 * 1024 * 1024;
+/** the largest payload of any frame (an IO frame's sub-header and data, or a control frame) */
+export const MAX_PAYLOAD = MAX_DATA + 64;
+/** control (JSON) payloads are small */
+export const MAX_CONTROL = 64 * 1024;
+
+export const enum FrameType {
+  HELLO = 1, HELLO_REPLY = 2, AUTH_CHALLENGE = 3, AUTH_RESPONSE = 4, AUTH_PROOF = 5, AUTH_OK = 6,
+  ERROR = 7, OPEN = 8, OPEN_OK = 9, CLOSE = 10, IO = 11, ACK = 12, DATA = 13, RESEND = 14,
+  PING = 15, PONG = 16,
+}
+
+/** frame flags: the payload carries no CRC (integrity=none) */
+export const FLAG_NO_CRC = 1;
+
+export interface FrameHeader {
+  readonly type: number;
+  readonly flags: number;
+  readonly id: number;
+  readonly length: number;
+  readonly crc: number;
+}
+
+/** A frame the peer sent that breaks the protocol: the connection is dropped with this message. */
+export class ProtocolError extends DmError {
+  constructor(message: string) {
+    super('EPROTO', message);
+  }
+}
+
+/** the 32-byte header of a frame whose payload is `parts` (CRC'd unless `noCrc`) */
+export function encodeHeader(type: number, id: number, parts: readonly Buffer[], noCrc = false): Buffer {
+  const h = Buffer.allocUnsafe(HEADER_SIZE);
+  let length = 0;
+  let crc = 0;
+  for (const p of parts) {
+    length += p.length;
+    if (!noCrc) crc = crc32c(p, crc);
+  }
+  h.writeUInt32BE(MAGIC, 0);
+  h.writeUInt8(type, 4);
+  h.writeUInt8(noCrc ? FLAG_NO_CRC : 0, 5);
+  h.writeUInt16BE(0, 6);
+  h.writeBigUInt64BE(BigInt(id), 8);
+  h.writeUInt32BE(length, 16);
+  h.writeUInt32BE(crc >>> 0, 20);
+  h.writeUInt32BE(crc32c(h.subarray(0, 24)) >>> 0, 24);
+  h.writeUInt32BE(0, 28);
+  return h;
+}
+
+/** decode and check a header: magic, header CRC, length within `maxPayload` */
+export function decodeHeader(b: Buffer, maxPayload = MAX_PAYLOAD): FrameHeader {
+  const magic = b.readUInt32BE(0);
+  if (magic !== MAGIC) throw new ProtocolError(`bad frame magic 0x${magic.toString(16).padStart(8, '0')} (expected 0x${MAGIC.toString(16)})`);
+  const want = b.readUInt32BE(24);
+  const got = crc32c(b.subarray(0, 24)) >>> 0;
+  if (want !== got) throw new ProtocolError(`frame header CRC mismatch (header says 0x${want.toString(16)}, computed 0x${got.toString(16)})`);
+  const length = b.readUInt32BE(16);
+  if (length > maxPayload) throw new ProtocolError(`frame of ${length} bytes is over the limit of ${maxPayload}`);
+  const id = b.readBigUInt64BE(8);
+  if (id > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError(`frame id ${id} is out of range`);
+  return { type: b.readUInt8(4), flags: b.readUInt8(5), id: Number(id), length, crc: b.readUInt32BE(20) };
+}
+
+/** does `payload` match its header's CRC (always, when the frame carries none)? */
+export function payloadOk(h: FrameHeader, payload: Buffer): boolean {
+  return (h.flags & FLAG_NO_CRC) !== 0 || (crc32c(payload) >>> 0) === h.crc;
+}
+
+// --- IO frames -------------------------------------------------------------------------
+
+export const IO_HEADER = 40;
+export const enum IoOp { WRITE = 0, DISCARD = 1, WRITE_ZEROES = 2, FLUSH = 3, READ = 4 }
+export const IO_FUA = 1;
+export const IO_NOUNMAP = 2;
+export const enum Codec { NONE = 0, LZ4 = 1, ZSTD = 2 }
+
+/**
+ * An IO request: the sub-header before the data.
+ *
+ *    0 u32 handle (from OPEN_OK)   4 u8 op   5 u8 flags (fua, nounmap)   6 u8 codec   7 u8 0
+ *    8 u64 seq (0: not from the log: resync, tests)   16 u64 epoch   24 u64 sector
+ *   32 u32 sectors   36 u32 data bytes before compression (writes; 0 otherwise)
+ */
+export interface IoRequest {
+  readonly handle: number;
+  readonly op: IoOp;
+  readonly flags: number;
+  readonly codec: Codec;
+  readonly seq: number;
+  readonly epoch: number;
+  readonly sector: number;
+  readonly sectors: number;
+  readonly rawBytes: number;
+}
+
+export function encodeIo(r: IoRequest): Buffer {
+  const b = Buffer.allocUnsafe(IO_HEADER);
+  b.writeUInt32BE(r.handle, 0);
+  b.writeUInt8(r.op, 4);
+  b.writeUInt8(r.flags, 5);
+  b.writeUInt8(r.codec, 6);
+  b.writeUInt8(0, 7);
+  b.writeBigUInt64BE(BigInt(r.seq), 8);
+  b.writeBigUInt64BE(BigInt(r.epoch), 16);
+  b.writeBigUInt64BE(BigInt(r.sector), 24);
+  b.writeUInt32BE(r.sectors, 32);
+  b.writeUInt32BE(r.rawBytes, 36);
+  return b;
+}
+
+/** decode an IO payload's sub-header; throws ProtocolError for an impossible one */
+export function decodeIo(p: Buffer): IoRequest {
+  if (p.length < IO_HEADER) throw new ProtocolError(`IO frame of ${p.length} bytes is shorter than its ${IO_HEADER}-byte header`);
+  const op = p.readUInt8(4);
+  const codec = p.readUInt8(6);
+  if (op > IoOp.READ) throw new ProtocolError(`IO frame: unknown op ${op}`);
+  if (codec > Codec.ZSTD) throw new ProtocolError(`IO frame: unknown codec ${codec}`);
+  const big = (o: number): number => {
+    const v = p.readBigUInt64BE(o);
+    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError(`IO frame: value ${v} at byte ${o} is out of range`);
+    return Number(v);
+  };
+  const r: IoRequest = {
+    handle: p.readUInt32BE(0), op, flags: p.readUInt8(5), codec, seq: big(8), epoch: big(16), sector: big(24),
+    sectors: p.readUInt32BE(32), rawBytes: p.readUInt32BE(36),
+  };
+  const dataBytes = p.length - IO_HEADER;
+  if (op === IoOp.WRITE) {
+    if (r.rawBytes !== r.sectors * 512 || r.rawBytes > MAX_DATA || r.sectors === 0) {
+      throw new ProtocolError(`IO frame: write of ${r.sectors} sectors says ${r.rawBytes} data bytes`);
+    }
+    if (codec === Codec.NONE && dataBytes !== r.rawBytes) {
+      throw new ProtocolError(`IO frame: write of ${r.rawBytes} bytes carries ${dataBytes}`);
+    }
+  } else if (dataBytes !== 0 || codec !== Codec.NONE) {
+    throw new ProtocolError(`IO frame: op ${op} carries ${dataBytes} data bytes (expected none)`);
+  } else if (op === IoOp.READ && (r.sectors === 0 || r.sectors * 512 > MAX_DATA)) {
+    throw new ProtocolError(`IO frame: read of ${r.sectors} sectors (expected 1 … ${MAX_DATA / 512})`);
+  }
+  return r;
+}
+
+// --- control frames (JSON objects) ------------------------------------------------------
+
+/** a control frame's payload */
+export function encodeJson(value: unknown): Buffer {
+  return Buffer.from(JSON.stringify(value), 'utf8');
+}
+
+/** decode a control payload as an object; throws ProtocolError when it is not one */
+export function decodeJson(p: Buffer, what: string): Record<string, unknown> {
+  if (p.length > MAX_CONTROL) throw new ProtocolError(`${what}: ${p.length} bytes is over the ${MAX_CONTROL}-byte limit for control frames`);
+  let v: unknown;
+  try {
+    v = JSON.parse(p.toString('utf8'));
+  } catch {
+    throw new ProtocolError(`${what}: payload is not JSON`);
+  }
+  if (typeof v !== 'object' || v === null || Array.isArray(v)) throw new ProtocolError(`${what}: payload is not an object`);
+  return v as Record<string, unknown>;
+}
+
+/** field readers for control payloads: a missing or mistyped field is a ProtocolError naming it */
+export function str(o: Record<string, unknown>, key: string, what: string, max = 4096): string {
+  const v = o[key];
+  if (typeof v !== 'string' || v.length > max) throw new ProtocolError(`${what}: '${key}' must be a string of at most ${max} characters`);
+  return v;
+}
+export function uint(o: Record<string, unknown>, key: string, what: string): number {
+  const v = o[key];
+  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw new ProtocolError(`${what}: '${key}' must be an unsigned integer`);
+  return v;
+}
+export function bool(o: Record<string, unknown>, key: string, what: string): boolean {
+  const v = o[key];
+  if (typeof v !== 'boolean') throw new ProtocolError(`${what}: '${key}' must be true or false`);
+  return v;
+}
+export function hex(o: Record<string, unknown>, key: string, what: string, bytes: number): Buffer {
+  const v = o[key];
+  if (typeof v !== 'string' || v.length !== bytes * 2 || !/^[0-9a-f]+$/.test(v)) {
+    throw new ProtocolError(`${what}: '${key}' must be ${bytes} bytes in lowercase hex`);
+  }
+  return Buffer.from(v, 'hex');
+}
+
+/** an ERROR frame's payload: an errno code name and a message */
+export function encodeError(code: string, message: string): Buffer {
+  return encodeJson({ code, message: message.slice(0, 1024) });
+}

@@ -1,0 +1,377 @@
+/**
+ * The sending end of one `tcp` slink: one connection to the receiving daemon carrying the
+ * IO of every device of the group that the slink reaches.
+ *
+ * - Requests are pipelined; each keeps its frame parts until acknowledged, so a RESEND (the
+ *   receiver found a payload CRC wrong) or a reconnect re-sends exactly what is unanswered.
+ * - A broken connection (reset, a corrupted header, no answer for `ioTimeoutMs`) is re-made
+ *   with backoff for up to `reconnectMs`; the devices are opened again and unanswered
+ *   requests re-sent (the receiver skips what it applied already). Past that budget every
+ *   request fails with ECONNRESET, the link is `down`, and the replicator retests it.
+ * - A refused authentication is not retried by itself: the link is `auth-failed` until
+ *   the replicator's retest tries again.
+ */
+import net from 'node:net';
+import { setTimeout as sleep } from 'node:timers/promises';
+import type { Bio } from '../core/bio.ts';
+import { BlockError, DmError, toBlockError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
+import { compress } from './compress.ts';
+import type { Frame, FrameSocket } from './frame-socket.ts';
+import { clientHandshake, type Secret } from './handshake.ts';
+import {
+  Codec, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_PAYLOAD, decodeJson, encodeIo, encodeJson, str, uint,
+  type FrameHeader,
+} from './protocol.ts';
+
+export type PeerState = 'connecting' | 'connected' | 'down' | 'auth-failed';
+
+export interface PeerOptions {
+  readonly host: string;
+  readonly port: number;
+  readonly secret: Secret;
+  readonly tls: boolean;
+  readonly crc: boolean;
+  readonly codec: Codec;
+  /** no answer to an outstanding request or ping for this long: the connection is dead */
+  readonly ioTimeoutMs: number;
+  /** how long to keep re-making a lost connection before requests fail */
+  readonly reconnectMs: number;
+  /** the sender's stream: its log's uuid and the slink number */
+  readonly groupId: string;
+  readonly slink: number;
+  /** for messages and the receiver's log */
+  readonly name: string;
+  readonly log: Logger;
+  /** the link's state changed */
+  readonly changed: () => void;
+}
+
+interface Req {
+  readonly id: number;
+  readonly devNr: number;
+  readonly io: { op: IoOp; flags: number; seq: number; epoch: number; sector: number; sectors: number };
+  /** what goes after the sub-header (compressed or not), and its codec */
+  data: Buffer;
+  codec: Codec;
+  readonly rawBytes: number;
+  /** reads: where the data goes */
+  readonly into: Buffer | null;
+  readonly resolve: () => void;
+  readonly reject: (err: Error) => void;
+  sentAt: number;
+}
+
+interface Dev {
+  readonly name: string;
+  readonly sectors: number;
+  handle: number;
+}
+
+export interface PeerStats {
+  /** payload bytes before compression, and as sent */
+  rawBytes: number;
+  wireBytes: number;
+  resends: number;
+  reconnects: number;
+  appliedAtConnect: number;
+}
+
+const OPS: Record<Bio['op'], IoOp> = { write: IoOp.WRITE, discard: IoOp.DISCARD, 'write-zeroes': IoOp.WRITE_ZEROES, flush: IoOp.FLUSH, read: IoOp.READ };
+
+export class Peer {
+  readonly opts: PeerOptions;
+  state: PeerState = 'down';
+  lastError = '';
+  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, reconnects: 0, appliedAtConnect: 0 };
+  readonly #devs = new Map<number, Dev>();
+  readonly #reqs = new Map<number, Req>();
+  #frames: FrameSocket | null = null;
+  #nextId = 1;
+  #connecting: Promise<void> | null = null;
+  #opens = new Map<number, { resolve: (f: Frame) => void; reject: (e: Error) => void }>();
+  #lastHeard = 0;
+  #timer: NodeJS.Timeout | null = null;
+  #closed = false;
+  #reconnecting = false;
+
+  constructor(opts: PeerOptions) {
+    this.opts = opts;
+  }
+
+  get address(): string {
+    return `${this.opts.host}:${this.opts.port}`;
+  }
+
+  /**
+   * A device of the group reaches this site as the receiver's device `name`: opened now if
+   * the site answers. Rejects with the receiver's refusal (ENOENT, ENOSPC, EBUSY …) or why
+   * it could not be reached; the device stays added either way (removeDevice undoes it).
+   */
+  async addDevice(devNr: number, name: string, sectors: number): Promise<void> {
+    this.#devs.set(devNr, { name, sectors, handle: 0 });
+    if (this.state === 'connected') await this.#openDevice(devNr);
+    else await this.connect();
+  }
+
+  async removeDevice(devNr: number): Promise<void> {
+    const d = this.#devs.get(devNr);
+    this.#devs.delete(devNr);
+    if (!d || this.state !== 'connected' || d.handle === 0) return;
+    await this.#control(FrameType.CLOSE, { handle: d.handle }).catch(() => undefined);
+  }
+
+  /** connect (or wait for the attempt running); rejects with why it failed */
+  connect(): Promise<void> {
+    if (this.state === 'connected') return Promise.resolve();
+    return this.#attempt().catch((err: DmError) => {
+      if (this.#reconnecting) throw err;
+      this.#setState(err.code === 'EACCES' ? 'auth-failed' : 'down');
+      throw err;
+    });
+  }
+
+  /** one connection attempt (or the one running) */
+  #attempt(): Promise<void> {
+    this.#connecting ??= this.#connectOnce().finally(() => (this.#connecting = null));
+    return this.#connecting;
+  }
+
+  /** one IO for device `devNr` (sectors relative to it); see RemoteDevice.submit */
+  submit(devNr: number, bio: Bio, seq: number, epoch: number): Promise<void> {
+    if (this.#closed) return Promise.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`));
+    if (this.state === 'down' || this.state === 'auth-failed') {
+      return Promise.reject(new BlockError(this.state === 'auth-failed' ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError || 'not connected'}`));
+    }
+    const max = MAX_DATA / 512;
+    if ((bio.op === 'write' || bio.op === 'read') && bio.sectors > max) {
+      const parts: Promise<void>[] = [];
+      for (let s = 0; s < bio.sectors; s += max) {
+        const n = Math.min(max, bio.sectors - s);
+        parts.push(this.submit(devNr, { ...bio, sector: bio.sector + s, sectors: n, data: bio.data.subarray(s * 512, (s + n) * 512) }, seq, epoch));
+      }
+      return Promise.all(parts).then(() => undefined);
+    }
+    let flags = bio.flags.fua ? IO_FUA : 0;
+    if (bio.flags.noUnmap) flags |= IO_NOUNMAP;
+    const isWrite = bio.op === 'write';
+    return new Promise<void>((resolve, reject) => {
+      const req: Req = {
+        id: this.#nextId++, devNr, io: { op: OPS[bio.op], flags, seq, epoch, sector: bio.sector, sectors: bio.sectors },
+        data: isWrite ? bio.data : EMPTY_BUF, codec: Codec.NONE, rawBytes: isWrite ? bio.data.length : 0,
+        into: bio.op === 'read' ? bio.data : null, resolve, reject, sentAt: 0,
+      };
+      this.#reqs.set(req.id, req);
+      if (isWrite && this.opts.codec !== Codec.NONE) {
+        void compress(this.opts.codec, bio.data).then((c) => {
+          if (c) {
+            req.data = c;
+            req.codec = this.opts.codec;
+          }
+          this.#send(req);
+        }, () => this.#send(req));
+      } else {
+        this.#send(req);
+      }
+    });
+  }
+
+  /** close the connection; outstanding requests fail with ESHUTDOWN */
+  async close(): Promise<void> {
+    this.#closed = true;
+    this.#stopTimer();
+    this.#frames?.destroy();
+    this.#frames = null;
+    this.#failAll(new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`));
+  }
+
+  #send(req: Req): void {
+    const f = this.#frames;
+    const d = this.#devs.get(req.devNr);
+    if (!f || this.state !== 'connected' || !this.#reqs.has(req.id) || !d || d.handle === 0) return; // sent after (re)connecting
+    const sub = encodeIo({ handle: d.handle, ...req.io, codec: req.codec, rawBytes: req.rawBytes });
+    req.sentAt = Date.now();
+    f.send(FrameType.IO, req.id, req.data.length ? [sub, req.data] : [sub], !this.opts.crc);
+    this.stats.rawBytes += req.rawBytes;
+    this.stats.wireBytes += req.data.length;
+  }
+
+  async #connectOnce(): Promise<void> {
+    this.#setState('connecting');
+    const o = this.opts;
+    const where = `${o.name}: ${this.address}`;
+    const sock = net.connect({ host: o.host, port: o.port });
+    sock.on('error', () => {});
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const t = setTimeout(() => reject(new DmError('ETIMEDOUT', `${where}: connect timed out after ${o.ioTimeoutMs / 1000} s`)), o.ioTimeoutMs);
+        sock.once('connect', () => { clearTimeout(t); resolve(); });
+        sock.once('error', (e) => { clearTimeout(t); reject(new DmError((e as { code?: string }).code ?? 'ECONNREFUSED', `${where}: ${e.message}`)); });
+      });
+      const a = await clientHandshake(sock, { secret: o.secret, tls: o.tls, timeoutMs: o.ioTimeoutMs, name: o.name, where });
+      a.frames.maxPayload = MAX_PAYLOAD;
+      this.#frames = a.frames;
+      this.#lastHeard = Date.now();
+      a.frames.handle({ frame: (f) => this.#frame(f), corrupt: (h) => this.#corrupt(h), closed: (err) => this.#lost(err, a.frames) });
+      this.#setState('connected'); // opening devices needs the connection up; requests wait for their handle
+      for (const devNr of this.#devs.keys()) await this.#openDevice(devNr);
+      this.#startTimer();
+      this.lastError = '';
+      for (const req of [...this.#reqs.values()].sort((x, y) => x.id - y.id)) if (req.sentAt === 0) this.#send(req);
+    } catch (err) {
+      sock.destroy();
+      this.#frames?.destroy();
+      this.#frames = null;
+      this.#stopTimer();
+      const e = err as DmError;
+      this.lastError = e.message;
+      if (this.state === 'connected') this.#setState('connecting');
+      this.opts.log.limited(`tcp-connect:${where}`, `${where}: ${e.message}`);
+      throw e;
+    }
+  }
+
+  async #openDevice(devNr: number): Promise<void> {
+    const d = this.#devs.get(devNr)!;
+    d.handle = 0;
+    const o = decodeJson((await this.#control(FrameType.OPEN, {
+      stream: this.opts.groupId, slink: this.opts.slink, device: d.name, devNr, sectors: d.sectors,
+    })).payload, 'OPEN_OK');
+    if (this.#devs.get(devNr) !== d) return;
+    d.handle = uint(o, 'handle', 'OPEN_OK');
+    this.stats.appliedAtConnect = uint(o, 'applied', 'OPEN_OK');
+    for (const req of this.#reqs.values()) if (req.devNr === devNr && req.sentAt === 0) this.#send(req);
+  }
+
+  #control(type: FrameType, body: unknown): Promise<Frame> {
+    const f = this.#frames;
+    if (!f) return Promise.reject(new BlockError('ECONNRESET', `${this.opts.name}: not connected`));
+    const id = this.#nextId++;
+    return new Promise<Frame>((resolve, reject) => {
+      this.#opens.set(id, { resolve, reject });
+      f.send(type, id, [encodeJson(body)]);
+    });
+  }
+
+  #frame(f: Frame): void {
+    this.#lastHeard = Date.now();
+    const id = f.h.id;
+    const ctl = this.#opens.get(id);
+    if (ctl) {
+      this.#opens.delete(id);
+      if (f.h.type === FrameType.ERROR) ctl.reject(errorOf(f, `${this.opts.name}: ${this.address}`));
+      else ctl.resolve(f);
+      return;
+    }
+    if (f.h.type === FrameType.PONG) return;
+    if (f.h.type === FrameType.ERROR && id === 0) return this.#lost(errorOf(f, `${this.opts.name}: receiver ${this.address}`));
+    const req = this.#reqs.get(id);
+    if (!req) return; // answered before a reconnect, or never ours
+    switch (f.h.type) {
+      case FrameType.ACK:
+        this.#reqs.delete(id);
+        return req.resolve();
+      case FrameType.DATA:
+        if (!req.into || f.payload.length !== req.into.length) return this.#lost(new DmError('EPROTO', `DATA of ${f.payload.length} bytes for request ${id}`));
+        f.payload.copy(req.into);
+        this.#reqs.delete(id);
+        return req.resolve();
+      case FrameType.RESEND:
+        this.stats.resends++;
+        this.opts.log.limited(`tcp-resend:${this.address}`, `${this.opts.name}: ${this.address}: receiver asked for frame ${id} again (CRC mismatch)`);
+        return this.#send(req);
+      case FrameType.ERROR:
+        this.#reqs.delete(id);
+        return req.reject(toBlockError(errorOf(f, `${this.opts.name}: ${this.address}`)));
+      default:
+        return this.#lost(new DmError('EPROTO', `unexpected frame type ${f.h.type} from the receiver`));
+    }
+  }
+
+  /** a reply whose payload failed its CRC: the connection cannot tell which data it was; start over */
+  #corrupt(h: FrameHeader): void {
+    this.#lost(new DmError('EPROTO', `reply ${h.id} failed its CRC`));
+  }
+
+  /** the connection broke: re-make it within the budget, or fail what is outstanding */
+  #lost(err: Error, frames: FrameSocket | null = this.#frames): void {
+    if (frames !== this.#frames || this.#closed) return;
+    this.#frames?.destroy();
+    this.#frames = null;
+    this.#stopTimer();
+    for (const c of this.#opens.values()) c.reject(err);
+    this.#opens.clear();
+    for (const r of this.#reqs.values()) r.sentAt = 0;
+    this.lastError = err.message;
+    this.opts.log.limited(`tcp-lost:${this.address}`, `${this.opts.name}: ${this.address}: connection lost: ${err.message}`);
+    this.#setState('connecting');
+    void this.#reconnect();
+  }
+
+  async #reconnect(): Promise<void> {
+    if (this.#reconnecting) return;
+    this.#reconnecting = true;
+    const deadline = Date.now() + this.opts.reconnectMs;
+    let refused = false;
+    try {
+      for (let delay = 50; !this.#closed; delay = Math.min(delay * 2, 1000)) {
+        try {
+          await this.#attempt();
+          this.stats.reconnects++;
+          return;
+        } catch (err) {
+          refused = (err as DmError).code === 'EACCES';
+          if (refused || Date.now() + delay > deadline) break;
+          await sleep(delay);
+        }
+      }
+    } finally {
+      this.#reconnecting = false;
+    }
+    if (this.#closed) return;
+    this.#setState(refused ? 'auth-failed' : 'down');
+    this.#failAll(new BlockError(refused ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError}`));
+  }
+
+  #failAll(err: Error): void {
+    const reqs = [...this.#reqs.values()];
+    this.#reqs.clear();
+    for (const r of reqs) r.reject(err);
+  }
+
+  /** liveness: ping when idle, drop a connection that answers nothing for ioTimeoutMs */
+  #startTimer(): void {
+    this.#stopTimer();
+    const every = Math.max(100, Math.floor(this.opts.ioTimeoutMs / 4));
+    this.#timer = setInterval(() => {
+      const f = this.#frames;
+      if (!f) return;
+      const silent = Date.now() - this.#lastHeard;
+      if (silent > this.opts.ioTimeoutMs) return this.#lost(new DmError('ETIMEDOUT', `no answer for ${Math.round(silent / 1000)} s`));
+      if (silent >= every) f.send(FrameType.PING, 0);
+    }, every);
+    this.#timer.unref();
+  }
+
+  #stopTimer(): void {
+    if (this.#timer) clearInterval(this.#timer);
+    this.#timer = null;
+  }
+
+  #setState(s: PeerState): void {
+    if (this.state === s) return;
+    this.state = s;
+    this.opts.changed();
+  }
+}
+
+const EMPTY_BUF = Buffer.alloc(0);
+
+function errorOf(f: Frame, where: string): DmError {
+  try {
+    const o = decodeJson(f.payload, 'ERROR');
+    return new DmError(str(o, 'code', 'ERROR', 32), `${where}: ${str(o, 'message', 'ERROR', 2048)}`);
+  } catch {
+    return new DmError('EPROTO', `${where}: malformed ERROR frame`);
+  }
+}

@@ -1,0 +1,177 @@
+/**
+ * `tcp` slink: dmkit's own replication protocol to a `dmkit daemon --replication-listen` at
+ * the remote site (docs/formats/replication-protocol.md). The receiving devices are that
+ * daemon's devices, named in the replicator-dev tuple.
+ *
+ *   replicator:      tcp <#params> <slink#> [<policy> [<fallbehind>]] peer=HOST:PORT secret=FILE
+ *                        [tls=on|off] [integrity=crc32c|none] [compress=zstd|lz4|none]
+ *                        [timeout=<seconds>] [retest=<seconds>]
+ *   replicator-dev:  <slink#> 1 <remote-device-name> <dlog_type> …
+ *
+ * One connection per slink carries every device of the group; entries carry their log seq
+ * and epoch, so the receiver applies each once and in order across reconnects and crashes.
+ * A site that cannot be reached when the table loads is `down`, not an error: the volume
+ * comes up and the site catches up once it answers. A device the receiver does not have,
+ * or one too small, fails the table (the site answered, and said no).
+ */
+import { EMPTY, SECTOR_SIZE, type Bio } from '../core/bio.ts';
+import { TargetArgError, type DmError } from '../core/errors.ts';
+import { escapeArg } from '../core/table-parse.ts';
+import type { StatusType } from '../core/types.ts';
+import { parseListen } from '../daemon/listen.ts';
+import { CODECS, type CompressName } from '../replication/compress.ts';
+import { loadSecret, type Secret } from '../replication/handshake.ts';
+import { Peer } from '../replication/sender.ts';
+import { readOptions, readRetest } from './options.ts';
+import type { RemoteDevice, ShipTag, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
+
+const KNOWN_OPTIONS = ['peer', 'secret', 'tls', 'integrity', 'compress', 'timeout', 'retest'] as const;
+const DEFAULT_TIMEOUT_S = 10;
+/** answers from the receiver that mean the table is wrong, not that the site is away */
+const CONFIG_ERRORS = new Set(['ENOENT', 'ENOSPC', 'EBUSY', 'EROFS', 'EINVAL']);
+
+class TcpRemote implements RemoteDevice {
+  readonly devNr: number;
+  readonly sectors: number;
+  readonly ref: string;
+  readonly #peer: Peer;
+  readonly #name: string;
+
+  constructor(peer: Peer, devNr: number, name: string, sectors: number) {
+    this.#peer = peer;
+    this.devNr = devNr;
+    this.#name = name;
+    this.sectors = sectors;
+    this.ref = `tcp://${peer.address}/${name}`;
+  }
+
+  submit(bio: Bio, tag?: ShipTag): Promise<void> {
+    return this.#peer.submit(this.devNr, bio, tag?.seq ?? 0, tag?.epoch ?? 0);
+  }
+
+  /** connect if need be, then a flush and a read of sector 0 at the site */
+  async test(): Promise<void> {
+    await this.#peer.connect();
+    await this.submit({ op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} });
+    await this.submit({ op: 'read', sector: 0, sectors: 1, data: Buffer.alloc(SECTOR_SIZE), flags: {} });
+  }
+
+  params(): string[] {
+    return [escapeArg(this.#name)];
+  }
+
+  async detach(): Promise<void> {
+    await this.#peer.removeDevice(this.devNr).catch(() => undefined);
+  }
+}
+
+class TcpSlink implements SiteLink {
+  readonly type = 'tcp';
+  readonly slink: number;
+  readonly retestMs: number;
+  readonly #peer: Peer;
+  readonly #options: readonly string[];
+  readonly #compress: CompressName;
+
+  constructor(slink: number, retestMs: number, peer: Peer, options: readonly string[], compress: CompressName) {
+    this.slink = slink;
+    this.retestMs = retestMs;
+    this.#peer = peer;
+    this.#options = options;
+    this.#compress = compress;
+  }
+
+  async attach(ctx: SlinkDeviceContext, devNr: number, params: readonly string[]): Promise<RemoteDevice> {
+    if (params.length !== 1) {
+      const got = params.length === 0 ? 'none' : `${params.length} ('${params.join(' ')}')`;
+      throw new TargetArgError(`slink ${this.slink}: tcp takes 1 device parameter (<remote-device-name>), got ${got}`);
+    }
+    const name = params[0]!;
+    try {
+      await this.#peer.addDevice(devNr, name, ctx.length);
+    } catch (err) {
+      const code = (err as DmError).code;
+      if (CONFIG_ERRORS.has(code)) {
+        await this.#peer.removeDevice(devNr);
+        throw new TargetArgError(`slink ${this.slink}: ${(err as Error).message}`, code);
+      }
+      // unreachable or refused: the site is down for now; the replicator retests it
+    }
+    return new TcpRemote(this.#peer, devNr, name, ctx.length);
+  }
+
+  options(): string[] {
+    return [...this.#options];
+  }
+
+  /** info: the connection's state (connected, connecting, down, auth-failed) */
+  status(type: StatusType): string {
+    return type === 'info' ? this.#peer.state : this.#options.map(escapeArg).join(' ');
+  }
+
+  statusJson(): Record<string, unknown> {
+    const p = this.#peer;
+    const { rawBytes, wireBytes } = p.stats;
+    return {
+      peer: p.address, connection: p.state, lastError: p.lastError || null, tls: p.opts.tls, integrity: p.opts.crc ? 'crc32c' : 'none',
+      compress: this.#compress, bytesOnWire: wireBytes, payloadBytes: rawBytes,
+      compressionRatio: wireBytes > 0 ? Math.round((rawBytes / wireBytes) * 100) / 100 : null,
+      resends: p.stats.resends, reconnects: p.stats.reconnects,
+    };
+  }
+
+  destroy(): Promise<void> {
+    return this.#peer.close();
+  }
+}
+
+function choice<T extends string>(slink: number, key: string, value: string | undefined, allowed: readonly T[], dflt: T): T {
+  if (value === undefined) return dflt;
+  if (!(allowed as readonly string[]).includes(value)) {
+    throw new TargetArgError(`slink ${slink}: invalid ${key} '${value}' (expected ${allowed.join(' or ')})`);
+  }
+  return value as T;
+}
+
+function seconds(slink: number, key: string, value: string | undefined, dflt: number): number {
+  if (value === undefined) return dflt * 1000;
+  const n = /^[0-9]+$/.test(value) ? Number(value) : NaN;
+  if (!(n >= 1 && n <= 3600)) throw new TargetArgError(`slink ${slink}: invalid ${key} '${value}' (expected seconds, 1 to 3600)`);
+  return n * 1000;
+}
+
+/** The `tcp` transport. */
+export const tcpSlink: SiteLinkType = {
+  name: 'tcp',
+  create(ctx: SlinkContext, slink: number, options: readonly string[]): SiteLink {
+    const opts = readOptions(slink, 'tcp', options, KNOWN_OPTIONS);
+    const retestMs = readRetest(slink, opts.get('retest'));
+    const peerSpec = opts.get('peer');
+    if (!peerSpec) throw new TargetArgError(`slink ${slink}: tcp needs peer=HOST:PORT (the receiving daemon's --replication-listen)`);
+    let peer: { host: string; port: number };
+    try {
+      peer = parseListen(peerSpec, `slink ${slink}: peer`);
+    } catch (err) {
+      throw new TargetArgError((err as Error).message);
+    }
+    if (peer.port === 0) throw new TargetArgError(`slink ${slink}: peer '${peerSpec}' needs a port other than 0`);
+    const secretFile = opts.get('secret');
+    if (!secretFile) throw new TargetArgError(`slink ${slink}: tcp needs secret=FILE (the shared secret of the receiving daemon, mode 0600)`);
+    let secret: Secret;
+    try {
+      secret = loadSecret(secretFile);
+    } catch (err) {
+      throw new TargetArgError(`slink ${slink}: ${(err as Error).message}`, (err as DmError).code);
+    }
+    const tls = choice(slink, 'tls', opts.get('tls'), ['on', 'off'] as const, 'off') === 'on';
+    const crc = choice(slink, 'integrity', opts.get('integrity'), ['crc32c', 'none'] as const, 'crc32c') === 'crc32c';
+    const compress = choice(slink, 'compress', opts.get('compress'), ['zstd', 'lz4', 'none'] as const, 'none');
+    const timeoutMs = seconds(slink, 'timeout', opts.get('timeout'), DEFAULT_TIMEOUT_S);
+    const p = new Peer({
+      host: peer.host, port: peer.port, secret, tls, crc, codec: CODECS[compress], ioTimeoutMs: timeoutMs, reconnectMs: timeoutMs,
+      groupId: ctx.groupId, slink, name: `${ctx.device} slink ${slink}`, log: ctx.log, changed: () => ctx.event(),
+    });
+    return new TcpSlink(slink, retestMs, p, [...options], compress);
+  },
+};
+
