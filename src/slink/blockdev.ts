@@ -9,10 +9,11 @@
  * I/O goes straight to the opened device: no queue, no copy, no promise of its own. A
  * failure is the device's own BlockError; `test()` flushes the device and reads sector 0.
  */
-import { EMPTY, SECTOR_SIZE, type Bio } from '../core/bio.ts';
+import type { Bio } from '../core/bio.ts';
 import { BlockError, TargetArgError } from '../core/errors.ts';
 import { escapeArg } from '../core/table-parse.ts';
 import type { BlockDev, Extent, StatusType } from '../core/types.ts';
+import { optionsTable, readDeviceParam, testDevice, tooSmall } from './common.ts';
 import { readOptions, readRetest } from './options.ts';
 import type { RemoteDevice, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
 
@@ -45,9 +46,8 @@ class BlockdevRemote implements RemoteDevice {
   }
 
   /** a flush, then a read of sector 0: both must succeed */
-  async test(): Promise<void> {
-    await this.submit({ op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} });
-    await this.submit({ op: 'read', sector: 0, sectors: 1, data: Buffer.alloc(SECTOR_SIZE), flags: {} });
+  test(): Promise<void> {
+    return testDevice((bio) => this.submit(bio));
   }
 
   params(): string[] {
@@ -74,7 +74,7 @@ class BlockdevSlink implements SiteLink {
   }
 
   async attach(ctx: SlinkDeviceContext, devNr: number, params: readonly string[]): Promise<RemoteDevice> {
-    const ref = readDeviceParam(this.slink, params);
+    const ref = readDeviceParam(this.slink, 'blockdev', '<dev>', params);
     const dev = await openSiteDevice(ctx, this.slink, ref);
     return new BlockdevRemote(dev, devNr);
   }
@@ -85,21 +85,12 @@ class BlockdevSlink implements SiteLink {
 
   /** info: nothing (the device's health shows in the replicator's state); table: the options */
   status(type: StatusType): string {
-    return type === 'info' ? '' : this.#options.map(escapeArg).join(' ');
+    return type === 'info' ? '' : optionsTable(this.#options);
   }
 
   destroy(): Promise<void> {
     return Promise.resolve();
   }
-}
-
-/** `<dev>`: exactly one word */
-function readDeviceParam(slink: number, params: readonly string[]): string {
-  if (params.length !== 1) {
-    const got = params.length === 0 ? 'none' : `${params.length} ('${params.join(' ')}')`;
-    throw new TargetArgError(`slink ${slink}: blockdev takes 1 device parameter (<dev>), got ${got}`);
-  }
-  return params[0]!;
 }
 
 /** open `ref` through the replicator-dev's context; it must hold ctx.length sectors */
@@ -110,9 +101,8 @@ async function openSiteDevice(ctx: SlinkDeviceContext, slink: number, ref: strin
   } catch (err) {
     throw new TargetArgError(`slink ${slink}: ${(err as Error).message}`, (err as { code?: string }).code ?? 'EINVAL');
   }
-  if (dev.sectors < ctx.length) {
-    throw new TargetArgError(`slink ${slink}: device too small for target: ${ref} has ${dev.sectors} sectors, needs ${ctx.length}`);
-  }
+  const small = tooSmall(slink, ref, dev.sectors, ctx.length);
+  if (small) throw new TargetArgError(small);
   return dev;
 }
 

@@ -1,6 +1,7 @@
 /**
  * Transport options (`key=value` words of a slink's parameters) as every transport reads
- * them: known keys only, each at most once, and the common `retest=<seconds>`.
+ * them: known keys only, each at most once, the common `retest=<seconds>`, and other
+ * `<key>=<seconds>` values (`readSeconds`).
  *
  *   const opts = readOptions(slink, 'nbd', options, ['retest']);
  *   const retestMs = readRetest(slink, opts.get('retest'));
@@ -39,10 +40,19 @@ export function readOptions(
  * milliseconds; DEFAULT_RETEST_MS when absent. Throws `TargetArgError` for a bad value.
  */
 export function readRetest(slink: number, value: string | undefined): number {
-  if (value === undefined) return DEFAULT_RETEST_MS;
+  return readSeconds(slink, 'retest', value, DEFAULT_RETEST_MS);
+}
+
+/**
+ * A `<key>=<seconds>` value (a positive integer of at most MAX_RETEST_SECONDS, so a Node
+ * timer holds it) in milliseconds; `defaultMs` when absent. Throws `TargetArgError`
+ * naming the key for a bad value.
+ */
+export function readSeconds(slink: number, key: string, value: string | undefined, defaultMs: number): number {
+  if (value === undefined) return defaultMs;
   const n = /^[0-9]+$/.test(value) ? Number(value) : NaN;
   if (!Number.isSafeInteger(n) || n < 1 || n > MAX_RETEST_SECONDS) {
-    throw new TargetArgError(`slink ${slink}: invalid retest '${value}' (expected seconds, an integer from 1 to ${MAX_RETEST_SECONDS})`);
+    throw new TargetArgError(`slink ${slink}: invalid ${key} '${value}' (expected seconds, an integer from 1 to ${MAX_RETEST_SECONDS})`);
   }
   return n * 1000;
 }
