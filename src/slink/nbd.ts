@@ -28,7 +28,8 @@
  *
  * status info: the aggregate connection state (`connected` only if every device is;
  * `down` if any is; else `connecting`) and each device's as `<dev_nr>:<state>`; empty
- * while no device is attached.
+ * while no device is attached. `--json` (`link`): the same with each device's URI and why
+ * it is not connected.
  */
 import type { Bio } from '../core/bio.ts';
 import { BlockError, DmError, TargetArgError, toBlockError } from '../core/errors.ts';
@@ -112,6 +113,11 @@ class NbdRemote implements RemoteDevice {
   /** the export's size in sectors; the replicator-dev's length while it was never reached */
   get sectors(): number {
     return this.#dev?.sectors ?? this.#length;
+  }
+
+  /** why it is not connected (the last connect's failure, or the lost connection); null while it is */
+  get error(): string | null {
+    return this.state === 'connected' ? null : this.#why;
   }
 
   get state(): NbdLinkState {
@@ -238,11 +244,23 @@ class NbdSlink implements SiteLink {
   /** info: the connection state (see the file comment); table: the options */
   status(type: StatusType): string {
     if (type !== 'info') return optionsTable(this.#options);
-    if (this.#remotes.size === 0) return '';
-    const remotes = [...this.#remotes].sort((a, b) => a.devNr - b.devNr);
-    const states = remotes.map((r) => r.state);
-    const all = states.every((s) => s === 'connected') ? 'connected' : states.includes('down') ? 'down' : 'connecting';
-    return [all, ...remotes.map((r, i) => `${r.devNr}:${states[i]}`)].join(' ');
+    const { state, devices } = this.#states();
+    return state === null ? '' : [state, ...devices.map((d) => `${d.devNr}:${d.state}`)].join(' ');
+  }
+
+  /** `--json`: `{state, devices: [{devNr, uri, state, error}]}`; undefined while no device is attached */
+  statusJson(): Record<string, unknown> | undefined {
+    const { state, devices } = this.#states();
+    return state === null ? undefined : { state, devices };
+  }
+
+  #states(): { state: NbdLinkState | null; devices: Array<{ devNr: number; uri: string; state: NbdLinkState; error: string | null }> } {
+    const devices = [...this.#remotes].sort((a, b) => a.devNr - b.devNr)
+      .map((r) => ({ devNr: r.devNr, uri: r.ref, state: r.state, error: r.error }));
+    if (devices.length === 0) return { state: null, devices };
+    const states = devices.map((d) => d.state);
+    const state = states.every((s) => s === 'connected') ? 'connected' : states.includes('down') ? 'down' : 'connecting';
+    return { state, devices };
   }
 
   /** close every client still open; never rejects */

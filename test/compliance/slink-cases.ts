@@ -8,11 +8,12 @@
  *
  * Faults come from the engine's own targets (`error` loaded under a site device) or, for
  * network transports, from a fault-injecting proxy or a stopped server: never from a mock.
- * The nbd and tcp transports add their cases here.
+ * The tcp transport adds its case here.
  */
 import fs from 'node:fs';
 import path from 'node:path';
 import type { DeviceMapper } from '../../src/index.ts';
+import { startNbdkit, type Nbdkit } from '../helpers/nbdkit.ts';
 import { SECTOR, makeImage } from './helpers.ts';
 
 /** What the suite gives a case. */
@@ -41,8 +42,15 @@ export interface SlinkSite {
   breakSite(): Promise<void>;
   /** undo breakSite: the same devices, with the same contents, work again */
   healSite(): Promise<void>;
-  /** `<dev_params…>` naming devices that do not exist at the site */
+  /** `<dev_params…>` naming devices that do not exist at a site that answers (attach refuses them) */
   readonly missingDevParams: readonly (readonly string[])[];
+  /**
+   * What attach does while the site is broken (after breakSite): `down` — the device
+   * attaches, fails its I/O and test() until healSite, then works (nbd: a server that does
+   * not answer is a site down, not a table error, so a replicator-dev's table loads while its
+   * remote site is unreachable); `refused` — attach fails as for a missing device.
+   */
+  readonly attachWhileBroken: 'down' | 'refused';
   /** `<dev_params…>` of a site device holding fewer than `sectors` sectors */
   smallDevParams(sectors: number): Promise<string[]>;
   /** release what setup made that the suite does not (servers, processes); the suite closes its engine after */
@@ -95,6 +103,7 @@ function blockdevCase(slinkType: 'blockdev' | 'local'): SlinkCase {
         breakSite: () => reload(() => `0 ${sectors} error`),
         healSite: () => reload(linear),
         missingDevParams: [['dm:nosuch'], [path.join(dir, 'nosuch.img')]],
+        attachWhileBroken: 'down', // an error table under dm:siteN opens like any device
         async smallDevParams(need) {
           await dm.create('small', { table: `0 ${need - 1} linear ${images[0]} 0` });
           return ['dm:small'];
@@ -105,5 +114,53 @@ function blockdevCase(slinkType: 'blockdev' | 'local'): SlinkCase {
   };
 }
 
+/**
+ * nbd: one nbdkit (`file dir=`) on a Unix socket serves the site's image files, each as the
+ * export named after its file. breakSite SIGKILLs nbdkit; healSite starts it again on the
+ * same socket over the same files. A missing device is an export the running server does
+ * not have (it answers: attach refuses); a server that is not running is a site down, which
+ * attach accepts (`attachWhileBroken: 'down'`).
+ */
+function nbdCase(): SlinkCase {
+  return {
+    name: 'nbd (nbdkit file plugin)',
+    async setup({ dir, devices, sectors }) {
+      const exports = path.join(dir, 'exports');
+      fs.mkdirSync(exports);
+      const sock = path.join(dir, 'nbdkit.sock');
+      const start = (): Promise<Nbdkit> => {
+        fs.rmSync(sock, { force: true });
+        return startNbdkit(sock, ['file', `dir=${exports}`]);
+      };
+      const uri = (name: string): string => `nbd+unix:///${name}?socket=${sock}`;
+      const images: string[] = [];
+      for (let i = 0; i < devices; i++) images.push(makeImage(exports, `site${i}.img`, sectors, 100 + i));
+      let server: Nbdkit | null = await start();
+      return {
+        slinkType: 'nbd',
+        options: [],
+        devParams: (i) => [uri(`site${i}.img`)],
+        readSite: (i) => fs.readFileSync(images[i]!),
+        async breakSite() {
+          await server?.kill();
+          server = null;
+        },
+        async healSite() {
+          server ??= await start();
+        },
+        missingDevParams: [[uri('nosuch.img')]],
+        attachWhileBroken: 'down',
+        async smallDevParams(need) {
+          makeImage(exports, 'small.img', need - 1, 7);
+          return [uri('small.img')];
+        },
+        async teardown() {
+          await server?.kill();
+        },
+      };
+    },
+  };
+}
+
 /** every transport case, run by slink.test.ts */
-export const SLINK_CASES: readonly SlinkCase[] = [blockdevCase('blockdev'), blockdevCase('local')];
+export const SLINK_CASES: readonly SlinkCase[] = [blockdevCase('blockdev'), blockdevCase('local'), nbdCase()];

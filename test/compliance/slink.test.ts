@@ -255,6 +255,24 @@ describe.each(SLINK_CASES)('slink compliance: $name', (c) => {
     await checkSite('after writes to the healed site');
   });
 
+  it('attach while the site is broken: down until healed (or refused), as the case declares', async () => {
+    await site.breakSite();
+    if (site.attachWhileBroken === 'refused') {
+      expect(await attachError(site.devParams(0))).toContain('slink 1: ');
+      return;
+    }
+    const [a, b] = await attachAll();
+    await expectIoError(a!.submit(io('write', 40, 2, randomSectors(2))), 'write to a device attached while broken');
+    await expectIoError(b!.test(), 'test() of a device attached while broken');
+    await site.healSite();
+    await a!.test();
+    await b!.test();
+    (await site.readSite(0)).copy(model[0]!, 40 * SECTOR, 40 * SECTOR, 42 * SECTOR); // the failed write may have landed
+    await write(a!, 8, randomSectors(8), { fua: true });
+    await write(b!, 100, randomSectors(3));
+    await checkSite('after healing a site that was broken at attach');
+  });
+
   it('attach refuses a missing device, a device too small and a wrong parameter count', async () => {
     for (const params of site.missingDevParams) {
       const msg = await attachError(params);
