@@ -147,8 +147,9 @@ export class FrameSocket {
         if (this.#have < h.length) return;
         const payload = h.length === 0 ? Buffer.alloc(0) : this.#take(h.length);
         this.#header = null;
-        if (!payloadOk(h, payload)) this.#handler?.corrupt(h) ?? this.#fail(new ProtocolError(`frame ${h.id}: payload CRC mismatch during the handshake`));
-        else this.#deliver({ h, payload });
+        if (payloadOk(h, payload)) this.#deliver({ h, payload });
+        else if (this.#handler) this.#handler.corrupt(h);
+        else this.#fail(new ProtocolError(`frame ${h.id}: payload CRC mismatch during the handshake`));
         if (this.#failure) return;
       }
     } catch (err) {

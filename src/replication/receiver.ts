@@ -83,8 +83,10 @@ export class ReplicationReceiver {
   }
 
   async close(): Promise<void> {
-    await new Promise<void>((r) => this.#server.close(() => r()));
+    // the server's close callback waits for every connection to end: end them first
+    const closed = new Promise<void>((r) => this.#server.close(() => r()));
     for (const s of this.#sockets) s.destroy();
+    await closed;
     for (const st of this.#streams.values()) {
       await st.idle();
       st.pos.close();
@@ -225,14 +227,16 @@ class Session {
     stream.owner = this;
     this.#stream = stream;
     await stream.idle();
+    if (this.#closed) return; // gone (or replaced) while waiting: open nothing, #close ran already
     const dev = this.#rx.device(name);
-    if (dev.sectors < sectors) throw new DmError('ENOSPC', `device '${name}' has ${dev.sectors} sectors, the sender needs ${sectors}`);
+    if (dev.sectors < sectors) throw new DmError('ENOSPC', `device too small for target: ${name} has ${dev.sectors} sectors at the receiving site, needs ${sectors}`);
     const writer = await dev.setSecondary(`replication stream ${stream.id}`);
-    for (const [h, x] of this.#handles) if (x.name === name) this.#handles.delete(h);
+    if (this.#closed) return;
+    // a device may be open twice (a table reload at the sender attaches again before the old
+    // table detaches): each handle holds its own open, and CLOSE releases one
     const handle = this.#nextHandle++;
     dev.open();
     this.#handles.set(handle, { name, dev, writer });
-    if (this.#closed) return;
     this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, sectors: dev.sectors })]);
   }
 
@@ -244,7 +248,7 @@ class Session {
     this.#handles.delete(handle);
     await this.#stream?.idle();
     o.dev.close();
-    await o.dev.clearSecondary();
+    if (![...this.#handles.values()].some((x) => x.dev === o.dev)) await o.dev.clearSecondary();
     this.#frames.send(FrameType.ACK, f.h.id);
   }
 

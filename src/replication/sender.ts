@@ -49,7 +49,8 @@ export interface PeerOptions {
 
 interface Req {
   readonly id: number;
-  readonly devNr: number;
+  /** the attachment (addDevice's key) it is for */
+  readonly dev: number;
   readonly io: { op: IoOp; flags: number; seq: number; epoch: number; sector: number; sectors: number };
   /** what goes after the sub-header (compressed or not), and its codec */
   data: Buffer;
@@ -63,6 +64,7 @@ interface Req {
 }
 
 interface Dev {
+  readonly devNr: number;
   readonly name: string;
   readonly sectors: number;
   handle: number;
@@ -88,6 +90,7 @@ export class Peer {
   readonly #reqs = new Map<number, Req>();
   #frames: FrameSocket | null = null;
   #nextId = 1;
+  #nextKey = 1;
   #connecting: Promise<void> | null = null;
   #opens = new Map<number, { resolve: (f: Frame) => void; reject: (e: Error) => void }>();
   #lastHeard = 0;
@@ -105,18 +108,21 @@ export class Peer {
 
   /**
    * A device of the group reaches this site as the receiver's device `name`: opened now if
-   * the site answers. Rejects with the receiver's refusal (ENOENT, ENOSPC, EBUSY …) or why
-   * it could not be reached; the device stays added either way (removeDevice undoes it).
+   * the site answers. Returns the attachment's key for submit and removeDevice; `opened`
+   * rejects with the receiver's refusal (ENOENT, ENOSPC, EBUSY …) or why it could not be
+   * reached. The device stays added either way (removeDevice undoes it). A device may be
+   * attached twice at once (a table reload attaches before the old table detaches).
    */
-  async addDevice(devNr: number, name: string, sectors: number): Promise<void> {
-    this.#devs.set(devNr, { name, sectors, handle: 0 });
-    if (this.state === 'connected') await this.#openDevice(devNr);
-    else await this.connect();
+  addDevice(devNr: number, name: string, sectors: number): { key: number; opened: Promise<void> } {
+    const key = this.#nextKey++;
+    this.#devs.set(key, { devNr, name, sectors, handle: 0 });
+    const opened = this.state === 'connected' ? this.#openDevice(key) : this.connect();
+    return { key, opened };
   }
 
-  async removeDevice(devNr: number): Promise<void> {
-    const d = this.#devs.get(devNr);
-    this.#devs.delete(devNr);
+  async removeDevice(key: number): Promise<void> {
+    const d = this.#devs.get(key);
+    this.#devs.delete(key);
     if (!d || this.state !== 'connected' || d.handle === 0) return;
     await this.#control(FrameType.CLOSE, { handle: d.handle }).catch(() => undefined);
   }
@@ -125,9 +131,8 @@ export class Peer {
   connect(): Promise<void> {
     if (this.state === 'connected') return Promise.resolve();
     return this.#attempt().catch((err: DmError) => {
-      if (this.#reconnecting) throw err;
-      this.#setState(err.code === 'EACCES' ? 'auth-failed' : 'down');
-      throw err;
+      if (!this.#reconnecting) this.#setState(err.code === 'EACCES' ? 'auth-failed' : 'down');
+      throw toBlockError(err);
     });
   }
 
@@ -137,8 +142,8 @@ export class Peer {
     return this.#connecting;
   }
 
-  /** one IO for device `devNr` (sectors relative to it); see RemoteDevice.submit */
-  submit(devNr: number, bio: Bio, seq: number, epoch: number): Promise<void> {
+  /** one IO for attachment `key` (sectors relative to its device); see RemoteDevice.submit */
+  submit(key: number, bio: Bio, seq: number, epoch: number): Promise<void> {
     if (this.#closed) return Promise.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`));
     if (this.state === 'down' || this.state === 'auth-failed') {
       return Promise.reject(new BlockError(this.state === 'auth-failed' ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError || 'not connected'}`));
@@ -148,7 +153,7 @@ export class Peer {
       const parts: Promise<void>[] = [];
       for (let s = 0; s < bio.sectors; s += max) {
         const n = Math.min(max, bio.sectors - s);
-        parts.push(this.submit(devNr, { ...bio, sector: bio.sector + s, sectors: n, data: bio.data.subarray(s * 512, (s + n) * 512) }, seq, epoch));
+        parts.push(this.submit(key, { ...bio, sector: bio.sector + s, sectors: n, data: bio.data.subarray(s * 512, (s + n) * 512) }, seq, epoch));
       }
       return Promise.all(parts).then(() => undefined);
     }
@@ -157,7 +162,7 @@ export class Peer {
     const isWrite = bio.op === 'write';
     return new Promise<void>((resolve, reject) => {
       const req: Req = {
-        id: this.#nextId++, devNr, io: { op: OPS[bio.op], flags, seq, epoch, sector: bio.sector, sectors: bio.sectors },
+        id: this.#nextId++, dev: key, io: { op: OPS[bio.op], flags, seq, epoch, sector: bio.sector, sectors: bio.sectors },
         data: isWrite ? bio.data : EMPTY_BUF, codec: Codec.NONE, rawBytes: isWrite ? bio.data.length : 0,
         into: bio.op === 'read' ? bio.data : null, resolve, reject, sentAt: 0,
       };
@@ -187,7 +192,7 @@ export class Peer {
 
   #send(req: Req): void {
     const f = this.#frames;
-    const d = this.#devs.get(req.devNr);
+    const d = this.#devs.get(req.dev);
     if (!f || this.state !== 'connected' || !this.#reqs.has(req.id) || !d || d.handle === 0) return; // sent after (re)connecting
     const sub = encodeIo({ handle: d.handle, ...req.io, codec: req.codec, rawBytes: req.rawBytes });
     req.sentAt = Date.now();
@@ -214,7 +219,7 @@ export class Peer {
       this.#lastHeard = Date.now();
       a.frames.handle({ frame: (f) => this.#frame(f), corrupt: (h) => this.#corrupt(h), closed: (err) => this.#lost(err, a.frames) });
       this.#setState('connected'); // opening devices needs the connection up; requests wait for their handle
-      for (const devNr of this.#devs.keys()) await this.#openDevice(devNr);
+      for (const key of this.#devs.keys()) await this.#openDevice(key);
       this.#startTimer();
       this.lastError = '';
       for (const req of [...this.#reqs.values()].sort((x, y) => x.id - y.id)) if (req.sentAt === 0) this.#send(req);
@@ -231,16 +236,17 @@ export class Peer {
     }
   }
 
-  async #openDevice(devNr: number): Promise<void> {
-    const d = this.#devs.get(devNr)!;
+  async #openDevice(key: number): Promise<void> {
+    const d = this.#devs.get(key);
+    if (!d) return;
     d.handle = 0;
     const o = decodeJson((await this.#control(FrameType.OPEN, {
-      stream: this.opts.groupId, slink: this.opts.slink, device: d.name, devNr, sectors: d.sectors,
+      stream: this.opts.groupId, slink: this.opts.slink, device: d.name, devNr: d.devNr, sectors: d.sectors,
     })).payload, 'OPEN_OK');
-    if (this.#devs.get(devNr) !== d) return;
+    if (this.#devs.get(key) !== d) return;
     d.handle = uint(o, 'handle', 'OPEN_OK');
     this.stats.appliedAtConnect = uint(o, 'applied', 'OPEN_OK');
-    for (const req of this.#reqs.values()) if (req.devNr === devNr && req.sentAt === 0) this.#send(req);
+    for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0) this.#send(req);
   }
 
   #control(type: FrameType, body: unknown): Promise<Frame> {

@@ -3,12 +3,12 @@
  * nbdkit, qemu-nbd, …), reached over its own NbdClient (not through the engine's device
  * references), so the slink decides what a lost server means.
  *
- *   replicator:      nbd <#params> <slink#> [<policy> [<fallbehind>]] [retest=<seconds>] [timeout=<seconds>]
+ *   replicator:      nbd <#params> <slink#> [<policy> [<fallbehind>]] [retest=<seconds>] [io-timeout=<seconds>]
  *   replicator-dev:  <slink#> 1 <nbd-uri> <dlog_type> …
  *
- * `<nbd-uri>` is nbd://, nbds://, nbd+unix:// or nbds+unix:// (client-uri.ts). `timeout`
+ * `<nbd-uri>` is nbd://, nbds://, nbd+unix:// or nbds+unix:// (client-uri.ts). `io-timeout`
  * (default 30 s) drops a connection whose requests get no answer for that long; a connect
- * (handshake included) waits at most 3 s or `timeout`, whichever is shorter.
+ * (handshake included) waits at most 3 s or `io-timeout`, whichever is shorter.
  *
  * A site that does not answer is a site down, never a table error: `attach` connects once,
  * and when the server cannot be reached (refused, no socket, reset, timed out) the device
@@ -43,12 +43,12 @@ import { optionsTable, readDeviceParam, testDevice, tooSmall } from './common.ts
 import { readOptions, readRetest, readSeconds } from './options.ts';
 import type { RemoteDevice, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
 
-const KNOWN_OPTIONS = ['retest', 'timeout'] as const;
+const KNOWN_OPTIONS = ['retest', 'io-timeout'] as const;
 /** how long a client retries a lost connection before its requests fail (the site goes down) */
 export const RECONNECT_MS = 3000;
 /** the longest one connect and handshake may take (attach, test) */
 export const CONNECT_MS = 3000;
-/** `timeout=` when the table gives none: no answer for this long drops the connection */
+/** `io-timeout=` when the table gives none: no answer for this long drops the connection */
 export const DEFAULT_TIMEOUT_MS = 30_000;
 
 /** a device's connection: `connecting` covers the client's own reconnect attempts */
@@ -281,13 +281,13 @@ function readUri(slink: number, word: string): NbdUri {
   }
 }
 
-/** The `nbd` transport. Options: `retest=<seconds>` (default 15), `timeout=<seconds>` (default 30). */
+/** The `nbd` transport. Options: `retest=<seconds>` (default 15), `io-timeout=<seconds>` (default 30). */
 export const nbdSlink: SiteLinkType = {
   name: 'nbd',
   create(ctx: SlinkContext, slink: number, options: readonly string[]): SiteLink {
     const opts = readOptions(slink, 'nbd', options, KNOWN_OPTIONS);
     const retestMs = readRetest(slink, opts.get('retest'));
-    const timeoutMs = readSeconds(slink, 'timeout', opts.get('timeout'), DEFAULT_TIMEOUT_MS);
+    const timeoutMs = readSeconds(slink, 'io-timeout', opts.get('io-timeout'), DEFAULT_TIMEOUT_MS);
     return new NbdSlink(ctx, slink, retestMs, timeoutMs, [...options]);
   },
 };

@@ -5,7 +5,7 @@
  *
  *   replicator:      tcp <#params> <slink#> [<policy> [<fallbehind>]] peer=HOST:PORT secret=FILE
  *                        [tls=on|off] [integrity=crc32c|none] [compress=zstd|lz4|none]
- *                        [timeout=<seconds>] [retest=<seconds>]
+ *                        [io-timeout=<seconds>] [retest=<seconds>]
  *   replicator-dev:  <slink#> 1 <remote-device-name> <dlog_type> …
  *
  * One connection per slink carries every device of the group; entries carry their log seq
@@ -14,7 +14,7 @@
  * comes up and the site catches up once it answers. A device the receiver does not have,
  * or one too small, fails the table (the site answered, and said no).
  */
-import { EMPTY, SECTOR_SIZE, type Bio } from '../core/bio.ts';
+import type { Bio } from '../core/bio.ts';
 import { TargetArgError, type DmError } from '../core/errors.ts';
 import { escapeArg } from '../core/table-parse.ts';
 import type { StatusType } from '../core/types.ts';
@@ -22,11 +22,12 @@ import { parseListen } from '../daemon/listen.ts';
 import { CODECS, type CompressName } from '../replication/compress.ts';
 import { loadSecret, type Secret } from '../replication/handshake.ts';
 import { Peer } from '../replication/sender.ts';
-import { readOptions, readRetest } from './options.ts';
+import { optionsTable, readDeviceParam, testDevice } from './common.ts';
+import { readOptions, readRetest, readSeconds } from './options.ts';
 import type { RemoteDevice, ShipTag, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
 
-const KNOWN_OPTIONS = ['peer', 'secret', 'tls', 'integrity', 'compress', 'timeout', 'retest'] as const;
-const DEFAULT_TIMEOUT_S = 10;
+const KNOWN_OPTIONS = ['peer', 'secret', 'tls', 'integrity', 'compress', 'io-timeout', 'retest'] as const;
+const DEFAULT_TIMEOUT_MS = 10_000;
 /** answers from the receiver that mean the table is wrong, not that the site is away */
 const CONFIG_ERRORS = new Set(['ENOENT', 'ENOSPC', 'EBUSY', 'EROFS', 'EINVAL']);
 
@@ -36,9 +37,12 @@ class TcpRemote implements RemoteDevice {
   readonly ref: string;
   readonly #peer: Peer;
   readonly #name: string;
+  /** the peer's key for this attachment */
+  readonly #key: number;
 
-  constructor(peer: Peer, devNr: number, name: string, sectors: number) {
+  constructor(peer: Peer, key: number, devNr: number, name: string, sectors: number) {
     this.#peer = peer;
+    this.#key = key;
     this.devNr = devNr;
     this.#name = name;
     this.sectors = sectors;
@@ -46,14 +50,13 @@ class TcpRemote implements RemoteDevice {
   }
 
   submit(bio: Bio, tag?: ShipTag): Promise<void> {
-    return this.#peer.submit(this.devNr, bio, tag?.seq ?? 0, tag?.epoch ?? 0);
+    return this.#peer.submit(this.#key, bio, tag?.seq ?? 0, tag?.epoch ?? 0);
   }
 
   /** connect if need be, then a flush and a read of sector 0 at the site */
   async test(): Promise<void> {
     await this.#peer.connect();
-    await this.submit({ op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} });
-    await this.submit({ op: 'read', sector: 0, sectors: 1, data: Buffer.alloc(SECTOR_SIZE), flags: {} });
+    await testDevice((bio) => this.submit(bio));
   }
 
   params(): string[] {
@@ -61,7 +64,7 @@ class TcpRemote implements RemoteDevice {
   }
 
   async detach(): Promise<void> {
-    await this.#peer.removeDevice(this.devNr).catch(() => undefined);
+    await this.#peer.removeDevice(this.#key).catch(() => undefined);
   }
 }
 
@@ -82,22 +85,19 @@ class TcpSlink implements SiteLink {
   }
 
   async attach(ctx: SlinkDeviceContext, devNr: number, params: readonly string[]): Promise<RemoteDevice> {
-    if (params.length !== 1) {
-      const got = params.length === 0 ? 'none' : `${params.length} ('${params.join(' ')}')`;
-      throw new TargetArgError(`slink ${this.slink}: tcp takes 1 device parameter (<remote-device-name>), got ${got}`);
-    }
-    const name = params[0]!;
+    const name = readDeviceParam(this.slink, 'tcp', '<remote-device-name>', params);
+    const { key, opened } = this.#peer.addDevice(devNr, name, ctx.length);
     try {
-      await this.#peer.addDevice(devNr, name, ctx.length);
+      await opened;
     } catch (err) {
       const code = (err as DmError).code;
       if (CONFIG_ERRORS.has(code)) {
-        await this.#peer.removeDevice(devNr);
+        await this.#peer.removeDevice(key);
         throw new TargetArgError(`slink ${this.slink}: ${(err as Error).message}`, code);
       }
       // unreachable or refused: the site is down for now; the replicator retests it
     }
-    return new TcpRemote(this.#peer, devNr, name, ctx.length);
+    return new TcpRemote(this.#peer, key, devNr, name, ctx.length);
   }
 
   options(): string[] {
@@ -106,7 +106,7 @@ class TcpSlink implements SiteLink {
 
   /** info: the connection's state (connected, connecting, down, auth-failed) */
   status(type: StatusType): string {
-    return type === 'info' ? this.#peer.state : this.#options.map(escapeArg).join(' ');
+    return type === 'info' ? this.#peer.state : optionsTable(this.#options);
   }
 
   statusJson(): Record<string, unknown> {
@@ -131,13 +131,6 @@ function choice<T extends string>(slink: number, key: string, value: string | un
     throw new TargetArgError(`slink ${slink}: invalid ${key} '${value}' (expected ${allowed.join(' or ')})`);
   }
   return value as T;
-}
-
-function seconds(slink: number, key: string, value: string | undefined, dflt: number): number {
-  if (value === undefined) return dflt * 1000;
-  const n = /^[0-9]+$/.test(value) ? Number(value) : NaN;
-  if (!(n >= 1 && n <= 3600)) throw new TargetArgError(`slink ${slink}: invalid ${key} '${value}' (expected seconds, 1 to 3600)`);
-  return n * 1000;
 }
 
 /** The `tcp` transport. */
@@ -166,7 +159,7 @@ export const tcpSlink: SiteLinkType = {
     const tls = choice(slink, 'tls', opts.get('tls'), ['on', 'off'] as const, 'off') === 'on';
     const crc = choice(slink, 'integrity', opts.get('integrity'), ['crc32c', 'none'] as const, 'crc32c') === 'crc32c';
     const compress = choice(slink, 'compress', opts.get('compress'), ['zstd', 'lz4', 'none'] as const, 'none');
-    const timeoutMs = seconds(slink, 'timeout', opts.get('timeout'), DEFAULT_TIMEOUT_S);
+    const timeoutMs = readSeconds(slink, 'io-timeout', opts.get('io-timeout'), DEFAULT_TIMEOUT_MS);
     const p = new Peer({
       host: peer.host, port: peer.port, secret, tls, crc, codec: CODECS[compress], ioTimeoutMs: timeoutMs, reconnectMs: timeoutMs,
       groupId: ctx.groupId, slink, name: `${ctx.device} slink ${slink}`, log: ctx.log, changed: () => ctx.event(),

@@ -12,7 +12,11 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
-import type { DeviceMapper } from '../../src/index.ts';
+import { log } from '../../src/core/log.ts';
+import { DeviceMapper } from '../../src/index.ts';
+import { loadSecret } from '../../src/replication/handshake.ts';
+import { ReplicationReceiver } from '../../src/replication/receiver.ts';
+import { FaultProxy } from '../support/fault-proxy.ts';
 import { startNbdkit, type Nbdkit } from '../helpers/nbdkit.ts';
 import { SECTOR, makeImage } from './helpers.ts';
 
@@ -162,5 +166,59 @@ function nbdCase(): SlinkCase {
   };
 }
 
+/**
+ * tcp: a real replication receiver (src/replication/receiver.ts) over a second engine of
+ * its own, whose devices `siteN` are linear over the image files, reached through a
+ * fault-injecting proxy. breakSite makes the proxy reset every connection and refuse new
+ * ones (the receiver is unreachable); healSite lets them through again.
+ */
+function tcpCase(): SlinkCase {
+  return {
+    name: 'tcp (a replication receiver over its own engine)',
+    async setup({ dir, devices, sectors }) {
+      const site = new DeviceMapper();
+      const images: string[] = [];
+      for (let i = 0; i < devices; i++) {
+        images.push(makeImage(dir, `site${i}.img`, sectors + SITE_OFFSET, 100 + i));
+        await site.create(`site${i}`, { table: `0 ${sectors} linear ${images[i]} ${SITE_OFFSET}` });
+      }
+      const secret = path.join(dir, 'site.key');
+      fs.writeFileSync(secret, '0123456789abcdef0123456789abcdef\n', { mode: 0o600 });
+      const rx = new ReplicationReceiver(site, { host: '127.0.0.1', port: 0, secret: loadSecret(secret), stateDir: path.join(dir, 'positions') }, log('rx'));
+      const { port } = await rx.listen();
+      const proxy = await FaultProxy.start({ target: { host: '127.0.0.1', port } });
+      const readSite = (i: number): Buffer => {
+        const all = fs.readFileSync(images[i]!);
+        return all.subarray(SITE_OFFSET * SECTOR, (SITE_OFFSET + sectors) * SECTOR);
+      };
+      return {
+        slinkType: 'tcp',
+        options: [`peer=${proxy.address}`, `secret=${secret}`, 'io-timeout=2'],
+        devParams: (i) => [`site${i}`],
+        readSite,
+        async breakSite() {
+          proxy.refuse(true);
+          proxy.reset();
+        },
+        async healSite() {
+          proxy.refuse(false);
+        },
+        missingDevParams: [['nosuch']],
+        attachWhileBroken: 'down',
+        async smallDevParams(need) {
+          const img = makeImage(dir, 'small.img', need - 1, 7);
+          await site.create('small', { table: `0 ${need - 1} linear ${img} 0` });
+          return ['small'];
+        },
+        async teardown() {
+          await proxy.close();
+          await rx.close();
+          await site.close();
+        },
+      };
+    },
+  };
+}
+
 /** every transport case, run by slink.test.ts */
-export const SLINK_CASES: readonly SlinkCase[] = [blockdevCase('blockdev'), blockdevCase('local'), nbdCase()];
+export const SLINK_CASES: readonly SlinkCase[] = [blockdevCase('blockdev'), blockdevCase('local'), nbdCase(), tcpCase()];

@@ -316,13 +316,13 @@ describe('nbd slink: table words and status', () => {
   }
 
   it('names a bad option, device word or URI', async () => {
-    expect(await refusal(createSlink('nbd', sctx, 2, ['peer=a:1']))).toBe("slink 2: unknown nbd option 'peer' (expected retest=…, timeout=…)");
-    expect(await refusal(createSlink('nbd', sctx, 2, ['timeout=0']))).toBe("slink 2: invalid timeout '0' (expected seconds, an integer from 1 to 2147483)");
-    const l = await createSlink('nbd', sctx, 1, ['retest=2', 'timeout=5']);
+    expect(await refusal(createSlink('nbd', sctx, 2, ['peer=a:1']))).toBe("slink 2: unknown nbd option 'peer' (expected retest=…, io-timeout=…)");
+    expect(await refusal(createSlink('nbd', sctx, 2, ['io-timeout=0']))).toBe("slink 2: invalid io-timeout '0' (expected seconds, an integer from 1 to 2147483)");
+    const l = await createSlink('nbd', sctx, 1, ['retest=2', 'io-timeout=5']);
     link = l;
     expect(l.retestMs).toBe(2000);
-    expect(l.options()).toEqual(['retest=2', 'timeout=5']);
-    expect(l.status('table')).toBe('retest=2 timeout=5');
+    expect(l.options()).toEqual(['retest=2', 'io-timeout=5']);
+    expect(l.status('table')).toBe('retest=2 io-timeout=5');
     expect(l.status('info')).toBe('');
     const dev = { device: 'vol0', open: () => Promise.reject(new Error('the nbd slink opens no engine device')), length: 128 };
     expect(await refusal(l.attach(dev, 0, ['/img/site.img']))).toBe(

@@ -29,6 +29,20 @@ export interface RigOptions {
   ringSectors: number;
   /** progress lines */
   log?: (line: string) => void;
+  /**
+   * Slink 1 through another transport: called once the rig's images exist, it sets up the
+   * site (e.g. a receiving daemon with devices `siteN` over the rig's `remoteN.img`) and
+   * says how slink 1 reaches it. Default: `blockdev` to `dm:siteN` in the rig's own daemon.
+   */
+  remote?: (rig: Rig) => Promise<RemoteSite>;
+}
+
+/** how slink 1 reaches a site the rig does not host */
+export interface RemoteSite {
+  /** slink type and its words after the slink number: `['tcp', 'async', 'retest=1', 'peer=…', 'secret=…']` */
+  readonly slink: readonly string[];
+  /** the replicator-dev's `<dev_param>` of device i (`site0`) */
+  devParam(i: number): string;
 }
 
 export const DEFAULT_RIG: RigOptions = { devices: 3, devBytes: 2 << 20, regionSectors: 64, ringSectors: 8192 };
@@ -38,7 +52,10 @@ export interface Status {
   params: string;
   detail: {
     statistics?: { overflows: number };
-    sites: Array<{ slink: number; stateChar: string; mode?: string; consistent?: boolean; resyncedBytes?: number }>;
+    sites: Array<{
+      slink: number; stateChar: string; mode?: string; consistent?: boolean; resyncedBytes?: number;
+      link?: { connection: string; resends: number; reconnects: number; lastError: string | null } | null;
+    }>;
   };
 }
 
@@ -103,11 +120,14 @@ export class Rig {
       sparse(`remote${i}.img`, devBytes);
       fs.writeFileSync(this.file(`dlog${i}`), cleanDiskLog(Math.ceil(devBytes / SECTOR / regionSectors)));
     }
+    const remote = this.opts.remote ? await this.opts.remote(this) : null;
     await this.startDaemon();
-    for (let i = 0; i < devices; i++) await this.#req('create', { name: `site${i}`, table: this.#siteTable(i, 0) });
-    await this.#req('create', { name: 'repl', table: `0 1 replicator ringbuffer 4 ${this.file('rlog')} 0 auto ${ringSectors} blockdev 1 0 blockdev 3 1 async retest=1` });
+    if (!remote) for (let i = 0; i < devices; i++) await this.#req('create', { name: `site${i}`, table: this.#siteTable(i, 0) });
+    const [type, ...words] = remote?.slink ?? ['blockdev', 'async', 'retest=1'];
+    await this.#req('create', { name: 'repl', table: `0 1 replicator ringbuffer 4 ${this.file('rlog')} 0 auto ${ringSectors} blockdev 1 0 ${type} ${words.length + 1} 1 ${words.join(' ')}` });
     for (let i = 0; i < devices; i++) {
-      const table = `0 ${this.sectors} replicator-dev dm:repl ${i} 0 1 ${this.file(`local${i}.img`)} nolog 0 1 1 dm:site${i} disk 2 ${this.file(`dlog${i}`)} ${regionSectors}`;
+      const dev = remote ? remote.devParam(i) : `dm:site${i}`;
+      const table = `0 ${this.sectors} replicator-dev dm:repl ${i} 0 1 ${this.file(`local${i}.img`)} nolog 0 1 1 ${dev} disk 2 ${this.file(`dlog${i}`)} ${regionSectors}`;
       await this.#req('create', { name: `vol${i}`, table });
     }
   }

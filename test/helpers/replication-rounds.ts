@@ -122,14 +122,14 @@ export interface RoundResult {
   evidence?: string;
 }
 
-interface Judged {
+export interface Judged {
   result: CheckResult | null;
   text: string;
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
 
-function judge(rig: Rig, records: WriteRecord[], image: Buffer[], requireAcked: boolean): Judged {
+export function judge(rig: Rig, records: WriteRecord[], image: Buffer[], requireAcked: boolean): Judged {
   try {
     const result = checkSite({ blockBytes: BLOCK, writes: records, initial: rig.initial, image, requireAcked });
     return { result, text: summarize(result) };
@@ -149,7 +149,7 @@ const previousRegions = new WeakMap<object, Set<string>>();
  * entries a crash makes it take again, or mark for a resync, may reach back before this
  * round began. The bound still fails a full copy and any resync of regions nobody wrote.
  */
-function writtenRegionBytes(rig: object, opts: RigOptions, h: History): number {
+export function writtenRegionBytes(rig: object, opts: RigOptions, h: History): number {
   const regionBytes = opts.regionSectors * SECTOR;
   const regions = new Set<string>();
   for (const w of h.writes.values()) {
@@ -161,7 +161,7 @@ function writtenRegionBytes(rig: object, opts: RigOptions, h: History): number {
 }
 
 /** per device that differs: how many blocks, and what each side holds at the first */
-function differences(a: Buffer[], b: Buffer[]): string[] {
+export function differences(a: Buffer[], b: Buffer[]): string[] {
   const out: string[] = [];
   for (let d = 0; d < a.length; d++) {
     let n = 0;
@@ -180,7 +180,7 @@ function differences(a: Buffer[], b: Buffer[]): string[] {
 }
 
 /** the round's history and verdicts next to the images (the sandbox is kept) */
-function keepEvidence(rig: Rig, plan: RoundPlan, res: RoundResult, h: History): string {
+export function keepEvidence(rig: Rig, plan: { index: number }, res: unknown, h: History): string {
   const file = rig.file(`failure-round-${plan.index}.json`);
   fs.writeFileSync(file, JSON.stringify({ plan, result: res, writes: [...h.writes.values()], daemonLog: rig.logTail(20_000) }, null, 1));
   return file;
