@@ -51,6 +51,8 @@ export interface DeviceInfo {
   targets: number;
   sectors: number;
   deferredRemove: boolean;
+  /** present while the device is secondary: who it receives replication from (writes fail with EROFS) */
+  secondary?: string;
 }
 
 const NAME_RE = /^[^/\0]{1,127}$/;
@@ -97,6 +99,7 @@ export class DeviceMapper extends EventEmitter {
       state: d.suspended ? 'SUSPENDED' : 'ACTIVE', readOnly: d.readOnly,
       live: !!d.live, inactive: !!d.inactive, openCount: d.openCount, eventNr: d.eventNr,
       targets: d.live?.entries.length ?? 0, sectors: d.sectors, deferredRemove: d.deferredRemove,
+      ...(d.secondary !== null ? { secondary: d.secondary } : {}),
     };
   }
 

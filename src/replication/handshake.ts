@@ -113,7 +113,7 @@ export async function clientHandshake(
   const ns = hex(ar, 'nonce', 'AUTH_RESPONSE', NONCE);
   const theirs = hex(ar, 'mac', 'AUTH_RESPONSE', 32);
   if (!crypto.timingSafeEqual(theirs, mac(opts.secret, 'server', version, nc, ns))) {
-    frames.send(FrameType.ERROR, 0, [encodeError('EACCES', 'authentication failed: your proof does not match our secret')]);
+    frames.send(FrameType.ERROR, 0, [encodeError('EACCES', 'authentication failed: the sender holds a different secret (the receiver\'s proof did not match it)')]);
     frames.end();
     throw new DmError('EACCES', `${opts.where}: authentication failed: the receiver's proof does not match our secret (${opts.secret.file})`);
   }

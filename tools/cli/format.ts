@@ -26,6 +26,7 @@ export function infoLong(d: DeviceSummary): string {
     + `Major, minor:      ${DM_MAJOR}, ${d.minor}\n`
     + `Number of targets: ${d.targets}\n`;
   if (d.uuid) s += `UUID: ${d.uuid}\n`;
+  if (d.secondary) s += `Role:              secondary, receiving ${d.secondary} (writes refused: EROFS)\n`;
   if (d.replication) s += replicationLines(d.replication as ReplicationJson);
   return `${s}\n`;
 }
@@ -40,7 +41,22 @@ interface ReplicationJson {
     lag?: { ios: number; sectors: number; ageMs: number };
     resync?: { work: string; done: number; total: number } | null;
     inSyncRegions?: number; regions?: number; lastError?: string | null;
+    link?: LinkJson | null;
   }>;
+}
+
+/** a network transport's `statusJson` (tcp: connection, peer, bytes; nbd: state) */
+interface LinkJson {
+  connection?: string; peer?: string; state?: string; bytesOnWire?: number; compress?: string; compressionRatio?: number | null;
+}
+
+function linkText(l: LinkJson): string {
+  const parts: string[] = [];
+  if (l.connection) parts.push(`${l.connection}${l.peer ? ` to ${l.peer}` : ''}`);
+  else if (l.state) parts.push(l.state);
+  if (l.bytesOnWire !== undefined) parts.push(`${l.bytesOnWire} bytes on the wire`);
+  if (l.compress && l.compress !== 'none' && l.compressionRatio) parts.push(`${l.compress} ratio ${l.compressionRatio}`);
+  return parts.join(', ');
 }
 
 function replicationLines(r: ReplicationJson): string {
@@ -51,6 +67,7 @@ function replicationLines(r: ReplicationJson): string {
   for (const x of r.sites) {
     const parts = [x.state];
     if (x.device) parts.push(x.device);
+    if (x.link) parts.push(linkText(x.link));
     if (x.policy) parts.push(x.fallBehind ? `${x.policy} (fall-behind ${x.fallBehind})` : x.policy);
     if (x.lag) parts.push(`lag ${x.lag.ios} ios, ${x.lag.sectors} sectors, ${(x.lag.ageMs / 1000).toFixed(1)} s`);
     if (x.regions !== undefined) parts.push(`${x.inSyncRegions}/${x.regions} regions in sync`);

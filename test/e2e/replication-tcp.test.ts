@@ -1,0 +1,181 @@
+/**
+ * Replication over the `tcp` slink between two real daemons, driven through the `dmkit`
+ * CLI and real NBD clients: site A (the sender: a replicator and replicator-devs) and site
+ * B (`dmkit daemon --replication-listen … --replication-secret …`, the receiving devices).
+ *
+ *  - data written with nbdcopy at A reaches B byte for byte; B's device is secondary
+ *    (`dmkit io write` there fails with EROFS, its NBD export is read-only, `info` says so)
+ *    and A's `info` shows the link (connected, bytes on the wire);
+ *  - compression: zstd and lz4 on compressible data show a ratio > 2 in `--json` status;
+ *  - TLS: `tls=on` works; a receiver with `--replication-tls require` refuses a plain sender
+ *    (auth-failed, the reason in status and in both logs) and nothing is written;
+ *  - a wrong secret: refused before any data flows, `auth-failed` in status, both sides
+ *    log it, B's image untouched;
+ *  - secret files readable by others are refused, by the daemon and by the table.
+ */
+import fs from 'node:fs';
+import path from 'node:path';
+import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { cleanup, dmkit, ok, sandbox, type Sandbox } from '../helpers/daemon.ts';
+import { devUri } from '../helpers/daemon-nbd.ts';
+import { ok as tool, requireTools, writeRandomImage } from '../helpers/nbd-tools.ts';
+import { SiteDaemon, writeSecret } from '../helpers/site-daemon.ts';
+
+const SECTORS = 16384; // 8 MiB per device
+const BYTES = SECTORS * 512;
+const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+interface SiteJson {
+  slink: number; stateChar: string;
+  lag: { ios: number };
+  link: { connection: string; lastError: string | null; bytesOnWire: number; payloadBytes: number; compressionRatio: number | null; tls: boolean } | null;
+}
+
+let a: Sandbox;
+let b: SiteDaemon;
+const extra: SiteDaemon[] = [];
+
+beforeAll(async () => {
+  requireTools(['nbdcopy', 'nbdinfo']);
+  b = await SiteDaemon.start();
+});
+afterAll(async () => {
+  await b?.close();
+  for (const s of extra) await s.close();
+});
+afterEach(async () => {
+  if (a) await cleanup(a);
+});
+
+function blank(dir: string, name: string, bytes = BYTES): string {
+  const f = path.join(dir, name);
+  fs.writeFileSync(f, '');
+  fs.truncateSync(f, bytes);
+  return f;
+}
+
+/** site A: a daemon with repl (tcp slink 1 to `site`) and vol over a local image, replicated to `remote` at the site */
+async function siteA(site: SiteDaemon, remote: string, options: string[]): Promise<void> {
+  a = sandbox();
+  const words = ['1', 'async', 'retest=1', `peer=${site.address}`, `secret=${site.secretFile}`, ...options];
+  await ok(a, ['create', 'repl', '--table', `0 1 replicator ringbuffer 4 ${blank(a.dir, 'rlog', 8 << 20)} 0 auto 16384 blockdev 1 0 tcp ${words.length} ${words.join(' ')}`]);
+  await ok(a, ['create', 'vol', '--table', `0 ${SECTORS} replicator-dev dm:repl 0 0 1 ${blank(a.dir, 'local.img')} nolog 0 1 1 ${remote} core 2 64 nosync`]);
+}
+
+async function site1(): Promise<SiteJson> {
+  const out = JSON.parse(await ok(a, ['status', '--json', 'repl'])) as Array<{ lines: Array<{ detail: { sites: SiteJson[] } }> }>;
+  return out[0]!.lines[0]!.detail.sites.find((s) => s.slink === 1)!;
+}
+
+async function waitSite(cond: (s: SiteJson) => boolean, what: string, limitMs = 30_000): Promise<SiteJson> {
+  for (const end = Date.now() + limitMs; ; await sleep(50)) {
+    const s = await site1();
+    if (cond(s)) return s;
+    if (Date.now() > end) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(s)}`);
+  }
+}
+
+async function receivingDevice(site: SiteDaemon, name: string): Promise<string> {
+  const img = blank(site.sb.dir, `${name}.img`);
+  await site.request('create', { name, table: `0 ${SECTORS} linear ${img} 0` });
+  return img;
+}
+
+describe('two daemons over tcp', () => {
+  it('nbdcopy at A reaches B byte for byte; B is secondary (EROFS, read-only export); info shows the link', async () => {
+    const remoteImg = await receivingDevice(b, 'plain');
+    await siteA(b, 'plain', []);
+    const data = writeRandomImage(path.join(a.dir, 'data.img'), BYTES);
+    await tool('nbdcopy', [path.join(a.dir, 'data.img'), devUri(a, 'vol')]);
+    const s = await waitSite((x) => x.stateChar === 'A' && x.lag.ios === 0, 'caught up');
+    expect(s.link?.connection).toBe('connected');
+    expect(s.link!.bytesOnWire).toBeGreaterThanOrEqual(BYTES);
+    expect(fs.readFileSync(remoteImg).equals(data)).toBe(true);
+    expect(fs.readFileSync(path.join(a.dir, 'local.img')).equals(data)).toBe(true);
+
+    // B: writes refused while it receives, reads fine, NBD export read-only, info names the role
+    const w = await dmkit(b.sb, ['io', 'write', 'plain', '0', path.join(a.dir, 'data.img')]);
+    expect(w.code).not.toBe(0);
+    expect(w.stderr).toMatch(/EROFS|secondary/);
+    expect(fs.readFileSync(remoteImg).equals(data)).toBe(true);
+    const info = JSON.parse(await tool('nbdinfo', ['--json', devUri(b.sb, 'plain')])) as { exports: Array<{ is_read_only: boolean }> };
+    expect(info.exports[0]!.is_read_only).toBe(true);
+    expect(await ok(b.sb, ['info', 'plain'])).toMatch(/Role: +secondary, receiving replication stream [0-9a-f]{32}\.1/);
+    expect(await ok(a, ['info', 'repl'])).toMatch(new RegExp(`Slink 1: +.*connected to ${b.address.replace(/\./g, '\\.')}, \\d+ bytes on the wire`));
+
+    // removing A's replicator-dev closes the stream's device: B's device is writable again
+    await ok(a, ['remove', 'vol']);
+    await ok(b.sb, ['io', 'write', 'plain', '0', path.join(a.dir, 'data.img')]);
+    expect(await ok(b.sb, ['info', 'plain'])).not.toMatch(/Role/);
+  });
+
+  for (const codec of ['zstd', 'lz4'] as const) {
+    it(`compress=${codec}: compressible data crosses with a ratio above 2, byte for byte`, async () => {
+      const remoteImg = await receivingDevice(b, `c-${codec}`);
+      await siteA(b, `c-${codec}`, [`compress=${codec}`]);
+      const data = Buffer.alloc(BYTES);
+      for (let o = 0; o < BYTES; o += 64) data.write(`block ${o >> 12} line ${(o >> 6) & 63} dmkit replication\n`.padEnd(64, '.'), o);
+      fs.writeFileSync(path.join(a.dir, 'text.img'), data);
+      await tool('nbdcopy', [path.join(a.dir, 'text.img'), devUri(a, 'vol')]);
+      const s = await waitSite((x) => x.stateChar === 'A' && x.lag.ios === 0, 'caught up');
+      expect(s.link!.compressionRatio).toBeGreaterThan(2);
+      expect(s.link!.payloadBytes).toBeGreaterThan(s.link!.bytesOnWire * 2);
+      expect(fs.readFileSync(remoteImg).equals(data)).toBe(true);
+    });
+  }
+
+  it('tls=on crosses over TLS; a receiver requiring TLS refuses a plain sender, and nothing is written', async () => {
+    const strict = await SiteDaemon.start({ args: ['--replication-tls', 'require'] });
+    extra.push(strict);
+    const img = await receivingDevice(strict, 'tls');
+    await siteA(strict, 'tls', ['tls=on']);
+    const data = writeRandomImage(path.join(a.dir, 'data.img'), 1 << 20);
+    await tool('nbdcopy', [path.join(a.dir, 'data.img'), devUri(a, 'vol')]);
+    const s = await waitSite((x) => x.stateChar === 'A' && x.lag.ios === 0, 'caught up over TLS');
+    expect(s.link!.tls).toBe(true);
+    expect(fs.readFileSync(img).subarray(0, 1 << 20).equals(data)).toBe(true);
+    await cleanup(a);
+
+    const img2 = await receivingDevice(strict, 'plain-refused');
+    await siteA(strict, 'plain-refused', []);
+    const r = await waitSite((x) => x.link?.connection === 'auth-failed', 'auth-failed');
+    expect(r.link!.lastError).toMatch(/requires TLS/);
+    expect(strict.log()).toMatch(/refused .*requires TLS/);
+    expect(fs.readFileSync(img2).equals(Buffer.alloc(BYTES))).toBe(true);
+  });
+
+  it('a wrong secret is refused before any data flows: auth-failed in status, logged on both sides, image untouched', async () => {
+    const img = await receivingDevice(b, 'guarded');
+    a = sandbox();
+    const wrong = writeSecret(a.dir, 'wrong.key');
+    const words = ['1', 'async', 'retest=1', `peer=${b.address}`, `secret=${wrong}`];
+    await ok(a, ['create', 'repl', '--table', `0 1 replicator ringbuffer 4 ${blank(a.dir, 'rlog', 8 << 20)} 0 auto 16384 blockdev 1 0 tcp ${words.length} ${words.join(' ')}`]);
+    await ok(a, ['create', 'vol', '--table', `0 ${SECTORS} replicator-dev dm:repl 0 0 1 ${blank(a.dir, 'local.img')} nolog 0 1 1 guarded core 2 64 nosync`]);
+    fs.writeFileSync(path.join(a.dir, 'one.img'), Buffer.alloc(1 << 20, 0x5a));
+    await ok(a, ['io', 'write', 'vol', '0', path.join(a.dir, 'one.img')]);
+    const s = await waitSite((x) => x.link?.connection === 'auth-failed' && x.stateChar === 'D', 'auth-failed, site down');
+    expect(s.link!.lastError).toMatch(/authentication failed/);
+    expect(await ok(a, ['info', 'repl'])).toMatch(/Slink 1: +down, auth-failed to 127\.0\.0\.1:\d+/);
+    expect(b.log()).toMatch(/refused 127\.0\.0\.1:\d+: .*authentication failed: the sender holds a different secret/);
+    expect(fs.readFileSync(path.join(a.runtimeDir, 'daemon.log'), 'utf8')).toMatch(/authentication failed: the receiver's proof does not match our secret|the sender does not know our secret/);
+    expect(fs.readFileSync(img).equals(Buffer.alloc(BYTES))).toBe(true);
+    // the local write was acknowledged and kept for the site
+    expect(fs.readFileSync(path.join(a.dir, 'local.img')).subarray(0, 1 << 20).equals(Buffer.alloc(1 << 20, 0x5a))).toBe(true);
+  });
+
+  it('secret files others may read are refused: by the daemon at start, and by a tcp slink table', async () => {
+    a = sandbox();
+    const loose = path.join(a.dir, 'loose.key');
+    fs.writeFileSync(loose, 'a secret of more than sixteen bytes\n', { mode: 0o644 });
+    fs.chmodSync(loose, 0o644);
+    const d = await dmkit(a, ['daemon', '--foreground', '--replication-listen', '127.0.0.1:0', '--replication-secret', loose]);
+    expect(d.code).not.toBe(0);
+    expect(d.stderr).toContain(`replication secret ${loose}: mode 0644 lets others read it; chmod 600 it`);
+    const missing = await dmkit(a, ['daemon', '--foreground', '--replication-listen', '127.0.0.1:0']);
+    expect(missing.code).not.toBe(0);
+    expect(missing.stderr).toContain('--replication-listen needs --replication-secret FILE');
+    const t = await dmkit(a, ['create', 'repl', '--table', `0 1 replicator ringbuffer 4 ${blank(a.dir, 'rlog', 8 << 20)} 0 auto 16384 blockdev 1 0 tcp 4 1 async peer=${b.address} secret=${loose}`]);
+    expect(t.code).not.toBe(0);
+    expect(t.stderr).toContain(`slink 1: replication secret ${loose}: mode 0644 lets others read it; chmod 600 it`);
+  });
+});
