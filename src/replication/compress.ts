@@ -22,6 +22,12 @@ export async function compress(codec: Codec, data: Buffer): Promise<Buffer | nul
 /** the `rawBytes` bytes a compressed payload stands for; a ProtocolError when it does not decode to exactly that */
 export async function decompress(codec: Codec, data: Buffer, rawBytes: number): Promise<Buffer> {
   if (codec === Codec.NONE) return data;
+  if (codec === Codec.LZ4) {
+    // lz4-napi allocates what the payload's 4-byte little-endian size prefix says before it
+    // decodes (up to 4 GiB, an abort when that fails): the prefix must be the frame's size
+    const said = data.length >= 4 ? data.readUInt32LE(0) : -1;
+    if (said !== rawBytes) throw new ProtocolError(`lz4 payload says it holds ${said} bytes, the frame says ${rawBytes}`);
+  }
   let out: Buffer;
   try {
     out = codec === Codec.LZ4 ? await lz4Uncompress(data) : await zstdDecompress(data);
