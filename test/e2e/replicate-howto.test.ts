@@ -12,6 +12,7 @@
  */
 import { spawn, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
+import net from 'node:net';
 import path from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, cleanup, daemonPid, isAlive, sandbox, type Sandbox } from '../helpers/daemon.ts';
@@ -86,7 +87,7 @@ let sb: Sandbox;
 let D: string;
 let shell: Shell;
 
-beforeAll(() => {
+beforeAll(async () => {
   requireTools(['nbdcopy', 'qemu-io', 'cmp', 'bash']);
   sb = sandbox();
   // the howto's own scratch dir and daemon: ${TMPDIR}/replicate-howto/{run,state}
@@ -101,7 +102,8 @@ beforeAll(() => {
   const bin = path.join(sb.dir, 'bin');
   fs.mkdirSync(bin);
   fs.writeFileSync(path.join(bin, 'dmkit'), `#!/bin/sh\nexec '${process.execPath}' '${path.join(ROOT, 'bin', 'dmkit.js')}' "$@"\n`, { mode: 0o755 });
-  const env: NodeJS.ProcessEnv = { ...sb.env, TMPDIR: sb.dir, PATH: `${bin}${path.delimiter}${TOOL_PATH}` };
+  // §11's receiving daemon listens on ${PORT:-7788}: a free port here, so runs never collide
+  const env: NodeJS.ProcessEnv = { ...sb.env, TMPDIR: sb.dir, PATH: `${bin}${path.delimiter}${TOOL_PATH}`, PORT: String(await freePort()) };
   delete env.DMKIT_RUNTIME_DIR;
   delete env.DMKIT_STATE_DIR;
   delete env.XDG_RUNTIME_DIR;
@@ -112,6 +114,17 @@ afterAll(async () => {
   await shell?.close();
   await cleanup(sb);
 });
+
+function freePort(): Promise<number> {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.once('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address() as net.AddressInfo;
+      srv.close(() => resolve(port));
+    });
+  });
+}
 
 /** the status line of `name` in a `dmkit status A B …` listing */
 function statusOf(out: string, name: string): string {
@@ -220,6 +233,25 @@ describe('docs/howto/replicate.md, as written', () => {
     await step('dmkit remove vol0 vol1 repl m0 siteb0 siteb1');
     for (const end = Date.now() + 15_000; isAlive(pid) && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50));
     expect(isAlive(pid)).toBe(false);
+
+    // §11: two daemons, replication over tcp (TLS, lz4)
+    await step('--replication-listen 127.0.0.1:${PORT:-7788}');
+    const pidB = Number(fs.readFileSync(path.join(D, 'b', 'run', 'daemon.pid'), 'utf8'));
+    expect(isAlive(pidB)).toBe(true);
+    expect(fs.statSync(path.join(D, 'b', 'site.key')).mode & 0o777).toBe(0o600);
+    await step('tcp 6 1 async peer=127.0.0.1:${PORT:-7788}');
+    const link = await step("dmkit info repl | grep 'Slink 1'");
+    expect(link.stdout).toMatch(/^Slink 1: +\S+, connected to 127\.0\.0\.1:\d+, \d+ bytes on the wire/);
+    const role = await step('dmkit info data0 | grep Role');
+    expect(role.stdout).toMatch(/^Role: +secondary, receiving replication stream [0-9a-f]{32}\.1 \(writes refused: EROFS\)\n/);
+    expect(role.stdout).toContain("site B's disk is identical to site A's\n");
+    const payload = fs.readFileSync(path.join(D, 'a', 'payload.raw'));
+    const diskB = fs.readFileSync(path.join(D, 'b', 'disk0.img'));
+    expect(diskB.subarray(0, payload.length).equals(payload), 'site B holds what was written at site A').toBe(true);
+    expect(diskB.subarray(payload.length).equals(Buffer.alloc(diskB.length - payload.length))).toBe(true);
+    await step('dmkit remove data0');
+    for (const end = Date.now() + 15_000; isAlive(pidB) && Date.now() < end; ) await new Promise((r) => setTimeout(r, 50));
+    expect(isAlive(pidB)).toBe(false);
     expect(next, 'every sh block of the howto ran').toBe(blocks.length);
     expect(seen.size).toBe(blocks.length);
   });
