@@ -10,6 +10,7 @@
  *   --kinds a,b     only these kinds of round, in turn (default: all; see KINDS in replication-rounds.ts)
  *   --out FILE      report path (default bench/results/soak-<date>.json)
  *   --quiet         no line per round
+ *   --tcp           the network fault rounds of the tcp slink instead (tools/soak-tcp.ts; default 100 rounds)
  *
  * A failed round keeps its sandbox (its path and the evidence file are in the report);
  * the next round starts on a new rig. Exit status 1 when any round failed.
@@ -19,6 +20,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
+import { soakTcp } from './soak-tcp.ts';
 import { DEFAULT_RIG, KINDS, planRound, Rig, roundSeed, runRound, type RoundKind, type RoundResult } from '../test/helpers/replication-rounds.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
@@ -45,8 +47,18 @@ async function main(): Promise<void> {
       out: { type: 'string' },
       quiet: { type: 'boolean', default: false },
       kinds: { type: 'string' },
+      tcp: { type: 'boolean', default: false },
     },
   });
+  if (values.tcp) {
+    const date = new Date().toISOString().slice(0, 19).replace(/:/g, '-');
+    process.exitCode = await soakTcp({
+      rounds: num(values.rounds, 100, 'rounds'), base: num(values.seed, Date.now() % 1_000_000_007, 'seed'), start: num(values.start, 0, 'start'),
+      kinds: values.kinds ? values.kinds.split(',') : null, quiet: values.quiet, root: ROOT,
+      out: values.out ?? path.join(ROOT, 'bench', 'results', `soak-tcp-${date}.json`),
+    });
+    return;
+  }
   const rounds = num(values.rounds, 1000, 'rounds');
   const only = values.kinds ? values.kinds.split(',') as RoundKind[] : KINDS;
   for (const k of only) if (!KINDS.includes(k)) throw new Error(`--kinds: unknown kind '${k}' (kinds: ${KINDS.join(', ')})`);

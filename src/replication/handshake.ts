@@ -76,6 +76,18 @@ function peerError(f: Frame, where: string): DmError {
   return new DmError(code, `${where}: ${message}`);
 }
 
+/** `p`, or ETIMEDOUT (and the socket destroyed) at `deadline` */
+function beforeDeadline<T>(p: Promise<T>, deadline: number, sock: Socket, what: string): Promise<T> {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<never>((_r, reject) => {
+    timer = setTimeout(() => {
+      sock.destroy();
+      reject(new DmError('ETIMEDOUT', `${what} did not finish in time`));
+    }, Math.max(1, deadline - Date.now()));
+  });
+  return Promise.race([p, late]).finally(() => clearTimeout(timer));
+}
+
 async function expect(fs: FrameSocket, type: FrameType, what: string, deadline: number, where: string): Promise<Frame> {
   const f = await fs.next(Math.max(1, deadline - Date.now()), what);
   if (f.h.type === FrameType.ERROR) throw peerError(f, where);
@@ -103,7 +115,7 @@ export async function clientHandshake(
   if (tls !== opts.tls) throw new ProtocolError(`${opts.where}: receiver answered tls=${tls} to tls=${opts.tls}`);
   if (tls) {
     frames.detach();
-    const t = await clientTls(sock, { identity: TLS_IDENTITY, key: tlsKey(opts.secret) }, opts.where);
+    const t = await beforeDeadline(clientTls(sock, { identity: TLS_IDENTITY, key: tlsKey(opts.secret) }, opts.where), deadline, sock, `${opts.where}: TLS handshake`);
     t.resume();
     frames = new FrameSocket(t, { maxPayload: MAX_CONTROL });
   }
@@ -158,7 +170,7 @@ export async function serverHandshake(sock: Socket, auth: ServerAuth, where: str
       frames.detach();
       let cfg = tlsConfigs.get(auth.secret);
       if (!cfg) tlsConfigs.set(auth.secret, cfg = pskServerConfig(new Map([[TLS_IDENTITY, tlsKey(auth.secret)]]), true));
-      const t: TLSSocket = await serverTls(sock, cfg);
+      const t: TLSSocket = await beforeDeadline(serverTls(sock, cfg), deadline, sock, `${where}: TLS handshake`);
       frames = new FrameSocket(t, { maxPayload: MAX_CONTROL });
     }
     const ch = decodeJson((await expect(frames, FrameType.AUTH_CHALLENGE, 'AUTH_CHALLENGE', deadline, where)).payload, 'AUTH_CHALLENGE');

@@ -7,11 +7,15 @@
  *    0 u32 magic 'DMKP'   4 u32 version 1   8 u64 generation (higher wins)
  *   16 u64 applied: every log entry with seq ≤ applied is on the devices
  *   24 u64 epoch: the epoch being applied when it was written
- *   32 16 B the sender's log uuid   48 u32 slink   52 u32 CRC32C of bytes 0 … 51
+ *   32 u64 durable applied   40 u64 durable epoch: the same, as of the last flush of the devices
+ *   48 16 B the sender's log uuid   64 16 B the machine's boot id when written
+ *   80 u32 slink   84 u32 CRC32C of bytes 0 … 83
  *
- * `record` is a pwrite (it survives the process being killed: the page cache keeps it);
- * `sync` makes it survive power loss too, and the receiver calls it after flushing the
- * devices when the sender asks for a flush.
+ * `record` is a pwrite: it survives the process being killed (the page cache keeps it) but
+ * not power loss, and the kernel may write it back before the data it speaks of. So a
+ * record also carries the *durable* position, the one `sync` set after the receiver
+ * flushed every device of the stream; after a reboot (another boot id) the durable one is
+ * taken, since data and position written since then may have been lost in any order.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -21,7 +25,18 @@ import { DmError } from '../core/errors.ts';
 const MAGIC = 0x444d4b50; // 'DMKP'
 const VERSION = 1;
 const SLOT = 512;
-const CRC_AT = 52;
+const CRC_AT = 84;
+const BOOT_ID_FILE = '/proc/sys/kernel/random/boot_id';
+
+/** this boot's id (16 bytes; zeroes where the system has none: then every open trusts only the durable position) */
+function bootId(): Buffer {
+  try {
+    const hex = fs.readFileSync(BOOT_ID_FILE, 'utf8').trim().replace(/-/g, '');
+    if (/^[0-9a-f]{32}$/.test(hex)) return Buffer.from(hex, 'hex');
+  } catch { /* no /proc */ }
+  return Buffer.alloc(16);
+}
+const BOOT = bootId();
 
 export interface Applied {
   readonly applied: number;
@@ -34,18 +49,22 @@ export class PositionFile implements Applied {
   #gen: number;
   #applied: number;
   #epoch: number;
+  #durable: { applied: number; epoch: number };
   readonly #uuid: Buffer;
   readonly #slink: number;
   readonly #buf = Buffer.alloc(SLOT);
 
-  private constructor(file: string, fd: number, uuid: Buffer, slink: number, found: { gen: number; applied: number; epoch: number }) {
+  private constructor(file: string, fd: number, uuid: Buffer, slink: number, found: Slot) {
     this.path = file;
     this.#fd = fd;
     this.#uuid = uuid;
     this.#slink = slink;
     this.#gen = found.gen;
-    this.#applied = found.applied;
-    this.#epoch = found.epoch;
+    // written in this boot: the page cache had it, so it holds; else only what was flushed
+    const sameBoot = BOOT.some((b) => b !== 0) && found.boot.equals(BOOT);
+    this.#applied = sameBoot ? found.applied : found.durableApplied;
+    this.#epoch = sameBoot ? found.epoch : found.durableEpoch;
+    this.#durable = { applied: found.durableApplied, epoch: found.durableEpoch };
   }
 
   /** the stream's file in `dir` (created empty when new: applied 0) */
@@ -57,7 +76,7 @@ export class PositionFile implements Applied {
     const uuid = Buffer.from(groupId, 'hex');
     const b = Buffer.alloc(SLOT * 2);
     fs.readSync(fd, b, 0, b.length, 0);
-    let best = { gen: 0, applied: 0, epoch: 0 };
+    let best: Slot = { gen: 0, applied: 0, epoch: 0, durableApplied: 0, durableEpoch: 0, boot: BOOT };
     for (let i = 0; i < 2; i++) {
       const r = decode(b.subarray(i * SLOT, (i + 1) * SLOT), uuid, slink);
       if (r && r.gen > best.gen) best = r;
@@ -72,9 +91,18 @@ export class PositionFile implements Applied {
     return this.#epoch;
   }
 
+  /** the position as of the last `sync` */
+  get durable(): { readonly applied: number; readonly epoch: number } {
+    return this.#durable;
+  }
+
   /** record a new position (in the slot not holding the newest record) */
   record(applied: number, epoch: number): void {
     if (applied === this.#applied && epoch === this.#epoch) return;
+    this.#write(applied, epoch);
+  }
+
+  #write(applied: number, epoch: number): void {
     const gen = this.#gen + 1;
     const b = this.#buf;
     b.fill(0);
@@ -83,8 +111,11 @@ export class PositionFile implements Applied {
     b.writeBigUInt64BE(BigInt(gen), 8);
     b.writeBigUInt64BE(BigInt(applied), 16);
     b.writeBigUInt64BE(BigInt(epoch), 24);
-    this.#uuid.copy(b, 32);
-    b.writeUInt32BE(this.#slink, 48);
+    b.writeBigUInt64BE(BigInt(this.#durable.applied), 32);
+    b.writeBigUInt64BE(BigInt(this.#durable.epoch), 40);
+    this.#uuid.copy(b, 48);
+    BOOT.copy(b, 64);
+    b.writeUInt32BE(this.#slink, 80);
     b.writeUInt32BE(crc32c(b.subarray(0, CRC_AT)) >>> 0, CRC_AT);
     fs.writeSync(this.#fd, b, 0, SLOT, (gen % 2) * SLOT);
     this.#gen = gen;
@@ -92,8 +123,15 @@ export class PositionFile implements Applied {
     this.#epoch = epoch;
   }
 
-  /** make the recorded position durable */
+  /**
+   * The devices were flushed: the recorded position is durable. Written with the durable
+   * fields set to it, then fdatasync'd.
+   */
   sync(): Promise<void> {
+    if (this.#durable.applied !== this.#applied || this.#durable.epoch !== this.#epoch) {
+      this.#durable = { applied: this.#applied, epoch: this.#epoch };
+      this.#write(this.#applied, this.#epoch);
+    }
     return new Promise((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
   }
 
@@ -104,9 +142,19 @@ export class PositionFile implements Applied {
   }
 }
 
-function decode(b: Buffer, uuid: Buffer, slink: number): { gen: number; applied: number; epoch: number } | null {
+interface Slot {
+  gen: number;
+  applied: number;
+  epoch: number;
+  durableApplied: number;
+  durableEpoch: number;
+  boot: Buffer;
+}
+
+function decode(b: Buffer, uuid: Buffer, slink: number): Slot | null {
   if (b.readUInt32BE(0) !== MAGIC || b.readUInt32BE(4) !== VERSION) return null;
   if ((crc32c(b.subarray(0, CRC_AT)) >>> 0) !== b.readUInt32BE(CRC_AT)) return null;
-  if (!b.subarray(32, 48).equals(uuid) || b.readUInt32BE(48) !== slink) return null;
-  return { gen: Number(b.readBigUInt64BE(8)), applied: Number(b.readBigUInt64BE(16)), epoch: Number(b.readBigUInt64BE(24)) };
+  if (!b.subarray(48, 64).equals(uuid) || b.readUInt32BE(80) !== slink) return null;
+  const u = (o: number): number => Number(b.readBigUInt64BE(o));
+  return { gen: u(8), applied: u(16), epoch: u(24), durableApplied: u(32), durableEpoch: u(40), boot: Buffer.from(b.subarray(64, 80)) };
 }

@@ -81,7 +81,7 @@ export function decodeHeader(b: Buffer, maxPayload = MAX_PAYLOAD): FrameHeader {
   const want = b.readUInt32BE(24);
   const got = crc32c(b.subarray(0, 24)) >>> 0;
   if (want !== got) throw new ProtocolError(`frame header CRC mismatch (header says 0x${want.toString(16)}, computed 0x${got.toString(16)})`);
-  if (b.readUInt32BE(28) !== 0) throw new ProtocolError('frame header: reserved bytes 28-31 are not zero');
+  if (b.readUInt32BE(28) !== 0 || b.readUInt16BE(6) !== 0) throw new ProtocolError('frame header: reserved bytes (6-7, 28-31) are not zero');
   const length = b.readUInt32BE(16);
   if (length > maxPayload) throw new ProtocolError(`frame of ${length} bytes is over the limit of ${maxPayload}`);
   const id = b.readBigUInt64BE(8);

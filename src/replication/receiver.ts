@@ -10,6 +10,7 @@
  * any frame that breaks the protocol closes that connection with an ERROR saying why. No
  * frame from a peer can stop the daemon.
  */
+import fs from 'node:fs';
 import net, { type Server, type Socket } from 'node:net';
 import path from 'node:path';
 import type { Bio, BioFlags } from '../core/bio.ts';
@@ -40,6 +41,8 @@ export interface ReceiverOptions {
   readonly maxConnections?: number;
   readonly handshakeTimeoutMs?: number;
   readonly maxInflightBytes?: number;
+  /** an authenticated connection that sends nothing for this long is closed (senders ping; default 120 s) */
+  readonly idleTimeoutMs?: number;
 }
 
 /** What `status` shows of one stream. */
@@ -60,18 +63,50 @@ export class ReplicationReceiver {
   readonly #server: Server;
   readonly #sockets = new Set<Socket>();
   readonly #streams = new Map<string, Stream>();
+  /** device name → the stream it receives (roles.json) */
+  readonly #roles: Map<string, string>;
   /** refused connections (authentication, limits), for status */
   refused = 0;
   lastRefusal = '';
 
   constructor(dm: DeviceMapper, opts: ReceiverOptions, log: Logger) {
     this.#dm = dm;
-    this.#opts = { requireTls: false, maxConnections: 64, handshakeTimeoutMs: 10_000, maxInflightBytes: 64 << 20, ...opts };
+    this.#opts = { requireTls: false, maxConnections: 64, handshakeTimeoutMs: 10_000, maxInflightBytes: 64 << 20, idleTimeoutMs: 120_000, ...opts };
     this.#log = log;
     this.#server = net.createServer((s) => this.#accept(s));
+    this.#roles = readRoles(path.join(this.#opts.stateDir, 'roles.json'), log);
   }
 
-  listen(): Promise<{ host: string; port: number }> {
+  /**
+   * Devices that were receiving when the daemon stopped are secondary again before anything
+   * listens (roles.json in the state dir): their other writers must not diverge from the
+   * sender between a restart and the sender's reconnect.
+   */
+  async #restoreRoles(): Promise<void> {
+    for (const [name, id] of this.#roles) {
+      if (!this.#dm.has(name)) continue;
+      await this.#dm.get(name).setSecondary(roleOf(id));
+      this.#log.info(`replication: ${name} is secondary again (it receives stream ${id})`);
+    }
+  }
+
+  /** @internal device `name` receives stream `id` (null: it is primary again); persisted */
+  setRole(name: string, id: string | null): void {
+    if (id === null) this.#roles.delete(name);
+    else this.#roles.set(name, id);
+    const file = path.join(this.#opts.stateDir, 'roles.json');
+    fs.mkdirSync(this.#opts.stateDir, { recursive: true, mode: 0o700 });
+    fs.writeFileSync(`${file}.tmp`, `${JSON.stringify(Object.fromEntries(this.#roles), null, 1)}\n`, { mode: 0o600 });
+    fs.renameSync(`${file}.tmp`, file);
+  }
+
+  /** @internal is stream `id` connected now? */
+  connected(id: string): string | null {
+    return (this.#streams.get(id)?.owner as Session | null | undefined)?.peer ?? null;
+  }
+
+  async listen(): Promise<{ host: string; port: number }> {
+    await this.#restoreRoles();
     return new Promise((resolve, reject) => {
       this.#server.once('error', reject);
       this.#server.listen(this.#opts.port, this.#opts.host, () => {
@@ -116,7 +151,7 @@ export class ReplicationReceiver {
       (a) => {
         a.frames.maxPayload = MAX_PAYLOAD;
         this.#log.info(`replication: ${peer} (${a.name}) authenticated${a.tls ? ' over TLS' : ''}`);
-        new Session(this, a.frames, peer, this.#opts.maxInflightBytes).start();
+        new Session(this, a.frames, peer, this.#opts.maxInflightBytes, this.#opts.idleTimeoutMs).start();
       },
       (err: Error) => {
         this.#refuse(peer, err.message);
@@ -172,12 +207,18 @@ class Session {
   #inflightBytes = 0;
   #paused = false;
   #closed = false;
+  #heard = Date.now();
+  #idleTimer: NodeJS.Timeout | null = null;
 
-  constructor(rx: ReplicationReceiver, frames: FrameSocket, peer: string, maxInflight: number) {
+  constructor(rx: ReplicationReceiver, frames: FrameSocket, peer: string, maxInflight: number, idleMs: number) {
     this.#rx = rx;
     this.#frames = frames;
     this.peer = peer;
     this.#maxInflight = maxInflight;
+    this.#idleTimer = setInterval(() => {
+      if (Date.now() - this.#heard > idleMs) this.#fatal(new DmError('ETIMEDOUT', `nothing received for ${Math.round(idleMs / 1000)} s`));
+    }, Math.max(100, Math.floor(idleMs / 4)));
+    this.#idleTimer.unref();
   }
 
   deviceNames(): string[] {
@@ -193,6 +234,7 @@ class Session {
   }
 
   #frame(f: Frame): void {
+    this.#heard = Date.now();
     try {
       switch (f.h.type) {
         case FrameType.IO: return this.#io(f);
@@ -230,7 +272,7 @@ class Session {
     if (this.#closed) return; // gone (or replaced) while waiting: open nothing, #close ran already
     const dev = this.#rx.device(name);
     if (dev.sectors < sectors) throw new DmError('ENOSPC', `device too small for target: ${name} has ${dev.sectors} sectors at the receiving site, needs ${sectors}`);
-    const writer = await dev.setSecondary(`replication stream ${stream.id}`);
+    const writer = await this.#takeRole(name, dev, stream);
     if (this.#closed) return;
     // a device may be open twice (a table reload at the sender attaches again before the old
     // table detaches): each handle holds its own open, and CLOSE releases one
@@ -238,6 +280,26 @@ class Session {
     dev.open();
     this.#handles.set(handle, { name, dev, writer });
     this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, sectors: dev.sectors })]);
+  }
+
+  /**
+   * Device `name` receives `stream` from now on (secondary, persisted). A device receives one
+   * stream at a time: another stream's device is refused (EBUSY) while that stream is
+   * connected, and taken over (with a warning) when it is not — a sender that made a new
+   * log, say; both hold the site's secret.
+   */
+  async #takeRole(name: string, dev: MappedDevice, stream: Stream): Promise<BlockDev> {
+    const mine = roleOf(stream.id);
+    if (dev.secondary !== null && dev.secondary !== mine) {
+      const other = dev.secondary.slice(ROLE.length);
+      const peer = this.#rx.connected(other);
+      if (peer) throw new DmError('EBUSY', `device ${name} receives stream ${other} (connected from ${peer}); one stream per device`);
+      this.#rx.log.warn(`replication: ${name}: stream ${stream.id} from ${this.peer} takes over from stream ${other}, which is not connected`);
+      await dev.clearSecondary();
+    }
+    const writer = await dev.setSecondary(mine);
+    this.#rx.setRole(name, stream.id);
+    return writer;
   }
 
   /** the sender stopped replicating this device: it is writable again */
@@ -248,7 +310,10 @@ class Session {
     this.#handles.delete(handle);
     await this.#stream?.idle();
     o.dev.close();
-    if (![...this.#handles.values()].some((x) => x.dev === o.dev)) await o.dev.clearSecondary();
+    if (![...this.#handles.values()].some((x) => x.dev === o.dev)) {
+      await o.dev.clearSecondary();
+      this.#rx.setRole(o.name, null);
+    }
     this.#frames.send(FrameType.ACK, f.h.id);
   }
 
@@ -271,9 +336,14 @@ class Session {
         .then(() => void this.#frames.send(FrameType.DATA, f.h.id, [buf]));
     } else {
       const apply = (): Promise<void> => this.#apply(o, r, data);
-      const applied = r.seq > 0 ? stream.submit(this, r.seq, r.epoch, apply) : apply();
-      done = applied.then(async () => {
-        if (r.op === IoOp.FLUSH) await stream.flushed();
+      const applied = r.seq > 0 ? stream.submit(this, r.seq, r.epoch, apply) : apply().then(() => 'applied' as const);
+      done = applied.then(async (how) => {
+        if (r.op === IoOp.FLUSH) {
+          // every device of the stream, then the position: durable together (a duplicate too)
+          await this.#flushAll();
+          if (r.seq > 0 && how === 'applied') stream.flushedEntry(r.seq, r.epoch);
+          await stream.sync();
+        }
         this.#frames.send(FrameType.ACK, f.h.id);
       });
     }
@@ -297,11 +367,18 @@ class Session {
         return o.writer.submit({ op: 'discard', sector: r.sector, sectors: r.sectors, data: EMPTY, flags });
       case IoOp.WRITE_ZEROES:
         return o.writer.submit({ op: 'write-zeroes', sector: r.sector, sectors: r.sectors, data: EMPTY, flags: { ...flags, noUnmap: (r.flags & IO_NOUNMAP) !== 0 } });
-      case IoOp.FLUSH:
-        return o.writer.submit(FLUSH_BIO);
+      case IoOp.FLUSH: // takes its place in the stream's order; the devices are flushed once it has (#io)
+        return Promise.resolve();
       default:
         throw new ProtocolError(`IO op ${r.op} cannot be applied`);
     }
+  }
+
+  /** flush every device this connection has open */
+  async #flushAll(): Promise<void> {
+    const devs = new Map<MappedDevice, BlockDev>();
+    for (const o of this.#handles.values()) devs.set(o.dev, o.writer);
+    await Promise.all([...devs.values()].map((w) => w.submit(FLUSH_BIO)));
   }
 
   /** a request failed: tell the sender, keep the connection */
@@ -324,6 +401,8 @@ class Session {
   #close(err: Error): void {
     if (this.#closed) return;
     this.#closed = true;
+    if (this.#idleTimer) clearInterval(this.#idleTimer);
+    if (err instanceof ProtocolError) this.#rx.log.warn(`replication: ${this.peer}: dropped: ${err.message}`);
     const s = this.#stream;
     if (s) {
       s.drop(this, err);
@@ -333,6 +412,28 @@ class Session {
     const handles = [...this.#handles.values()];
     this.#handles.clear();
     void (s?.idle() ?? Promise.resolve()).then(() => { for (const o of handles) o.dev.close(); });
+  }
+}
+
+const ROLE = 'replication stream ';
+/** a secondary device's owner label for stream `id` (MappedDevice.secondary) */
+function roleOf(id: string): string {
+  return `${ROLE}${id}`;
+}
+
+function readRoles(file: string, log: Logger): Map<string, string> {
+  let text: string;
+  try {
+    text = fs.readFileSync(file, 'utf8');
+  } catch {
+    return new Map();
+  }
+  try {
+    const o = JSON.parse(text) as Record<string, unknown>;
+    return new Map(Object.entries(o).filter((e): e is [string, string] => typeof e[1] === 'string'));
+  } catch (err) {
+    log.error(`replication: ${file}: unreadable (${(err as Error).message}); no device is secondary until its sender reconnects`);
+    return new Map();
   }
 }
 

@@ -74,7 +74,11 @@ export interface PeerStats {
   /** payload bytes before compression, and as sent */
   rawBytes: number;
   wireBytes: number;
+  /** frames the receiver asked for again (their payload CRC failed there) */
   resends: number;
+  /** replies that failed their CRC or broke the framing here (the connection is re-made) */
+  badReplies: number;
+  /** connections made after the first */
   reconnects: number;
   appliedAtConnect: number;
 }
@@ -85,7 +89,8 @@ export class Peer {
   readonly opts: PeerOptions;
   state: PeerState = 'down';
   lastError = '';
-  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, reconnects: 0, appliedAtConnect: 0 };
+  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, badReplies: 0, reconnects: 0, appliedAtConnect: 0 };
+  #connects = 0;
   readonly #devs = new Map<number, Dev>();
   readonly #reqs = new Map<number, Req>();
   #frames: FrameSocket | null = null;
@@ -120,10 +125,11 @@ export class Peer {
     return { key, opened };
   }
 
-  async removeDevice(key: number): Promise<void> {
+  /** forget attachment `key`; `release`: tell the receiver (CLOSE), which makes its device writable again */
+  async removeDevice(key: number, release = true): Promise<void> {
     const d = this.#devs.get(key);
     this.#devs.delete(key);
-    if (!d || this.state !== 'connected' || d.handle === 0) return;
+    if (!release || !d || this.state !== 'connected' || d.handle === 0) return;
     await this.#control(FrameType.CLOSE, { handle: d.handle }).catch(() => undefined);
   }
 
@@ -217,10 +223,17 @@ export class Peer {
       a.frames.maxPayload = MAX_PAYLOAD;
       this.#frames = a.frames;
       this.#lastHeard = Date.now();
-      a.frames.handle({ frame: (f) => this.#frame(f), corrupt: (h) => this.#corrupt(h), closed: (err) => this.#lost(err, a.frames) });
+      a.frames.handle({
+        frame: (f) => this.#frame(f), corrupt: (h) => this.#corrupt(h),
+        closed: (err) => {
+          if ((err as DmError).code === 'EPROTO' && a.frames === this.#frames) this.stats.badReplies++; // a header that broke the framing
+          this.#lost(err, a.frames);
+        },
+      });
       this.#setState('connected'); // opening devices needs the connection up; requests wait for their handle
       for (const key of this.#devs.keys()) await this.#openDevice(key);
       this.#startTimer();
+      if (this.#connects++ > 0) this.stats.reconnects++;
       this.lastError = '';
       for (const req of [...this.#reqs.values()].sort((x, y) => x.id - y.id)) if (req.sentAt === 0) this.#send(req);
     } catch (err) {
@@ -264,6 +277,8 @@ export class Peer {
     const id = f.h.id;
     const ctl = this.#opens.get(id);
     if (ctl) {
+      // a control frame the receiver could not read: start over on a new connection
+      if (f.h.type === FrameType.RESEND) return this.#lost(new DmError('EPROTO', `control frame ${id} arrived damaged`));
       this.#opens.delete(id);
       if (f.h.type === FrameType.ERROR) ctl.reject(errorOf(f, `${this.opts.name}: ${this.address}`));
       else ctl.resolve(f);
@@ -296,6 +311,7 @@ export class Peer {
 
   /** a reply whose payload failed its CRC: the connection cannot tell which data it was; start over */
   #corrupt(h: FrameHeader): void {
+    this.stats.badReplies++;
     this.#lost(new DmError('EPROTO', `reply ${h.id} failed its CRC`));
   }
 
@@ -323,7 +339,6 @@ export class Peer {
       for (let delay = 50; !this.#closed; delay = Math.min(delay * 2, 1000)) {
         try {
           await this.#attempt();
-          this.stats.reconnects++;
           return;
         } catch (err) {
           refused = (err as DmError).code === 'EACCES';

@@ -7,7 +7,10 @@
  * - Epochs are applied one after the other: an entry of a later epoch waits until every
  *   entry of the current one is done; entries of one epoch are applied concurrently.
  * - When an epoch is complete and the next starts, the position moves to the highest seq of
- *   the finished epoch (a pwrite: it survives the process); a flush makes it durable.
+ *   the finished epoch (a pwrite: it survives the process); so does a flush entry, alone in
+ *   its epoch. Nothing else moves it: the sender sends an epoch only once every entry of the
+ *   one before is acknowledged, so at those two moments every lower entry is applied. A
+ *   flush of all the stream's devices makes the position durable (power loss, position.ts).
  * - Entries without a seq (resync copies) are applied at once, outside the order.
  *
  * A stream belongs to at most one connection at a time (`owner`); a new connection takes it
@@ -34,8 +37,8 @@ export class Stream {
   #epoch: number;
   /** highest seq started in the current epoch */
   #maxSeq: number;
-  /** lowest seq of the current epoch that failed (the position must not pass it) */
-  #failed = Infinity;
+  /** seqs of the current epoch whose apply failed and has not succeeded since (the position must not pass them) */
+  readonly #failed = new Set<number>();
   #inflight = 0;
   #waiting: Waiting[] = [];
   #idle: Array<() => void> = [];
@@ -87,11 +90,21 @@ export class Stream {
   }
 
   /**
-   * A flush of the stream's devices finished: when nothing is in flight, every entry up to
-   * the highest started is applied, so the position moves there; then it is made durable.
+   * A tagged flush entry (`seq`, alone in its epoch) was applied: every entry before it was
+   * acknowledged before the sender sent it, so the position moves to it.
    */
-  async flushed(): Promise<void> {
-    if (this.#inflight === 0 && this.#failed === Infinity && this.#maxSeq > this.pos.applied) this.pos.record(this.#maxSeq, this.#epoch);
+  flushedEntry(seq: number, epoch: number): void {
+    if (this.#inflight === 0 && this.#failed.size === 0 && seq > this.pos.applied) {
+      this.pos.record(Math.max(seq, this.#maxSeq), Math.max(epoch, this.#epoch));
+    }
+  }
+
+  /**
+   * The stream's devices were flushed (every one of them, by the caller): the position
+   * recorded so far is durable now. (Entries that are merely in flight or acknowledged in
+   * the current epoch do not move it: only an epoch's end, or a flush entry, does.)
+   */
+  async sync(): Promise<void> {
     await this.pos.sync();
   }
 
@@ -101,11 +114,12 @@ export class Stream {
     if (seq > this.#maxSeq) this.#maxSeq = seq;
     return apply().then(
       () => {
+        this.#failed.delete(seq); // a failed entry applied again after all
         this.#done();
         return 'applied' as const;
       },
       (err: unknown) => {
-        if (seq < this.#failed) this.#failed = seq;
+        this.#failed.add(seq);
         this.#done();
         throw err;
       },
@@ -114,10 +128,12 @@ export class Stream {
 
   /** the current epoch is complete: the position moves past it */
   #advance(epoch: number): void {
-    const applied = this.#failed === Infinity ? this.#maxSeq : this.#failed - 1;
+    const applied = this.#failed.size === 0 ? this.#maxSeq : Math.min(...this.#failed) - 1;
     this.pos.record(Math.max(applied, this.pos.applied), epoch);
     this.#epoch = epoch;
-    this.#failed = Infinity;
+    // an entry that failed and was never applied since was given up by the sender (it went
+    // to its dirty logs, which resync that region): the next epoch's position may pass it
+    this.#failed.clear();
   }
 
   #done(): void {

@@ -63,8 +63,9 @@ class TcpRemote implements RemoteDevice {
     return [escapeArg(this.#name)];
   }
 
-  async detach(): Promise<void> {
-    await this.#peer.removeDevice(this.#key).catch(() => undefined);
+  /** tells the receiver the device is no longer replicated (it becomes writable there), unless the engine is only stopping */
+  async detach(closing = false): Promise<void> {
+    await this.#peer.removeDevice(this.#key, !closing).catch(() => undefined);
   }
 }
 
@@ -116,7 +117,7 @@ class TcpSlink implements SiteLink {
       peer: p.address, connection: p.state, lastError: p.lastError || null, tls: p.opts.tls, integrity: p.opts.crc ? 'crc32c' : 'none',
       compress: this.#compress, bytesOnWire: wireBytes, payloadBytes: rawBytes,
       compressionRatio: wireBytes > 0 ? Math.round((rawBytes / wireBytes) * 100) / 100 : null,
-      resends: p.stats.resends, reconnects: p.stats.reconnects,
+      resends: p.stats.resends, badReplies: p.stats.badReplies, reconnects: p.stats.reconnects,
     };
   }
 

@@ -79,8 +79,13 @@ export interface RemoteDevice extends BlockDev {
   digest?(sector: number, sectors: number, blockSectors: number): Promise<Buffer[]>;
   /** the replicator-dev's `<dev_params…>` for this device (status table), e.g. `['/img/b.img']` */
   params(): string[];
-  /** The replicator-dev's table is destroyed. No I/O is in flight. Never rejects. */
-  detach(): Promise<void>;
+  /**
+   * The replicator-dev's table is destroyed. No I/O is in flight. Never rejects. `closing`:
+   * the engine is stopping (a daemon shutting down) and the device stays replicated, so a
+   * transport keeps what it holds at the site (tcp: the receiving device stays secondary);
+   * otherwise the device leaves this site for good, or a reloaded table replaces it.
+   */
+  detach(closing?: boolean): Promise<void>;
 }
 
 export interface SiteLink {

@@ -126,7 +126,7 @@ class ReplicatorDev implements Target {
     for (const t of this.#tuples) {
       await t.dlog?.flush().catch(() => undefined);
       await t.dlog?.destroy();
-      await t.dev.detach();
+      await t.dev.detach(!!this.#ctx.closing);
     }
   }
 

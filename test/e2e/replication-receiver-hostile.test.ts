@@ -369,7 +369,7 @@ describe('replication receiver: data', { timeout: 60_000 }, () => {
     expect(sectorOf(disk, 4096).every((x) => x === 0)).toBe(true);
     expect((await dm.read('vol', 16 * 512, 4096)).equals(a)).toBe(true); // reads are fine
 
-    // a compressed write, a write-zeroes, a read (DATA), a flush (moves the position)
+    // a compressed write, a write-zeroes, a read (DATA), a flush (makes the position durable; epoch 3 began: 1…3 applied)
     const big = content('zstd', 64);
     const z = await compress(Codec.ZSTD, big);
     expect(z).not.toBeNull();
@@ -387,7 +387,7 @@ describe('replication receiver: data', { timeout: 60_000 }, () => {
     const fid = nextId++;
     p.send(FrameType.IO, fid, ioParts({ handle: o.handle, op: IoOp.FLUSH }));
     await acked(p, fid);
-    expect(rx.status()).toEqual([{ stream: `${STREAM}.0`, peer: expect.stringContaining('127.0.0.1:'), devices: ['vol'], applied: 4, duplicates: 0 }]);
+    expect(rx.status()).toEqual([{ stream: `${STREAM}.0`, peer: expect.stringContaining('127.0.0.1:'), devices: ['vol'], applied: 3, duplicates: 0 }]);
 
     disk = image();
     expect(sectorOf(disk, 1000, 64).equals(big)).toBe(true);
@@ -789,24 +789,24 @@ describe('replication receiver: entries applied once', { timeout: 60_000 }, () =
     for (let seq = 1; seq <= 12; seq++) if (seq !== 3 && seq !== 8) expect(sectorOf(disk, sectorFor(seq)).equals(body(seq)), `entry ${seq}`).toBe(true);
     expect(rx.status()).toEqual([{ stream: `${STREAM}.0`, peer: expect.stringContaining('127.0.0.1:'), devices: ['vol'], applied: 11, duplicates: 7 }]);
 
-    // a flush moves the position to everything applied; it survives the receiver
+    // a flush entry (alone in its epoch) moves the position to itself; it survives the receiver
     const f = nextId++;
-    q.send(FrameType.IO, f, ioParts({ handle: o2.handle, op: IoOp.FLUSH }));
+    q.send(FrameType.IO, f, ioParts({ handle: o2.handle, op: IoOp.FLUSH, seq: 13, epoch: 13 }));
     await acked(q, f);
-    expect(rx.status()[0]!.applied).toBe(12);
+    expect(rx.status()[0]!.applied).toBe(13);
     q.destroy();
     await q.gone();
     await rx.close();
     await startReceiver();
     const { p: r, o: o3 } = await connected();
-    expect(o3.applied).toBe(12);
+    expect(o3.applied).toBe(13);
     await acked(r, sendWrite(r, o3.handle, sectorFor(3), body(3), 3, 3));
     // an entry of an epoch before the current one, not yet applied, breaks the protocol
-    const old = sendWrite(r, o3.handle, 150, content('too late'), 13, 11);
+    const old = sendWrite(r, o3.handle, 150, content('too late'), 14, 11);
     await r.gone();
     expect(r.frames.some((fr) => fr.h.id === old && fr.h.type === FrameType.ACK)).toBe(false);
     const err = r.frames.find((fr) => fr.h.type === FrameType.ERROR);
-    expect(err && json(err).message).toMatch(/entry 13 of epoch 11 arrived after epoch 12 began/);
+    expect(err && json(err).message).toMatch(/entry 14 of epoch 11 arrived after epoch 13 began/);
     expect(sectorOf(image(), 100).equals(body(8))).toBe(true);
     expect(sectorOf(image(), 150).every((x) => x === 0)).toBe(true);
     expect(rx.status()[0]!.duplicates).toBe(1);

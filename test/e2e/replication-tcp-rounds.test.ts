@@ -30,13 +30,14 @@ describe(`tcp slink: ${ROUNDS} partition / corruption / crash rounds (seed ${SEE
       results.push(r);
       expect(r.failures, `seed ${SEED}, round ${i}; evidence ${r.evidence ?? '-'}`).toEqual([]);
       expect(r.remoteAtCut.ok || r.resyncedBytes > 0).toBe(true);
-      if (kind.startsWith('corrupt')) expect(r.corrupted).toBeGreaterThan(0);
+      if (kind.startsWith('corrupt')) {
+        expect(r.corrupted).toBeGreaterThan(0);
+        expect(r.detected, 'a flipped bit on the wire is reported by the side that received it').toBeGreaterThan(0);
+      }
     }, 180_000);
   }
 
-  it('the faults were noticed and survived: corrupted frames re-sent or the connection re-made, never a full copy', () => {
-    const corrupt = results.filter((r) => r.kind.startsWith('corrupt'));
-    for (const r of corrupt) expect((r.link?.resends ?? 0) + (r.link?.reconnects ?? 0)).toBeGreaterThan(0);
+  it('never a full copy: whatever a round resynced stayed within the regions it wrote', () => {
     for (const r of results) expect(r.resyncedBytes).toBeLessThanOrEqual(r.writtenRegionBytes);
   });
 });

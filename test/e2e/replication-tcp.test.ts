@@ -16,7 +16,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
-import { cleanup, dmkit, ok, sandbox, type Sandbox } from '../helpers/daemon.ts';
+import { cleanup, dmkit, ok, sandbox, signalDaemon, type Sandbox } from '../helpers/daemon.ts';
 import { devUri } from '../helpers/daemon-nbd.ts';
 import { ok as tool, requireTools, writeRandomImage } from '../helpers/nbd-tools.ts';
 import { SiteDaemon, writeSecret } from '../helpers/site-daemon.ts';
@@ -107,6 +107,32 @@ describe('two daemons over tcp', () => {
     await ok(a, ['remove', 'vol']);
     await ok(b.sb, ['io', 'write', 'plain', '0', path.join(a.dir, 'data.img')]);
     expect(await ok(b.sb, ['info', 'plain'])).not.toMatch(/Role/);
+  });
+
+  it('the receiving role survives both daemons restarting: B refuses writers until A removes the volume', async () => {
+    const img = await receivingDevice(b, 'kept');
+    await siteA(b, 'kept', []);
+    fs.writeFileSync(path.join(a.dir, 'one.img'), Buffer.alloc(1 << 20, 0x77));
+    await ok(a, ['io', 'write', 'vol', '0', path.join(a.dir, 'one.img')]);
+    await waitSite((x) => x.stateChar === 'A' && x.lag.ios === 0, 'caught up');
+    const refused = async (): Promise<void> => {
+      const w = await dmkit(b.sb, ['io', 'write', 'kept', '0', path.join(a.dir, 'one.img')]);
+      expect(w.code).not.toBe(0);
+      expect(w.stderr).toContain('kept: device is secondary');
+    };
+    // site A's daemon stops (SIGTERM): the volume stays replicated, B keeps the role
+    await signalDaemon(a, 'SIGTERM');
+    await refused();
+    // B is SIGKILLed and restarts with no sender connected: secondary again before anyone writes
+    await b.kill();
+    await b.restart();
+    await refused();
+    expect(fs.readFileSync(img).subarray(0, 1 << 20).equals(Buffer.alloc(1 << 20, 0x77))).toBe(true);
+    // A comes back (its daemon restores the group), then removes the volume: B is writable again
+    await ok(a, ['ls']);
+    await waitSite((x) => x.link?.connection === 'connected', 'reconnected after both restarts');
+    await ok(a, ['remove', 'vol']);
+    await ok(b.sb, ['io', 'write', 'kept', '0', path.join(a.dir, 'one.img')]);
   });
 
   for (const codec of ['zstd', 'lz4'] as const) {

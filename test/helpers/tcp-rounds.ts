@@ -78,11 +78,21 @@ export interface TcpRoundResult {
   writtenRegionBytes: number;
   link: { resends: number; reconnects: number } | null;
   corrupted: number;
+  /** damaged frames either side reported in its log during the round (CRC or framing) */
+  detected: number;
   ms: number;
   evidence?: string;
 }
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
+
+/** a damaged frame as either daemon logs it: a payload CRC (RESEND) or a header that broke the framing */
+const DAMAGE = /failed its CRC|CRC mismatch|bad frame magic|reserved bytes|over the limit of|unknown op|unknown codec|unexpected frame type|arrived damaged/g;
+
+/** damage reports in both daemons' logs so far */
+function damageReports(t: TcpRig): number {
+  return (t.rig.logTail(1 << 24).match(DAMAGE)?.length ?? 0) + (t.site.log().match(DAMAGE)?.length ?? 0);
+}
 
 /** The sender rig, the receiving daemon and the proxy between them. */
 export class TcpRig {
@@ -147,9 +157,10 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
   const notes: string[] = [];
   const res: TcpRoundResult = {
     index: plan.index, seed: plan.seed, kind: plan.kind, ok: false, failures, notes, submitted: 0, acked: 0,
-    remoteAtCut: { check: '', ok: false }, resyncedBytes: 0, writtenRegionBytes: 0, link: null, corrupted: 0, ms: 0,
+    remoteAtCut: { check: '', ok: false }, resyncedBytes: 0, writtenRegionBytes: 0, link: null, corrupted: 0, detected: 0, ms: 0,
   };
   const corruptedBefore = proxy.stats.corrupted;
+  const detectedBefore = damageReports(t);
   const h: History = await rig.writer.start({ ...plan.writer, uris: rig.uris(), round: plan.index + 1 });
   const until = async (acks: number): Promise<void> => {
     if (!(await rig.writer.until((x) => x.acked >= acks, 30_000))) {
@@ -208,6 +219,7 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
   res.resyncedBytes = s1?.resyncedBytes ?? 0;
   res.link = s1?.link ? { resends: s1.link.resends, reconnects: s1.link.reconnects } : null;
   res.corrupted = proxy.stats.corrupted - corruptedBefore;
+  res.detected = damageReports(t) - detectedBefore;
   const wentToDirtyLog = res.resyncedBytes > 0;
   if (!res.remoteAtCut.ok) {
     if (wentToDirtyLog) notes.push(`remote at the cut not order-consistent, and the site resynced from its dirty logs: ${remote.text.split('\n')[0]}`);
@@ -229,6 +241,6 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
     res.evidence = keepEvidence(rig, plan, res, hist);
     fs.writeFileSync(path.join(rig.sb.dir, `receiver-log-round-${plan.index}.txt`), site.log());
   }
-  log(`tcp round ${plan.index} (${plan.kind}) ${res.ok ? 'ok' : 'FAILED'} in ${res.ms} ms: ${res.acked}/${res.submitted} acked, cut ${res.remoteAtCut.ok ? 'valid' : 'INVALID'}, resends ${res.link?.resends ?? '?'}, reconnects ${res.link?.reconnects ?? '?'}, corrupted ${res.corrupted}, resynced ${res.resyncedBytes} B${notes.length ? `; ${notes.join('; ')}` : ''}`);
+  log(`tcp round ${plan.index} (${plan.kind}) ${res.ok ? 'ok' : 'FAILED'} in ${res.ms} ms: ${res.acked}/${res.submitted} acked, cut ${res.remoteAtCut.ok ? 'valid' : 'INVALID'}, resends ${res.link?.resends ?? '?'}, reconnects ${res.link?.reconnects ?? '?'}, corrupted ${res.corrupted}, damage reported ${res.detected}, resynced ${res.resyncedBytes} B${notes.length ? `; ${notes.join('; ')}` : ''}`);
   return res;
 }

@@ -361,8 +361,25 @@ describe('PositionFile', () => {
     expect(slot(1)).toEqual([3n, 14n, 3n]);
     expect(slot(0)).toEqual([2n, 9n, 2n]);
     expect(b.toString('latin1', 0, 4)).toBe('DMKP');
-    expect(b.subarray(32, 48).toString('hex')).toBe(ID);
-    expect(b.readUInt32BE(48)).toBe(1);
+    expect(b.subarray(48, 64).toString('hex')).toBe(ID);
+    expect(b.subarray(64, 80).toString('hex')).toBe(fs.readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim().replace(/-/g, ''));
+    expect(b.readUInt32BE(80)).toBe(1);
+  });
+
+  it('after a reboot (another boot id in the record) only the durable position counts', () => {
+    const p = open();
+    p.record(5, 1);
+    return p.sync().then(() => {
+      p.record(9, 2); // in the page cache only: lost, or written before its data, by a power cut
+      p.close();
+      expect(read()).toEqual([9, 2]); // same boot: the page cache kept it
+      const b = fs.readFileSync(file());
+      const newest = b.readBigUInt64BE(8) > b.readBigUInt64BE(512 + 8) ? 0 : 1;
+      b.fill(0xee, newest * 512 + 64, newest * 512 + 80); // as if written in an earlier boot
+      b.writeUInt32BE(crc32c(b.subarray(newest * 512, newest * 512 + 84)) >>> 0, newest * 512 + 84);
+      fs.writeFileSync(file(), b);
+      expect(read()).toEqual([5, 1]);
+    });
   });
 
   it('a corrupted or torn newest slot falls back to the older one', () => {
@@ -371,8 +388,8 @@ describe('PositionFile', () => {
     p.record(9, 2); // gen 2 → slot 0
     p.close();
     const good = fs.readFileSync(file());
-    // one flipped bit anywhere in the record's 56 bytes of the newest slot
-    for (const at of [0, 5, 9, 17, 25, 33, 49, 53]) {
+    // one flipped bit anywhere in the record's 88 bytes of the newest slot
+    for (const at of [0, 5, 9, 17, 25, 33, 41, 49, 65, 81, 85]) {
       const b = Buffer.from(good);
       b[at] ^= 0x04;
       fs.writeFileSync(file(), b);
@@ -580,10 +597,10 @@ describe('Stream', () => {
     gates.get(4)!.resolve();
     await settle();
     expect(r4.v).toBe('applied');
-    await s.flushed();
-    expect(onDisk()).toEqual([4, 2]); // epoch 2 had no failure: a flush moves the position
+    await s.sync();
+    expect(onDisk()).toEqual([1, 2]); // a sync moves nothing: only an epoch's end (or a flush entry) does
 
-    // the lowest failed seq of an epoch counts; a flush after a failure records nothing
+    // epoch 3 begins (epoch 2 complete: position 4); the lowest failed seq of an epoch counts
     const r5 = track(submit(5, 3));
     const r6 = track(submit(6, 3));
     const r7 = track(submit(7, 3));
@@ -594,13 +611,30 @@ describe('Stream', () => {
     gates.get(5)!.resolve();
     await settle();
     expect([r5.v, (r6.v as Error).message, (r7.v as Error).message]).toEqual(['applied', 'y', 'x']);
-    await s.flushed();
-    expect(onDisk()).toEqual([4, 3]);
     track(submit(8, 4));
     await settle();
     expect(onDisk()).toEqual([5, 4]);
     gates.get(8)!.resolve();
     await settle();
+  });
+
+  it('a failed entry applied again (re-sent in its epoch) no longer holds the position back', async () => {
+    const r1 = track(submit(1, 1));
+    const r2 = track(submit(2, 1));
+    await settle();
+    gates.get(1)!.reject(new DmError('EIO', 'transient'));
+    gates.get(2)!.resolve();
+    await settle();
+    expect((r1.v as Error).message).toBe('transient');
+    expect(r2.v).toBe('applied');
+    const again = track(submit(1, 1)); // the sender re-sends it: same epoch, above the position
+    await settle();
+    gates.get(1)!.resolve();
+    await settle();
+    expect(again.v).toBe('applied');
+    track(submit(3, 2));
+    await settle();
+    expect(onDisk()).toEqual([2, 2]);
   });
 
   it("drop(owner) rejects only that owner's waiting entries", async () => {
@@ -623,30 +657,31 @@ describe('Stream', () => {
     gates.get(3)!.resolve();
     await settle();
     expect(rb.v).toBe('applied');
-    await s.flushed();
-    expect(onDisk()).toEqual([3, 2]);
+    track(submit(5, 3, B));
+    await settle();
+    expect(onDisk()).toEqual([3, 3]);
   });
 
-  it('flushed() records the highest seq when idle, and only then; idle() waits for writes', async () => {
+  it('flushedEntry() records a flush entry only when idle (and not past a failure); idle() waits for writes', async () => {
     track(submit(1, 1));
     track(submit(2, 1));
     track(submit(3, 1));
     await settle();
     let idle = false;
     void s.idle().then(() => (idle = true));
-    await s.flushed(); // in flight: nothing recorded
+    s.flushedEntry(4, 2); // in flight: nothing recorded
     expect(onDisk()).toEqual([0, 1]);
     gates.get(1)!.resolve();
     gates.get(3)!.resolve();
     await settle();
     expect(idle).toBe(false);
-    await s.flushed(); // 2 still in flight
+    s.flushedEntry(4, 2); // 2 still in flight
     expect(onDisk()).toEqual([0, 1]);
     gates.get(2)!.resolve();
     await settle();
     expect(idle).toBe(true);
-    await s.flushed();
-    expect(onDisk()).toEqual([3, 1]);
+    s.flushedEntry(4, 2);
+    expect(onDisk()).toEqual([4, 2]);
     // duplicates now
     let calls = 0;
     expect(await s.submit(A, 2, 1, async () => { calls++; })).toBe('duplicate');
@@ -660,15 +695,16 @@ describe('Stream', () => {
     await settle();
     gates.get(2)!.resolve();
     await settle();
-    await s.flushed();
+    s.flushedEntry(3, 3);
     pos.close();
     pos = PositionFile.open(dir(), ID, 0);
     s = new Stream(`${ID}.0`, pos);
     let calls = 0;
     const apply = async (): Promise<void> => { calls++; };
     expect(await s.submit(A, 2, 2, apply)).toBe('duplicate');
-    await expect(s.submit(A, 3, 1, apply)).rejects.toBeInstanceOf(ProtocolError);
-    expect(await s.submit(A, 3, 2, apply)).toBe('applied');
+    expect(await s.submit(A, 3, 3, apply)).toBe('duplicate');
+    await expect(s.submit(A, 4, 2, apply)).rejects.toBeInstanceOf(ProtocolError);
+    expect(await s.submit(A, 4, 3, apply)).toBe('applied');
     expect(calls).toBe(1);
   });
 });
