@@ -12,6 +12,7 @@ import path from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { DmError } from '../../src/core/errors.ts';
+import { compress as zstdCompress } from '@mongodb-js/zstd';
 import { compress, decompress } from '../../src/replication/compress.ts';
 import { loadSecret } from '../../src/replication/handshake.ts';
 import { PositionFile } from '../../src/replication/position.ts';
@@ -273,6 +274,23 @@ describe('control payloads', () => {
 
 describe('compression', () => {
   const text = Buffer.from('dmkit replicates blocks over tcp; '.repeat(2000)).subarray(0, 64 * 1024);
+
+  it('zstd: a payload that could decode to far more than the frame says is refused before decoding', async () => {
+    // what the sender makes passes, for every kind of data and size up to MAX_DATA
+    for (const n of [4096, 1 << 20, 4 << 20]) {
+      for (const data of [Buffer.alloc(n), randomBytes(n), Buffer.from('abc def '.repeat(n / 8))]) {
+        const c = await zstdCompress(data, 3);
+        expect((await decompress(Codec.ZSTD, c, n)).equals(data)).toBe(true);
+      }
+    }
+    const small = await zstdCompress(Buffer.alloc(4096, 1), 3);
+    const bomb = await zstdCompress(Buffer.alloc(64 << 20), 3); // 64 MiB of zeroes in a few KiB
+    await expect(decompress(Codec.ZSTD, Buffer.concat([small, bomb]), 4096)).rejects.toThrow(/bytes after the frame \(one frame only\)/);
+    await expect(decompress(Codec.ZSTD, bomb, 4 << 20)).rejects.toThrow(/more blocks than 4194304 bytes need/);
+    await expect(decompress(Codec.ZSTD, Buffer.from('not zstd at all'), 4096)).rejects.toThrow(/not a zstd frame/);
+    const truncated = small.subarray(0, small.length - 2);
+    await expect(decompress(Codec.ZSTD, truncated, 4096)).rejects.toBeInstanceOf(ProtocolError);
+  });
 
   for (const [name, codec] of [['zstd', Codec.ZSTD], ['lz4', Codec.LZ4]] as const) {
     it(`${name}: compressible data round-trips at a ratio over 2; random data stays raw`, async () => {
