@@ -124,12 +124,13 @@ export class PositionFile implements Applied {
   }
 
   /**
-   * The devices were flushed: the recorded position is durable. Written with the durable
-   * fields set to it, then fdatasync'd.
+   * The devices were flushed: position `at` (the one recorded when the flush began, by
+   * default the one recorded now) is durable. Written with the durable fields set to it,
+   * then fdatasync'd.
    */
-  sync(): Promise<void> {
-    if (this.#durable.applied !== this.#applied || this.#durable.epoch !== this.#epoch) {
-      this.#durable = { applied: this.#applied, epoch: this.#epoch };
+  sync(at: Applied = { applied: this.#applied, epoch: this.#epoch }): Promise<void> {
+    if (this.#durable.applied !== at.applied || this.#durable.epoch !== at.epoch) {
+      this.#durable = { applied: at.applied, epoch: at.epoch };
       this.#write(this.#applied, this.#epoch);
     }
     return new Promise((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));

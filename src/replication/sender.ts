@@ -244,7 +244,7 @@ export class Peer {
       const e = err as DmError;
       this.lastError = e.message;
       if (this.state === 'connected') this.#setState('connecting');
-      this.opts.log.limited(`tcp-connect:${where}`, `${where}: ${e.message}`);
+      this.opts.log.limited(`tcp-connect:${where}`, e.message.startsWith(where) ? e.message : `${where}: ${e.message}`);
       throw e;
     }
   }
@@ -363,7 +363,8 @@ export class Peer {
   /** liveness: ping when idle, drop a connection that answers nothing for ioTimeoutMs */
   #startTimer(): void {
     this.#stopTimer();
-    const every = Math.max(100, Math.floor(this.opts.ioTimeoutMs / 4));
+    // a quarter of io-timeout, and at most 30 s: the receiver closes a connection silent for 120 s
+    const every = Math.max(100, Math.min(30_000, Math.floor(this.opts.ioTimeoutMs / 4)));
     this.#timer = setInterval(() => {
       const f = this.#frames;
       if (!f) return;

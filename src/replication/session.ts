@@ -111,6 +111,7 @@ export class Session {
     const handle = this.#nextHandle++;
     dev.open();
     this.#handles.set(handle, { name, dev, writer });
+    stream.devices.set(name, writer);
     this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, sectors: dev.sectors })]);
   }
 
@@ -145,6 +146,7 @@ export class Session {
     if (![...this.#handles.values()].some((x) => x.dev === o.dev)) {
       await o.dev.clearSecondary();
       this.#rx.setRole(o.name, null);
+      this.#stream?.devices.delete(o.name);
     }
     this.#frames.send(FrameType.ACK, f.h.id);
   }
@@ -172,7 +174,6 @@ export class Session {
       done = applied.then(async (how) => {
         if (r.op === IoOp.FLUSH) {
           // every device of the stream, then the position: durable together (a duplicate too)
-          await this.#flushAll();
           if (r.seq > 0 && how === 'applied') stream.flushedEntry(r.seq, r.epoch);
           await stream.sync();
         }
@@ -204,13 +205,6 @@ export class Session {
       default:
         throw new ProtocolError(`IO op ${r.op} cannot be applied`);
     }
-  }
-
-  /** flush every device this connection has open */
-  async #flushAll(): Promise<void> {
-    const devs = new Map<MappedDevice, BlockDev>();
-    for (const o of this.#handles.values()) devs.set(o.dev, o.writer);
-    await Promise.all([...devs.values()].map((w) => w.submit(FLUSH_BIO)));
   }
 
   /** a request failed: tell the sender, keep the connection */

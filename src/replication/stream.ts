@@ -16,7 +16,11 @@
  * A stream belongs to at most one connection at a time (`owner`); a new connection takes it
  * over only once the old one's writes have finished (`idle`).
  */
+import { EMPTY, type Bio } from '../core/bio.ts';
+import type { BlockDev } from '../core/types.ts';
 import { PositionFile } from './position.ts';
+
+const FLUSH: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
 import { ProtocolError } from './protocol.ts';
 
 interface Waiting {
@@ -32,6 +36,8 @@ export class Stream {
   readonly id: string;
   readonly pos: PositionFile;
   owner: object | null = null;
+  /** the receiving devices of the stream, by name: the receiver's way in to each (flushed together) */
+  readonly devices = new Map<string, BlockDev>();
   /** entries skipped as already applied, since the daemon started */
   duplicates = 0;
   #epoch: number;
@@ -100,12 +106,18 @@ export class Stream {
   }
 
   /**
-   * The stream's devices were flushed (every one of them, by the caller): the position
-   * recorded so far is durable now. (Entries that are merely in flight or acknowledged in
-   * the current epoch do not move it: only an epoch's end, or a flush entry, does.)
+   * Flush every device the stream was ever opened on (those of an earlier connection too),
+   * then make the position recorded when this began durable. (Entries merely in flight or
+   * acknowledged in the current epoch do not move it: only an epoch's end, or a flush
+   * entry, does.)
    */
   async sync(): Promise<void> {
-    await this.pos.sync();
+    const at = { applied: this.pos.applied, epoch: this.pos.epoch }; // only what was applied before the flush began
+    await Promise.all([...this.devices].map(([name, w]) => w.submit(FLUSH).catch((err: { code?: string }) => {
+      if (err.code !== 'ENXIO') throw err;
+      this.devices.delete(name); // removed at this site since: nothing of it to make durable
+    })));
+    await this.pos.sync(at);
   }
 
   #run(seq: number, epoch: number, apply: () => Promise<void>): Promise<'applied'> {
