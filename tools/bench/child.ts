@@ -16,6 +16,8 @@ import { fileURLToPath } from 'node:url';
 export const REPO_ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
 
 export interface Worker<C, R> {
+  /** the worker's first line (`{"ready":true, …}`: it may carry more, e.g. ports) */
+  readonly ready: Record<string, unknown>;
   run(cmd: C): Promise<R>;
   /** close stdin and wait for the exit */
   close(): Promise<void>;
@@ -25,7 +27,10 @@ export async function startWorker<C, R>(
   worker: string, spec: unknown, env: Readonly<Record<string, string>>,
 ): Promise<Worker<C, R>> {
   const name = path.basename(worker);
-  const child = spawn(process.execPath, ['--import', 'tsx', worker, JSON.stringify(spec)], {
+  // DMKIT_BENCH_NODE_ARGS: node flags for every worker (profiling: `--cpu-prof --cpu-prof-dir=DIR`,
+  // which NODE_OPTIONS does not allow)
+  const nodeArgs = (process.env.DMKIT_BENCH_NODE_ARGS ?? '').split(' ').filter(Boolean);
+  const child = spawn(process.execPath, [...nodeArgs, '--import', 'tsx', worker, JSON.stringify(spec)], {
     cwd: REPO_ROOT,
     env: { ...process.env, ...env },
     stdio: ['pipe', 'pipe', 'pipe'],
@@ -58,8 +63,9 @@ export async function startWorker<C, R>(
     if (exited) return Promise.reject(exited);
     return new Promise<T>((resolve, reject) => waiting.push({ resolve: resolve as (v: unknown) => void, reject }));
   };
-  await next<{ ready: true }>();
+  const ready = await next<Record<string, unknown>>();
   return {
+    ready,
     run(cmd: C): Promise<R> {
       const p = next<R>();
       child.stdin.write(`${JSON.stringify(cmd)}\n`);

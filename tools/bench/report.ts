@@ -136,9 +136,9 @@ export function markdownTable(rows: readonly Row[]): string {
     '|---|---|---|---:|---:|---:|---:|---:|---:|',
   ];
   for (const r of rows) {
-    const ok = r.ratio >= r.goal ? '' : ' ✗';
+    const ok = !r.goal || (r.lowerIsBetter ? r.ratio <= r.goal : r.ratio >= r.goal) ? '' : ' ✗';
     out.push(`| ${r.suite} | ${r.id} | ${r.unit} | ${fmtValue(r.a.median, r.unit)} | ${fmtValue(r.b.median, r.unit)} | ` +
-      `**${r.ratio.toFixed(3)}**${ok} | ${min(r.ratios).toFixed(2)}–${max(r.ratios).toFixed(2)} | ≥ ${r.goal} | ` +
+      `**${r.ratio.toFixed(3)}**${ok} | ${min(r.ratios).toFixed(2)}–${max(r.ratios).toFixed(2)} | ${r.goal ? `${r.lowerIsBetter ? '≤' : '≥'} ${r.goal}` : '—'} | ` +
       `${mib(r.a.medianRssKiB)} / ${mib(r.b.medianRssKiB)} |`);
   }
   return out.join('\n');

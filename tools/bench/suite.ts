@@ -59,8 +59,10 @@ export interface Row {
   suite: string;
   id: string;
   description: string;
-  /** how `value` is shown: MB/s = value / 1e6, IOPS = value */
-  unit: 'MB/s' | 'IOPS';
+  /** how `value` is shown: MB/s = value / 1e6, IOPS = value, µs = value (a latency) */
+  unit: 'MB/s' | 'IOPS' | 'µs';
+  /** the goal is an upper bound on the ratio (latencies: dmkit / reference ≤ goal) */
+  lowerIsBetter?: boolean;
   goal: number;
   /** alternations inside each pair */
   slices: number;
@@ -82,7 +84,7 @@ export interface Suite {
 }
 
 export interface Measurement {
-  /** the compared value, higher is better (bytes/s for MB/s rows, ops/s for IOPS rows) */
+  /** the compared value, higher is better (bytes/s for MB/s rows, ops/s for IOPS rows; µs rows: lower is better) */
   value: number;
   ops: number;
   bytes: number;
