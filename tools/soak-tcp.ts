@@ -56,14 +56,15 @@ export async function soakTcp(o: TcpSoakOptions): Promise<number> {
     await t.close();
   }
   const failed = results.filter((r) => !r.ok);
-  const byKind: Record<string, { rounds: number; failed: number; resends: number; reconnects: number; cutsValid: number }> = {};
+  // per kind: bits flipped on the wire, and damaged frames the receiving side reported (both per round)
+  const byKind: Record<string, { rounds: number; failed: number; corrupted: number; detected: number; cutsValid: number }> = {};
   for (const r of results) {
-    const k = (byKind[r.kind] ??= { rounds: 0, failed: 0, resends: 0, reconnects: 0, cutsValid: 0 });
+    const k = (byKind[r.kind] ??= { rounds: 0, failed: 0, corrupted: 0, detected: 0, cutsValid: 0 });
     k.rounds++;
     if (!r.ok) k.failed++;
     if (r.remoteAtCut.ok) k.cutsValid++;
-    k.resends += r.link?.resends ?? 0;
-    k.reconnects += r.link?.reconnects ?? 0;
+    k.corrupted += r.corrupted;
+    k.detected += r.detected;
   }
   const summary = {
     rounds: results.length, failed: failed.length, seconds: Math.round((Date.now() - t0) / 1000),
@@ -76,7 +77,7 @@ export async function soakTcp(o: TcpSoakOptions): Promise<number> {
   fs.writeFileSync(o.out, `${JSON.stringify({ date: new Date().toISOString(), base: o.base, start: o.start, rig: { ...opts, log: undefined }, summary, kept, results }, null, 1)}\n`);
   say('');
   say(`soak --tcp: ${summary.rounds} rounds, ${summary.failed} failed, ${summary.seconds} s; ${summary.writes.acknowledged} of ${summary.writes.submitted} writes acknowledged; site a valid prefix at ${summary.cutsValid} of ${summary.rounds} cuts; ${summary.resyncs} round(s) resynced; ${summary.corruptedBytes} bytes corrupted on the wire`);
-  for (const [k, v] of Object.entries(byKind)) say(`      ${k.padEnd(15)} ${v.rounds} rounds, ${v.failed} failed, ${v.resends} resends, ${v.reconnects} reconnects`);
+  for (const [k, v] of Object.entries(byKind)) say(`      ${k.padEnd(15)} ${v.rounds} rounds, ${v.failed} failed, ${v.cutsValid} valid cuts, ${v.corrupted} bits flipped, ${v.detected} damaged frames reported`);
   for (const f of summary.failures) say(`  FAILED round ${f.index} (kind ${f.kind}, seed ${f.seed}): ${f.failures[0]?.split('\n')[0]}`);
   say(`report: ${path.relative(o.root, o.out)}`);
   return failed.length > 0 ? 1 : 0;
