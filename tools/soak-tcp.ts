@@ -40,7 +40,7 @@ export async function soakTcp(o: TcpSoakOptions): Promise<number> {
       } catch (err) {
         r = {
           index: i, seed: plan.seed, kind: plan.kind, ok: false, failures: [`round aborted: ${(err as Error).message}`], notes: [],
-          submitted: 0, acked: 0, remoteAtCut: { check: '', ok: false }, resyncedBytes: 0, writtenRegionBytes: 0, link: null, corrupted: 0, detected: 0, ms: 0,
+          submitted: 0, acked: 0, remoteAtCut: { check: '', ok: false }, resyncedBytes: 0, writtenRegionBytes: 0, link: null, corrupted: 0, detected: 0, linkDetected: 0, ms: 0,
         };
       }
       results.push(r);
@@ -57,9 +57,11 @@ export async function soakTcp(o: TcpSoakOptions): Promise<number> {
   }
   const failed = results.filter((r) => !r.ok);
   // per kind: bits flipped on the wire, and damaged frames the receiving side reported (both per round)
-  const byKind: Record<string, { rounds: number; failed: number; corrupted: number; detected: number; cutsValid: number }> = {};
+  const byKind: Record<string, { rounds: number; failed: number; corrupted: number; detected: number; linkDetected: number; undetected: number; cutsValid: number }> = {};
   for (const r of results) {
-    const k = (byKind[r.kind] ??= { rounds: 0, failed: 0, corrupted: 0, detected: 0, cutsValid: 0 });
+    const k = (byKind[r.kind] ??= { rounds: 0, failed: 0, corrupted: 0, detected: 0, linkDetected: 0, undetected: 0, cutsValid: 0 });
+    k.linkDetected += r.linkDetected;
+    if (r.corrupted > 0 && r.linkDetected === 0) k.undetected++;
     k.rounds++;
     if (!r.ok) k.failed++;
     if (r.remoteAtCut.ok) k.cutsValid++;
@@ -77,7 +79,7 @@ export async function soakTcp(o: TcpSoakOptions): Promise<number> {
   fs.writeFileSync(o.out, `${JSON.stringify({ date: new Date().toISOString(), base: o.base, start: o.start, rig: { ...opts, log: undefined }, summary, kept, results }, null, 1)}\n`);
   say('');
   say(`soak --tcp: ${summary.rounds} rounds, ${summary.failed} failed, ${summary.seconds} s; ${summary.writes.acknowledged} of ${summary.writes.submitted} writes acknowledged; site a valid prefix at ${summary.cutsValid} of ${summary.rounds} cuts; ${summary.resyncs} round(s) resynced; ${summary.corruptedBytes} bytes corrupted on the wire`);
-  for (const [k, v] of Object.entries(byKind)) say(`      ${k.padEnd(15)} ${v.rounds} rounds, ${v.failed} failed, ${v.cutsValid} valid cuts, ${v.corrupted} bits flipped, ${v.detected} damaged frames reported`);
+  for (const [k, v] of Object.entries(byKind)) say(`      ${k.padEnd(15)} ${v.rounds} rounds, ${v.failed} failed, ${v.cutsValid} valid cuts, ${v.corrupted} bits flipped, ${v.linkDetected} damaged frames counted by the link (${v.detected} log reports), ${v.undetected} round(s) with flips and none counted`);
   for (const f of summary.failures) say(`  FAILED round ${f.index} (kind ${f.kind}, seed ${f.seed}): ${f.failures[0]?.split('\n')[0]}`);
   say(`report: ${path.relative(o.root, o.out)}`);
   return failed.length > 0 ? 1 : 0;

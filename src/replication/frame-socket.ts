@@ -13,7 +13,9 @@
  */
 import type { Duplex } from 'node:stream';
 import { DmError } from '../core/errors.ts';
-import { HEADER_SIZE, MAX_PAYLOAD, ProtocolError, decodeHeader, encodeHeader, payloadOk, type FrameHeader } from './protocol.ts';
+import {
+  FrameType, HEADER_SIZE, MAX_PAYLOAD, ProtocolError, decodeHeader, encodeError, encodeHeader, payloadOk, type FrameHeader,
+} from './protocol.ts';
 
 export interface Frame {
   readonly h: FrameHeader;
@@ -153,8 +155,11 @@ export class FrameSocket {
         if (this.#failure) return;
       }
     } catch (err) {
+      // the stream cannot be framed any more: say why to the peer (best effort), then close
+      if (err instanceof ProtocolError && !this.#failure) this.send(FrameType.ERROR, 0, [encodeError('EPROTO', err.message)]);
       this.#fail(err as Error);
-      this.socket.destroy();
+      this.socket.end();
+      setTimeout(() => this.socket.destroy(), 1000).unref();
     }
   }
 

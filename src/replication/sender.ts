@@ -76,10 +76,12 @@ export interface PeerStats {
   wireBytes: number;
   /** frames the receiver asked for again (their payload CRC failed there) */
   resends: number;
-  /** replies that failed their CRC or broke the framing here (the connection is re-made) */
+  /** replies that failed their CRC or broke the framing here, and handshakes that did (the connection is re-made) */
   badReplies: number;
   /** connections made after the first */
   reconnects: number;
+  /** connections the receiver closed with an ERROR (a frame it could not frame or accept) */
+  peerErrors: number;
   appliedAtConnect: number;
 }
 
@@ -89,7 +91,7 @@ export class Peer {
   readonly opts: PeerOptions;
   state: PeerState = 'down';
   lastError = '';
-  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, badReplies: 0, reconnects: 0, appliedAtConnect: 0 };
+  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0 };
   #connects = 0;
   readonly #devs = new Map<number, Dev>();
   readonly #reqs = new Map<number, Req>();
@@ -242,6 +244,7 @@ export class Peer {
       this.#frames = null;
       this.#stopTimer();
       const e = err as DmError;
+      if (e.code === 'EPROTO') this.stats.badReplies++; // a handshake frame damaged one way or the other
       this.lastError = e.message;
       if (this.state === 'connected') this.#setState('connecting');
       this.opts.log.limited(`tcp-connect:${where}`, e.message.startsWith(where) ? e.message : `${where}: ${e.message}`);
@@ -285,7 +288,10 @@ export class Peer {
       return;
     }
     if (f.h.type === FrameType.PONG) return;
-    if (f.h.type === FrameType.ERROR && id === 0) return this.#lost(errorOf(f, `${this.opts.name}: receiver ${this.address}`));
+    if (f.h.type === FrameType.ERROR && id === 0) {
+      this.stats.peerErrors++;
+      return this.#lost(errorOf(f, `${this.opts.name}: receiver ${this.address}`));
+    }
     const req = this.#reqs.get(id);
     if (!req) return; // answered before a reconnect, or never ours
     switch (f.h.type) {

@@ -117,7 +117,7 @@ class TcpSlink implements SiteLink {
       peer: p.address, connection: p.state, lastError: p.lastError || null, tls: p.opts.tls, integrity: p.opts.crc ? 'crc32c' : 'none',
       compress: this.#compress, bytesOnWire: wireBytes, payloadBytes: rawBytes,
       compressionRatio: wireBytes > 0 ? Math.round((rawBytes / wireBytes) * 100) / 100 : null,
-      resends: p.stats.resends, badReplies: p.stats.badReplies, reconnects: p.stats.reconnects,
+      resends: p.stats.resends, badReplies: p.stats.badReplies, peerErrors: p.stats.peerErrors, reconnects: p.stats.reconnects,
     };
   }
 

@@ -54,7 +54,7 @@ export interface Status {
     statistics?: { overflows: number };
     sites: Array<{
       slink: number; stateChar: string; mode?: string; consistent?: boolean; resyncedBytes?: number;
-      link?: { connection: string; resends: number; reconnects: number; lastError: string | null } | null;
+      link?: { connection: string; resends: number; badReplies: number; peerErrors: number; reconnects: number; lastError: string | null } | null;
     }>;
   };
 }

@@ -78,8 +78,10 @@ export interface TcpRoundResult {
   writtenRegionBytes: number;
   link: { resends: number; reconnects: number } | null;
   corrupted: number;
-  /** damaged frames either side reported in its log during the round (CRC or framing) */
+  /** damaged frames either side reported in its log during the round (CRC or framing; log lines, rate-limited, lost with a SIGKILLed daemon's buffer) */
   detected: number;
+  /** damaged frames in the sender's link counters this round: RESENDs asked for, replies it could not read, connections the receiver closed with an ERROR */
+  linkDetected: number;
   ms: number;
   evidence?: string;
 }
@@ -92,6 +94,12 @@ const DAMAGE = /failed its CRC|CRC mismatch|bad frame magic|reserved bytes|over 
 /** damage reports in both daemons' logs so far */
 function damageReports(t: TcpRig): number {
   return (t.rig.logTail(1 << 24).match(DAMAGE)?.length ?? 0) + (t.site.log().match(DAMAGE)?.length ?? 0);
+}
+
+/** the sender's count of damaged frames on slink 1 (its lifetime: rounds take differences) */
+function linkDamage(s: Status): number {
+  const l = s.detail.sites.find((x) => x.slink === 1)?.link;
+  return l ? l.resends + l.badReplies + l.peerErrors : 0;
 }
 
 /** The sender rig, the receiving daemon and the proxy between them. */
@@ -157,10 +165,11 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
   const notes: string[] = [];
   const res: TcpRoundResult = {
     index: plan.index, seed: plan.seed, kind: plan.kind, ok: false, failures, notes, submitted: 0, acked: 0,
-    remoteAtCut: { check: '', ok: false }, resyncedBytes: 0, writtenRegionBytes: 0, link: null, corrupted: 0, detected: 0, ms: 0,
+    remoteAtCut: { check: '', ok: false }, resyncedBytes: 0, writtenRegionBytes: 0, link: null, corrupted: 0, detected: 0, linkDetected: 0, ms: 0,
   };
   const corruptedBefore = proxy.stats.corrupted;
   const detectedBefore = damageReports(t);
+  const linkBefore = linkDamage(await rig.status('repl'));
   const h: History = await rig.writer.start({ ...plan.writer, uris: rig.uris(), round: plan.index + 1 });
   const until = async (acks: number): Promise<void> => {
     if (!(await rig.writer.until((x) => x.acked >= acks, 30_000))) {
@@ -220,6 +229,7 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
   res.link = s1?.link ? { resends: s1.link.resends, reconnects: s1.link.reconnects } : null;
   res.corrupted = proxy.stats.corrupted - corruptedBefore;
   res.detected = damageReports(t) - detectedBefore;
+  if (caught && !senderKilled) res.linkDetected = linkDamage(caught) - linkBefore;
   const wentToDirtyLog = res.resyncedBytes > 0;
   if (!res.remoteAtCut.ok) {
     if (wentToDirtyLog) notes.push(`remote at the cut not order-consistent, and the site resynced from its dirty logs: ${remote.text.split('\n')[0]}`);
@@ -241,6 +251,6 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
     res.evidence = keepEvidence(rig, plan, res, hist);
     fs.writeFileSync(path.join(rig.sb.dir, `receiver-log-round-${plan.index}.txt`), site.log());
   }
-  log(`tcp round ${plan.index} (${plan.kind}) ${res.ok ? 'ok' : 'FAILED'} in ${res.ms} ms: ${res.acked}/${res.submitted} acked, cut ${res.remoteAtCut.ok ? 'valid' : 'INVALID'}, resends ${res.link?.resends ?? '?'}, reconnects ${res.link?.reconnects ?? '?'}, corrupted ${res.corrupted}, damage reported ${res.detected}, resynced ${res.resyncedBytes} B${notes.length ? `; ${notes.join('; ')}` : ''}`);
+  log(`tcp round ${plan.index} (${plan.kind}) ${res.ok ? 'ok' : 'FAILED'} in ${res.ms} ms: ${res.acked}/${res.submitted} acked, cut ${res.remoteAtCut.ok ? 'valid' : 'INVALID'}, resends ${res.link?.resends ?? '?'}, reconnects ${res.link?.reconnects ?? '?'}, corrupted ${res.corrupted}, damage reported ${res.detected} (logs) ${res.linkDetected} (link), resynced ${res.resyncedBytes} B${notes.length ? `; ${notes.join('; ')}` : ''}`);
   return res;
 }
