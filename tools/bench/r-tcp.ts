@@ -437,6 +437,8 @@ export const r2: Suite = {
         receiverCpuSeconds: sum((x) => x.rx.cpuSeconds), fdatasyncs: sum((x) => x.r.fdatasyncs), receiverFdatasyncs: sum((x) => x.rx.fdatasyncs),
         p50Us: pct(lat, 0.5), p90Us: pct(lat, 0.9), p99Us: pct(lat, 0.99), p999Us: pct(lat, 0.999), maxUs: Math.max(...lat),
         meanUs: Math.round(lat.reduce((a, b) => a + b, 0) / lat.length), pair, position: 0, load1,
+        // each slice's run on the monotonic clock (µs), sender and receiver: to cut --cpu-prof profiles
+        windowsUs: runs.map((x) => x.r.windowUs), receiverWindowsUs: runs.map((x) => x.rx.windowUs),
       };
     });
     const detail: Record<Name, string> = {

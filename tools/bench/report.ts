@@ -74,7 +74,7 @@ function pkgVersion(file: string): string | null {
 export interface Versions {
   dmkit: string | null;
   commit: string | null;
-  /** files changed against the commit when the run started */
+  /** files changed against the commit when the run started (new reports in bench/results/ not counted) */
   uncommittedChanges: number | null;
   node: string;
   v8: string;
@@ -87,7 +87,7 @@ export function versions(): Versions {
   return {
     dmkit: pkgVersion(path.join(REPO_ROOT, 'package.json')),
     commit: git(['rev-parse', 'HEAD']),
-    uncommittedChanges: status === null ? null : status.split('\n').filter(Boolean).length,
+    uncommittedChanges: status === null ? null : status.split('\n').filter((l) => l && !l.startsWith('?? bench/results/')).length,
     node: process.versions.node,
     v8: process.versions.v8,
     uv: process.versions.uv,
