@@ -129,6 +129,7 @@ export class ReplicationReceiver {
   #accept(sock: Socket): void {
     const peer = `${sock.remoteAddress}:${sock.remotePort}`;
     sock.on('error', () => {});
+    sock.setNoDelay(true); // acks are small and the sender waits for them: no Nagle
     if (this.#sockets.size >= this.#opts.maxConnections) {
       this.#refuse(peer, `connection cap of ${this.#opts.maxConnections} reached`);
       sock.destroy();

@@ -213,7 +213,7 @@ export class Peer {
     this.#setState('connecting');
     const o = this.opts;
     const where = `${o.name}: ${this.address}`;
-    const sock = net.connect({ host: o.host, port: o.port });
+    const sock = net.connect({ host: o.host, port: o.port, noDelay: true }); // small frames wait for replies: no Nagle
     sock.on('error', () => {});
     try {
       await new Promise<void>((resolve, reject) => {
