@@ -6,6 +6,7 @@
  * the socket paused with no listeners of ours, for the next phase to take over.
  */
 import type { Socket } from 'node:net';
+import { takeBytes } from '../core/chunks.ts';
 
 const HIGH_WATER = 256 * 1024;
 
@@ -103,25 +104,7 @@ export class ByteReader {
   }
 
   #take(n: number): Buffer {
-    if (n === 0) return Buffer.alloc(0);
-    let out: Buffer;
-    const first = this.#chunks[0]!;
-    if (first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.#chunks.shift();
-      else this.#chunks[0] = first.subarray(n);
-    } else {
-      out = Buffer.allocUnsafe(n);
-      let filled = 0;
-      while (filled < n) {
-        const c = this.#chunks[0]!;
-        const k = Math.min(c.length, n - filled);
-        c.copy(out, filled, 0, k);
-        filled += k;
-        if (k === c.length) this.#chunks.shift();
-        else this.#chunks[0] = c.subarray(k);
-      }
-    }
+    const out = takeBytes(this.#chunks, n);
     this.#have -= n;
     if (this.#have <= HIGH_WATER && this.#socket.isPaused() && !this.#detached) this.#socket.resume();
     return out;

@@ -12,6 +12,7 @@
  *   const reply = await fs.next(10_000, 'HELLO_REPLY');
  */
 import type { Duplex } from 'node:stream';
+import { takeBytes } from '../core/chunks.ts';
 import { DmError } from '../core/errors.ts';
 import {
   FrameType, HEADER_SIZE, MAX_PAYLOAD, ProtocolError, decodeHeader, encodeError, encodeHeader, payloadOk, type FrameHeader,
@@ -147,7 +148,7 @@ export class FrameSocket {
         }
         const h = this.#header;
         if (this.#have < h.length) return;
-        const payload = h.length === 0 ? Buffer.alloc(0) : this.#take(h.length);
+        const payload = this.#take(h.length);
         this.#header = null;
         if (payloadOk(h, payload)) this.#deliver({ h, payload });
         else if (this.#handler) this.#handler.corrupt(h);
@@ -178,26 +179,8 @@ export class FrameSocket {
 
   /** the next `n` buffered bytes: a slice when they sit in one chunk */
   #take(n: number): Buffer {
-    const first = this.#chunks[0]!;
-    let out: Buffer;
-    if (first.length >= n) {
-      out = first.subarray(0, n);
-      if (first.length === n) this.#chunks.shift();
-      else this.#chunks[0] = first.subarray(n);
-    } else {
-      out = Buffer.allocUnsafe(n);
-      let off = 0;
-      while (off < n) {
-        const c = this.#chunks[0]!;
-        const k = Math.min(c.length, n - off);
-        c.copy(out, off, 0, k);
-        off += k;
-        if (k === c.length) this.#chunks.shift();
-        else this.#chunks[0] = c.subarray(k);
-      }
-    }
     this.#have -= n;
-    return out;
+    return takeBytes(this.#chunks, n);
   }
 
   #fail(err: Error): void {
