@@ -41,6 +41,10 @@ export interface DaemonOptions {
   replicationSecret?: string;
   /** `require`: refuse replication senders that do not use TLS */
   replicationTls?: 'require';
+  /** TLS with certificates for replication senders that ask for it: CA, certificate, key (PEM) */
+  replicationTlsCa?: string;
+  replicationTlsCert?: string;
+  replicationTlsKey?: string;
   /** plugin modules (src/plugin.ts), loaded with dm.loadPlugin before the device set is restored */
   plugins?: string[];
   /** this process is the daemon: SIGTERM/SIGINT stop it and exit the process */

@@ -3,9 +3,10 @@
  * HMAC-SHA256 challenge–response over the shared secret. Nothing but these frames is
  * accepted before AUTH_OK, so no data flows to or from an unauthenticated peer.
  *
- *   C → S  HELLO          {min, max, tls, name}
+ *   C → S  HELLO          {min, max, tls, tlsMode: psk|cert, name}
  *   S → C  HELLO_REPLY    {version, tls}                 (or ERROR: no common version, TLS required)
- *          … both sides start TLS here when tls is true (PSK derived from the secret) …
+ *          … both sides start TLS here when tls is true: a PSK derived from the secret, or
+ *            certificates both ways (tls-certs.ts) …
  *   C → S  AUTH_CHALLENGE {nonce: Nc}
  *   S → C  AUTH_RESPONSE  {nonce: Ns, mac: HMAC(secret, "dmkit-replication server" v Nc Ns)}
  *   C → S  AUTH_PROOF     {mac: HMAC(secret, "dmkit-replication client" v Ns Nc)}
@@ -22,6 +23,7 @@ import { DmError } from '../core/errors.ts';
 import { startTls as clientTls } from '../nbd/client-handshake.ts';
 import { pskServerConfig, startTls as serverTls, type TlsServerConfig } from '../nbd/tls.ts';
 import { FrameSocket, type Frame } from './frame-socket.ts';
+import { clientCertTls, serverCertTls, type CertTls } from './tls-certs.ts';
 import {
   FrameType, MAX_CONTROL, MAX_VERSION, MIN_VERSION, ProtocolError, bool, decodeJson, encodeError, encodeJson, hex, str, uint,
 } from './protocol.ts';
@@ -103,11 +105,12 @@ export interface Authenticated {
 
 /** The sender's side. Rejects with EACCES (auth or TLS), ETIMEDOUT, EPROTO, ECONNRESET … */
 export async function clientHandshake(
-  sock: Socket, opts: { secret: Secret; tls: boolean; timeoutMs: number; name: string; where: string },
+  sock: Socket, opts: { secret: Secret; tls: boolean; certs?: CertTls; timeoutMs: number; name: string; where: string },
 ): Promise<Authenticated> {
   const deadline = Date.now() + opts.timeoutMs;
   let frames = new FrameSocket(sock, { maxPayload: MAX_CONTROL });
-  frames.send(FrameType.HELLO, 0, [encodeJson({ min: MIN_VERSION, max: MAX_VERSION, tls: opts.tls, name: opts.name })]);
+  const tlsMode = opts.certs ? 'cert' : 'psk';
+  frames.send(FrameType.HELLO, 0, [encodeJson({ min: MIN_VERSION, max: MAX_VERSION, tls: opts.tls, tlsMode, name: opts.name })]);
   const hr = decodeJson((await expect(frames, FrameType.HELLO_REPLY, 'HELLO_REPLY', deadline, opts.where)).payload, 'HELLO_REPLY');
   const version = uint(hr, 'version', 'HELLO_REPLY');
   if (version < MIN_VERSION || version > MAX_VERSION) throw new ProtocolError(`${opts.where}: receiver chose version ${version}, we speak ${MIN_VERSION}…${MAX_VERSION}`);
@@ -115,7 +118,10 @@ export async function clientHandshake(
   if (tls !== opts.tls) throw new ProtocolError(`${opts.where}: receiver answered tls=${tls} to tls=${opts.tls}`);
   if (tls) {
     frames.detach();
-    const t = await beforeDeadline(clientTls(sock, { identity: TLS_IDENTITY, key: tlsKey(opts.secret) }, opts.where), deadline, sock, `${opts.where}: TLS handshake`);
+    const start = opts.certs
+      ? clientCertTls(sock, opts.certs, opts.where)
+      : clientTls(sock, { identity: TLS_IDENTITY, key: tlsKey(opts.secret) }, opts.where);
+    const t = await beforeDeadline(start, deadline, sock, `${opts.where}: TLS handshake`);
     t.resume();
     frames = new FrameSocket(t, { maxPayload: MAX_CONTROL });
   }
@@ -139,6 +145,8 @@ export interface ServerAuth {
   readonly secret: Secret;
   /** refuse peers that do not ask for TLS */
   readonly requireTls: boolean;
+  /** TLS with certificates, for senders that ask for it (tls-ca=… on their slink) */
+  readonly certs?: CertTls;
   readonly timeoutMs: number;
 }
 
@@ -162,15 +170,26 @@ export async function serverHandshake(sock: Socket, auth: ServerAuth, where: str
     const max = uint(hello, 'max', 'HELLO');
     const tls = bool(hello, 'tls', 'HELLO');
     const name = str(hello, 'name', 'HELLO', 256);
+    const tlsMode = hello.tlsMode === undefined ? 'psk' : str(hello, 'tlsMode', 'HELLO', 8);
+    if (tlsMode !== 'psk' && tlsMode !== 'cert') refuse('EPROTO', `unknown tlsMode '${tlsMode}' (expected psk or cert)`);
     const version = Math.min(max, MAX_VERSION);
     if (version < Math.max(min, MIN_VERSION)) refuse('EPROTO', `no common protocol version (peer speaks ${min}…${max}, we speak ${MIN_VERSION}…${MAX_VERSION})`);
     if (auth.requireTls && !tls) refuse('EACCES', 'this receiver requires TLS (set tls=on on the slink)');
+    if (tls && tlsMode === 'cert' && !auth.certs) {
+      refuse('EACCES', 'this receiver has no TLS certificate (start it with --replication-tls-cert, -key and -ca, or use tls=on without tls-ca=…)');
+    }
     frames.send(FrameType.HELLO_REPLY, 0, [encodeJson({ version, tls })]);
     if (tls) {
       frames.detach();
-      let cfg = tlsConfigs.get(auth.secret);
-      if (!cfg) tlsConfigs.set(auth.secret, cfg = pskServerConfig(new Map([[TLS_IDENTITY, tlsKey(auth.secret)]]), true));
-      const t: TLSSocket = await beforeDeadline(serverTls(sock, cfg), deadline, sock, `${where}: TLS handshake`);
+      let start: Promise<TLSSocket>;
+      if (tlsMode === 'cert') {
+        start = serverCertTls(sock, auth.certs!);
+      } else {
+        let cfg = tlsConfigs.get(auth.secret);
+        if (!cfg) tlsConfigs.set(auth.secret, cfg = pskServerConfig(new Map([[TLS_IDENTITY, tlsKey(auth.secret)]]), true));
+        start = serverTls(sock, cfg);
+      }
+      const t: TLSSocket = await beforeDeadline(start, deadline, sock, `${where}: TLS handshake`);
       frames = new FrameSocket(t, { maxPayload: MAX_CONTROL });
     }
     const ch = decodeJson((await expect(frames, FrameType.AUTH_CHALLENGE, 'AUTH_CHALLENGE', deadline, where)).payload, 'AUTH_CHALLENGE');

@@ -18,6 +18,7 @@ import { DmError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { MappedDevice } from '../core/mapped-device.ts';
 import { serverHandshake, type Secret } from './handshake.ts';
+import type { CertTls } from './tls-certs.ts';
 import { PositionFile } from './position.ts';
 import { MAX_PAYLOAD } from './protocol.ts';
 import { readRoles, roleOf, writeRoles } from './roles.ts';
@@ -30,6 +31,8 @@ export interface ReceiverOptions {
   readonly secret: Secret;
   /** refuse senders that do not use TLS */
   readonly requireTls?: boolean;
+  /** TLS with certificates, for senders that ask for it */
+  readonly certs?: CertTls;
   /** where stream positions live (`<state>/replication`) */
   readonly stateDir: string;
   readonly maxConnections?: number;
@@ -50,7 +53,7 @@ export interface StreamStatus {
 
 export class ReplicationReceiver {
   readonly #dm: DeviceMapper;
-  readonly #opts: Required<ReceiverOptions>;
+  readonly #opts: Required<Omit<ReceiverOptions, 'certs'>> & Pick<ReceiverOptions, 'certs'>;
   readonly #log: Logger;
   readonly #server: Server;
   readonly #sockets = new Set<Socket>();
@@ -137,7 +140,7 @@ export class ReplicationReceiver {
     }
     this.#sockets.add(sock);
     sock.once('close', () => this.#sockets.delete(sock));
-    const auth = { secret: this.#opts.secret, requireTls: this.#opts.requireTls, timeoutMs: this.#opts.handshakeTimeoutMs };
+    const auth = { secret: this.#opts.secret, requireTls: this.#opts.requireTls, certs: this.#opts.certs, timeoutMs: this.#opts.handshakeTimeoutMs };
     serverHandshake(sock, auth, `replication from ${peer}`).then(
       (a) => {
         a.frames.maxPayload = MAX_PAYLOAD;

@@ -19,6 +19,7 @@ import type { Logger } from '../core/log.ts';
 import { compress } from './compress.ts';
 import type { Frame, FrameSocket } from './frame-socket.ts';
 import { clientHandshake, type Secret } from './handshake.ts';
+import type { CertTls } from './tls-certs.ts';
 import {
   Codec, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_PAYLOAD, decodeJson, encodeIo, encodeJson, str, uint,
   type FrameHeader,
@@ -31,6 +32,8 @@ export interface PeerOptions {
   readonly port: number;
   readonly secret: Secret;
   readonly tls: boolean;
+  /** TLS with certificates instead of the PSK (tls-ca=, tls-cert=, tls-key=) */
+  readonly certs?: CertTls;
   readonly crc: boolean;
   readonly codec: Codec;
   /** no answer to an outstanding request or ping for this long: the connection is dead */
@@ -221,7 +224,7 @@ export class Peer {
         sock.once('connect', () => { clearTimeout(t); resolve(); });
         sock.once('error', (e) => { clearTimeout(t); reject(new DmError((e as { code?: string }).code ?? 'ECONNREFUSED', `${where}: ${e.message}`)); });
       });
-      const a = await clientHandshake(sock, { secret: o.secret, tls: o.tls, timeoutMs: o.ioTimeoutMs, name: o.name, where });
+      const a = await clientHandshake(sock, { secret: o.secret, tls: o.tls, certs: o.certs, timeoutMs: o.ioTimeoutMs, name: o.name, where });
       a.frames.maxPayload = MAX_PAYLOAD;
       this.#frames = a.frames;
       this.#lastHeard = Date.now();

@@ -4,7 +4,8 @@
  * daemon's devices, named in the replicator-dev tuple.
  *
  *   replicator:      tcp <#params> <slink#> [<policy> [<fallbehind>]] peer=HOST:PORT secret=FILE
- *                        [tls=on|off] [integrity=crc32c|none] [compress=zstd|lz4|none]
+ *                        [tls=on|off [tls-ca=FILE tls-cert=FILE tls-key=FILE]]
+ *                        [integrity=crc32c|none] [compress=zstd|lz4|none]
  *                        [io-timeout=<seconds>] [retest=<seconds>]
  *   replicator-dev:  <slink#> 1 <remote-device-name> <dlog_type> …
  *
@@ -22,11 +23,12 @@ import { parseListen } from '../daemon/listen.ts';
 import { CODECS, type CompressName } from '../replication/compress.ts';
 import { loadSecret, type Secret } from '../replication/handshake.ts';
 import { Peer } from '../replication/sender.ts';
+import { loadCerts, type CertTls } from '../replication/tls-certs.ts';
 import { optionsTable, readDeviceParam, testDevice } from './common.ts';
 import { readOptions, readRetest, readSeconds } from './options.ts';
 import type { RemoteDevice, ShipTag, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
 
-const KNOWN_OPTIONS = ['peer', 'secret', 'tls', 'integrity', 'compress', 'io-timeout', 'retest'] as const;
+const KNOWN_OPTIONS = ['peer', 'secret', 'tls', 'tls-ca', 'tls-cert', 'tls-key', 'integrity', 'compress', 'io-timeout', 'retest'] as const;
 const DEFAULT_TIMEOUT_MS = 10_000;
 /** answers from the receiver that mean the table is wrong, not that the site is away */
 const CONFIG_ERRORS = new Set(['ENOENT', 'ENOSPC', 'EBUSY', 'EROFS', 'EINVAL']);
@@ -114,7 +116,8 @@ class TcpSlink implements SiteLink {
     const p = this.#peer;
     const { rawBytes, wireBytes } = p.stats;
     return {
-      peer: p.address, connection: p.state, lastError: p.lastError || null, tls: p.opts.tls, integrity: p.opts.crc ? 'crc32c' : 'none',
+      peer: p.address, connection: p.state, lastError: p.lastError || null, tls: p.opts.tls,
+      tlsMode: p.opts.tls ? (p.opts.certs ? 'certificates' : 'psk') : null, integrity: p.opts.crc ? 'crc32c' : 'none',
       compress: this.#compress, bytesOnWire: wireBytes, payloadBytes: rawBytes,
       compressionRatio: wireBytes > 0 ? Math.round((rawBytes / wireBytes) * 100) / 100 : null,
       resends: p.stats.resends, badReplies: p.stats.badReplies, peerErrors: p.stats.peerErrors, reconnects: p.stats.reconnects,
@@ -132,6 +135,21 @@ function choice<T extends string>(slink: number, key: string, value: string | un
     throw new TargetArgError(`slink ${slink}: invalid ${key} '${value}' (expected ${allowed.join(' or ')})`);
   }
   return value as T;
+}
+
+/** `tls-ca=`, `tls-cert=`, `tls-key=`: all three (with tls=on) for TLS with certificates, or none for the PSK */
+function readCerts(slink: number, tls: boolean, opts: Map<string, string>): CertTls | undefined {
+  const [ca, cert, key] = [opts.get('tls-ca'), opts.get('tls-cert'), opts.get('tls-key')];
+  if (ca === undefined && cert === undefined && key === undefined) return undefined;
+  if (ca === undefined || cert === undefined || key === undefined) {
+    throw new TargetArgError(`slink ${slink}: TLS with certificates needs tls-ca=, tls-cert= and tls-key= together`);
+  }
+  if (!tls) throw new TargetArgError(`slink ${slink}: tls-ca=, tls-cert= and tls-key= need tls=on`);
+  try {
+    return loadCerts({ ca, cert, key }, `slink ${slink}`);
+  } catch (err) {
+    throw new TargetArgError((err as Error).message, (err as DmError).code);
+  }
 }
 
 /** The `tcp` transport. */
@@ -158,11 +176,12 @@ export const tcpSlink: SiteLinkType = {
       throw new TargetArgError(`slink ${slink}: ${(err as Error).message}`, (err as DmError).code);
     }
     const tls = choice(slink, 'tls', opts.get('tls'), ['on', 'off'] as const, 'off') === 'on';
+    const certs = readCerts(slink, tls, opts);
     const crc = choice(slink, 'integrity', opts.get('integrity'), ['crc32c', 'none'] as const, 'crc32c') === 'crc32c';
     const compress = choice(slink, 'compress', opts.get('compress'), ['zstd', 'lz4', 'none'] as const, 'none');
     const timeoutMs = readSeconds(slink, 'io-timeout', opts.get('io-timeout'), DEFAULT_TIMEOUT_MS);
     const p = new Peer({
-      host: peer.host, port: peer.port, secret, tls, crc, codec: CODECS[compress], ioTimeoutMs: timeoutMs, reconnectMs: timeoutMs,
+      host: peer.host, port: peer.port, secret, tls, certs, crc, codec: CODECS[compress], ioTimeoutMs: timeoutMs, reconnectMs: timeoutMs,
       groupId: ctx.groupId, slink, name: `${ctx.device} slink ${slink}`, log: ctx.log, changed: () => ctx.event(),
     });
     return new TcpSlink(slink, retestMs, p, [...options], compress);

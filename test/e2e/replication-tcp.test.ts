@@ -13,6 +13,7 @@
  *    log it, B's image untouched;
  *  - secret files readable by others are refused, by the daemon and by the table.
  */
+import { execFileSync } from 'node:child_process';
 import fs from 'node:fs';
 import path from 'node:path';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
@@ -36,7 +37,7 @@ let b: SiteDaemon;
 const extra: SiteDaemon[] = [];
 
 beforeAll(async () => {
-  requireTools(['nbdcopy', 'nbdinfo']);
+  requireTools(['nbdcopy', 'nbdinfo', 'openssl']);
   b = await SiteDaemon.start();
 });
 afterAll(async () => {
@@ -52,6 +53,35 @@ function blank(dir: string, name: string, bytes = BYTES): string {
   fs.writeFileSync(f, '');
   fs.truncateSync(f, bytes);
   return f;
+}
+
+interface Pem {
+  pem: string;
+  key: string;
+}
+
+function openssl(args: string[]): void {
+  execFileSync('openssl', args, { stdio: 'ignore' });
+}
+
+/** a test CA: a self-signed P-256 certificate */
+function makeCa(dir: string, name: string): Pem {
+  const pem = path.join(dir, `${name}.pem`);
+  const key = path.join(dir, `${name}.key`);
+  openssl(['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', pem, '-days', '2', '-subj', `/CN=${name}`]);
+  fs.chmodSync(key, 0o600);
+  return { pem, key };
+}
+
+/** a certificate for `name` signed by `ca` */
+function makeCert(dir: string, ca: Pem, name: string): Pem {
+  const key = path.join(dir, `${name}.key`);
+  const csr = path.join(dir, `${name}.csr`);
+  const pem = path.join(dir, `${name}.pem`);
+  openssl(['req', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes', '-keyout', key, '-out', csr, '-subj', `/CN=${name}`]);
+  openssl(['x509', '-req', '-in', csr, '-CA', ca.pem, '-CAkey', ca.key, '-CAcreateserial', '-out', pem, '-days', '2']);
+  fs.chmodSync(key, 0o600);
+  return { pem, key };
 }
 
 /** site A: a daemon with repl (tcp slink 1 to `site`) and vol over a local image, replicated to `remote` at the site */
@@ -168,6 +198,38 @@ describe('two daemons over tcp', () => {
     expect(r.link!.lastError).toMatch(/requires TLS/);
     expect(strict.log()).toMatch(/refused .*requires TLS/);
     expect(fs.readFileSync(img2).equals(Buffer.alloc(BYTES))).toBe(true);
+  });
+
+  it('TLS with certificates: both sides verify a chain to the CA; a sender signed by another CA is refused, nothing written', async () => {
+    const dir = fs.mkdtempSync(path.join(b.sb.dir, 'pki-'));
+    const ca = makeCa(dir, 'ca');
+    const other = makeCa(dir, 'other-ca');
+    const siteB = makeCert(dir, ca, 'siteb');
+    const certA = makeCert(dir, ca, 'sitea');
+    const rogue = makeCert(dir, other, 'rogue');
+    const pki = await SiteDaemon.start({ args: ['--replication-tls-ca', ca.pem, '--replication-tls-cert', siteB.pem, '--replication-tls-key', siteB.key] });
+    extra.push(pki);
+    const img = await receivingDevice(pki, 'certs');
+    await siteA(pki, 'certs', ['tls=on', `tls-ca=${ca.pem}`, `tls-cert=${certA.pem}`, `tls-key=${certA.key}`]);
+    const data = writeRandomImage(path.join(a.dir, 'data.img'), 1 << 20);
+    await tool('nbdcopy', [path.join(a.dir, 'data.img'), devUri(a, 'vol')]);
+    const s = await waitSite((x) => x.stateChar === 'A' && x.lag.ios === 0, 'caught up over TLS with certificates');
+    expect(s.link).toMatchObject({ connection: 'connected', tls: true, tlsMode: 'certificates' });
+    expect(fs.readFileSync(img).subarray(0, 1 << 20).equals(data)).toBe(true);
+    await cleanup(a);
+
+    const img2 = await receivingDevice(pki, 'rogue');
+    await siteA(pki, 'rogue', ['tls=on', `tls-ca=${ca.pem}`, `tls-cert=${rogue.pem}`, `tls-key=${rogue.key}`]);
+    const r = await waitSite((x) => x.link?.connection === 'auth-failed' || x.link?.connection === 'down', 'refused');
+    expect(r.link!.lastError).toMatch(/TLS|certificate|connection closed/i);
+    expect(pki.log()).toMatch(/refused .*TLS handshake failed/);
+    expect(fs.readFileSync(img2).equals(Buffer.alloc(BYTES))).toBe(true);
+    // half a set of certificate options, or a key others may read, is refused with the reason
+    const half = await dmkit(a, ['create', 'half', '--table', `0 1 replicator ringbuffer 4 ${blank(a.dir, 'rlog2', 8 << 20)} 0 auto 16384 blockdev 1 0 tcp 5 1 peer=${pki.address} secret=${pki.secretFile} tls=on tls-ca=${ca.pem}`]);
+    expect(half.stderr).toContain('slink 1: TLS with certificates needs tls-ca=, tls-cert= and tls-key= together');
+    fs.chmodSync(certA.key, 0o644);
+    const loose = await dmkit(a, ['create', 'loose', '--table', `0 1 replicator ringbuffer 4 ${blank(a.dir, 'rlog3', 8 << 20)} 0 auto 16384 blockdev 1 0 tcp 7 1 peer=${pki.address} secret=${pki.secretFile} tls=on tls-ca=${ca.pem} tls-cert=${certA.pem} tls-key=${certA.key}`]);
+    expect(loose.stderr).toContain(`slink 1: the TLS key ${certA.key} has mode 0644, others may read it; chmod 600 it`);
   });
 
   it('a wrong secret is refused before any data flows: auth-failed in status, logged on both sides, image untouched', async () => {

@@ -34,6 +34,11 @@ function verb(f: (s: A.Session, ...args: never[]) => Promise<void>) {
   };
 }
 
+/** an optional file option as an absolute path (the daemon runs from /) */
+function abs(v: unknown): string | undefined {
+  return v === undefined ? undefined : path.resolve(v as string);
+}
+
 function checkListen(v: string, option = '--nbd-listen'): string {
   parseListen(v, option); // throws a precise EINVAL
   return v;
@@ -62,6 +67,7 @@ async function daemon(o: Opts): Promise<void> {
       runtimeDir: runtimeDir(), stateDir: stateDir(), nbdListen, nbdThreads, plugins, foreground: true,
       tlsPsk: o.tlsPsk ? path.resolve(o.tlsPsk as string) : undefined, tls: o.tls as 'on' | 'require' | undefined,
       replicationListen, replicationSecret, replicationTls: o.replicationTls as 'require' | undefined,
+      replicationTlsCa: abs(o.replicationTlsCa), replicationTlsCert: abs(o.replicationTlsCert), replicationTlsKey: abs(o.replicationTlsKey),
     });
     return;
   }
@@ -75,6 +81,9 @@ async function daemon(o: Opts): Promise<void> {
   if (replicationListen) args.push('--replication-listen', replicationListen);
   if (replicationSecret) args.push('--replication-secret', replicationSecret);
   if (o.replicationTls) args.push('--replication-tls', o.replicationTls as string);
+  for (const [flag, v] of [['--replication-tls-ca', o.replicationTlsCa], ['--replication-tls-cert', o.replicationTlsCert], ['--replication-tls-key', o.replicationTlsKey]] as const) {
+    if (v !== undefined) args.push(flag, path.resolve(v as string));
+  }
   for (const pl of plugins) args.push('--plugin', pl);
   await spawnDaemon(p, args);
 }
@@ -162,6 +171,9 @@ export function buildProgram(): Command {
     .option('--replication-listen <host:port>', 'receive replication from tcp slinks of other sites on this address')
     .option('--replication-secret <file>', 'the shared secret senders must prove (mode 0600)')
     .addOption(new Option('--replication-tls <mode>', 'refuse replication senders without TLS').choices(['require']))
+    .option('--replication-tls-ca <file>', 'CA (PEM) that signs the certificates of replication senders using tls-ca=')
+    .option('--replication-tls-cert <file>', "this receiver's TLS certificate (PEM)")
+    .option('--replication-tls-key <file>', "this receiver's TLS key (PEM, mode 0600)")
     .option('--plugin <path>', 'load a plugin module: target types, dirty logs, slinks, replogs (repeatable)', collect, [])
     .action((o: Opts) => daemon(o));
   return program;
