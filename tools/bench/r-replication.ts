@@ -28,9 +28,10 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { startWorker } from './child.ts';
 import { createImage, warmPageCache } from './l1-library.ts';
+import { int, row, side, size, zeroFile } from './r-common.ts';
 import type { R1Command, R1Files, R1Result, R1SideName, R1Spec, R3Command, R3Files, R3Result, R3Spec } from './r-worker.ts';
-import { formatSize, parseSize } from './size.ts';
-import { median, pairRatios } from './stats.ts';
+import { formatSize } from './size.ts';
+import { median } from './stats.ts';
 import type { BenchContext, Row, Sample, Side, Suite } from './suite.ts';
 import { fmtValue } from './suite.ts';
 import type { Pattern } from './workload.ts';
@@ -42,39 +43,6 @@ export const R1_PATTERNS: readonly Pattern[] = [
   { id: 'rand-write-4k-qd1', op: 'write', bs: 4096, qd: 1, access: 'random' },
   { id: 'rand-write-4k-qd32', op: 'write', bs: 4096, qd: 32, access: 'random' },
 ];
-
-function size(ctx: BenchContext, key: string, fallback: number): number {
-  const v = ctx.opts[key];
-  return v === undefined ? fallback : parseSize(v);
-}
-
-function int(ctx: BenchContext, key: string, fallback: number): number {
-  const v = ctx.opts[key];
-  const n = v === undefined ? fallback : Number(v);
-  if (!Number.isInteger(n) || n < 0) throw new Error(`--opt ${key} must be a whole number >= 0, got '${v}'`);
-  return n;
-}
-
-/** a file of `bytes` zeroes, every block written (no holes) */
-function zeroFile(file: string, bytes: number): void {
-  const fd = fs.openSync(file, 'w');
-  try {
-    const z = Buffer.alloc(1 << 20);
-    for (let pos = 0; pos < bytes; pos += z.length) fs.writeSync(fd, z, 0, Math.min(z.length, bytes - pos), pos);
-    fs.fdatasyncSync(fd);
-  } finally {
-    fs.closeSync(fd);
-  }
-}
-
-function side(name: string, detail: string, samples: Sample[], rss: number | null, rssFrom?: string): Side {
-  return { name, detail, samples, median: median(samples.map((s) => s.value)), medianRssKiB: rss, ...(rssFrom ? { rssFrom } : {}) };
-}
-
-function row(r: Omit<Row, 'ratios' | 'ratio' | 'slices'>): Row {
-  const ratios = pairRatios(r.a.samples.map((s) => s.value), r.b.samples.map((s) => s.value));
-  return { ...r, slices: 1, ratios, ratio: median(ratios) };
-}
 
 // ---- R1 ----
 

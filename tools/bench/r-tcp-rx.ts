@@ -14,8 +14,8 @@
  * image, untimed, and start counting), `end` (CPU seconds, fdatasync calls, peak RSS
  * sampled every 20 ms since `begin`, and the process's maxRSS).
  */
-import fs from 'node:fs';
 import { createInterface } from 'node:readline';
+import { syncAll } from './r-probe.ts';
 import { countFdatasyncs, patchNoDelay, startRefReceiver } from './r-tcp-reference.ts';
 
 export interface RxDevice {
@@ -96,14 +96,7 @@ async function main(): Promise<void> {
     if (!line.trim()) continue;
     const c = JSON.parse(line) as RxCommand;
     if (c.cmd === 'begin') {
-      for (const f of files) {
-        const fd = fs.openSync(f, 'r+');
-        try {
-          fs.fdatasyncSync(fd);
-        } finally {
-          fs.closeSync(fd);
-        }
-      }
+      syncAll(files);
       cpu0 = process.cpuUsage();
       sync0 = syncs.count();
       flush0 = ref?.flushes ?? 0;

@@ -18,13 +18,13 @@
  * at the write's position modulo its size: RC's compressible and incompressible images).
  */
 import fs from 'node:fs';
-import { PerformanceObserver } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import type { DeviceMapper, MappedDevice } from '../../src/index.ts';
 import { DATA_SECTOR, decodeEntryHeader, decodeHeader } from '../../src/replog/ring-format.ts';
 import { dmkitFactory } from './lib-sides.ts';
+import { gcWatch, type RunResult, sampler, slink1, syncAll, waitCaughtUp } from './r-probe.ts';
 import { driveOps, offsets } from './r-reference.ts';
-import { countFdatasyncs, patchNoDelay, TcpReplica } from './r-tcp-reference.ts';
+import { countFdatasyncs, patchNoDelay, TcpReplica, type TcpReplicaSpec } from './r-tcp-reference.ts';
 import type { IoFactory, Pattern, Slot } from './workload.ts';
 import { makeSlots, rng } from './workload.ts';
 
@@ -43,17 +43,12 @@ export interface DmkitSideSpec {
   options: string[];
 }
 
-export interface RefSideSpec {
+/** a TcpReplica (its spec, but for the receiver's port) and the steps of a request */
+export interface RefSideSpec extends Omit<TcpReplicaSpec, 'port'> {
   kind: 'ref';
   name: string;
   /** a request's steps: the log append first, then the local write ‖ the send (TcpReplica.factory) */
   steps: { log: boolean; local: boolean; send: boolean };
-  log: string;
-  logBytes: number;
-  local: string;
-  crc: boolean;
-  noDelay: boolean;
-  checkpoints: boolean;
 }
 
 export type TcpSideSpec = DmkitSideSpec | RefSideSpec;
@@ -112,21 +107,10 @@ export interface TcpSiteTrace {
   reconnects: number;
 }
 
-export interface TcpResult {
-  side: string;
-  ops: number;
-  bytes: number;
-  ackSeconds: number;
-  /** first request → the site has everything (dmkit async); = ackSeconds otherwise */
-  replSeconds: number;
-  cpuSeconds: number;
-  maxRssKiB: number;
-  rssPeakKiB: number;
-  syncSeconds: number;
+export interface TcpResult extends RunResult {
   fdatasyncs: number;
   /** reference checkpoints during the run */
   checkpoints: number;
-  gc: { count: number; ms: number; major: number; majorMs: number };
   site: TcpSiteTrace | null;
   /** the run's start and end on the monotonic clock in µs (a --cpu-prof profile's time base) */
   windowUs: [number, number];
@@ -135,90 +119,11 @@ export interface TcpResult {
   suspended?: SuspendTrace;
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-function syncAll(files: readonly string[]): number {
-  const t0 = performance.now();
-  for (const f of files) {
-    const fd = fs.openSync(f, 'r+');
-    try {
-      fs.fdatasyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-  }
-  return (performance.now() - t0) / 1000;
-}
-
 interface LinkJson { payloadBytes: number; bytesOnWire: number; resends: number; reconnects: number; connection: string }
-interface ReplDetail {
-  statistics: { overflows: number };
-  sites: Array<{ slink: number; resyncedBytes?: number; link?: LinkJson | null }>;
-}
-
-function caughtUp(dm: DeviceMapper, group: string): boolean {
-  return /(^| )1:[AS],0,0( |$)/.test(dm.status(group)[0]!.params);
-}
-
-async function waitCaughtUp(dm: DeviceMapper, group: string, ms: number): Promise<void> {
-  const end = Date.now() + ms;
-  while (!caughtUp(dm, group)) {
-    if (Date.now() > end) throw new Error(`${group}: slink 1 not caught up after ${ms / 1000} s: status '${dm.status(group)[0]!.params}'`);
-    await sleep(1);
-  }
-}
 
 function counters(dm: DeviceMapper, group: string): { overflows: number; resyncedBytes: number; link: LinkJson } {
-  const d = dm.status(group)[0]!.detail as ReplDetail;
-  const s = d.sites.find((x) => x.slink === 1)!;
-  return { overflows: d.statistics.overflows, resyncedBytes: s.resyncedBytes ?? 0, link: s.link! };
-}
-
-function sampler(dm: DeviceMapper | null, group: string): { stop(): { rssPeakKiB: number; states: string; maxLagIos: number; maxRing: number } } {
-  let rss = process.memoryUsage.rss();
-  const states = new Set<string>();
-  let maxLagIos = 0;
-  let maxRing = 0;
-  const take = (): void => {
-    rss = Math.max(rss, process.memoryUsage.rss());
-    if (!dm) return;
-    const m = /(?:^| )1:([A-Z]),(\d+),(\d+) (\d+)\/\d+/.exec(dm.status(group)[0]!.params);
-    if (!m) return;
-    states.add(m[1]!);
-    maxLagIos = Math.max(maxLagIos, Number(m[2]));
-    maxRing = Math.max(maxRing, Number(m[4]));
-  };
-  const timer = setInterval(take, 20);
-  return {
-    stop() {
-      clearInterval(timer);
-      take();
-      return { rssPeakKiB: Math.round(rss / 1024), states: [...states].join(''), maxLagIos, maxRing };
-    },
-  };
-}
-
-function gcWatch(): { stop(): TcpResult['gc'] } {
-  const gc = { count: 0, ms: 0, major: 0, majorMs: 0 };
-  const add = (list: readonly PerformanceEntry[]): void => {
-    for (const e of list) {
-      gc.count++;
-      gc.ms += e.duration;
-      if ((e as PerformanceEntry & { detail?: { kind?: number } }).detail?.kind === 4) {
-        gc.major++;
-        gc.majorMs += e.duration;
-      }
-    }
-  };
-  const obs = new PerformanceObserver((list) => add(list.getEntries()));
-  obs.observe({ entryTypes: ['gc'] });
-  return {
-    stop() {
-      add(obs.takeRecords());
-      obs.disconnect();
-      return { count: gc.count, ms: Math.round(gc.ms), major: gc.major, majorMs: Math.round(gc.majorMs) };
-    },
-  };
+  const { overflows, site: s } = slink1<{ slink: number; resyncedBytes?: number; link?: LinkJson | null }>(dm, group);
+  return { overflows, resyncedBytes: s.resyncedBytes ?? 0, link: s.link! };
 }
 
 /**

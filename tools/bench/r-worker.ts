@@ -10,11 +10,10 @@
  * files are fdatasync-ed (untimed), so no run pays for the previous run's dirty pages.
  * R3 command: one outage and its resync (dmkit), or the plain copy of the same regions (ref).
  */
-import fs from 'node:fs';
-import { PerformanceObserver } from 'node:perf_hooks';
 import { createInterface } from 'node:readline';
 import type { DeviceMapper, MappedDevice } from '../../src/index.ts';
 import { dmkitFactory } from './lib-sides.ts';
+import { gcWatch, type RunResult, sampler, sleep, slink1, syncAll, waitCaughtUp } from './r-probe.ts';
 import { copyRegions, driveOps, offsets, replicaFactory, type Replica } from './r-reference.ts';
 import type { Pattern, Slot } from './workload.ts';
 import { makeSlots } from './workload.ts';
@@ -53,21 +52,7 @@ export interface SiteTrace {
   shippedBytes: number;
 }
 
-export interface R1Result {
-  side: R1SideName;
-  ops: number;
-  bytes: number;
-  /** first request issued → last request acknowledged */
-  ackSeconds: number;
-  /** first request issued → the site has everything (dmkit); = ackSeconds for the others */
-  replSeconds: number;
-  cpuSeconds: number;
-  maxRssKiB: number;
-  /** peak of process.memoryUsage.rss() sampled every 20 ms during this run */
-  rssPeakKiB: number;
-  syncSeconds: number;
-  /** garbage collections during the run: count and total pause ms (major: mark-compact) */
-  gc: { count: number; ms: number; major: number; majorMs: number };
+export interface R1Result extends RunResult<R1SideName> {
   /** minor page faults of the process during the run (fresh memory, page-cache mappings) */
   minorFaults: number;
   site: SiteTrace | null;
@@ -102,99 +87,9 @@ export interface R3Result {
   maxRssKiB: number;
 }
 
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-function syncAll(files: readonly string[]): number {
-  const t0 = performance.now();
-  for (const f of files) {
-    const fd = fs.openSync(f, 'r+');
-    try {
-      fs.fdatasyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-  }
-  return (performance.now() - t0) / 1000;
-}
-
-interface ReplDetail {
-  statistics: { overflows: number };
-  sites: Array<{ slink: number; resyncedBytes?: number; shipped?: { bytes: number } }>;
-}
-
-/** the group's status line and JSON */
-function groupStatus(dm: DeviceMapper): { line: string; detail: ReplDetail } {
-  const l = dm.status('repl')[0]!;
-  return { line: l.params, detail: l.detail as ReplDetail };
-}
-
-function caughtUp(dm: DeviceMapper): boolean {
-  return /(^| )1:[AS],0,0( |$)/.test(dm.status('repl')[0]!.params);
-}
-
-async function waitCaughtUp(dm: DeviceMapper, ms: number): Promise<void> {
-  const end = Date.now() + ms;
-  while (!caughtUp(dm)) {
-    if (Date.now() > end) throw new Error(`slink 1 not caught up after ${ms / 1000} s: status '${dm.status('repl')[0]!.params}', vol0 '${dm.status('vol0')[0]!.params}'`);
-    await sleep(1);
-  }
-}
-
 function siteCounters(dm: DeviceMapper): { overflows: number; resyncedBytes: number; shippedBytes: number } {
-  const d = groupStatus(dm).detail;
-  const s = d.sites.find((x) => x.slink === 1)!;
-  return { overflows: d.statistics.overflows, resyncedBytes: s.resyncedBytes ?? 0, shippedBytes: s.shipped?.bytes ?? 0 };
-}
-
-/** samples RSS (and the site's lag when a group is given) every 20 ms until stopped */
-function sampler(dm: DeviceMapper | null): { stop(): { rssPeakKiB: number; trace: Omit<SiteTrace, 'overflows' | 'resyncedBytes' | 'shippedBytes'> } } {
-  let rss = process.memoryUsage.rss();
-  const states = new Set<string>();
-  let maxLagIos = 0;
-  let maxLagSectors = 0;
-  let maxRing = 0;
-  const take = (): void => {
-    rss = Math.max(rss, process.memoryUsage.rss());
-    if (!dm) return;
-    const m = /(?:^| )1:([A-Z]),(\d+),(\d+) (\d+)\/\d+/.exec(groupStatus(dm).line);
-    if (!m) return;
-    states.add(m[1]!);
-    maxLagIos = Math.max(maxLagIos, Number(m[2]));
-    maxLagSectors = Math.max(maxLagSectors, Number(m[3]));
-    maxRing = Math.max(maxRing, Number(m[4]));
-  };
-  const timer = setInterval(take, 20);
-  return {
-    stop() {
-      clearInterval(timer);
-      take();
-      return { rssPeakKiB: Math.round(rss / 1024), trace: { states: [...states].join(''), maxLagIos, maxLagSectors, maxRingUsedSectors: maxRing } };
-    },
-  };
-}
-
-/** GC pauses from now until stopped (perf_hooks 'gc' entries; kind 4 = mark-compact) */
-function gcWatch(): { stop(): R1Result['gc'] } {
-  const gc = { count: 0, ms: 0, major: 0, majorMs: 0 };
-  const add = (list: readonly PerformanceEntry[]): void => {
-    for (const e of list) {
-      gc.count++;
-      gc.ms += e.duration;
-      if ((e as PerformanceEntry & { detail?: { kind?: number } }).detail?.kind === 4) {
-        gc.major++;
-        gc.majorMs += e.duration;
-      }
-    }
-  };
-  const obs = new PerformanceObserver((list) => add(list.getEntries()));
-  obs.observe({ entryTypes: ['gc'] });
-  return {
-    stop() {
-      add(obs.takeRecords());
-      obs.disconnect();
-      return { count: gc.count, ms: Math.round(gc.ms), major: gc.major, majorMs: Math.round(gc.majorMs) };
-    },
-  };
+  const { overflows, site: s } = slink1<{ slink: number; resyncedBytes?: number; shipped?: { bytes: number } }>(dm, 'repl');
+  return { overflows, resyncedBytes: s.resyncedBytes ?? 0, shippedBytes: s.shipped?.bytes ?? 0 };
 }
 
 async function newEngine(): Promise<DeviceMapper> {
@@ -235,9 +130,9 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
     if (!s) throw new Error(`side ${cmd.side} is not set up in this worker`);
     const syncSeconds = syncAll(files);
     const isDm = cmd.side === 'dmkit';
-    if (isDm) await waitCaughtUp(dm, 60_000);
+    if (isDm) await waitCaughtUp(dm, 'repl', 60_000, 'vol0');
     const before = isDm ? siteCounters(dm) : null;
-    const sam = sampler(isDm ? dm : null);
+    const sam = sampler(isDm ? dm : null, 'repl');
     const gcw = gcWatch();
     const faults0 = process.resourceUsage().minorPageFault;
     const cpu0 = process.cpuUsage();
@@ -246,17 +141,17 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
     const r = await driveOps(s, p, span, cmd.ops, cmd.seed);
     const ackSeconds = (performance.now() - t0) / 1000;
     if (cmd.side === 'ref') await replica!.stopRun();
-    if (isDm) await waitCaughtUp(dm, 300_000);
+    if (isDm) await waitCaughtUp(dm, 'repl', 300_000, 'vol0');
     const replSeconds = isDm ? (performance.now() - t0) / 1000 : ackSeconds;
     const cpu = process.cpuUsage(cpu0);
     const usage = process.resourceUsage();
     const gc = gcw.stop();
-    const { rssPeakKiB, trace } = sam.stop();
+    const sm = sam.stop();
     let site: SiteTrace | null = null;
     if (isDm) {
       const after = siteCounters(dm);
       site = {
-        ...trace,
+        states: sm.states, maxLagIos: sm.maxLagIos, maxLagSectors: sm.maxLagSectors, maxRingUsedSectors: sm.maxRing,
         overflows: after.overflows - before!.overflows,
         resyncedBytes: after.resyncedBytes - before!.resyncedBytes,
         shippedBytes: after.shippedBytes - before!.shippedBytes,
@@ -264,7 +159,7 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
     }
     return {
       side: cmd.side, ops: r.ops, bytes: r.bytes, ackSeconds, replSeconds,
-      cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssKiB: usage.maxRSS, rssPeakKiB, syncSeconds, gc,
+      cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssKiB: usage.maxRSS, rssPeakKiB: sm.rssPeakKiB, syncSeconds, gc,
       minorFaults: usage.minorPageFault - faults0, site,
     };
   };
@@ -324,7 +219,7 @@ async function r3Worker(spec: R3Spec, reply: (x: unknown) => void, commands: () 
       } satisfies R3Result);
       continue;
     }
-    await waitCaughtUp(dm, 60_000);
+    await waitCaughtUp(dm, 'repl', 60_000, 'vol0');
     syncAll([f.rlog, f.local, f.remote, f.dlog]);
     const before = siteCounters(dm);
     await swap(`0 ${spec.sectors} error`);
@@ -340,7 +235,7 @@ async function r3Worker(spec: R3Spec, reply: (x: unknown) => void, commands: () 
     const cpuHeal = process.cpuUsage();
     const t0 = performance.now();
     await dm.message('repl', 0, ['resync', '1']);
-    await waitCaughtUp(dm, 300_000);
+    await waitCaughtUp(dm, 'repl', 300_000, 'vol0');
     const seconds = (performance.now() - t0) / 1000;
     const cpu = process.cpuUsage(cpuHeal);
     const after = siteCounters(dm);
