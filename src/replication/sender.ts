@@ -107,6 +107,8 @@ export class Peer {
   #timer: NodeJS.Timeout | null = null;
   #closed = false;
   #reconnecting = false;
+  /** when the last connection attempt failed (0: none yet) */
+  #failedAt = 0;
 
   constructor(opts: PeerOptions) {
     this.opts = opts;
@@ -126,7 +128,12 @@ export class Peer {
   addDevice(devNr: number, name: string, sectors: number): { key: number; opened: Promise<void> } {
     const key = this.#nextKey++;
     this.#devs.set(key, { devNr, name, sectors, handle: 0 });
-    const opened = this.state === 'connected' ? this.#openDevice(key) : this.connect();
+    // a site that just failed to answer is not tried again for every device a table restore
+    // attaches (each would wait up to io-timeout): they attach down, the retest reconnects
+    const recent = this.state !== 'connected' && Date.now() - this.#failedAt < this.opts.ioTimeoutMs;
+    const opened = this.state === 'connected' ? this.#openDevice(key)
+      : recent ? Promise.reject(new BlockError('ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError}`))
+      : this.connect();
     return { key, opened };
   }
 
@@ -134,6 +141,12 @@ export class Peer {
   async removeDevice(key: number, release = true): Promise<void> {
     const d = this.#devs.get(key);
     this.#devs.delete(key);
+    // its requests not yet answered fail now: nobody will send them any more
+    for (const r of [...this.#reqs.values()]) {
+      if (r.dev !== key) continue;
+      this.#reqs.delete(r.id);
+      r.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
+    }
     if (!release || !d || this.state !== 'connected' || d.handle === 0) return;
     await this.#control(FrameType.CLOSE, { handle: d.handle }).catch(() => undefined);
   }
@@ -156,6 +169,7 @@ export class Peer {
   /** one IO for attachment `key` (sectors relative to its device); see RemoteDevice.submit */
   submit(key: number, bio: Bio, seq: number, epoch: number): Promise<void> {
     if (this.#closed) return Promise.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`));
+    if (!this.#devs.has(key)) return Promise.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
     if (this.state === 'down' || this.state === 'auth-failed') {
       return Promise.reject(new BlockError(this.state === 'auth-failed' ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError || 'not connected'}`));
     }
@@ -204,6 +218,7 @@ export class Peer {
   #send(req: Req): void {
     const f = this.#frames;
     const d = this.#devs.get(req.dev);
+    if (!d && this.#reqs.delete(req.id)) return req.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
     if (!f || this.state !== 'connected' || !this.#reqs.has(req.id) || !d || d.handle === 0) return; // sent after (re)connecting
     const sub = encodeIo({ handle: d.handle, ...req.io, codec: req.codec, rawBytes: req.rawBytes });
     req.sentAt = Date.now();
@@ -217,6 +232,7 @@ export class Peer {
     const o = this.opts;
     const where = `${o.name}: ${this.address}`;
     const sock = net.connect({ host: o.host, port: o.port, noDelay: true }); // small frames wait for replies: no Nagle
+    let answered = false; // the handshake succeeded: a failure after it is the receiver refusing a device
     sock.on('error', () => {});
     try {
       await new Promise<void>((resolve, reject) => {
@@ -225,6 +241,7 @@ export class Peer {
         sock.once('error', (e) => { clearTimeout(t); reject(new DmError((e as { code?: string }).code ?? 'ECONNREFUSED', `${where}: ${e.message}`)); });
       });
       const a = await clientHandshake(sock, { secret: o.secret, tls: o.tls, certs: o.certs, timeoutMs: o.ioTimeoutMs, name: o.name, where });
+      answered = true;
       a.frames.maxPayload = MAX_PAYLOAD;
       this.#frames = a.frames;
       this.#lastHeard = Date.now();
@@ -247,6 +264,7 @@ export class Peer {
       this.#frames = null;
       this.#stopTimer();
       const e = err as DmError;
+      if (!answered) this.#failedAt = Date.now();
       if (e.code === 'EPROTO') this.stats.badReplies++; // a handshake frame damaged one way or the other
       this.lastError = e.message;
       if (this.state === 'connected') this.#setState('connecting');
