@@ -152,7 +152,7 @@ export class FrameSocket {
         this.#header = null;
         if (payloadOk(h, payload)) this.#deliver({ h, payload });
         else if (this.#handler) this.#handler.corrupt(h);
-        else this.#fail(new ProtocolError(`frame ${h.id}: payload CRC mismatch during the handshake`));
+        else throw new ProtocolError(`frame ${h.id}: payload CRC mismatch during the handshake`); // told to the peer below
         if (this.#failure) return;
       }
     } catch (err) {
