@@ -7,15 +7,10 @@
 import type { Socket } from 'node:net';
 import type { Extent } from '../core/types.ts';
 import type { BufferPool } from './buffer-pool.ts';
+import { writeU64BE as writeU64 } from '../core/u64.ts';
 import * as C from './constants.ts';
 import type { Req } from './requests.ts';
 
-const TWO32 = 4294967296;
-
-function writeU64(b: Buffer, value: number, at: number): void {
-  b.writeUInt32BE(Math.floor(value / TWO32), at);
-  b.writeUInt32BE(value >>> 0, at + 4);
-}
 
 /** 16-byte simple reply; READ data (if any) follows it on the wire */
 export function simpleReply(cookieHi: number, cookieLo: number, errno: number): Buffer {

@@ -21,6 +21,7 @@ import fs from 'node:fs';
 import path from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { DmError } from '../core/errors.ts';
+import { readU64BE, writeU64BE } from '../core/u64.ts';
 
 const MAGIC = 0x444d4b50; // 'DMKP'
 const VERSION = 1;
@@ -108,11 +109,11 @@ export class PositionFile implements Applied {
     b.fill(0);
     b.writeUInt32BE(MAGIC, 0);
     b.writeUInt32BE(VERSION, 4);
-    b.writeBigUInt64BE(BigInt(gen), 8);
-    b.writeBigUInt64BE(BigInt(applied), 16);
-    b.writeBigUInt64BE(BigInt(epoch), 24);
-    b.writeBigUInt64BE(BigInt(this.#durable.applied), 32);
-    b.writeBigUInt64BE(BigInt(this.#durable.epoch), 40);
+    writeU64BE(b, gen, 8);
+    writeU64BE(b, applied, 16);
+    writeU64BE(b, epoch, 24);
+    writeU64BE(b, this.#durable.applied, 32);
+    writeU64BE(b, this.#durable.epoch, 40);
     this.#uuid.copy(b, 48);
     BOOT.copy(b, 64);
     b.writeUInt32BE(this.#slink, 80);
@@ -156,6 +157,6 @@ function decode(b: Buffer, uuid: Buffer, slink: number): Slot | null {
   if (b.readUInt32BE(0) !== MAGIC || b.readUInt32BE(4) !== VERSION) return null;
   if ((crc32c(b.subarray(0, CRC_AT)) >>> 0) !== b.readUInt32BE(CRC_AT)) return null;
   if (!b.subarray(48, 64).equals(uuid) || b.readUInt32BE(80) !== slink) return null;
-  const u = (o: number): number => Number(b.readBigUInt64BE(o));
+  const u = (o: number): number => readU64BE(b, o);
   return { gen: u(8), applied: u(16), epoch: u(24), durableApplied: u(32), durableEpoch: u(40), boot: Buffer.from(b.subarray(64, 80)) };
 }

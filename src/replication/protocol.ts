@@ -16,6 +16,7 @@
  */
 import { crc32c } from '@node-rs/crc32';
 import { DmError } from '../core/errors.ts';
+import { readU64BE, writeU64BE } from '../core/u64.ts';
 
 export const MAGIC = 0x444d4b52; // 'DMKR'
 export const HEADER_SIZE = 32;
@@ -66,7 +67,7 @@ export function encodeHeader(type: number, id: number, parts: readonly Buffer[],
   h.writeUInt8(type, 4);
   h.writeUInt8(noCrc ? FLAG_NO_CRC : 0, 5);
   h.writeUInt16BE(0, 6);
-  h.writeBigUInt64BE(BigInt(id), 8);
+  writeU64BE(h, id, 8);
   h.writeUInt32BE(length, 16);
   h.writeUInt32BE(crc >>> 0, 20);
   h.writeUInt32BE(crc32c(h.subarray(0, 24)) >>> 0, 24);
@@ -84,9 +85,9 @@ export function decodeHeader(b: Buffer, maxPayload = MAX_PAYLOAD): FrameHeader {
   if (b.readUInt32BE(28) !== 0 || b.readUInt16BE(6) !== 0) throw new ProtocolError('frame header: reserved bytes (6-7, 28-31) are not zero');
   const length = b.readUInt32BE(16);
   if (length > maxPayload) throw new ProtocolError(`frame of ${length} bytes is over the limit of ${maxPayload}`);
-  const id = b.readBigUInt64BE(8);
-  if (id > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError(`frame id ${id} is out of range`);
-  return { type: b.readUInt8(4), flags: b.readUInt8(5), id: Number(id), length, crc: b.readUInt32BE(20) };
+  const id = readU64BE(b, 8);
+  if (id < 0) throw new ProtocolError(`frame id ${b.readBigUInt64BE(8)} is out of range`);
+  return { type: b.readUInt8(4), flags: b.readUInt8(5), id, length, crc: b.readUInt32BE(20) };
 }
 
 /** does `payload` match its header's CRC (always, when the frame carries none)? */
@@ -128,9 +129,9 @@ export function encodeIo(r: IoRequest): Buffer {
   b.writeUInt8(r.flags, 5);
   b.writeUInt8(r.codec, 6);
   b.writeUInt8(0, 7);
-  b.writeBigUInt64BE(BigInt(r.seq), 8);
-  b.writeBigUInt64BE(BigInt(r.epoch), 16);
-  b.writeBigUInt64BE(BigInt(r.sector), 24);
+  writeU64BE(b, r.seq, 8);
+  writeU64BE(b, r.epoch, 16);
+  writeU64BE(b, r.sector, 24);
   b.writeUInt32BE(r.sectors, 32);
   b.writeUInt32BE(r.rawBytes, 36);
   return b;
@@ -144,9 +145,9 @@ export function decodeIo(p: Buffer): IoRequest {
   if (op > IoOp.READ) throw new ProtocolError(`IO frame: unknown op ${op}`);
   if (codec > Codec.ZSTD) throw new ProtocolError(`IO frame: unknown codec ${codec}`);
   const big = (o: number): number => {
-    const v = p.readBigUInt64BE(o);
-    if (v > BigInt(Number.MAX_SAFE_INTEGER)) throw new ProtocolError(`IO frame: value ${v} at byte ${o} is out of range`);
-    return Number(v);
+    const v = readU64BE(p, o);
+    if (v < 0) throw new ProtocolError(`IO frame: value ${p.readBigUInt64BE(o)} at byte ${o} is out of range`);
+    return v;
   };
   const r: IoRequest = {
     handle: p.readUInt32BE(0), op, flags: p.readUInt8(5), codec, seq: big(8), epoch: big(16), sector: big(24),
