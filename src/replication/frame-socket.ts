@@ -159,8 +159,7 @@ export class FrameSocket {
       // the stream cannot be framed any more: say why to the peer (best effort), then close
       if (err instanceof ProtocolError && !this.#failure) this.send(FrameType.ERROR, 0, [encodeError('EPROTO', err.message)]);
       this.#fail(err as Error);
-      this.socket.end();
-      setTimeout(() => this.socket.destroy(), 1000).unref();
+      this.end();
     }
   }
 

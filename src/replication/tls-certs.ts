@@ -12,7 +12,7 @@
  */
 import fs from 'node:fs';
 import type { Socket } from 'node:net';
-import tls, { createSecureContext, type SecureContext, type TLSSocket } from 'node:tls';
+import tls, { createSecureContext, type TLSSocket } from 'node:tls';
 import { DmError } from '../core/errors.ts';
 
 export interface CertFiles {
@@ -26,8 +26,6 @@ export interface CertTls {
   readonly ca: Buffer;
   readonly cert: Buffer;
   readonly key: Buffer;
-  /** the server side's context */
-  readonly context: SecureContext;
 }
 
 /**
@@ -52,13 +50,12 @@ export function loadCerts(files: CertFiles, what: string): CertTls {
   if ((mode & 0o077) !== 0) {
     throw new DmError('EACCES', `${what}: the TLS key ${files.key} has mode ${mode.toString(8).padStart(4, '0')}, others may read it; chmod 600 it (refused)`);
   }
-  let context: SecureContext;
   try {
-    context = createSecureContext({ ca, cert, key, minVersion: 'TLSv1.2' });
+    createSecureContext({ ca, cert, key, minVersion: 'TLSv1.2' }); // refused here, at load, rather than at the first connection
   } catch (err) {
     throw new DmError('EINVAL', `${what}: the TLS certificate and key do not load: ${(err as Error).message}`);
   }
-  return { files, ca, cert, key, context };
+  return { files, ca, cert, key };
 }
 
 /** the sender's side on a connected socket: verify the receiver's chain, present ours */
