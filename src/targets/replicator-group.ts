@@ -21,6 +21,7 @@ import type { Progress, StatusType, Target, TargetContext } from '../core/types.
 import type { Replog, ReplogOp } from '../replog/types.ts';
 import type { SiteLink } from '../slink/types.ts';
 import { groupMessage } from './replicator-messages.ts';
+import { ResyncControl } from './resync-control.ts';
 import type { Site } from './replicator-site.ts';
 import { groupStatus, groupStatusJson } from './replicator-status.ts';
 import type { DevBinding, SiteHost } from './replicator-types.ts';
@@ -45,7 +46,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly sites: readonly Site[];
   readonly ctx: TargetContext;
   readonly stats: GroupStats = { enabled: true, writes: 0, writeBytes: 0, flushes: 0, overflows: 0 };
-  resyncRate = 0;
+  readonly resyncControl = new ResyncControl();
   appendedSectors = 0;
 
   #head = 0;
@@ -209,6 +210,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     const max = this.maxEntrySectors;
     if (bio.sectors > max && bio.op !== 'flush') return this.#writeSplit(b, bio, max);
     await this.#admit();
+    const appStarted = this.resyncControl.appStart(); // after admit: writers held by a resync are not counted
     this.#appending++;
     const gate = b.gate;
     const region = gate && bio.op !== 'flush' ? gate.regionOf(bio.sector) : -1;
@@ -223,6 +225,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       this.#localInflight.add(seq);
     } catch (err) {
       if (entered) gate!.leave(region);
+      this.resyncControl.appEnd(appStarted);
       throw err;
     } finally {
       if (--this.#appending === 0) this.#wakeAppenders();
@@ -239,6 +242,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       this.#localInflight.delete(seq);
       if (entered) gate!.leave(region);
       this.#epochDone = true;
+      this.resyncControl.appEnd(appStarted);
     }
     if (this.stats.enabled) {
       if (bio.op === 'flush') this.stats.flushes++;

@@ -7,7 +7,7 @@ import { parseFallBehind, parsePolicy } from '../slink/params.ts';
 import type { ReplicatorGroup } from './replicator-group.ts';
 import type { Site } from './replicator-site.ts';
 
-const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate <bytes/s>';
+const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate auto|<bytes/s>[k|m|g]';
 
 function remote(g: ReplicatorGroup, r: ArgReader): Site {
   const n = r.uint('slink number');
@@ -82,8 +82,13 @@ export async function groupMessage(g: ReplicatorGroup, args: string[]): Promise<
       return;
     }
     case 'resync-rate': {
-      g.resyncRate = r.uint('resync rate');
+      const word = r.next('resync rate (auto, or bytes per second: <N>[k|m|g])');
       r.expectEnd();
+      try {
+        g.resyncControl.set(word);
+      } catch (err) {
+        r.fail((err as Error).message);
+      }
       return;
     }
     default:

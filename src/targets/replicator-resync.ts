@@ -20,8 +20,6 @@ import type { SiteHost } from './replicator-types.ts';
 export const CONVERGE_PASSES = 3;
 /** how long writers are held waiting for every entry to be marked before they are let go again */
 const MARK_WAIT_MS = 1000;
-/** regions copied at once by a resync */
-const RESYNC_CONCURRENCY = 4;
 
 export interface ResyncHandle {
   readonly abort: AbortController;
@@ -71,6 +69,7 @@ async function marked(site: Site, host: SiteHost): Promise<boolean> {
 
 /** copy every out-of-sync region of every device local → site once, then persist the dirty logs */
 async function copyPass(site: Site, host: SiteHost, h: ResyncHandle): Promise<void> {
+  const flow = host.resyncControl.flow(site.slink); // resync-control.ts: how much goes at once, and how fast
   for (const b of host.bindings()) {
     const r = b.remotes.get(site.slink);
     if (!r) continue;
@@ -87,13 +86,15 @@ async function copyPass(site: Site, host: SiteHost, h: ResyncHandle): Promise<vo
         return { sector, sectors: Math.min(size, b.length - sector) };
       },
       chunkSectors: Math.min(size, 2048),
-      concurrency: RESYNC_CONCURRENCY,
-      rate: () => host.resyncRate,
+      concurrency: flow.maxRanges,
+      rate: () => flow.rate(),
+      before: (range) => flow.acquire(range.sector, range.sectors * 512, h.abort.signal),
       gate: b.gate ?? undefined,
       continueOnError: true,
       flushAtEnd: true,
       signal: h.abort.signal,
       after: (range, outcome: CopyOutcome) => {
+        flow.release(range.sector, range.sectors * 512);
         const region = range.sector / size;
         if (outcome.readError || outcome.writeErrors[0]) throw outcome.readError ?? outcome.writeErrors[0]!;
         dlog.setRegionSync(region, true);

@@ -20,6 +20,8 @@ export class SiteLogs {
   #resync: { abort: AbortController; done: Promise<void>; total: number; copied: number } | null = null;
   #verify: { done: number; total: number } | null = null;
   #lastVerify: { differing: number; regions: number } | null = null;
+  /** sectors of regions that went out of sync while the resync ran: work added to its total, so its done never goes back */
+  #added = 0;
 
   constructor(host: SiteHost, site: Site, failed: (err: unknown) => void) {
     this.#host = host;
@@ -37,6 +39,7 @@ export class SiteLogs {
     const size = r.dlog.regionSize;
     const last = Math.floor((e.sector + e.sectors - 1) / size);
     for (let region = Math.floor(e.sector / size); region <= last; region++) {
+      if (this.#resync && r.dlog.inSync(region)) this.#added += size;
       r.dlog.markRegion(region);
       r.dlog.setRegionSync(region, false);
     }
@@ -117,6 +120,7 @@ export class SiteLogs {
     if (this.#resync) return;
     const abort = new AbortController();
     const handle = { abort, total: 0, copied: 0, done: Promise.resolve() };
+    this.#added = 0;
     handle.done = resyncPasses(this.#site, this.#host, handle).catch((err: unknown) => {
       if ((err as { code?: string }).code !== 'EINTR' && !abort.signal.aborted) this.#failed(err);
     }).finally(() => {
@@ -158,7 +162,11 @@ export class SiteLogs {
     return this.#lastVerify.differing;
   }
 
-  /** verify progress, else resync progress in log mode, in sectors; null when neither runs */
+  /**
+   * verify progress, else resync progress in log mode, in sectors; null when neither runs.
+   * A resync's total is every region plus those a write sent out of sync again while it
+   * ran, so its `done` only grows (the share done may dip while writes add work).
+   */
   progress(logMode: boolean): { work: string; done: number; total: number } | null {
     const size = this.regionSectors();
     if (this.#verify) return { work: 'verify', done: this.#verify.done * size, total: this.#verify.total * size };
@@ -168,6 +176,7 @@ export class SiteLogs {
       const r = b.remotes.get(this.#slink);
       if (r) total += r.dlog.regionCount * r.dlog.regionSize;
     }
+    total += this.#added; // re-dirtied while the resync ran: more to do, none of it undone
     return { work: 'resync', done: total - this.outOfSync() * size, total };
   }
 }

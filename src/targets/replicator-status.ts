@@ -43,6 +43,7 @@ export function groupStatusJson(g: ReplicatorGroup): unknown {
   return {
     replog: { type: g.log.type, usedSectors: used, sizeSectors: size, head: g.head, tail: g.log.tail },
     statistics: g.stats,
+    resyncControl: g.resyncControl.status(),
     sites: [
       { slink: g.local.slink, type: g.local.type, state: 'local', stateChar: 'S' },
       ...g.sites.map((s) => ({
@@ -58,6 +59,7 @@ export function groupStatusJson(g: ReplicatorGroup): unknown {
         shipped: { ios: s.stats.shippedIos, bytes: s.stats.shippedBytes },
         resyncedBytes: s.stats.resyncedBytes,
         resync: s.progress(),
+        resyncFlow: g.resyncControl.flowStatus(s.slink),
         lastVerify: s.lastVerify,
         errors: s.stats.errors,
         lastError: s.lastError || null,

@@ -9,6 +9,7 @@ import type { BlockDev } from '../core/types.ts';
 import type { DirtyLog } from '../dirtylog/types.ts';
 import type { Replog } from '../replog/types.ts';
 import type { RemoteDevice } from '../slink/types.ts';
+import type { ResyncControl } from './resync-control.ts';
 
 /** One device of the group at one remote site. */
 export interface SiteDev {
@@ -41,8 +42,8 @@ export interface SiteHost {
   readonly head: number;
   /** sectors appended since start */
   readonly appendedSectors: number;
-  /** bytes per second for resync copies (0 = unlimited) */
-  readonly resyncRate: number;
+  /** resync rate control: the mode (`resync-rate`) and the group's application writes */
+  readonly resyncControl: ResyncControl;
   /** wall-clock ms when `seq` was appended (approximate for old entries) */
   appendTime(seq: number): number;
   binding(devNr: number): DevBinding | null;
