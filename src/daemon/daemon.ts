@@ -13,6 +13,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import path from 'node:path';
 import fsx from 'fs-ext';
+import { closeDigestPool } from '../core/digest.ts';
 import { DmError } from '../core/errors.ts';
 import { log, type Logger } from '../core/log.ts';
 import { DeviceMapper, VERSION } from '../index.ts';
@@ -158,6 +159,7 @@ export class Daemon {
     await step('saving state', () => this.state.save());
     this.state.detach();
     await step('closing devices', () => closeEngine(this.dm, this.#log));
+    await step('stopping the digest threads', () => closeDigestPool());
     if (readPid(this.paths.pid) === process.pid) fs.rmSync(this.paths.pid, { force: true });
     await step('releasing the lock', () => fs.closeSync(this.#lockFd));
   }

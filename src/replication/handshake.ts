@@ -3,8 +3,10 @@
  * HMAC-SHA256 challenge–response over the shared secret. Nothing but these frames is
  * accepted before AUTH_OK, so no data flows to or from an unauthenticated peer.
  *
- *   C → S  HELLO          {min, max, tls, tlsMode: psk|cert, name}
- *   S → C  HELLO_REPLY    {version, tls}                 (or ERROR: no common version, TLS required)
+ *   C → S  HELLO          {min, max, tls, tlsMode: psk|cert, name, features: [digest]}
+ *   S → C  HELLO_REPLY    {version, tls, features: [the common ones]}   (or ERROR: no common version, TLS required)
+ *          features are optional both ways: a peer that sends none (an older build) gets none
+ *          back, and neither side uses a feature the other did not name
  *          … both sides start TLS here when tls is true: a PSK derived from the secret, or
  *            certificates both ways (tls-certs.ts) …
  *   C → S  AUTH_CHALLENGE {nonce: Nc}
@@ -25,7 +27,7 @@ import { pskServerConfig, startTls as serverTls, type TlsServerConfig } from '..
 import { FrameSocket, type Frame } from './frame-socket.ts';
 import { clientCertTls, serverCertTls, type CertTls } from './tls-certs.ts';
 import {
-  FrameType, MAX_CONTROL, MAX_VERSION, MIN_VERSION, ProtocolError, bool, decodeJson, encodeError, encodeJson, hex, str, uint,
+  FEATURES, FrameType, MAX_CONTROL, MAX_VERSION, MIN_VERSION, ProtocolError, bool, decodeJson, encodeError, encodeJson, hex, str, uint,
 } from './protocol.ts';
 
 const NONCE = 32;
@@ -101,6 +103,18 @@ export interface Authenticated {
   readonly frames: FrameSocket;
   readonly version: number;
   readonly tls: boolean;
+  /** the optional features both sides named (FEATURES: 'digest') */
+  readonly features: readonly string[];
+}
+
+/** a HELLO's or HELLO_REPLY's `features`: absent = none; otherwise a short list of short strings */
+function readFeatures(o: Record<string, unknown>, what: string): string[] {
+  const v = o.features;
+  if (v === undefined) return [];
+  if (!Array.isArray(v) || v.length > 32 || !v.every((x) => typeof x === 'string' && x.length <= 32)) {
+    throw new ProtocolError(`${what}: 'features' must be a list of at most 32 names`);
+  }
+  return v as string[];
 }
 
 /** The sender's side. Rejects with EACCES (auth or TLS), ETIMEDOUT, EPROTO, ECONNRESET … */
@@ -110,11 +124,12 @@ export async function clientHandshake(
   const deadline = Date.now() + opts.timeoutMs;
   let frames = new FrameSocket(sock, { maxPayload: MAX_CONTROL });
   const tlsMode = opts.certs ? 'cert' : 'psk';
-  frames.send(FrameType.HELLO, 0, [encodeJson({ min: MIN_VERSION, max: MAX_VERSION, tls: opts.tls, tlsMode, name: opts.name })]);
+  frames.send(FrameType.HELLO, 0, [encodeJson({ min: MIN_VERSION, max: MAX_VERSION, tls: opts.tls, tlsMode, name: opts.name, features: FEATURES })]);
   const hr = decodeJson((await expect(frames, FrameType.HELLO_REPLY, 'HELLO_REPLY', deadline, opts.where)).payload, 'HELLO_REPLY');
   const version = uint(hr, 'version', 'HELLO_REPLY');
   if (version < MIN_VERSION || version > MAX_VERSION) throw new ProtocolError(`${opts.where}: receiver chose version ${version}, we speak ${MIN_VERSION}…${MAX_VERSION}`);
   const tls = bool(hr, 'tls', 'HELLO_REPLY');
+  const features = readFeatures(hr, 'HELLO_REPLY').filter((x) => FEATURES.includes(x));
   if (tls !== opts.tls) throw new ProtocolError(`${opts.where}: receiver answered tls=${tls} to tls=${opts.tls}`);
   if (tls) {
     frames.detach();
@@ -137,7 +152,7 @@ export async function clientHandshake(
   }
   frames.send(FrameType.AUTH_PROOF, 0, [encodeJson({ mac: mac(opts.secret, 'client', version, ns, nc).toString('hex') })]);
   await expect(frames, FrameType.AUTH_OK, 'AUTH_OK', deadline, opts.where);
-  return { frames, version, tls };
+  return { frames, version, tls, features };
 }
 
 /** What the receiver's side needs. */
@@ -178,7 +193,9 @@ export async function serverHandshake(sock: Socket, auth: ServerAuth, where: str
     if (tls && tlsMode === 'cert' && !auth.certs) {
       refuse('EACCES', 'this receiver has no TLS certificate (start it with --replication-tls-cert, -key and -ca, or use tls=on without tls-ca=…)');
     }
-    frames.send(FrameType.HELLO_REPLY, 0, [encodeJson({ version, tls })]);
+    const offered = hello.features === undefined ? null : readFeatures(hello, 'HELLO');
+    const features = offered?.filter((x) => FEATURES.includes(x)) ?? [];
+    frames.send(FrameType.HELLO_REPLY, 0, [encodeJson(offered ? { version, tls, features } : { version, tls })]);
     if (tls) {
       frames.detach();
       let start: Promise<TLSSocket>;
@@ -201,7 +218,7 @@ export async function serverHandshake(sock: Socket, auth: ServerAuth, where: str
       refuse('EACCES', 'authentication failed: the sender does not know our secret');
     }
     frames.send(FrameType.AUTH_OK, 0);
-    return { frames, version, tls, name };
+    return { frames, version, tls, features, name };
   } catch (err) {
     if (err instanceof ProtocolError && !frames.failure) refuse('EPROTO', err.message);
     throw err;

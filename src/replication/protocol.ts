@@ -33,7 +33,7 @@ export const MAX_CONTROL = 64 * 1024;
 export const enum FrameType {
   HELLO = 1, HELLO_REPLY = 2, AUTH_CHALLENGE = 3, AUTH_RESPONSE = 4, AUTH_PROOF = 5, AUTH_OK = 6,
   ERROR = 7, OPEN = 8, OPEN_OK = 9, CLOSE = 10, IO = 11, ACK = 12, DATA = 13, RESEND = 14,
-  PING = 15, PONG = 16,
+  PING = 15, PONG = 16, DIGEST = 17,
 }
 
 /** frame flags: the payload carries no CRC (integrity=none) */
@@ -167,6 +167,61 @@ export function decodeIo(p: Buffer): IoRequest {
     throw new ProtocolError(`IO frame: read of ${r.sectors} sectors (expected 1 … ${MAX_DATA / 512})`);
   }
   return r;
+}
+
+// --- DIGEST frames (feature 'digest', negotiated in HELLO) -------------------------------
+
+/** the feature names this build offers in HELLO / HELLO_REPLY */
+export const FEATURES: readonly string[] = ['digest'];
+export const DIGEST_HEADER = 24;
+/** bytes of one block's digest in the DATA reply (xxh3-128) */
+export const DIGEST_SIZE = 16;
+/** the most sectors one DIGEST may cover (the receiver reads them at once): one IO frame's worth */
+export const MAX_DIGEST_SECTORS = MAX_DATA / 512;
+/** block sizes a DIGEST may ask for, in sectors: a power of two from 4 KiB to MAX_DIGEST_SECTORS */
+export const MIN_DIGEST_BLOCK = 8;
+
+/**
+ * A DIGEST request: the digests of `sectors` sectors from `sector` on, in blocks of
+ * `blockSectors`, answered with DATA (16 bytes per block, the last block may be short) or ERROR.
+ *
+ *    0 u32 handle (from OPEN_OK)   4 u32 blockSectors   8 u64 sector   16 u32 sectors   20 u32 0
+ */
+export interface DigestRequest {
+  readonly handle: number;
+  readonly sector: number;
+  readonly sectors: number;
+  readonly blockSectors: number;
+}
+
+export function encodeDigest(r: DigestRequest): Buffer {
+  const b = Buffer.allocUnsafe(DIGEST_HEADER);
+  b.writeUInt32BE(r.handle, 0);
+  b.writeUInt32BE(r.blockSectors, 4);
+  writeU64BE(b, r.sector, 8);
+  b.writeUInt32BE(r.sectors, 16);
+  b.writeUInt32BE(0, 20);
+  return b;
+}
+
+/** decode a DIGEST payload; throws ProtocolError when it cannot be one (its values are checked by `digestProblem`) */
+export function decodeDigest(p: Buffer): DigestRequest {
+  if (p.length !== DIGEST_HEADER) throw new ProtocolError(`DIGEST frame of ${p.length} bytes (expected ${DIGEST_HEADER})`);
+  if (p.readUInt32BE(20) !== 0) throw new ProtocolError('DIGEST frame: reserved bytes 20-23 are not zero');
+  const sector = readU64BE(p, 8);
+  if (sector < 0) throw new ProtocolError(`DIGEST frame: sector ${p.readBigUInt64BE(8)} is out of range`);
+  return { handle: p.readUInt32BE(0), blockSectors: p.readUInt32BE(4), sector, sectors: p.readUInt32BE(16) };
+}
+
+/** why a DIGEST of a device of `deviceSectors` cannot be answered (EINVAL), or null */
+export function digestProblem(r: DigestRequest, deviceSectors: number): string | null {
+  const b = r.blockSectors;
+  if (b < MIN_DIGEST_BLOCK || b > MAX_DIGEST_SECTORS || (b & (b - 1)) !== 0) {
+    return `DIGEST block of ${b} sectors (expected a power of two from ${MIN_DIGEST_BLOCK} to ${MAX_DIGEST_SECTORS})`;
+  }
+  if (r.sectors === 0 || r.sectors > MAX_DIGEST_SECTORS) return `DIGEST of ${r.sectors} sectors (expected 1 … ${MAX_DIGEST_SECTORS})`;
+  if (r.sector + r.sectors > deviceSectors) return `DIGEST of sectors ${r.sector} … ${r.sector + r.sectors - 1} is beyond the device's ${deviceSectors} sectors`;
+  return null;
 }
 
 // --- control frames (JSON objects) ------------------------------------------------------

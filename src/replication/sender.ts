@@ -21,7 +21,8 @@ import type { Frame, FrameSocket } from './frame-socket.ts';
 import { clientHandshake, type Secret } from './handshake.ts';
 import type { CertTls } from './tls-certs.ts';
 import {
-  Codec, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_PAYLOAD, decodeJson, encodeIo, encodeJson, str, uint,
+  Codec, DIGEST_SIZE, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_DIGEST_SECTORS, MAX_PAYLOAD, decodeJson, encodeDigest, encodeIo,
+  encodeJson, str, uint,
   type FrameHeader,
 } from './protocol.ts';
 
@@ -59,8 +60,10 @@ interface Req {
   data: Buffer;
   codec: Codec;
   readonly rawBytes: number;
-  /** reads: where the data goes */
+  /** reads: where the data goes (digests: where the digests go) */
   readonly into: Buffer | null;
+  /** a DIGEST request (of `io.sector`, `io.sectors`) in blocks of this many sectors; 0: an IO */
+  readonly blockSectors?: number;
   readonly resolve: () => void;
   readonly reject: (err: Error) => void;
   sentAt: number;
@@ -99,6 +102,8 @@ export class Peer {
   readonly #devs = new Map<number, Dev>();
   readonly #reqs = new Map<number, Req>();
   #frames: FrameSocket | null = null;
+  /** the optional features of the connection (handshake.ts): 'digest' */
+  #features: readonly string[] = [];
   #nextId = 1;
   #nextKey = 1;
   #connecting: Promise<void> | null = null;
@@ -168,11 +173,8 @@ export class Peer {
 
   /** one IO for attachment `key` (sectors relative to its device); see RemoteDevice.submit */
   submit(key: number, bio: Bio, seq: number, epoch: number): Promise<void> {
-    if (this.#closed) return Promise.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`));
-    if (!this.#devs.has(key)) return Promise.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
-    if (this.state === 'down' || this.state === 'auth-failed') {
-      return Promise.reject(new BlockError(this.state === 'auth-failed' ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError || 'not connected'}`));
-    }
+    const refused = this.#refusal(key);
+    if (refused) return Promise.reject(refused);
     const max = MAX_DATA / 512;
     if ((bio.op === 'write' || bio.op === 'read') && bio.sectors > max) {
       const parts: Promise<void>[] = [];
@@ -206,6 +208,50 @@ export class Peer {
     });
   }
 
+  /**
+   * The digests (16 bytes per block, the last block may be short) of `sectors` sectors from
+   * `sector` of attachment `key`, in blocks of `blockSectors` (a power of two, 8 …
+   * MAX_DIGEST_SECTORS), computed by the receiver. Rejects with ENOTSUP when the receiver
+   * does not offer the 'digest' feature (the caller reads and hashes the blocks itself),
+   * EINVAL when it refuses the request, or as `submit` does when the link fails. Re-sent
+   * after a reconnect like any request.
+   */
+  digest(key: number, sector: number, sectors: number, blockSectors: number): Promise<Buffer> {
+    if (this.state === 'connected' && !this.#features.includes('digest')) return Promise.reject(this.#noDigests());
+    const parts: Promise<Buffer>[] = [];
+    for (let s = 0; s < sectors; s += MAX_DIGEST_SECTORS) { // MAX_DIGEST_SECTORS is a multiple of any block size
+      const n = Math.min(MAX_DIGEST_SECTORS, sectors - s);
+      const into = Buffer.allocUnsafe(Math.ceil(n / blockSectors) * DIGEST_SIZE);
+      parts.push(this.#request(key, { op: IoOp.READ, flags: 0, seq: 0, epoch: 0, sector: sector + s, sectors: n }, into, blockSectors).then(() => into));
+    }
+    return Promise.all(parts).then((p) => (p.length === 1 ? p[0]! : Buffer.concat(p)));
+  }
+
+  /** why a request for attachment `key` fails at once (closed, detached, link down), or null */
+  #refusal(key: number): BlockError | null {
+    if (this.#closed) return new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`);
+    if (!this.#devs.has(key)) return new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`);
+    if (this.state === 'down' || this.state === 'auth-failed') {
+      return new BlockError(this.state === 'auth-failed' ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError || 'not connected'}`);
+    }
+    return null;
+  }
+
+  #noDigests(): BlockError {
+    return new BlockError('ENOTSUP', `${this.opts.name}: ${this.address}: the receiver does not offer digests`);
+  }
+
+  /** queue a DIGEST request (sent once connected and the device is open) */
+  #request(key: number, io: Req['io'], into: Buffer, blockSectors: number): Promise<void> {
+    const refused = this.#refusal(key);
+    if (refused) return Promise.reject(refused);
+    return new Promise<void>((resolve, reject) => {
+      const req: Req = { id: this.#nextId++, dev: key, io, data: EMPTY_BUF, codec: Codec.NONE, rawBytes: 0, into, blockSectors, resolve, reject, sentAt: 0 };
+      this.#reqs.set(req.id, req);
+      this.#send(req);
+    });
+  }
+
   /** close the connection; outstanding requests fail with ESHUTDOWN */
   async close(): Promise<void> {
     this.#closed = true;
@@ -220,6 +266,12 @@ export class Peer {
     const d = this.#devs.get(req.dev);
     if (!d && this.#reqs.delete(req.id)) return req.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
     if (!f || this.state !== 'connected' || !this.#reqs.has(req.id) || !d || d.handle === 0) return; // sent after (re)connecting
+    if (req.blockSectors) {
+      if (!this.#features.includes('digest') && this.#reqs.delete(req.id)) return req.reject(this.#noDigests());
+      req.sentAt = Date.now();
+      f.send(FrameType.DIGEST, req.id, [encodeDigest({ handle: d.handle, sector: req.io.sector, sectors: req.io.sectors, blockSectors: req.blockSectors })]);
+      return;
+    }
     const sub = encodeIo({ handle: d.handle, ...req.io, codec: req.codec, rawBytes: req.rawBytes });
     req.sentAt = Date.now();
     f.send(FrameType.IO, req.id, req.data.length ? [sub, req.data] : [sub], !this.opts.crc);
@@ -244,6 +296,7 @@ export class Peer {
       answered = true;
       a.frames.maxPayload = MAX_PAYLOAD;
       this.#frames = a.frames;
+      this.#features = a.features;
       this.#lastHeard = Date.now();
       a.frames.handle({
         frame: (f) => this.#frame(f), corrupt: (h) => this.#corrupt(h),

@@ -6,18 +6,22 @@
  */
 import type { Bio, BioFlags } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
+import { digestBlocks } from '../core/digest.ts';
 import { DmError } from '../core/errors.ts';
 import type { MappedDevice } from '../core/mapped-device.ts';
 import type { BlockDev } from '../core/types.ts';
 import { decompress } from './compress.ts';
 import type { Frame, FrameSocket } from './frame-socket.ts';
 import {
-  FrameType, IO_FUA, IO_HEADER, IO_NOUNMAP, IoOp, ProtocolError, decodeIo, decodeJson, encodeError, encodeJson, str, uint,
+  FrameType, IO_FUA, IO_HEADER, IO_NOUNMAP, IoOp, ProtocolError, decodeDigest, decodeIo, decodeJson, digestProblem, encodeError, encodeJson, str, uint,
   type FrameHeader, type IoRequest,
 } from './protocol.ts';
 import type { ReplicationReceiver } from './receiver.ts';
 import { ROLE, roleOf } from './roles.ts';
 import type { Stream } from './stream.ts';
+
+/** DIGEST requests a connection may have waiting before it is told EAGAIN */
+const MAX_DIGESTS_QUEUED = 256;
 
 const FLUSH_BIO: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
 
@@ -41,6 +45,9 @@ export class Session {
   #closed = false;
   #heard = Date.now();
   #idleTimer: NodeJS.Timeout | null = null;
+  /** DIGEST requests, answered one after the other (#digest) */
+  #digests: Promise<void> = Promise.resolve();
+  #digestsQueued = 0;
 
   constructor(rx: ReplicationReceiver, frames: FrameSocket, peer: string, maxInflight: number, idleMs: number) {
     this.#rx = rx;
@@ -73,6 +80,7 @@ export class Session {
         case FrameType.OPEN: return void this.#open(f).catch((err: Error) => this.#error(f.h.id, err));
         case FrameType.CLOSE: return void this.#closeDevice(f).catch((err: Error) => this.#error(f.h.id, err));
         case FrameType.PING: return void this.#frames.send(FrameType.PONG, f.h.id);
+        case FrameType.DIGEST: return this.#digest(f);
         default: throw new ProtocolError(`unexpected frame type ${f.h.type} after the handshake`);
       }
     } catch (err) {
@@ -205,6 +213,33 @@ export class Session {
       default:
         throw new ProtocolError(`IO op ${r.op} cannot be applied`);
     }
+  }
+
+  /**
+   * DIGEST (feature 'digest'): read the range and answer its block digests (DATA), hashed on
+   * the digest threads. One at a time per connection, so a connection holds at most one
+   * range (4 MiB) for them; past MAX_DIGESTS_QUEUED waiting, EAGAIN. A request this device
+   * cannot answer (block size, length, range) gets ERROR EINVAL; the connection stays.
+   */
+  #digest(f: Frame): void {
+    const r = decodeDigest(f.payload);
+    const o = this.#handles.get(r.handle);
+    if (!o) return this.#error(f.h.id, new DmError('EBADF', `DIGEST on handle ${r.handle}, which is not open`));
+    const problem = digestProblem(r, o.dev.sectors);
+    if (problem) return this.#error(f.h.id, new DmError('EINVAL', `${o.name}: ${problem}`));
+    if (this.#digestsQueued >= MAX_DIGESTS_QUEUED) return this.#error(f.h.id, new DmError('EAGAIN', `more than ${MAX_DIGESTS_QUEUED} DIGEST requests waiting`));
+    this.#digestsQueued++;
+    this.#digests = this.#digests.then(async () => {
+      try {
+        const buf = Buffer.allocUnsafe(r.sectors * 512);
+        await o.writer.submit({ op: 'read', sector: r.sector, sectors: r.sectors, data: buf, flags: {} });
+        this.#frames.send(FrameType.DATA, f.h.id, [await digestBlocks(buf, r.blockSectors * 512)]);
+      } catch (err) {
+        this.#error(f.h.id, err as Error);
+      } finally {
+        this.#digestsQueued--;
+      }
+    });
   }
 
   /** a request failed: tell the sender, keep the connection */

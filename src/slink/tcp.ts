@@ -55,6 +55,11 @@ class TcpRemote implements RemoteDevice {
     return this.#peer.submit(this.#key, bio, tag?.seq ?? 0, tag?.epoch ?? 0);
   }
 
+  /** computed by the receiving daemon (DIGEST frames); ENOTSUP from a receiver without them */
+  digest(sector: number, sectors: number, blockSectors: number): Promise<Buffer> {
+    return this.#peer.digest(this.#key, sector, sectors, blockSectors);
+  }
+
   /** connect if need be, then a flush and a read of sector 0 at the site */
   async test(): Promise<void> {
     await this.#peer.connect();

@@ -72,11 +72,14 @@ export interface RemoteDevice extends BlockDev {
    */
   test(): Promise<void>;
   /**
-   * Optional: digests of `sectors` sectors from `sector` on, in blocks of `blockSectors`,
-   * computed at the site (checksum resync and verify). Absent = the replicator reads the
-   * blocks through `submit` and hashes them itself.
+   * Optional: the digests of `sectors` sectors from `sector` on, in blocks of `blockSectors`
+   * (a power of two, at least 8), computed at the site (checksum resync and verify): 16
+   * bytes per block, xxh3-128 as `digestBlocks` (core/digest.ts) makes them, the last
+   * block possibly short. Absent, or rejecting with ENOTSUP (a site that does not offer
+   * them), = the replicator reads the blocks through `submit` and hashes them itself. Other
+   * rejections as for `submit`.
    */
-  digest?(sector: number, sectors: number, blockSectors: number): Promise<Buffer[]>;
+  digest?(sector: number, sectors: number, blockSectors: number): Promise<Buffer>;
   /** the replicator-dev's `<dev_params…>` for this device (status table), e.g. `['/img/b.img']` */
   params(): string[];
   /**
