@@ -15,6 +15,7 @@ import fs from 'node:fs';
 import os from 'node:os';
 import path from 'node:path';
 import { DeviceMapper } from '../src/index.ts';
+import type { DeviceEvent } from '../src/core/device-events.ts';
 import { log } from '../src/core/log.ts';
 import { formatTableLine } from '../src/core/table-parse.ts';
 import { loadSecret } from '../src/replication/handshake.ts';
@@ -131,8 +132,8 @@ async function replication(): Promise<void> {
   for (const i of [0, 1]) await reload(`siteb${i}`, `0 ${SECTORS} delay ${b[i]} 0 0 ${b[i]} 0 20`);
   const ev0 = dm.get('repl').eventNr;
   let forced = '';
-  const onEvent = (name: string): void => {
-    if (name === 'repl' && !forced && slink1().startsWith('F')) forced = line('repl', false);
+  const onEvent = (ev: DeviceEvent): void => {
+    if (ev.name === 'repl' && !forced && slink1().startsWith('F')) forced = line('repl', false);
   };
   dm.on('device-event', onEvent); // raised as the slink changes state: its status shows the new one
   t0 = Date.now();

@@ -8,14 +8,16 @@ import { EventEmitter } from 'node:events';
 import fs from 'node:fs';
 import type { BioFlags } from './bio.ts';
 import { EMPTY } from './bio.ts';
+import { makeEvent, type DeviceEvent, type EventKind, type LifecycleOp } from './device-events.ts';
 import { DeviceError, DmError, TableError } from './errors.ts';
 import { FileDev } from './file-dev.ts';
 import { log } from './log.ts';
 import { MappedDevice } from './mapped-device.ts';
+import { ProgressSampler } from './progress-meter.ts';
 import { Registry } from './registry.ts';
 import { Table, type TableEntry } from './table.ts';
 import { parseTable } from './table-parse.ts';
-import type { BlockDev, Progress, StatusType, TargetContext, TargetType } from './types.ts';
+import type { BlockDev, EventDetail, Progress, ProgressReport, StatusType, TargetContext, TargetType } from './types.ts';
 
 /** Opens references the core does not know (e.g. `nbd://…`). */
 export interface DeviceResolver {
@@ -65,6 +67,9 @@ export class DeviceMapper extends EventEmitter {
   readonly #log = log('dm');
   /** close() is tearing everything down */
   #closing = false;
+  /** the last event's number (DeviceEvent.seq) */
+  #seq = 0;
+  readonly #progress = new ProgressSampler<MappedDevice>((d) => targetProgress(d), () => this.#devices.values());
 
   constructor(opts: { targets?: readonly TargetType[] } = {}) {
     super();
@@ -111,8 +116,9 @@ export class DeviceMapper extends EventEmitter {
     if (this.#devices.has(name)) throw new DeviceError('EEXIST', `${name}: device already exists`);
     if (opts.uuid) this.#checkUuid(opts.uuid);
     const dev = new MappedDevice(name, this.#freeMinor(), { uuid: opts.uuid, readOnly: opts.readOnly });
-    dev.on('event', () => this.emit('device-event', dev.name, dev.eventNr));
+    dev.on('event', (_nr: number, text: string, detail?: EventDetail) => this.#raise('change', dev, text, detail));
     this.#devices.set(name, dev);
+    this.#lifecycle('create', dev, 'created');
     if (opts.table !== undefined) {
       try {
         await this.load(name, opts.table);
@@ -132,17 +138,22 @@ export class DeviceMapper extends EventEmitter {
     const table = await this.#buildTable(dev, text, opts.readOnly ?? dev.readOnly);
     const old = dev.setInactive(table);
     await old?.destroy();
+    this.#lifecycle('load', dev, `table loaded (${table.entries.map((e) => e.type.name).join(', ')})`);
     this.emit('change');
   }
 
   async clear(name: string): Promise<void> {
-    const old = this.get(name).setInactive(null);
+    const dev = this.get(name);
+    const old = dev.setInactive(null);
     await old?.destroy();
+    this.#lifecycle('clear', dev, 'inactive table cleared');
     this.emit('change');
   }
 
   async suspend(name: string, _opts: { noflush?: boolean } = {}): Promise<void> {
-    await this.get(name).suspend();
+    const dev = this.get(name);
+    await dev.suspend();
+    this.#lifecycle('suspend', dev, 'suspended');
     this.emit('change');
   }
 
@@ -150,6 +161,7 @@ export class DeviceMapper extends EventEmitter {
     const dev = this.get(name);
     const old = await dev.resume();
     await old?.destroy();
+    this.#lifecycle('resume', dev, old ? 'resumed with the new table' : 'resumed');
     this.emit('change');
   }
 
@@ -167,6 +179,7 @@ export class DeviceMapper extends EventEmitter {
     if (dev.openCount > 0 && !opts.force) {
       if (opts.deferred) {
         dev.markDeferredRemove();
+        this.#lifecycle('remove', dev, 'removal deferred to the last close');
         this.emit('change');
         return 'deferred';
       }
@@ -206,6 +219,7 @@ export class DeviceMapper extends EventEmitter {
       this.#backing.delete(`dm:${name}`);
       this.#backing.set(`dm:${newName}`, b);
     }
+    this.#lifecycle('rename', dev, `renamed from ${name}`, { from: name });
     this.emit('change');
   }
 
@@ -259,19 +273,34 @@ export class DeviceMapper extends EventEmitter {
     return reply ?? '';
   }
 
-  /** background work of the live table's targets, summed (null when nothing runs) */
-  progress(name: string): Progress | null {
-    let work = '';
-    let done = 0;
-    let total = 0;
-    for (const e of this.get(name).live?.entries ?? []) {
-      const p = e.target.progress?.();
-      if (!p) continue;
-      work ||= p.work;
-      done += p.doneSectors;
-      total += p.totalSectors;
-    }
-    return total > 0 ? { work, doneSectors: done, totalSectors: total } : null;
+  /**
+   * Background work of the live table's targets, summed and measured (progress-meter.ts:
+   * rate, ETA, never backwards within a run); null when nothing runs.
+   */
+  progress(name: string): ProgressReport | null {
+    return this.#progress.sample(this.get(name));
+  }
+
+  // ---- events ----
+
+  /** the number of the last event raised (DeviceEvent.seq) */
+  get eventSeq(): number {
+    return this.#seq;
+  }
+
+  /** `exists` lines: every device as it is now, numbered with the last event's seq (sites: see the daemon's events op) */
+  existing(): DeviceEvent[] {
+    return this.list().map((d) => makeEvent({ seq: this.#seq, kind: 'exists', name: d.name, eventNr: d.eventNr, state: deviceState(d) }, existsDetail(d)));
+  }
+
+  #raise(kind: EventKind, dev: MappedDevice, text: string, detail?: EventDetail): void {
+    const ev = makeEvent({ seq: ++this.#seq, kind, name: dev.name, eventNr: dev.eventNr, state: deviceState(dev), text }, detail);
+    this.emit('device-event', ev);
+    this.#progress.wake();
+  }
+
+  #lifecycle(op: LifecycleOp, dev: MappedDevice, text: string, detail?: EventDetail): void {
+    this.#raise(op === 'create' ? 'create' : 'change', dev, text, { op, ...detail });
   }
 
   wait(name: string, eventNr: number, signal?: AbortSignal): Promise<number> {
@@ -309,6 +338,7 @@ export class DeviceMapper extends EventEmitter {
    */
   async close(): Promise<void> {
     this.#closing = true;
+    this.#progress.stop();
     for (const d of this.list()) {
       if (!d.live || this.onSuspended(d.name)) continue;
       await this.flush(d.name).catch((e) => this.#log.warn(`${d.name}: flush at close failed: ${e.message}`));
@@ -330,6 +360,7 @@ export class DeviceMapper extends EventEmitter {
   async #destroyDevice(dev: MappedDevice): Promise<void> {
     this.#devices.delete(dev.name);
     for (const t of dev.markRemoved()) await t.destroy();
+    this.#raise('destroy', dev, 'removed', { op: 'remove' });
   }
 
   async #buildTable(dev: MappedDevice, text: string, readOnly: boolean): Promise<Table> {
@@ -356,7 +387,7 @@ export class DeviceMapper extends EventEmitter {
           begin: line.start,
           length: line.length,
           log: log(`${name}:${type.name}`),
-          event: () => dev.event(),
+          event: (what, detail) => dev.event(what, detail),
           get closing() {
             return engine.#closing;
           },
@@ -476,6 +507,31 @@ export class DeviceMapper extends EventEmitter {
     }
     return false;
   }
+}
+
+/** background work of the live table's targets, summed (null when nothing runs) */
+function targetProgress(dev: MappedDevice): Progress | null {
+  let work = '';
+  let done = 0;
+  let total = 0;
+  for (const e of dev.live?.entries ?? []) {
+    const p = e.target.progress?.();
+    if (!p) continue;
+    work ||= p.work;
+    done += p.doneSectors;
+    total += p.totalSectors;
+  }
+  return total > 0 ? { work, doneSectors: done, totalSectors: total } : null;
+}
+
+function deviceState(d: MappedDevice): string {
+  return d.removed ? 'removed' : d.suspended ? 'suspended' : 'active';
+}
+
+function existsDetail(d: MappedDevice): EventDetail {
+  const out: Record<string, string> = { tables: d.live ? (d.inactive ? 'live+inactive' : 'live') : d.inactive ? 'inactive' : 'none' };
+  if (d.secondary !== null) Object.assign(out, { role: 'secondary', from: d.secondary });
+  return out;
 }
 
 function lines(table: Table | null, type: StatusType): TableLineOut[] {

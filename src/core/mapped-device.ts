@@ -7,7 +7,7 @@ import type { Bio } from './bio.ts';
 import { EMPTY } from './bio.ts';
 import { BlockError, DeviceError, toBlockError } from './errors.ts';
 import type { Table, TableEntry } from './table.ts';
-import type { BlockDev, Extent, Target } from './types.ts';
+import type { BlockDev, EventDetail, Extent, Target } from './types.ts';
 import { appendClipped, mergeExtents } from './extents.ts';
 
 interface Queued {
@@ -46,6 +46,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   #inflight = 0;
   #drainWaiters: Array<() => void> = [];
   #eventNr = 0;
+  #lastEvent: { text: string; detail?: EventDetail } = { text: '' };
   #openCount = 0;
   #deferredRemove = false;
   #removed = false;
@@ -86,6 +87,10 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   get eventNr(): number {
     return this.#eventNr;
   }
+  /** what the last event said (its text and detail) */
+  get lastEvent(): { text: string; detail?: EventDetail } {
+    return this.#lastEvent;
+  }
   get openCount(): number {
     return this.#openCount;
   }
@@ -124,7 +129,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     if (this.#secondary === null) {
       this.#secondary = owner;
       await this.#restartBypasses();
-      this.event();
+      this.event(`secondary: receives replication from ${owner}; writes refused`, { role: 'secondary', from: owner });
     }
     const self = this; // eslint-disable-line @typescript-eslint/no-this-alias
     return { ref: this.ref, get sectors() { return self.sectors; }, submit: (bio: Bio) => this.#submit(bio, true) };
@@ -135,7 +140,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     if (this.#secondary === null) return;
     this.#secondary = null;
     await this.#restartBypasses();
-    this.event();
+    this.event('primary: writable again', { role: 'primary' });
   }
 
   async #restartBypasses(): Promise<void> {
@@ -297,10 +302,11 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     return this.#queue.length;
   }
 
-  /** Raise an event: bump the counter, wake waiters. */
-  event(): void {
+  /** Raise an event: bump the counter, keep what it says, wake waiters ('event': number, text, detail). */
+  event(what = '', detail?: EventDetail): void {
     this.#eventNr++;
-    this.emit('event', this.#eventNr);
+    this.#lastEvent = detail ? { text: what, detail } : { text: what };
+    this.emit('event', this.#eventNr, what, detail);
   }
 
   /** Resolve with the new event number once it differs from `nr`. */

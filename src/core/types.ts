@@ -97,13 +97,37 @@ export interface Target {
   progress?(): Progress | null;
 }
 
-/** Progress of a target's background work. */
+/** Progress of a target's background work, as the target knows it. */
 export interface Progress {
   /** what is running, e.g. 'resync' */
   readonly work: string;
   readonly doneSectors: number;
   readonly totalSectors: number;
 }
+
+/**
+ * A device's background work as the engine shows it (`DeviceMapper.progress`), measured
+ * over the samples it took (progress-meter.ts). Within one run (the same work, without a
+ * pause in which none ran) `doneSectors` and `percent` never go down: done only adds what
+ * the target's remaining work shrank by, and the total is done + what remains now, so it
+ * grows when writes make more work.
+ */
+export interface ProgressReport extends Progress {
+  /** whole percent, never lower than the last one shown in this run; 100 only when nothing remains */
+  readonly percent: number;
+  /** bytes per second of done work over the last few seconds (0 until measured) */
+  readonly rate: number;
+  /** seconds until done at that rate; null while the rate is 0 */
+  readonly eta: number | null;
+}
+
+/**
+ * Facts of an event, beside its text, for `dmkit events`. Values are short words or
+ * numbers. Known keys: `slink` (a replicator site), `state` (the site's state after the
+ * change, as `status --json` names it), `role` ('primary' | 'secondary'), `work`
+ * ('resync' | 'verify') with `phase` ('start' | 'done' | 'stopped') and its counts.
+ */
+export type EventDetail = Readonly<Record<string, string | number | boolean>>;
 
 /** Everything a target constructor may use. */
 export interface TargetContext {
@@ -114,8 +138,8 @@ export interface TargetContext {
   readonly length: number;
   /** open a device by reference; released automatically when the table is destroyed or ctr fails */
   open(ref: string): Promise<BlockDev>;
-  /** raise a device event (dm_table_event): wakes `wait` */
-  event(): void;
+  /** raise a device event (dm_table_event): wakes `wait`; `what` says what changed, for `dmkit events` */
+  event(what?: string, detail?: EventDetail): void;
   readonly log: Logger;
   /**
    * true while the engine tears every device down (`close`: a daemon stopping): a

@@ -4,10 +4,12 @@
  * state save after every op in `MUTATING` before it sends the reply.
  */
 import type { DeviceMapper } from '../core/device-manager.ts';
-import type { Progress } from '../core/types.ts';
+import type { DeviceEvent } from '../core/device-events.ts';
+import type { ProgressReport } from '../core/types.ts';
 import { DeviceError, DmError } from '../core/errors.ts';
 import { Args, MAX_IO, type DeviceSummary, type HelloResult, type ProgressItem, type WatchItem } from './protocol.ts';
 import type { StateStore } from './state.ts';
+import { events } from './events.ts';
 
 export interface OpContext {
   readonly dm: DeviceMapper;
@@ -34,6 +36,8 @@ function summary(dm: DeviceMapper, name: string): DeviceSummary {
   const out: DeviceSummary = { ...dm.info(name), deps: dm.deps(name), types };
   const repl = d.live?.entries.find((e) => e.type.name === 'replicator' || e.type.name === 'replicator-dev');
   if (repl?.target.statusJson) out.replication = repl.target.statusJson();
+  const p = dm.progress(name);
+  if (p) out.progress = item(name, p);
   return out;
 }
 
@@ -83,8 +87,8 @@ function rename(a: Args, { dm }: OpContext): unknown {
   return null;
 }
 
-function item(name: string, p: Progress): ProgressItem {
-  return { name, work: p.work, doneSectors: p.doneSectors, totalSectors: p.totalSectors };
+function item(name: string, p: ProgressReport): ProgressItem {
+  return { name, work: p.work, doneSectors: p.doneSectors, totalSectors: p.totalSectors, percent: p.percent, rate: p.rate, eta: p.eta };
 }
 
 /**
@@ -101,7 +105,7 @@ async function progress(a: Args, ctx: OpContext): Promise<ProgressItem | null> {
     const p = ctx.dm.progress(name);
     if (!p || p.doneSectors >= p.totalSectors) {
       if (p) return item(name, p);
-      return last && { ...last, doneSectors: last.totalSectors };
+      return last && { ...last, doneSectors: last.totalSectors, percent: 100, eta: 0 };
     }
     last = item(name, p);
     ctx.emit(last);
@@ -118,7 +122,10 @@ async function progress(a: Args, ctx: OpContext): Promise<ProgressItem | null> {
 
 function watch(_a: Args, ctx: OpContext): Promise<never> {
   const onChange = (): void => ctx.emit({ type: 'change' } satisfies WatchItem);
-  const onEvent = (name: string, eventNr: number): void => ctx.emit({ type: 'event', name, eventNr } satisfies WatchItem);
+  // target events and role changes (those that count in eventNr), not lifecycle operations
+  const onEvent = (ev: DeviceEvent): void => {
+    if (ev.kind === 'change' && ev.op === undefined) ctx.emit({ type: 'event', name: ev.name, eventNr: ev.eventNr } satisfies WatchItem);
+  };
   ctx.dm.on('change', onChange);
   ctx.dm.on('device-event', onEvent);
   return new Promise((_resolve, reject) => {
@@ -189,7 +196,11 @@ export const handlers: Readonly<Record<string, Handler>> = {
     return null;
   },
   table: (a, { dm }) => ({ lines: dm.table(a.str('name'), { inactive: a.bool('inactive') }) }),
-  status: (a, { dm }) => ({ lines: dm.status(a.str('name')) }),
+  status: (a, { dm }) => {
+    const name = a.str('name');
+    const p = dm.progress(name);
+    return { lines: dm.status(name), ...(p ? { progress: item(name, p) } : {}) };
+  },
   deps: (a, { dm }) => {
     const d = dm.get(a.str('name'));
     return { deps: [...((a.bool('inactive') ? d.inactive : d.live)?.deps ?? [])] };
@@ -199,5 +210,6 @@ export const handlers: Readonly<Record<string, Handler>> = {
   wait: async (a, { dm, signal }) => ({ eventNr: await dm.wait(a.str('name'), a.uint('eventNr'), signal) }),
   progress,
   watch,
+  events,
   io,
 };

@@ -9,7 +9,7 @@
  *
  * Requests on one connection run concurrently; replies carry the request's id. A reply
  * without `stream` is final. `cancel {id}` ends a running long request (wait, watch,
- * progress) with an ECANCELED error; closing the connection cancels all of its requests.
+ * progress, events) with an ECANCELED error; closing the connection cancels all of its requests.
  * A malformed line gets an error reply with id null and the connection stays usable.
  */
 import { DmError } from '../core/errors.ts';
@@ -47,6 +47,8 @@ export interface DeviceSummary extends DeviceInfo {
   types: string[];
   /** replicator / replicator-dev: the live target's status with names (its `statusJson`) */
   replication?: unknown;
+  /** background work (resync, verify) while it runs */
+  progress?: ProgressItem;
 }
 
 export interface HelloResult {
@@ -65,6 +67,8 @@ export interface HelloResult {
 
 export interface TablesResult {
   lines: TableLineOut[];
+  /** `status` only: the device's background work while it runs */
+  progress?: ProgressItem;
 }
 
 /** background work of a device (dm.progress), streamed by `progress` */
@@ -74,6 +78,12 @@ export interface ProgressItem {
   work: string;
   doneSectors: number;
   totalSectors: number;
+  /** the rest as `ProgressReport` (src/core/types.ts): never backwards within a run */
+  percent: number;
+  /** bytes per second, measured over the last seconds (0 until measured) */
+  rate: number;
+  /** seconds left at that rate; null while the rate is 0 */
+  eta: number | null;
 }
 
 export type WatchItem = { type: 'change' } | { type: 'event'; name: string; eventNr: number };

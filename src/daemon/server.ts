@@ -13,7 +13,7 @@ import {
 } from './protocol.ts';
 
 /** ops whose final reply carries `done: true` (they may stream before it) */
-const LONG: ReadonlySet<string> = new Set(['wait', 'watch', 'progress']);
+const LONG: ReadonlySet<string> = new Set(['wait', 'watch', 'progress', 'events']);
 
 export type ServerContext = Omit<OpContext, 'signal' | 'emit'>;
 

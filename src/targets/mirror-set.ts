@@ -214,7 +214,7 @@ export class MirrorSet implements Target {
     l.faults |= FAULTS[fault];
     this.#ctx.log.warn(`${this.#ctx.device}: mirror leg ${leg} (${l.dev.ref}): ${FAULT_TEXT[fault]}`);
     if (this.#features.handleErrors && leg === this.#default) this.#failover();
-    this.#ctx.event();
+    this.#ctx.event(`mirror leg ${leg} (${l.dev.ref}): ${FAULT_TEXT[fault]}`, { leg, fault });
   }
 
   /** with handle_errors: the default leg failed; another leg without faults takes over if it may */
@@ -237,7 +237,7 @@ export class MirrorSet implements Target {
     if (this.#inSync || this.#log.getSyncCount() !== this.#log.regionCount) return;
     this.#inSync = true;
     for (const l of this.#legs) l.faults = 0;
-    this.#ctx.event();
+    this.#ctx.event('mirror in sync: every region copied to every leg', { work: 'resync', phase: 'done' });
   }
 
   // ---- resync ----

@@ -99,7 +99,7 @@ class ReplicatorDev implements Target {
     // bios never cross a region (one region per log entry and gate), nor exceed what one log entry takes
     this.maxIoSectors = Math.min(region ?? Infinity, group.maxEntrySectors);
     const local = tuples.find((t) => t.slink === 0)!.dev;
-    this.#binding = { devNr, name: ctx.device, length: ctx.length, local, remotes, gate: region ? new RegionGate(region) : null, event: () => ctx.event() };
+    this.#binding = { devNr, name: ctx.device, length: ctx.length, local, remotes, gate: region ? new RegionGate(region) : null, event: (what, detail) => ctx.event(what, detail) };
   }
 
   map(bio: Bio): Promise<void> {

@@ -17,7 +17,7 @@ import type { Bio } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
 import { BlockError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
-import type { Progress, StatusType, Target, TargetContext } from '../core/types.ts';
+import type { EventDetail, Progress, StatusType, Target, TargetContext } from '../core/types.ts';
 import type { Replog, ReplogOp } from '../replog/types.ts';
 import type { SiteLink } from '../slink/types.ts';
 import { groupMessage } from './replicator-messages.ts';
@@ -129,10 +129,10 @@ export class ReplicatorGroup implements Target, SiteHost {
     };
   }
 
-  event(what: string): void {
+  event(what: string, detail?: EventDetail): void {
     this.logger.info(`${this.ctx.device}: ${what}`);
-    this.ctx.event();
-    for (const b of this.#bindings.values()) b.event();
+    this.ctx.event(what, detail);
+    for (const b of this.#bindings.values()) b.event(what, detail);
   }
 
   /**

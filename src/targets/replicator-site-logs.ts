@@ -75,7 +75,7 @@ export class SiteLogs {
         await r.dlog.flush();
       }
       if (site.mode === 'log') site.toShip();
-      else this.#host.event(`slink ${this.#slink}: bitmap cleared`);
+      else site.event(`slink ${this.#slink}: bitmap cleared`);
     } finally {
       release();
     }
@@ -121,7 +121,13 @@ export class SiteLogs {
     const abort = new AbortController();
     const handle = { abort, total: 0, copied: 0, done: Promise.resolve() };
     this.#added = 0;
-    handle.done = resyncPasses(this.#site, this.#host, handle).catch((err: unknown) => {
+    const regions = this.outOfSync();
+    this.#site.event(`slink ${this.#slink} resync started: ${regions} region(s) out of sync`, { work: 'resync', phase: 'start', regions });
+    const ended = (phase: string): void => this.#site.event(`slink ${this.#slink} resync ${phase}: ${handle.copied} sectors copied`, { work: 'resync', phase, copiedSectors: handle.copied });
+    handle.done = resyncPasses(this.#site, this.#host, handle).then(() => ended(abort.signal.aborted ? 'stopped' : 'done'), (err: unknown) => {
+      ended(abort.signal.aborted ? 'stopped' : 'failed');
+      throw err;
+    }).catch((err: unknown) => {
       if ((err as { code?: string }).code !== 'EINTR' && !abort.signal.aborted) this.#failed(err);
     }).finally(() => {
       if (this.#resync === handle) this.#resync = null;
@@ -153,12 +159,17 @@ export class SiteLogs {
     let total = 0;
     for (const b of this.#host.bindings()) total += b.remotes.get(this.#slink)?.dlog.regionCount ?? 0;
     this.#verify = { done: 0, total };
+    site.event(`slink ${this.#slink} verify started: ${total} region(s)`, { work: 'verify', phase: 'start', regions: total });
     try {
       this.#lastVerify = await verifySite(site, this.#host, this.#verify);
+    } catch (err) {
+      site.event(`slink ${this.#slink} verify failed: ${(err as Error).message}`, { work: 'verify', phase: 'failed' });
+      throw err;
     } finally {
       this.#verify = null;
     }
-    this.#host.event(`slink ${this.#slink} verified: ${this.#lastVerify.differing} region(s) differ`);
+    const { differing, regions } = this.#lastVerify;
+    site.event(`slink ${this.#slink} verified: ${differing} region(s) differ`, { work: 'verify', phase: 'done', differing, regions });
     return this.#lastVerify.differing;
   }
 

@@ -14,6 +14,7 @@
  */
 import { BlockError, toBlockError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
+import type { EventDetail } from '../core/types.ts';
 import type { SlinkPosition } from '../replog/types.ts';
 import type { FallBehind, SiteLink, SlinkPolicy } from '../slink/types.ts';
 import { FLUSH, Shipper } from './replicator-shipper.ts';
@@ -129,6 +130,11 @@ export class Site {
   get stateName(): string {
     const names: Record<SiteState, string> = { S: 'synchronous', A: 'asynchronous', F: 'forced-synchronous', P: 'pulled-ahead', R: 'resyncing', D: 'down' };
     return this.#paused ? 'suspended' : names[this.state];
+  }
+
+  /** a change at this site: logged and raised as a device event naming the slink and the state it is in now */
+  event(what: string, detail?: EventDetail): void {
+    this.#host.event(what, { slink: this.slink, state: this.stateName, ...detail });
   }
 
   outstandingIos(): number {
@@ -317,14 +323,14 @@ export class Site {
     if (this.#forced === v) return;
     this.#forced = v;
     if (!v) this.#shipper.releaseSync();
-    this.#host.event(`slink ${this.slink} ${v ? 'fell behind: synchronous' : 'back under its fall-behind: asynchronous'}`);
+    this.event(`slink ${this.slink} ${v ? 'fell behind: synchronous' : 'back under its fall-behind: asynchronous'}`);
   }
 
   #setStalled(v: boolean): void {
     if (this.#stalled === v) return;
     this.#stalled = v;
     if (!v) this.#releaseStall();
-    this.#host.event(`slink ${this.slink} ${v ? 'fell behind: stalling writers' : 'back under its fall-behind'}`);
+    this.event(`slink ${this.slink} ${v ? 'fell behind: stalling writers' : 'back under its fall-behind'}`);
   }
 
   // ---- down, retest ----
@@ -344,7 +350,7 @@ export class Site {
       this.#shipper.releaseSync();
       this.#releaseStall();
       void this.#logs.stopResync();
-      this.#host.event(`slink ${this.slink} down`);
+      this.event(`slink ${this.slink} down`);
     }
     this.#scheduleRetest();
   }
@@ -374,7 +380,7 @@ export class Site {
     if (this.#up || !this.#active) return this.#up;
     this.#up = true;
     this.#log.warn(`slink ${this.slink} (${this.link.type}) is back`);
-    this.#host.event(`slink ${this.slink} up`);
+    this.event(`slink ${this.slink} up`);
     this.#shipper.restart();
     this.#startResync();
     return true;
@@ -399,7 +405,7 @@ export class Site {
     this.#setForced(false);
     this.#setStalled(false);
     this.#shipper.releaseSync();
-    this.#host.event(`slink ${this.slink} on its dirty logs (${reason})`);
+    this.event(`slink ${this.slink} on its dirty logs (${reason})`);
     this.#shipper.restart();
     this.#startResync();
   }
@@ -435,7 +441,7 @@ export class Site {
     this.#mode = 'ship';
     this.#logReason = null;
     this.#shipper.watermark = this.#host.head;
-    this.#host.event(`slink ${this.slink} in sync: shipping in order`);
+    this.event(`slink ${this.slink} in sync: shipping in order`);
     this.#shipper.restart();
   }
 
@@ -456,14 +462,14 @@ export class Site {
     }
     this.#checkFallBehind();
     this.#shipper.releaseSync();
-    this.#host.event(`slink ${this.slink} policy ${text}`);
+    this.event(`slink ${this.slink} policy ${text}`);
   }
 
   setFallBehind(fb: FallBehind | null, text: string | null): void {
     this.fallBehind = fb;
     this.fallBehindText = text;
     this.#checkFallBehind();
-    this.#host.event(`slink ${this.slink} fall-behind ${text ?? 'none'}`);
+    this.event(`slink ${this.slink} fall-behind ${text ?? 'none'}`);
   }
 
   pause(): void {
@@ -474,14 +480,14 @@ export class Site {
     this.#shipper.releaseSync();
     this.#releaseStall();
     void this.#logs.stopResync();
-    this.#host.event(`slink ${this.slink} suspended`);
+    this.event(`slink ${this.slink} suspended`);
     if (this.#mode === 'log') this.#shipper.restart(); // marking goes on while suspended
   }
 
   unpause(): void {
     if (!this.#paused) return;
     this.#paused = false;
-    this.#host.event(`slink ${this.slink} resumed`);
+    this.event(`slink ${this.slink} resumed`);
     this.#shipper.restart();
     this.#startResync();
   }

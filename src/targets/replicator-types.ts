@@ -5,7 +5,7 @@
  */
 import type { RegionGate } from '../core/copy.ts';
 import type { Logger } from '../core/log.ts';
-import type { BlockDev } from '../core/types.ts';
+import type { BlockDev, EventDetail } from '../core/types.ts';
 import type { DirtyLog } from '../dirtylog/types.ts';
 import type { Replog } from '../replog/types.ts';
 import type { RemoteDevice } from '../slink/types.ts';
@@ -31,7 +31,7 @@ export interface DevBinding {
   /** writes against resync copies, region by region (region size of the dirty logs) */
   readonly gate: RegionGate | null;
   /** raise an event on the replicator-dev's device (a site's state changed) */
-  event(): void;
+  event(what?: string, detail?: EventDetail): void;
 }
 
 /** The group as a site sees it. */
@@ -52,6 +52,6 @@ export interface SiteHost {
   whenBound(devNr: number): Promise<void>;
   /** hold new writes before they are logged; resolves once those being logged are; returns the release */
   hold(): Promise<() => void>;
-  /** a state change: logged and raised as a device event */
-  event(what: string): void;
+  /** a state change: logged and raised as a device event (`detail`: the site's slink and state, counts) */
+  event(what: string, detail?: EventDetail): void;
 }

@@ -73,7 +73,7 @@ class Striped implements Target {
       if (e.code !== 'ENOTSUP' && s.alive) {
         s.alive = false;
         this.#ctx.log.warn(`stripe ${s.dev.ref} failed (${e.code}): ${e.message}`);
-        this.#ctx.event();
+        this.#ctx.event(`stripe ${s.dev.ref} failed (${e.code})`);
       }
       throw e;
     });

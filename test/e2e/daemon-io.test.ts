@@ -117,12 +117,12 @@ describe('I/O through the daemon', () => {
 
   it('shows progress until complete, and streams events to watchers', async () => {
     const progress = start(sb, ['wait', '--progress', 'cnt']);
-    await progress.stderrHas('cnt: count 8/32 sectors (25%)\n'); // it follows the stream now
+    await progress.stderrHas('cnt: count 8/32 sectors (25%), '); // it follows the stream now
     for (let i = 0; i < 3; i++) await ok(sb, ['message', 'cnt', '0', 'step']);
     const p = await progress.done;
     expect(p).toMatchObject({ code: 0, stdout: '' });
-    expect(p.stderr.endsWith('cnt: count 32/32 sectors (100%)\n')).toBe(true);
-    for (const line of p.stderr.trimEnd().split('\n')) expect(line).toMatch(/^cnt: count (8|16|24|32)\/32 sectors \((25|50|75|100)%\)$/);
+    expect(p.stderr).toMatch(/cnt: count 32\/32 sectors \(100%\), [^\n]*, ETA 0:00\n$/);
+    for (const line of p.stderr.trimEnd().split('\n')) expect(line).toMatch(/^cnt: count (8|16|24|32)\/32 sectors \((25|50|75|100)%\), \d+(\.\d)? (B|KiB|MiB|GiB)\/s, ETA (-|\d+:\d\d(:\d\d)?)$/);
     expect(await ok(sb, ['status', 'cnt'])).toBe('0 64 counter 4/4\n');
     expect(await dmkit(sb, ['wait', '--progress', 'cnt'])).toMatchObject({ code: 0, stdout: '', stderr: 'cnt: no background work; nothing to wait for\n' });
 
@@ -145,12 +145,12 @@ describe('I/O through the daemon', () => {
     await ok(sb, ['suspend', 'leg']);
     await ok(sb, ['create', 'm', '--table', `0 16384 mirror core 1 256 2 ${a} 0 dm:leg 0`]);
     const waiter = start(sb, ['wait', '--progress', 'm']);
-    await waiter.stderrHas('m: resync 0/16384 sectors (0%)\n');
+    await waiter.stderrHas('m: resync 0/16384 sectors (0%), ');
     expect(await ok(sb, ['resume', 'leg'])).toBe('');
     const r = await waiter.done;
     expect(r).toMatchObject({ code: 0, stdout: '' });
-    expect(r.stderr.endsWith('m: resync 16384/16384 sectors (100%)\n')).toBe(true);
-    for (const line of r.stderr.trimEnd().split('\n')) expect(line).toMatch(/^m: resync \d+\/16384 sectors \(\d+%\)$/);
+    expect(r.stderr).toMatch(/m: resync 16384\/16384 sectors \(100%\), [^\n]*, ETA 0:00\n$/);
+    for (const line of r.stderr.trimEnd().split('\n')) expect(line).toMatch(/^m: resync \d+\/16384 sectors \(\d+%\), \d+(\.\d)? (B|KiB|MiB|GiB)\/s, ETA (-|\d+:\d\d(:\d\d)?)$/);
     expect(await ok(sb, ['status', 'm'])).toBe(`0 16384 mirror 2 ${a} dm:leg 64/64 1 AA 1 core\n`);
     await cl.request('io', { op: 'flush', name: 'm' });
     expect(fs.readFileSync(b).equals(fs.readFileSync(a))).toBe(true);

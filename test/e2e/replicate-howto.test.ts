@@ -141,8 +141,8 @@ function statusOf(out: string, name: string): string {
 function expectProgress(stderr: string): void {
   const lines = stderr.trimEnd().split('\n');
   if (lines.length === 1 && lines[0] === 'repl: no background work; nothing to wait for') return;
-  for (const line of lines) expect(line).toMatch(/^repl: resync \d+\/\d+ sectors \(\d+%\)$/);
-  expect(lines.at(-1)).toMatch(/^repl: resync (\d+)\/\1 sectors \(100%\)$/);
+  for (const line of lines) expect(line).toMatch(/^repl: resync \d+\/\d+ sectors \(\d+%\), \d+(\.\d)? (B|KiB|MiB|GiB)\/s, ETA (-|\d+:\d\d(:\d\d)?)$/);
+  expect(lines.at(-1)).toMatch(/^repl: resync (\d+)\/\1 sectors \(100%\), .*, ETA 0:00$/);
 }
 
 describe('docs/howto/replicate.md, as written', () => {

@@ -113,11 +113,13 @@ export function tables(op: 'table' | 'status') {
       return;
     }
     const results = await each(s, list, async (name) => ({
-      name, lines: (await s.client.request<TablesResult>(op, { name, inactive: !!o.inactive })).lines,
+      name, ...(await s.client.request<TablesResult>(op, { name, inactive: !!o.inactive })),
     }));
     const target = o.target as string | undefined;
     if (o.json) {
-      json(s, results.map((r) => ({ name: r.name, lines: r.lines.filter((l) => !target || l.type === target) })));
+      json(s, results.map((r) => ({
+        name: r.name, lines: r.lines.filter((l) => !target || l.type === target), ...(r.progress ? { progress: r.progress } : {}),
+      })));
       return;
     }
     for (const r of results) s.out(F.tableLines(r.name, r.lines, { prefix: all || list.length > 1, target }));
@@ -186,12 +188,10 @@ export async function wait(s: Session, name: string, eventNr: string | undefined
 /**
  * `wait --progress`: follow the daemon's `progress` stream (the device's background work:
  * mirror resync, verify) until none is left. On a terminal a bar on stderr; otherwise one
- * line on stderr per change, `NAME: WORK DONE/TOTAL sectors (P%)`.
+ * line on stderr per change, `NAME: WORK DONE/TOTAL sectors (P%), RATE, ETA T`
+ * (format.ts progressText). The bar is drawn from the daemon's percentage, which never
+ * goes back within a run (docs/cli.md).
  */
-function percent(p: ProgressItem): string {
-  return `${Math.floor((p.doneSectors * 100) / p.totalSectors)}%`;
-}
-
 export async function waitProgress(s: Session, name: string): Promise<void> {
   // cli-progress only for a terminal (and loaded only then)
   const cliProgress = process.stderr.isTTY ? (await import('cli-progress')).default : null;
@@ -201,18 +201,17 @@ export async function waitProgress(s: Session, name: string): Promise<void> {
     if (cliProgress) {
       if (!bar) {
         bar = new cliProgress.SingleBar({
-          format: `${name} ${p.work} [{bar}] {percentage}% | {value}/{total} sectors`,
+          format: `${name} ${p.work} [{bar}] {percentage}% | {done}/{sum} sectors | {speed} | ETA {left}`,
           stream: process.stderr,
           hideCursor: true,
         }, cliProgress.Presets.shades_classic);
-        bar.start(p.totalSectors, p.doneSectors);
+        bar.start(100, p.percent, payload(p));
       } else {
-        bar.setTotal(p.totalSectors);
-        bar.update(p.doneSectors);
+        bar.update(p.percent, payload(p));
       }
       return;
     }
-    const line = `${name}: ${p.work} ${p.doneSectors}/${p.totalSectors} sectors (${percent(p)})\n`;
+    const line = `${name}: ${F.progressText(p)}\n`;
     if (line !== last) s.err(line);
     last = line;
   };
@@ -228,6 +227,10 @@ export async function waitProgress(s: Session, name: string): Promise<void> {
     // stop() draws the last state and ends the line
     (bar as SingleBar | null)?.stop();
   }
+}
+
+function payload(p: ProgressItem): Record<string, string | number> {
+  return { done: p.doneSectors, sum: p.totalSectors, speed: F.rateText(p.rate), left: F.etaText(p.eta) };
 }
 
 export async function version(s: Session): Promise<void> {

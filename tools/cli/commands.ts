@@ -8,6 +8,7 @@ import { DmError } from '../../src/core/errors.ts';
 import { runtimeDir, stateDir } from '../../src/daemon/paths.ts';
 import { parseListen } from '../../src/daemon/listen.ts';
 import * as A from './actions.ts';
+import { events } from './events.ts';
 import { connect, isRunning, paths, spawnDaemon } from './connect.ts';
 
 type Opts = Record<string, unknown>;
@@ -151,6 +152,9 @@ export function buildProgram(): Command {
     .option('--progress', 'show resync/verify progress until complete')
     .option('-v, --verbose', 'print the device info afterwards')
     .action(verb(A.wait));
+  program.command('events').description('print the state of every device and replication site, then every change as it happens')
+    .option('--json', 'one JSON object per line').option('--now', 'print the current state and exit')
+    .action(verb(events));
   program.command('version').description('CLI and daemon versions').action(verb(A.version));
 
   const io = program.command('io').description('debugging: byte-level I/O through the daemon (offsets and lengths in bytes)');

@@ -5,7 +5,8 @@
  * Pure functions: data in, text out.
  */
 import type { TableLineOut } from '../../src/core/device-manager.ts';
-import type { DeviceSummary } from '../../src/daemon/protocol.ts';
+import type { DeviceEvent } from '../../src/core/device-events.ts';
+import type { DeviceSummary, ProgressItem } from '../../src/daemon/protocol.ts';
 
 /** the block major dmsetup shows for device-mapper devices */
 export const DM_MAJOR = 253;
@@ -28,7 +29,59 @@ export function infoLong(d: DeviceSummary): string {
   if (d.uuid) s += `UUID: ${d.uuid}\n`;
   if (d.secondary) s += `Role:              secondary, receiving ${d.secondary} (writes refused: EROFS)\n`;
   if (d.replication) s += replicationLines(d.replication as ReplicationJson);
+  if (d.progress) s += `Progress:          ${progressText(d.progress)}\n`;
   return `${s}\n`;
+}
+
+/** bytes per second as `512 B/s`, `1.5 MiB/s` */
+export function rateText(bytes: number): string {
+  const units = ['B', 'KiB', 'MiB', 'GiB', 'TiB'];
+  let v = bytes;
+  let u = 0;
+  while (v >= 1024 && u < units.length - 1) {
+    v /= 1024;
+    u++;
+  }
+  return `${u === 0 ? Math.round(v) : v.toFixed(1)} ${units[u]}/s`;
+}
+
+/** seconds as `m:ss` or `h:mm:ss`; `-` when unknown */
+export function etaText(eta: number | null): string {
+  if (eta === null) return '-';
+  const t = Math.ceil(eta);
+  const two = (n: number): string => String(n).padStart(2, '0');
+  const h = Math.floor(t / 3600);
+  const m = Math.floor((t % 3600) / 60);
+  return h ? `${h}:${two(m)}:${two(t % 60)}` : `${m}:${two(t % 60)}`;
+}
+
+/** `resync 1024/16384 sectors (6%), 2.0 MiB/s, ETA 0:07` (`wait --progress` lines, `info`) */
+export function progressText(p: ProgressItem): string {
+  return `${p.work} ${p.doneSectors}/${p.totalSectors} sectors (${p.percent}%), ${rateText(p.rate)}, ETA ${etaText(p.eta)}`;
+}
+
+/** an event's value: a bare word, or a JSON string when it has blanks, quotes, `=` or nothing */
+function eventValue(v: string | number | boolean): string {
+  const t = String(v);
+  return typeof v !== 'string' || /^[\w.:/@+,%-]+$/.test(t) ? t : JSON.stringify(t);
+}
+
+const LEADING = ['seq', 'name', 'eventNr', 'slink', 'state', 'op'] as const;
+const SKIP = new Set<string>(['time', 'kind', 'object', 'text', ...LEADING]);
+
+/**
+ * `dmkit events` plain line (docs/cli.md): `TIME KIND OBJECT seq=N name=NAME event=N
+ * [slink=N] state=S [op=OP] [key=value …] text="…"`. Values are bare words or JSON strings.
+ */
+export function eventLine(ev: DeviceEvent): string {
+  const words = [ev.time, ev.kind, ev.object];
+  for (const k of LEADING) {
+    const v = ev[k];
+    if (v !== undefined) words.push(`${k === 'eventNr' ? 'event' : k}=${eventValue(v)}`);
+  }
+  for (const [k, v] of Object.entries(ev)) if (!SKIP.has(k) && v !== undefined) words.push(`${k}=${eventValue(v)}`);
+  words.push(`text=${JSON.stringify(ev.text)}`);
+  return `${words.join(' ')}\n`;
 }
 
 /** the replicator's and replicator-dev's `statusJson` as `info` shows it */
