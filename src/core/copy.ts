@@ -58,6 +58,12 @@ export interface CopyOptions {
   /** called before each range: may wait */
   before?: (r: CopyRange) => Promise<void> | void;
   /**
+   * called with the range's regions held in `gate`, before it is copied: the parts of it to
+   * copy, in order (default: all of it). A checksum resync copies only the blocks whose
+   * digests differ. A rejection counts as the range's read error. `after` sees the range.
+   */
+  select?: (r: CopyRange) => Promise<readonly CopyRange[]>;
+  /**
    * called after each range, still holding its regions in `gate`; may wait. Without
    * `continueOnError` only for ranges that landed on every destination.
    */
@@ -129,14 +135,28 @@ export async function copyRanges(opts: CopyOptions): Promise<number> {
       if (!r) return;
       await opts.before?.(r);
       const locked = opts.gate ? await opts.gate.lockRange(r.sector, r.sectors) : null;
+      let copied = r.sectors;
       try {
-        const outcome = await copyRange(r, buf);
+        let outcome = ok;
+        if (opts.select) {
+          copied = 0;
+          try {
+            for (const part of await opts.select(r)) {
+              if ((outcome = await copyRange(part, buf)) !== ok) break;
+              copied += part.sectors;
+            }
+          } catch (err) {
+            outcome = { readError: toBlockError(err), writeErrors: ok.writeErrors };
+          }
+        } else {
+          outcome = await copyRange(r, buf);
+        }
         if (outcome !== ok && !opts.continueOnError) throw outcome.readError ?? outcome.writeErrors.find((e) => e !== null);
         await opts.after?.(r, outcome);
       } finally {
         if (locked) opts.gate!.unlockRange(locked);
       }
-      await pace.wait(r.sectors * 512, opts.signal);
+      await pace.wait(copied * 512, opts.signal);
     }
   };
 

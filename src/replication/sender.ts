@@ -89,6 +89,8 @@ export interface PeerStats {
   /** connections the receiver closed with an ERROR (a frame it could not frame or accept) */
   peerErrors: number;
   appliedAtConnect: number;
+  /** DIGEST requests the receiver answered */
+  digests: number;
 }
 
 const OPS: Record<Bio['op'], IoOp> = { write: IoOp.WRITE, discard: IoOp.DISCARD, 'write-zeroes': IoOp.WRITE_ZEROES, flush: IoOp.FLUSH, read: IoOp.READ };
@@ -97,7 +99,7 @@ export class Peer {
   readonly opts: PeerOptions;
   state: PeerState = 'down';
   lastError = '';
-  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0 };
+  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0, digests: 0 };
   #connects = 0;
   readonly #devs = new Map<number, Dev>();
   readonly #reqs = new Map<number, Req>();
@@ -375,6 +377,7 @@ export class Peer {
       case FrameType.DATA:
         if (!req.into || f.payload.length !== req.into.length) return this.#lost(new DmError('EPROTO', `DATA of ${f.payload.length} bytes for request ${id}`));
         f.payload.copy(req.into);
+        if (req.blockSectors) this.stats.digests++;
         this.#reqs.delete(id);
         return req.resolve();
       case FrameType.RESEND:

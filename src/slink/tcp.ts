@@ -126,6 +126,7 @@ class TcpSlink implements SiteLink {
       compress: this.#compress, bytesOnWire: wireBytes, payloadBytes: rawBytes,
       compressionRatio: wireBytes > 0 ? Math.round((rawBytes / wireBytes) * 100) / 100 : null,
       resends: p.stats.resends, badReplies: p.stats.badReplies, peerErrors: p.stats.peerErrors, reconnects: p.stats.reconnects,
+      digests: p.stats.digests,
     };
   }
 

@@ -7,7 +7,7 @@ import { parseFallBehind, parsePolicy } from '../slink/params.ts';
 import type { ReplicatorGroup } from './replicator-group.ts';
 import type { Site } from './replicator-site.ts';
 
-const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate auto|<bytes/s>[k|m|g]';
+const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full] [checksum], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate auto|<bytes/s>[k|m|g]';
 
 function remote(g: ReplicatorGroup, r: ArgReader): Site {
   const n = r.uint('slink number');
@@ -47,9 +47,13 @@ export async function groupMessage(g: ReplicatorGroup, args: string[]): Promise<
     }
     case 'resync': {
       const s = remote(g, r);
-      const full = r.atEnd() ? false : r.oneOf('resync option', ['full'] as const) === 'full';
-      r.expectEnd();
-      s.requestResync(full);
+      const options = new Set<string>();
+      while (!r.atEnd()) {
+        const o = r.oneOf('resync option', ['full', 'checksum'] as const);
+        if (options.has(o)) r.fail(`resync option '${o}' given twice`);
+        options.add(o);
+      }
+      s.requestResync(options.has('full'), options.has('checksum'));
       return;
     }
     case 'verify': {

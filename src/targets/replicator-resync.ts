@@ -8,11 +8,17 @@
  *   passes under a writer that keeps dirtying regions, writers are held for the last pass
  *   (REPLICATION.md guarantee 5: resync converges).
  *
- *   verify: compare every in-sync region with the site, the region held against writes and
- *   compared only once everything logged before is on the site (no false positives from
- *   writes in flight); differing regions go out of sync for a following resync.
+ *   A checksum resync (`resync <slink#> checksum`) compares each out-of-sync region by
+ *   4 KiB block digests (replicator-checksum.ts) with the region held, and copies only the
+ *   blocks that differ.
+ *
+ *   verify: compare every in-sync region with the site by block digests, the region held
+ *   against writes and compared only once everything logged before is on the site (no
+ *   false positives from writes in flight); differing regions go out of sync for a
+ *   following resync.
  */
 import { copyRanges, type CopyOutcome } from '../core/copy.ts';
+import { differingRuns } from './replicator-checksum.ts';
 import type { Site } from './replicator-site.ts';
 import type { SiteHost } from './replicator-types.ts';
 
@@ -26,6 +32,8 @@ export interface ResyncHandle {
   /** sectors to copy in all (grows when writes dirty more regions) */
   total: number;
   copied: number;
+  /** compare regions by block digests and copy only the blocks that differ (read at each range) */
+  checksum: boolean;
 }
 
 /** Run passes until the site is in sync (resolves), aborted (resolves), or an I/O error (rejects). */
@@ -74,6 +82,8 @@ async function copyPass(site: Site, host: SiteHost, h: ResyncHandle): Promise<vo
     const r = b.remotes.get(site.slink);
     if (!r) continue;
     const dlog = r.dlog;
+    /** checksum: sectors sent of each range (by its sector) */
+    const sent = new Map<number, number>();
     const size = dlog.regionSize;
     let next = 0;
     await copyRanges({
@@ -89,6 +99,12 @@ async function copyPass(site: Site, host: SiteHost, h: ResyncHandle): Promise<vo
       concurrency: flow.maxRanges,
       rate: () => flow.rate(),
       before: (range) => flow.acquire(range.sector, range.sectors * 512, h.abort.signal),
+      select: h.checksum ? async (range) => {
+        const runs = await differingRuns(b.local, r.dev, range.sector, range.sectors);
+        site.stats.comparedBytes += range.sectors * 512;
+        sent.set(range.sector, runs.reduce((n, x) => n + x.sectors, 0));
+        return runs;
+      } : undefined,
       gate: b.gate ?? undefined,
       continueOnError: true,
       flushAtEnd: true,
@@ -100,7 +116,8 @@ async function copyPass(site: Site, host: SiteHost, h: ResyncHandle): Promise<vo
         dlog.setRegionSync(region, true);
         dlog.clearRegion(region);
         h.copied += range.sectors;
-        site.stats.resyncedBytes += range.sectors * 512;
+        site.stats.resyncedBytes += (sent.get(range.sector) ?? range.sectors) * 512;
+        sent.delete(range.sector);
       },
     });
     await dlog.flush();
@@ -115,21 +132,17 @@ export async function verifySite(site: Site, host: SiteHost, progress: { done: n
     const r = b.remotes.get(site.slink);
     if (!r || !b.gate) continue;
     const size = r.dlog.regionSize;
-    const a = Buffer.allocUnsafe(size * 512);
-    const c = Buffer.allocUnsafe(size * 512);
     for (let region = 0; region < r.dlog.regionCount; region++, progress.done++) {
       regions++;
       if (!r.dlog.inSync(region)) continue;
       const sector = region * size;
       const n = Math.min(size, b.length - sector);
-      const mine = a.subarray(0, n * 512);
-      const theirs = c.subarray(0, n * 512);
       await b.gate.lock(region);
       try {
         await site.waitPosition(host.head);
-        await b.local.submit({ op: 'read', sector, sectors: n, data: mine, flags: {} });
-        await r.dev.submit({ op: 'read', sector, sectors: n, data: theirs, flags: {} });
-        if (!mine.equals(theirs)) {
+        const runs = await differingRuns(b.local, r.dev, sector, n);
+        site.stats.comparedBytes += n * 512;
+        if (runs.length > 0) {
           differing++;
           r.dlog.markRegion(region);
           r.dlog.setRegionSync(region, false);

@@ -7,7 +7,7 @@
  */
 import { BlockError } from '../core/errors.ts';
 import type { ReplogEntry } from '../replog/types.ts';
-import { resyncPasses, verifySite } from './replicator-resync.ts';
+import { resyncPasses, verifySite, type ResyncHandle } from './replicator-resync.ts';
 import type { Site } from './replicator-site.ts';
 import type { DevBinding, SiteHost } from './replicator-types.ts';
 
@@ -17,9 +17,11 @@ export class SiteLogs {
   readonly #slink: number;
   /** a resync failed with an I/O error (not aborted) */
   readonly #failed: (err: unknown) => void;
-  #resync: { abort: AbortController; done: Promise<void>; total: number; copied: number } | null = null;
+  #resync: (ResyncHandle & { done: Promise<void> }) | null = null;
   #verify: { done: number; total: number } | null = null;
   #lastVerify: { differing: number; regions: number } | null = null;
+  /** `resync … checksum`: resyncs compare by digests until one leaves the site in sync */
+  #checksum = false;
   /** sectors of regions that went out of sync while the resync ran: work added to its total, so its done never goes back */
   #added = 0;
 
@@ -119,7 +121,7 @@ export class SiteLogs {
   startResync(): void {
     if (this.#resync) return;
     const abort = new AbortController();
-    const handle = { abort, total: 0, copied: 0, done: Promise.resolve() };
+    const handle = { abort, total: 0, copied: 0, checksum: this.#checksum, done: Promise.resolve() };
     this.#added = 0;
     const regions = this.outOfSync();
     this.#site.event(`slink ${this.#slink} resync started: ${regions} region(s) out of sync`, { work: 'resync', phase: 'start', regions });
@@ -131,8 +133,15 @@ export class SiteLogs {
       if ((err as { code?: string }).code !== 'EINTR' && !abort.signal.aborted) this.#failed(err);
     }).finally(() => {
       if (this.#resync === handle) this.#resync = null;
+      if (this.outOfSync() === 0) this.#checksum = false;
     });
     this.#resync = handle;
+  }
+
+  /** `resync <slink#> checksum`: this resync (from its next region on) and the next ones until the site is in sync compare by digests */
+  useChecksum(): void {
+    this.#checksum = true;
+    if (this.#resync) this.#resync.checksum = true;
   }
 
   /** ask a running resync to stop, without waiting for it */

@@ -32,7 +32,10 @@ type LogReason = 'pull-ahead' | 'overflow' | 'resync' | 'dirty';
 export interface SiteStats {
   shippedIos: number;
   shippedBytes: number;
+  /** bytes resync sent to the site (a checksum resync: only the blocks that differed) */
   resyncedBytes: number;
+  /** bytes compared by block digests (checksum resync and verify) */
+  comparedBytes: number;
   errors: number;
 }
 
@@ -43,7 +46,7 @@ export class Site {
   policyText: string | null;
   fallBehind: FallBehind | null;
   fallBehindText: string | null;
-  readonly stats: SiteStats = { shippedIos: 0, shippedBytes: 0, resyncedBytes: 0, errors: 0 };
+  readonly stats: SiteStats = { shippedIos: 0, shippedBytes: 0, resyncedBytes: 0, comparedBytes: 0, errors: 0 };
   lastError = '';
 
   readonly #host: SiteHost;
@@ -419,9 +422,10 @@ export class Site {
     return this.waitPosition(this.#host.head);
   }
 
-  /** `resync <slink#> [full]` */
-  requestResync(full: boolean): void {
+  /** `resync <slink#> [full] [checksum]` */
+  requestResync(full: boolean, checksum = false): void {
     if (full) this.#logs.markAll();
+    if (checksum) this.#logs.useChecksum();
     this.#enterLog('resync');
     if (!this.#up) void this.retest();
   }

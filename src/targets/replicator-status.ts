@@ -58,6 +58,7 @@ export function groupStatusJson(g: ReplicatorGroup): unknown {
         lag: { ios: s.outstandingIos(), sectors: s.outstandingSectors(), bytes: s.outstandingSectors() * 512, ageMs: s.lagMs() },
         shipped: { ios: s.stats.shippedIos, bytes: s.stats.shippedBytes },
         resyncedBytes: s.stats.resyncedBytes,
+        comparedBytes: s.stats.comparedBytes,
         resync: s.progress(),
         resyncFlow: g.resyncControl.flowStatus(s.slink),
         lastVerify: s.lastVerify,

@@ -179,7 +179,7 @@ const msg = (grp: Group, ...words: string[]): Promise<string> => grp.dm.message(
 const replTable = (grp: Group): string => grp.dm.table('repl')[0]!.params;
 
 describe('message errors', () => {
-  const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate <bytes/s>';
+  const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full] [checksum], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate auto|<bytes/s>[k|m|g]';
   const CASES: Array<[words: string, message: string]> = [
     ['frob', `unknown message 'frob' (expected ${USAGE})`],
     ['policy', 'missing slink number'],
@@ -198,8 +198,9 @@ describe('message errors', () => {
     ['slink pause 1', "invalid slink action 'pause' (expected one of suspend, resume)"],
     ['slink suspend 0', 'slink 0 is the local site (expected a remote slink: 1)'],
     ['slink resume 9', 'no slink 9 in this replicator (remote slinks: 1)'],
-    ['resync 1 partial', "invalid resync option 'partial' (expected one of full)"],
-    ['resync 1 full now', "too many arguments (unexpected 'now')"],
+    ['resync 1 partial', "invalid resync option 'partial' (expected one of full, checksum)"],
+    ['resync 1 full now', "invalid resync option 'now' (expected one of full, checksum)"],
+    ['resync 1 checksum full checksum', "resync option 'checksum' given twice"],
     ['resync 0', 'slink 0 is the local site (expected a remote slink: 1)'],
     ['verify 2', 'no slink 2 in this replicator (remote slinks: 1)'],
     ['clear-bitmap 0', 'slink 0 is the local site (expected a remote slink: 1)'],
@@ -212,7 +213,7 @@ describe('message errors', () => {
     ['replog resize 1.5', "invalid replog size '1.5' (expected an integer of at least 1)"],
     ['replog resize 100', 'ringbuffer: invalid size 100 (at least 4096 sectors: 2 MiB)'],
     ['replog resize 99999999', 'ringbuffer: device too small for replog: $RLOG has 8256 sectors, needs 99999999 (dev_start 0 + size 99999999)'],
-    ['resync-rate fast', "invalid resync rate 'fast' (expected a non-negative integer)"],
+    ['resync-rate fast', "invalid resync rate 'fast' (expected auto, or bytes per second: <N>[k|m|g])"],
   ];
 
   it.each(CASES)('%s', async (words, message) => {
