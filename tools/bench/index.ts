@@ -2,7 +2,7 @@
  * `npm run bench -- [options]`: run the benchmark suites, print a Markdown table, write the
  * JSON report. See docs/benchmarks.md for the method and the current numbers.
  *
- *   --only L1[,N1…]        suites to run (default: all; e.g. --only R1,R3 or --only R1-tcp,R2,RC)
+ *   --only L1[,N1…]        suites to run (default: all; e.g. --only R1,R3 or --only R1-tcp,R2,RC or --only R3,RS)
  *   --patterns a[,b…]      only patterns whose id contains one of these (e.g. rand-read)
  *   --quick                smoke run: 64 MiB, 0.2 s runs, 3 pairs, no report unless --out
  *   --size 1G              image / device size (default 1 GiB)
@@ -26,6 +26,7 @@ import { l1 } from './l1-library.ts';
 import { m1, m2 } from './m-mirror.ts';
 import { n1, n2, n3 } from './n-nbd.ts';
 import { r1, r3 } from './r-replication.ts';
+import { rs } from './r-resync.ts';
 import { r2 } from './r-tcp-r2.ts';
 import { r1tcp, rc } from './r-tcp.ts';
 import { buildReport, defaultOutPath, machine, markdownTable, versions, writeReport } from './report.ts';
@@ -33,7 +34,7 @@ import { parseSize, formatSize } from './size.ts';
 import type { BenchContext, Row, Suite } from './suite.ts';
 
 /** Every suite, in run order. Add N1–N3, M1/M2, … here as files of their own. */
-export const SUITES: readonly Suite[] = [l1, n1, n2, n3, m1, m2, r1, r1tcp, r2, r3, rc];
+export const SUITES: readonly Suite[] = [l1, n1, n2, n3, m1, m2, r1, r1tcp, r2, r3, rc, rs];
 
 function keyValues(list: string[] | undefined, what: string): Record<string, string> {
   const out: Record<string, string> = {};
