@@ -9,8 +9,9 @@ import { nbdResolver } from './nbd/resolver.ts';
 import { loadPlugin } from './plugin.ts';
 
 export class DeviceMapper extends CoreDeviceMapper {
-  constructor(opts: { targets?: readonly TargetType[] } = {}) {
-    super({ targets: opts.targets ?? builtinTargets });
+  /** `stateDir`: where targets keep state across restarts (a replication group's role and generation ids) */
+  constructor(opts: { targets?: readonly TargetType[]; stateDir?: string } = {}) {
+    super({ targets: opts.targets ?? builtinTargets, stateDir: opts.stateDir });
     // nbd://, nbd+unix://, nbds:// … device references (the engine as an NBD client)
     this.addResolver(nbdResolver());
   }

@@ -71,8 +71,12 @@ export class DeviceMapper extends EventEmitter {
   #seq = 0;
   readonly #progress = new ProgressSampler<MappedDevice>((d) => targetProgress(d), () => this.#devices.values());
 
-  constructor(opts: { targets?: readonly TargetType[] } = {}) {
+  /** where targets keep state across restarts (TargetContext.stateDir) */
+  readonly stateDir: string | undefined;
+
+  constructor(opts: { targets?: readonly TargetType[]; stateDir?: string } = {}) {
     super();
+    this.stateDir = opts.stateDir;
     for (const t of opts.targets ?? []) this.targets.register(t);
   }
 
@@ -391,6 +395,7 @@ export class DeviceMapper extends EventEmitter {
           get closing() {
             return engine.#closing;
           },
+          stateDir: this.stateDir,
           // a table opens each device once, however many of its targets use it (dm's open count)
           open: (ref: string) => {
             let p = opened.get(ref);

@@ -147,6 +147,12 @@ export interface TargetContext {
    * device as gone for good
    */
   readonly closing?: boolean;
+  /**
+   * the engine's state directory (the daemon's `--state-dir`), where a target may keep state
+   * that must survive restarts (a replication group's role and generation ids); absent for
+   * an engine without one
+   */
+  readonly stateDir?: string;
 }
 
 export interface TargetType {

@@ -102,7 +102,7 @@ export class Daemon {
     this.stateDir = opts.stateDir;
     this.paths = runtimePaths(opts.runtimeDir);
     this.#lockFd = lockFd;
-    this.dm = new DeviceMapper();
+    this.dm = new DeviceMapper({ stateDir: opts.stateDir });
     this.state = new StateStore(stateFile(opts.stateDir), this.dm, this.#log);
     this.extensions = opts.extensions ?? factories.map((f) => f(opts)).filter((e): e is DaemonExtension => !!e);
   }
@@ -135,7 +135,7 @@ export class Daemon {
       this.#started.push(e);
     }
     await writeAtomic(this.paths.pid, `${process.pid}\n`);
-    this.#server = new ControlServer(this.paths.socket, { dm: this.dm, state: this.state, hello: () => this.hello() }, this.#log);
+    this.#server = new ControlServer(this.paths.socket, { dm: this.dm, state: this.state, hello: () => this.hello(), receiver: () => this.receiver }, this.#log);
     await this.#server.listen();
     this.#log.info(`dmkit ${VERSION} daemon (pid ${process.pid}) listening on ${this.paths.socket}, ${this.dm.list().length} device(s)`);
   }

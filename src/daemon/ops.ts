@@ -4,6 +4,9 @@
  * state save after every op in `MUTATING` before it sends the reply.
  */
 import type { DeviceMapper } from '../core/device-manager.ts';
+import type { ReplicationReceiver } from '../replication/receiver.ts';
+import { demote, promote } from '../replication/role-ops.ts';
+import { DEMOTED, replicatedDevice } from '../replication/roles.ts';
 import type { DeviceEvent } from '../core/device-events.ts';
 import type { ProgressReport } from '../core/types.ts';
 import { DeviceError, DmError } from '../core/errors.ts';
@@ -19,13 +22,15 @@ export interface OpContext {
   readonly signal: AbortSignal;
   /** send a streamed item for this request */
   emit(item: unknown): void;
+  /** the replication receiver, when this daemon is a receiving site */
+  receiver?(): ReplicationReceiver | null;
 }
 
 type Handler = (a: Args, ctx: OpContext) => Promise<unknown> | unknown;
 
 /** ops that may change the device set or its tables: their change is saved before the reply */
 export const MUTATING: ReadonlySet<string> = new Set([
-  'create', 'load', 'reload', 'clear', 'suspend', 'resume', 'remove', 'remove_all', 'rename', 'setuuid', 'message',
+  'create', 'load', 'reload', 'clear', 'suspend', 'resume', 'remove', 'remove_all', 'rename', 'setuuid', 'message', 'promote', 'demote',
 ]);
 
 const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
@@ -163,6 +168,12 @@ async function load(a: Args, { dm, state }: OpContext): Promise<null> {
   return null;
 }
 
+/** a new replicator-dev of a secondary (demoted) group refuses writers like the group's other devices */
+async function markDemoted(dm: DeviceMapper, name: string): Promise<void> {
+  const dev = dm.get(name);
+  if (dev.secondary === null && replicatedDevice(dev)?.role.secondary) await dev.setSecondary(DEMOTED);
+}
+
 export const handlers: Readonly<Record<string, Handler>> = {
   hello: (_a, ctx) => ctx.hello(),
   version: (_a, ctx) => ({ version: ctx.hello().version }),
@@ -171,6 +182,7 @@ export const handlers: Readonly<Record<string, Handler>> = {
   create: async (a, { dm }) => {
     const name = a.str('name');
     await dm.create(name, { table: a.optText('table'), uuid: a.optStr('uuid'), readOnly: a.bool('readOnly') });
+    await markDemoted(dm, name);
     return summary(dm, name);
   },
   load,
@@ -186,6 +198,7 @@ export const handlers: Readonly<Record<string, Handler>> = {
     const name = a.str('name');
     await dm.resume(name);
     state.dropUnrestoredInactive(dm.get(name));
+    await markDemoted(dm, name);
     return null;
   },
   remove,
@@ -210,6 +223,8 @@ export const handlers: Readonly<Record<string, Handler>> = {
   wait: async (a, { dm, signal }) => ({ eventNr: await dm.wait(a.str('name'), a.uint('eventNr'), signal) }),
   progress,
   watch,
+  promote: (a, ctx) => promote(ctx.dm, a.str('name'), { force: a.bool('force'), receiver: ctx.receiver?.() ?? null }),
+  demote: (a, ctx) => demote(ctx.dm, a.str('name'), { discard: a.bool('discard'), receiver: ctx.receiver?.() ?? null }),
   events,
   io,
 };

@@ -33,7 +33,7 @@ export const MAX_CONTROL = 64 * 1024;
 export const enum FrameType {
   HELLO = 1, HELLO_REPLY = 2, AUTH_CHALLENGE = 3, AUTH_RESPONSE = 4, AUTH_PROOF = 5, AUTH_OK = 6,
   ERROR = 7, OPEN = 8, OPEN_OK = 9, CLOSE = 10, IO = 11, ACK = 12, DATA = 13, RESEND = 14,
-  PING = 15, PONG = 16, DIGEST = 17,
+  PING = 15, PONG = 16, DIGEST = 17, STATE = 18,
 }
 
 /** frame flags: the payload carries no CRC (integrity=none) */
@@ -269,6 +269,6 @@ export function hex(o: Record<string, unknown>, key: string, what: string, bytes
 }
 
 /** an ERROR frame's payload: an errno code name and a message */
-export function encodeError(code: string, message: string): Buffer {
-  return encodeJson({ code, message: message.slice(0, 1024) });
+export function encodeError(code: string, message: string, verdict?: string): Buffer {
+  return encodeJson({ code, message: message.slice(0, 1024), ...(verdict ? { verdict } : {}) });
 }

@@ -21,7 +21,7 @@ import { serverHandshake, type Secret } from './handshake.ts';
 import type { CertTls } from './tls-certs.ts';
 import { PositionFile } from './position.ts';
 import { MAX_PAYLOAD } from './protocol.ts';
-import { readRoles, roleOf, writeRoles } from './roles.ts';
+import { DEMOTED, ROLE, readRoles, replicatedDevice, roleOf, writeRoles } from './roles.ts';
 import { Session } from './session.ts';
 import { Stream } from './stream.ts';
 
@@ -83,6 +83,33 @@ export class ReplicationReceiver {
       await this.#dm.get(name).setSecondary(roleOf(id));
       this.#log.info(`replication: ${name} is secondary again (it receives stream ${id})`);
     }
+    // devices of a demoted group that received nothing yet: secondary too (their group's role file says so)
+    for (const d of this.#dm.list()) {
+      const dev = this.#dm.get(d.name);
+      if (dev.secondary === null && replicatedDevice(dev)?.role.secondary) {
+        await dev.setSecondary(DEMOTED);
+        this.#log.info(`replication: ${d.name} is secondary again (its group is demoted)`);
+      }
+    }
+  }
+
+  /**
+   * Device `name` stops receiving (it is promoted): the connection of the stream it
+   * receives is closed (its writes in flight finish first), unless that sender is connected
+   * and still primary — then EBUSY, or with `force` it is cut off anyway. The device stays
+   * marked secondary; the caller clears that once the group is primary.
+   */
+  async release(name: string, force: boolean): Promise<void> {
+    const label = this.#dm.get(name).secondary;
+    if (label === null || !label.startsWith(ROLE)) return;
+    const st = this.#streams.get(label.slice(ROLE.length));
+    const owner = st?.owner as Session | null | undefined;
+    if (!st || !owner) return;
+    if (st.senderRole === 'primary' && !force) {
+      throw new DmError('EBUSY', `${name}: receives from ${owner.peer}, which is connected and primary: demote it first (or promote with --force to cut it off)`);
+    }
+    owner.kick(`${name} was promoted at this site`);
+    await st.idle();
   }
 
   /** @internal device `name` receives stream `id` (null: it is primary again); persisted */
@@ -91,6 +118,18 @@ export class ReplicationReceiver {
     else this.#roles.set(name, id);
     fs.mkdirSync(this.#opts.stateDir, { recursive: true, mode: 0o700 });
     writeRoles(path.join(this.#opts.stateDir, 'roles.json'), this.#roles);
+  }
+
+  /** @internal the role the sender of stream `id` last announced */
+  senderRole(id: string): 'primary' | 'secondary' {
+    return this.#streams.get(id)?.senderRole ?? 'primary';
+  }
+
+  /** @internal close the connection of stream `id`; resolves once its writes in flight are done */
+  async kick(id: string, why: string): Promise<void> {
+    const st = this.#streams.get(id);
+    (st?.owner as Session | null | undefined)?.kick(why);
+    await st?.idle();
   }
 
   /** @internal is stream `id` connected now? */

@@ -5,6 +5,7 @@
  */
 import fs from 'node:fs';
 import type { Logger } from '../core/log.ts';
+import type { GroupRole } from '../targets/replicator-role.ts';
 
 export const ROLE = 'replication stream ';
 /** a secondary device's owner label for stream `id` (MappedDevice.secondary) */
@@ -33,3 +34,31 @@ export function writeRoles(file: string, roles: ReadonlyMap<string, string>): vo
   fs.writeFileSync(`${file}.tmp`, `${JSON.stringify(Object.fromEntries(roles), null, 1)}\n`, { mode: 0o600 });
   fs.renameSync(`${file}.tmp`, file);
 }
+
+/** regions a receiving device asks a new primary to overwrite: bit i = region i (of `regionSectors`) */
+export interface Needs {
+  readonly regionSectors: number;
+  readonly bits: Buffer;
+}
+
+/** What the receiver sees of a device that is itself a replicator-dev (it has a group role). */
+export interface ReplicatedDevice {
+  readonly role: GroupRole;
+  /** the group's control device name, for messages */
+  readonly group: string;
+  /** the names of the group's devices */
+  devices(): string[];
+  /** regions changed here that no site has (written as primary and never shipped), null when none */
+  needs(): Needs | null;
+  /** a primary's resync has overwritten them: forget them */
+  clearNeeds(): Promise<void>;
+}
+
+/** the group role of a device whose table is a replicator-dev (or a replicator), else null */
+export function replicatedDevice(dev: { liveTarget?(sector: number): unknown }): ReplicatedDevice | null {
+  const t = dev.liveTarget?.(0) as { replication?: ReplicatedDevice } | null | undefined;
+  return t?.replication ?? null;
+}
+
+/** the secondary label of a demoted replicator-dev (no stream yet: the next primary takes it over) */
+export const DEMOTED = 'replication role: demoted';

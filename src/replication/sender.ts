@@ -20,9 +20,11 @@ import { compress } from './compress.ts';
 import type { Frame, FrameSocket } from './frame-socket.ts';
 import { clientHandshake, type Secret } from './handshake.ts';
 import type { CertTls } from './tls-certs.ts';
+import type { Announcement, SlinkRoles } from '../slink/types.ts';
+import type { Needs } from './roles.ts';
 import {
   Codec, DIGEST_SIZE, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_DIGEST_SECTORS, MAX_PAYLOAD, decodeJson, encodeDigest, encodeIo,
-  encodeJson, str, uint,
+  ProtocolError, encodeJson, str, uint,
   type FrameHeader,
 } from './protocol.ts';
 
@@ -49,6 +51,8 @@ export interface PeerOptions {
   readonly log: Logger;
   /** the link's state changed */
   readonly changed: () => void;
+  /** the group's roles: generation ids in OPEN, the site's verdict back (absent: none sent) */
+  readonly roles?: SlinkRoles;
 }
 
 interface Req {
@@ -99,6 +103,10 @@ export class Peer {
   readonly opts: PeerOptions;
   state: PeerState = 'down';
   lastError = '';
+  /** the site refused the stream for its role (peer-primary, split-brain, unrelated); null when it took it */
+  refusal: string | null = null;
+  /** what the group last told the site (re-sent after every connect) */
+  #announced: Announcement | null = null;
   readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0, digests: 0 };
   #connects = 0;
   readonly #devs = new Map<number, Dev>();
@@ -254,6 +262,12 @@ export class Peer {
     });
   }
 
+  /** tell the site the group's generation and role (STATE); again after every connect */
+  announce(a: Announcement): void {
+    this.#announced = a;
+    if (this.state === 'connected' && this.#frames) this.#frames.send(FrameType.STATE, 0, [encodeJson(a)]);
+  }
+
   /** close the connection; outstanding requests fail with ESHUTDOWN */
   async close(): Promise<void> {
     this.#closed = true;
@@ -282,9 +296,13 @@ export class Peer {
   }
 
   async #connectOnce(): Promise<void> {
-    this.#setState('connecting');
     const o = this.opts;
     const where = `${o.name}: ${this.address}`;
+    if (o.roles?.secondary()) {
+      this.lastError = 'the group is secondary: it sends nothing until promoted';
+      throw new DmError('EAGAIN', `${where}: ${this.lastError}`);
+    }
+    this.#setState('connecting');
     const sock = net.connect({ host: o.host, port: o.port, noDelay: true }); // small frames wait for replies: no Nagle
     let answered = false; // the handshake succeeded: a failure after it is the receiver refusing a device
     sock.on('error', () => {});
@@ -309,6 +327,7 @@ export class Peer {
       });
       this.#setState('connected'); // opening devices needs the connection up; requests wait for their handle
       for (const key of this.#devs.keys()) await this.#openDevice(key);
+      if (this.#announced) a.frames.send(FrameType.STATE, 0, [encodeJson(this.#announced)]);
       this.#startTimer();
       if (this.#connects++ > 0) this.stats.reconnects++;
       this.lastError = '';
@@ -332,12 +351,26 @@ export class Peer {
     const d = this.#devs.get(key);
     if (!d) return;
     d.handle = 0;
-    const o = decodeJson((await this.#control(FrameType.OPEN, {
-      stream: this.opts.groupId, slink: this.opts.slink, device: d.name, devNr: d.devNr, sectors: d.sectors,
-    })).payload, 'OPEN_OK');
+    const roles = this.opts.roles;
+    let o: Record<string, unknown>;
+    try {
+      o = decodeJson((await this.#control(FrameType.OPEN, {
+        stream: this.opts.groupId, slink: this.opts.slink, device: d.name, devNr: d.devNr, sectors: d.sectors,
+        ...(roles ? { gens: roles.gens(this.opts.slink) } : {}),
+      })).payload, 'OPEN_OK');
+    } catch (err) {
+      const verdict = (err as { verdict?: string }).verdict;
+      if (verdict) {
+        this.refusal = verdict;
+        roles?.refused(this.opts.slink, verdict, (err as Error).message);
+      }
+      throw err;
+    }
     if (this.#devs.get(key) !== d) return;
     d.handle = uint(o, 'handle', 'OPEN_OK');
     this.stats.appliedAtConnect = uint(o, 'applied', 'OPEN_OK');
+    this.refusal = null;
+    if (roles) roles.opened(this.opts.slink, d.devNr, resyncOf(o), needsOf(o));
     for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0) this.#send(req);
   }
 
@@ -472,10 +505,28 @@ export class Peer {
 
 const EMPTY_BUF = Buffer.alloc(0);
 
+/** OPEN_OK's `resync` (a receiver without roles sends none) */
+function resyncOf(o: Record<string, unknown>): 'none' | 'partial' | 'full' {
+  const r = o.resync;
+  return r === 'partial' || r === 'full' ? r : 'none';
+}
+
+/** OPEN_OK's `needs`: { regionSectors, bits (base64) }, checked */
+function needsOf(o: Record<string, unknown>): Needs | null {
+  const n = o.needs as { regionSectors?: unknown; bits?: unknown } | undefined | null;
+  if (!n) return null;
+  if (!Number.isSafeInteger(n.regionSectors) || (n.regionSectors as number) < 1 || typeof n.bits !== 'string') {
+    throw new ProtocolError('OPEN_OK: needs must be { regionSectors, bits }');
+  }
+  return { regionSectors: n.regionSectors as number, bits: Buffer.from(n.bits, 'base64') };
+}
+
 function errorOf(f: Frame, where: string): DmError {
   try {
     const o = decodeJson(f.payload, 'ERROR');
-    return new DmError(str(o, 'code', 'ERROR', 32), `${where}: ${str(o, 'message', 'ERROR', 2048)}`);
+    const e = new DmError(str(o, 'code', 'ERROR', 32), `${where}: ${str(o, 'message', 'ERROR', 2048)}`);
+    if (typeof o.verdict === 'string' && o.verdict.length <= 32) (e as DmError & { verdict?: string }).verdict = o.verdict;
+    return e;
   } catch {
     return new DmError('EPROTO', `${where}: malformed ERROR frame`);
   }

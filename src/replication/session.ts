@@ -17,7 +17,8 @@ import {
   type FrameHeader, type IoRequest,
 } from './protocol.ts';
 import type { ReplicationReceiver } from './receiver.ts';
-import { ROLE, roleOf } from './roles.ts';
+import { DEMOTED, ROLE, replicatedDevice, roleOf, type ReplicatedDevice } from './roles.ts';
+import type { GenIds } from '../targets/replicator-role.ts';
 import type { Stream } from './stream.ts';
 
 /** DIGEST requests a connection may have waiting before it is told EAGAIN */
@@ -31,6 +32,26 @@ interface Opened {
   readonly writer: BlockDev;
 }
 
+/** a stream refused for the receiving group's role: EPERM, with the verdict for the sender */
+class RoleRefusal extends DmError {
+  readonly verdict: string;
+  constructor(verdict: string, message: string) {
+    super('EPERM', message);
+    this.verdict = verdict;
+  }
+}
+
+/** OPEN's `gens` (a sender without roles sends none: judged as an unknown generation) */
+function gensOf(o: Record<string, unknown>): GenIds {
+  const g = o.gens as { current?: unknown; peer?: unknown; history?: unknown } | undefined;
+  const id = (x: unknown): x is string => typeof x === 'string' && /^[0-9a-f]{16}$/.test(x);
+  if (!g) return { current: '', peer: null, history: [] };
+  if (!id(g.current) || (g.peer !== null && !id(g.peer)) || !Array.isArray(g.history) || g.history.length > 64 || !g.history.every(id)) {
+    throw new ProtocolError('OPEN: gens must be { current, peer, history } of 16-hex-digit ids');
+  }
+  return { current: g.current, peer: g.peer as string | null, history: g.history as string[] };
+}
+
 /** One authenticated connection. */
 export class Session {
   readonly peer: string;
@@ -38,6 +59,8 @@ export class Session {
   readonly #frames: FrameSocket;
   readonly #maxInflight: number;
   #stream: Stream | null = null;
+  /** the replicated groups whose devices this connection took (STATE applies to them) */
+  readonly #groups = new Set<ReplicatedDevice>();
   readonly #handles = new Map<number, Opened>();
   #nextHandle = 1;
   #inflightBytes = 0;
@@ -81,6 +104,7 @@ export class Session {
         case FrameType.CLOSE: return void this.#closeDevice(f).catch((err: Error) => this.#error(f.h.id, err));
         case FrameType.PING: return void this.#frames.send(FrameType.PONG, f.h.id);
         case FrameType.DIGEST: return this.#digest(f);
+        case FrameType.STATE: return this.#state(f);
         default: throw new ProtocolError(`unexpected frame type ${f.h.type} after the handshake`);
       }
     } catch (err) {
@@ -112,6 +136,7 @@ export class Session {
     if (this.#closed) return; // gone (or replaced) while waiting: open nothing, #close ran already
     const dev = this.#rx.device(name);
     if (dev.sectors < sectors) throw new DmError('ENOSPC', `device too small for target: ${name} has ${dev.sectors} sectors at the receiving site, needs ${sectors}`);
+    const judged = this.#judge(name, dev, o);
     const writer = await this.#takeRole(name, dev, stream);
     if (this.#closed) return;
     // a device may be open twice (a table reload at the sender attaches again before the old
@@ -120,7 +145,51 @@ export class Session {
     dev.open();
     this.#handles.set(handle, { name, dev, writer });
     stream.devices.set(name, writer);
-    this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, sectors: dev.sectors })]);
+    this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, sectors: dev.sectors, ...judged })]);
+  }
+
+  /**
+   * A receiving device that is itself replicated (a replicator-dev: its group has a role)
+   * takes a stream only as judged from the generation ids (replicator-role.ts): refused with
+   * EPERM and a verdict (peer-primary, split-brain, unrelated), or taken with what it asks
+   * to be resynced. Other devices take any stream (no ids, nothing to judge).
+   */
+  #judge(name: string, dev: MappedDevice, o: Record<string, unknown>): Record<string, unknown> {
+    const rep = replicatedDevice(dev);
+    if (!rep) return {};
+    const v = rep.role.judge(gensOf(o));
+    if (!v.ok) {
+      if (v.verdict === 'split-brain') {
+        rep.role.noteSplitBrain(`from ${this.peer}: ${v.why}`);
+        this.#rx.log.warn(`replication: ${name}: ${this.peer}: ${v.why}`);
+        dev.event(`split-brain: ${v.why}`);
+      }
+      throw new RoleRefusal(v.verdict, `${rep.group}: ${v.why}`);
+    }
+    const needs = rep.needs();
+    rep.role.accepted(v.resync === 'full' || needs !== null);
+    this.#groups.add(rep);
+    return {
+      resync: v.resync, generation: rep.role.current,
+      needs: needs ? { regionSectors: needs.regionSectors, bits: needs.bits.toString('base64') } : null,
+    };
+  }
+
+  /** STATE from the sender: our devices hold its generation in order (or not), or it was demoted */
+  #state(f: Frame): void {
+    const o = decodeJson(f.payload, 'STATE');
+    const gen = str(o, 'gen', 'STATE', 16);
+    if (!/^[0-9a-f]{16}$/.test(gen)) throw new ProtocolError('STATE: gen must be 8 bytes of hex');
+    if (this.#stream) this.#stream.senderRole = o.role === 'secondary' ? 'secondary' : 'primary';
+    if (o.role === 'secondary') return; // a demoted sender says nothing of our image: it stopped sending
+    for (const rep of this.#groups) {
+      if (o.consistent !== true) {
+        rep.role.syncing();
+        continue;
+      }
+      if (rep.role.inSync(gen)) this.#rx.log.info(`replication: ${rep.group}: consistent with ${this.peer} at generation ${gen}`);
+      void rep.clearNeeds().catch((err: Error) => this.#rx.log.warn(`replication: ${rep.group}: ${err.message}`));
+    }
   }
 
   /**
@@ -132,10 +201,14 @@ export class Session {
   async #takeRole(name: string, dev: MappedDevice, stream: Stream): Promise<BlockDev> {
     const mine = roleOf(stream.id);
     if (dev.secondary !== null && dev.secondary !== mine) {
-      const other = dev.secondary.slice(ROLE.length);
-      const peer = this.#rx.connected(other);
-      if (peer) throw new DmError('EBUSY', `device ${name} receives stream ${other} (connected from ${peer}); one stream per device`);
-      this.#rx.log.warn(`replication: ${name}: stream ${stream.id} from ${this.peer} takes over from stream ${other}, which is not connected`);
+      if (dev.secondary !== DEMOTED) {
+        // a demoted group's stream no longer sends: the new primary's takes its place
+        const other = dev.secondary.slice(ROLE.length);
+        const peer = this.#rx.connected(other);
+        if (peer && this.#rx.senderRole(other) === 'primary') throw new DmError('EBUSY', `device ${name} receives stream ${other} (connected from ${peer}); one stream per device`);
+        this.#rx.log.warn(`replication: ${name}: stream ${stream.id} from ${this.peer} takes over from stream ${other}, ${peer ? 'whose sender was demoted' : 'which is not connected'}`);
+        if (peer) await this.#rx.kick(other, `${name} receives from ${this.peer} now`);
+      }
       await dev.clearSecondary();
     }
     const writer = await dev.setSecondary(mine);
@@ -247,7 +320,12 @@ export class Session {
     if (err instanceof ProtocolError) return this.#fatal(err);
     const code = (err as { code?: string }).code ?? 'EIO';
     this.#rx.log.limited(`rx-err:${this.peer}:${code}`, `replication: ${this.peer}: request ${id} failed: ${err.message}`);
-    this.#frames.send(FrameType.ERROR, id, [encodeError(code, err.message)]);
+    this.#frames.send(FrameType.ERROR, id, [encodeError(code, err.message, (err as { verdict?: string }).verdict)]);
+  }
+
+  /** the receiving site closes the connection (its device was promoted) */
+  kick(why: string): void {
+    this.#fatal(new DmError('ECONNRESET', why));
   }
 
   /** the peer broke the protocol (or a new connection replaced this one): say why and close */

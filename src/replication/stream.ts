@@ -36,6 +36,8 @@ export class Stream {
   readonly id: string;
   readonly pos: PositionFile;
   owner: object | null = null;
+  /** the sender's group role as its last STATE said (a demoted sender lets this site be promoted while connected) */
+  senderRole: 'primary' | 'secondary' = 'primary';
   /** the receiving devices of the stream, by name: the receiver's way in to each (flushed together) */
   readonly devices = new Map<string, BlockDev>();
   /** entries skipped as already applied, since the daemon started */

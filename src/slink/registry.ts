@@ -15,7 +15,7 @@ import type { StatusType } from '../core/types.ts';
 import { blockdevSlink } from './blockdev.ts';
 import { tcpSlink } from './tcp.ts';
 import { nbdSlink } from './nbd.ts';
-import type { RemoteDevice, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
+import type { Announcement, RemoteDevice, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
 
 /** Every table word: a type's name → the type itself; an alias → an entry naming its type. */
 const names = new Registry<SiteLinkType>('slink type');
@@ -123,6 +123,9 @@ class CountedSlink implements SiteLink {
   }
   statusJson(): Record<string, unknown> | undefined {
     return this.#link.statusJson?.();
+  }
+  announce(a: Announcement): void {
+    this.#link.announce?.(a);
   }
   async destroy(): Promise<void> {
     try {

@@ -26,7 +26,7 @@ import { Peer } from '../replication/sender.ts';
 import { loadCerts, type CertTls } from '../replication/tls-certs.ts';
 import { optionsTable, readDeviceParam, testDevice } from './common.ts';
 import { readOptions, readRetest, readSeconds } from './options.ts';
-import type { RemoteDevice, ShipTag, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
+import type { Announcement, RemoteDevice, ShipTag, SiteLink, SiteLinkType, SlinkContext, SlinkDeviceContext } from './types.ts';
 
 const KNOWN_OPTIONS = ['peer', 'secret', 'tls', 'tls-ca', 'tls-cert', 'tls-key', 'integrity', 'compress', 'io-timeout', 'retest'] as const;
 const DEFAULT_TIMEOUT_MS = 10_000;
@@ -127,7 +127,12 @@ class TcpSlink implements SiteLink {
       compressionRatio: wireBytes > 0 ? Math.round((rawBytes / wireBytes) * 100) / 100 : null,
       resends: p.stats.resends, badReplies: p.stats.badReplies, peerErrors: p.stats.peerErrors, reconnects: p.stats.reconnects,
       digests: p.stats.digests,
+      refusal: p.refusal,
     };
+  }
+
+  announce(a: Announcement): void {
+    this.#peer.announce(a);
   }
 
   destroy(): Promise<void> {
@@ -188,7 +193,7 @@ export const tcpSlink: SiteLinkType = {
     const timeoutMs = readSeconds(slink, 'io-timeout', opts.get('io-timeout'), DEFAULT_TIMEOUT_MS);
     const p = new Peer({
       host: peer.host, port: peer.port, secret, tls, certs, crc, codec: CODECS[compress], ioTimeoutMs: timeoutMs, reconnectMs: timeoutMs,
-      groupId: ctx.groupId, slink, name: `${ctx.device} slink ${slink}`, log: ctx.log, changed: () => ctx.event(),
+      groupId: ctx.groupId, slink, name: `${ctx.device} slink ${slink}`, log: ctx.log, changed: () => ctx.event(), roles: ctx.roles,
     });
     return new TcpSlink(slink, retestMs, p, [...options], compress);
   },

@@ -12,6 +12,8 @@
 import type { Bio } from '../core/bio.ts';
 import type { Logger } from '../core/log.ts';
 import type { BlockDev, StatusType } from '../core/types.ts';
+import type { Needs } from '../replication/roles.ts';
+import type { GenIds } from '../targets/replicator-role.ts';
 
 /** A log entry's place in the group's order, handed to `RemoteDevice.submit` by the shipper. */
 export interface ShipTag {
@@ -33,6 +35,37 @@ export interface SlinkContext {
   /** raise an event on the control device (the site went down or came back) */
   event(): void;
   readonly log: Logger;
+  /**
+   * The group's roles, for transports whose sites judge a sender by its generation ids
+   * (tcp: docs/howto/failover.md). Absent for an engine that has none (then the transport
+   * sends none, and the site takes the stream as before roles existed).
+   */
+  readonly roles?: SlinkRoles;
+}
+
+/** The group's side of roles and generation ids, as a transport sees it. */
+export interface SlinkRoles {
+  /** a secondary group sends nothing: its transports do not connect */
+  secondary(): boolean;
+  /** the ids to send with an OPEN on `slink` */
+  gens(slink: number): GenIds;
+  /**
+   * The site took device `devNr`: `resync` is what it judged (`none`: it holds our
+   * generation, or is new; `partial`/`full`), `needs` the regions it changed that we lack
+   * (a demoted primary's unshipped writes), to copy over them.
+   */
+  opened(slink: number, devNr: number, resync: 'none' | 'partial' | 'full', needs: Needs | null): void;
+  /** the site refused the stream for its role (`peer-primary`, `split-brain`, `unrelated`) */
+  refused(slink: number, verdict: string, why: string): void;
+}
+
+/** What the group tells a site about itself (SiteLink.announce). */
+export interface Announcement {
+  /** the group's generation */
+  readonly gen: string;
+  /** the site holds it in order (false: a resync into it runs, or the sender was demoted) */
+  readonly consistent: boolean;
+  readonly role: 'primary' | 'secondary';
 }
 
 /** What attaching one device may use: the replicator-dev's context (its table opens the device). */
@@ -116,6 +149,12 @@ export interface SiteLink {
    * compression ratio, last error …), with names.
    */
   statusJson?(): Record<string, unknown> | undefined;
+  /**
+   * Optional: tell the site the group's generation and whether it holds it in order (tcp
+   * sends a STATE frame; fire and forget: the next OPEN carries it again). A transport
+   * without roles has no use for it.
+   */
+  announce?(a: Announcement): void;
   /** The replicator's table is destroyed: close connections, stop timers. Never rejects. */
   destroy(): Promise<void>;
 }

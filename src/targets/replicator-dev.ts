@@ -15,6 +15,7 @@ import type { DirtyLog, DirtyLogContext } from '../dirtylog/types.ts';
 import type { RemoteDevice, SlinkDeviceContext } from '../slink/types.ts';
 import { ReplicatorGroup } from './replicator-group.ts';
 import type { DevBinding, SiteDev } from './replicator-types.ts';
+import type { Needs, ReplicatedDevice } from '../replication/roles.ts';
 
 const MAX_DEV_NR = 255;
 const FLUSH: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
@@ -77,6 +78,18 @@ async function parseTuple(ctx: TargetContext, r: ArgReader, group: ReplicatorGro
   }
 }
 
+/** the union of the device's out-of-sync regions over its remote slinks (what a new primary must overwrite here) */
+function needsOf(tuples: readonly Tuple[]): Needs | null {
+  const logs = tuples.flatMap((t) => (t.dlog ? [t.dlog] : []));
+  const first = logs[0];
+  if (!first || logs.every((l) => l.getSyncCount() === l.regionCount)) return null;
+  const bits = Buffer.alloc(Math.ceil(first.regionCount / 8));
+  for (let i = 0; i < first.regionCount; i++) {
+    if (logs.some((l) => !l.inSync(i))) bits[i >> 3]! |= 1 << (i & 7);
+  }
+  return { regionSectors: first.regionSize, bits };
+}
+
 class ReplicatorDev implements Target {
   readonly maxIoSectors: number;
   readonly #ctx: TargetContext;
@@ -103,8 +116,32 @@ class ReplicatorDev implements Target {
   }
 
   map(bio: Bio): Promise<void> {
-    if (bio.op === 'read') return this.#binding.local.submit(bio);
+    // secondary: the device is marked so (MappedDevice.setSecondary) and only the replication
+    // receiver writes; what it applies is another group's stream, not logged here
+    if (bio.op === 'read' || this.#group.role.secondary) return this.#binding.local.submit(bio);
     return this.#group.write(this.#binding, bio);
+  }
+
+  /** the receiving side's view of this device (src/replication/roles.ts ReplicatedDevice) */
+  get replication(): ReplicatedDevice {
+    const tuples = this.#tuples;
+    const group = this.#group;
+    return {
+      role: group.role,
+      group: group.ctx.device,
+      devices: () => [...group.bindings()].map((b) => b.name),
+      needs: () => needsOf(tuples),
+      async clearNeeds(): Promise<void> {
+        for (const t of tuples) {
+          if (!t.dlog || t.dlog.getSyncCount() === t.dlog.regionCount) continue;
+          for (let i = 0; i < t.dlog.regionCount; i++) {
+            t.dlog.setRegionSync(i, true);
+            t.dlog.clearRegion(i);
+          }
+          await t.dlog.flush();
+        }
+      },
+    };
   }
 
   async resume(): Promise<void> {

@@ -19,7 +19,10 @@ import { BlockError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { EventDetail, Progress, StatusType, Target, TargetContext } from '../core/types.ts';
 import type { Replog, ReplogOp } from '../replog/types.ts';
-import type { SiteLink } from '../slink/types.ts';
+import type { Needs } from '../replication/roles.ts';
+import type { DirtyLog } from '../dirtylog/types.ts';
+import type { SiteLink, SlinkRoles } from '../slink/types.ts';
+import type { GroupRole } from './replicator-role.ts';
 import { groupMessage } from './replicator-messages.ts';
 import { ResyncControl } from './resync-control.ts';
 import type { Site } from './replicator-site.ts';
@@ -29,6 +32,8 @@ import type { DevBinding, SiteHost } from './replicator-types.ts';
 const TICK_MS = 100;
 const CHECKPOINT_TICKS = 2;
 const TIMES = 1 << 16;
+/** how long `demote` waits for sites that are up to take what they have */
+const DEMOTE_WAIT_MS = 10_000;
 const FLUSH_ENTRY: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
 
 export interface GroupStats {
@@ -77,12 +82,117 @@ export class ReplicatorGroup implements Target, SiteHost {
   #timer: NodeJS.Timeout | null = null;
   #ticks = 0;
 
-  constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[]) {
+  /** primary or secondary, and the generation ids (replicator-role.ts) */
+  readonly role: GroupRole;
+  /** what a site's OPEN answered for a device not bound yet (slink:devNr) */
+  readonly #opened = new Map<string, { resync: 'none' | 'partial' | 'full'; needs: Needs | null }>();
+
+  constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[], role: GroupRole) {
     this.ctx = ctx;
     this.log = log;
     this.logger = ctx.log;
     this.local = local;
     this.sites = sites;
+    this.role = role;
+  }
+
+  // ---- roles (failover; docs/howto/failover.md) ----
+
+  /** what a transport that carries generation ids (tcp) reports to the group */
+  readonly roles: SlinkRoles = {
+    secondary: () => this.role.secondary,
+    gens: (slink) => this.role.gens(slink),
+    opened: (slink, devNr, resync, needs) => {
+      if (this.role.splitBrain !== null) {
+        this.role.noteSplitBrain(null);
+        this.event(`slink ${slink}: split brain resolved (the site took our data)`);
+      }
+      this.#opened.set(`${slink}:${devNr}`, { resync, needs });
+      this.#applyOpened(slink, devNr);
+    },
+    refused: (slink, verdict, why) => {
+      if (verdict === 'split-brain') {
+        this.role.noteSplitBrain(`slink ${slink}: ${why}`);
+        this.event(`slink ${slink} split-brain: ${why}`);
+      }
+    },
+  };
+
+  /** a site took device `devNr` (OPEN): resync what it asks for, or note that it holds our generation */
+  #applyOpened(slink: number, devNr: number): void {
+    const key = `${slink}:${devNr}`;
+    const o = this.#opened.get(key);
+    const b = this.#bindings.get(devNr);
+    const site = this.siteOf(slink);
+    const r = b?.remotes.get(slink);
+    if (!o || !b || !site || !r || this.role.secondary) return;
+    this.#opened.delete(key);
+    let marked = 0;
+    if (o.resync === 'full') {
+      for (let i = 0; i < r.dlog.regionCount; i++) {
+        r.dlog.markRegion(i);
+        r.dlog.setRegionSync(i, false);
+      }
+      marked = r.dlog.regionCount;
+    }
+    if (o.needs) marked += markNeeds(r.dlog, o.needs);
+    // a partial verdict alone needs nothing: what the site lacks since it held our generation
+    // is in the ring or the dirty logs already; only its own changes (needs) or a full verdict do
+    if (o.resync === 'full' || marked > 0) {
+      this.event(`slink ${slink}: ${b.name}: the site asks for ${o.resync === 'full' ? 'a full' : 'a partial'} resync (${marked} region(s) it changed or lacks)`);
+      site.requestResync(false);
+    } else {
+      site.announce();
+    }
+  }
+
+  /**
+   * `dmkit demote`: the group becomes secondary. Sites that are up and shipping get a moment
+   * to take what they have; what any site has not taken goes to its dirty logs (a new
+   * primary overwrites those regions here), and the sites stop: a secondary ships nothing.
+   */
+  async demote(discard: boolean): Promise<void> {
+    if (this.role.secondary) {
+      if (discard && !this.role.discard) this.role.demote(true);
+      return;
+    }
+    const head = this.#head;
+    await Promise.all(this.sites.map((s) => (s.up && !s.paused && s.mode === 'ship'
+      ? Promise.race([s.waitPosition(head).catch(() => undefined), sleep(DEMOTE_WAIT_MS)]) : undefined)));
+    const release = await this.hold();
+    try {
+      this.role.beginDemote(); // sites stop; a primary that connects meanwhile is asked to come back
+      for (const s of this.sites) await s.passivate();
+      this.role.demote(discard); // only now is what a new primary must overwrite all in the dirty logs
+    } finally {
+      release();
+    }
+    await this.checkpointNow();
+    this.event(`demoted: secondary${discard ? ' (its changes will be discarded)' : ''}, generation ${this.role.current}`);
+  }
+
+  /** `dmkit promote`: the group becomes primary with a new generation; its sites ship from now on */
+  async promote(force: boolean): Promise<void> {
+    if (!this.role.secondary) throw new BlockError('EBUSY', `${this.ctx.device}: already primary`);
+    if (!this.role.consistent && !force) {
+      throw new BlockError('EPERM', `${this.ctx.device}: not consistent (a resync into it did not finish): promoting it would serve a mix of old and new data; use --force to promote anyway`);
+    }
+    this.role.promote(this.sites.map((s) => s.slink));
+    for (const s of this.sites) await s.activate();
+    this.event(`promoted: primary, generation ${this.role.current}`);
+  }
+
+  /** a write as primary: no longer fresh; a new generation if a site holding the current one is away */
+  #noteWrite(): void {
+    const r = this.role;
+    if (r.fresh) r.wrote();
+    for (const s of this.sites) {
+      if ((!s.up || s.paused) && r.peer(s.slink) === r.current) {
+        r.rotate();
+        this.event(`slink ${s.slink} is away: new generation ${r.current}`);
+        return;
+      }
+    }
   }
 
   // ---- SiteHost ----
@@ -165,6 +275,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     for (const w of this.#boundWaiters.get(b.devNr) ?? []) w();
     this.#boundWaiters.delete(b.devNr);
     for (const s of this.sites) s.bound();
+    for (const s of this.sites) this.#applyOpened(s.slink, b.devNr);
   }
 
   /**
@@ -210,6 +321,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     const max = this.maxEntrySectors;
     if (bio.sectors > max && bio.op !== 'flush') return this.#writeSplit(b, bio, max);
     await this.#admit();
+    this.#noteWrite();
     const appStarted = this.resyncControl.appStart(); // after admit: writers held by a resync are not counted
     this.#appending++;
     const gate = b.gate;
@@ -508,4 +620,21 @@ export class ReplicatorGroup implements Target, SiteHost {
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
+}
+
+/** mark the regions of `dlog` that overlap a set bit of `needs` (whose region size may differ); returns how many */
+function markNeeds(dlog: DirtyLog, needs: Needs): number {
+  let n = 0;
+  const count = needs.bits.length * 8;
+  for (let i = 0; i < count; i++) {
+    if ((needs.bits[i >> 3]! & (1 << (i & 7))) === 0) continue;
+    const first = Math.floor((i * needs.regionSectors) / dlog.regionSize);
+    const last = Math.min(dlog.regionCount - 1, Math.floor(((i + 1) * needs.regionSectors - 1) / dlog.regionSize));
+    for (let r = first; r <= last; r++) {
+      if (dlog.inSync(r)) n++;
+      dlog.markRegion(r);
+      dlog.setRegionSync(r, false);
+    }
+  }
+  return n;
 }

@@ -60,7 +60,7 @@ export class SiteLogs {
   }
 
   /** `clear-bitmap <slink#>` (Site.clearBitmap): every region in sync and clean; in log mode the site ships from the head on */
-  async clearBitmap(): Promise<void> {
+  async clearBitmap(declared = true): Promise<void> {
     const site = this.#site;
     await this.stopResync();
     const release = await this.#host.hold();
@@ -76,7 +76,7 @@ export class SiteLogs {
         }
         await r.dlog.flush();
       }
-      if (site.mode === 'log') site.toShip();
+      if (site.mode === 'log') site.toShip(declared);
       else site.event(`slink ${this.#slink}: bitmap cleared`);
     } finally {
       release();

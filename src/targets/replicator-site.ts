@@ -27,7 +27,7 @@ const LEAVE_FRACTION = 0.9;
 const RELEASE_WAIT_MS = 2000;
 
 export type SiteState = 'S' | 'A' | 'F' | 'P' | 'R' | 'D';
-type LogReason = 'pull-ahead' | 'overflow' | 'resync' | 'dirty';
+type LogReason = 'pull-ahead' | 'overflow' | 'resync' | 'dirty' | 'demoted';
 
 export interface SiteStats {
   shippedIos: number;
@@ -411,6 +411,7 @@ export class Site {
     this.event(`slink ${this.slink} on its dirty logs (${reason})`);
     this.#shipper.restart();
     this.#startResync();
+    this.announce();
   }
 
   /**
@@ -440,18 +441,59 @@ export class Site {
     return this.#logs.outOfSync();
   }
 
-  /** resync is done (writers held, every entry marked): ship in order from the head on */
-  toShip(): void {
+  /**
+   * Resync is done (writers held, every entry marked): ship in order from the head on. The
+   * site holds our generation now (`declared`: the operator said so, clear-bitmap), except
+   * at a promotion, where the dirty logs start afresh and the site is judged at its OPEN.
+   */
+  toShip(declared = true): void {
     this.#mode = 'ship';
     this.#logReason = null;
     this.#shipper.watermark = this.#host.head;
     this.event(`slink ${this.slink} in sync: shipping in order`);
     this.#shipper.restart();
+    if (declared) this.announce();
   }
 
-  /** a resync runs while the site is active, up, not suspended and in log mode (SiteLogs) */
+  /**
+   * Tell the site where it stands (transports that carry roles: tcp): in ship mode it holds
+   * the group's generation in order, which the group notes for it; in log mode it is being
+   * resynced (inconsistent).
+   */
+  announce(): void {
+    if (this.#host.role.secondary) return;
+    const gen = this.#host.role.current;
+    const consistent = this.#mode === 'ship';
+    if (consistent && this.#up) this.#host.role.peerHas(this.slink, gen);
+    this.link.announce?.({ gen, consistent, role: 'primary' });
+  }
+
+  /**
+   * The group is demoted: ship nothing more; every entry not shipped goes to the dirty logs
+   * (flushed), which then say what a new primary must overwrite here.
+   */
+  async passivate(): Promise<void> {
+    await this.#logs.stopResync();
+    this.#enterLog('demoted');
+    await this.waitPosition(this.#host.head).catch(() => undefined);
+    for (const b of this.#host.bindings()) await b.remotes.get(this.slink)?.dlog.flush();
+    this.link.announce?.({ gen: this.#host.role.current, consistent: false, role: 'secondary' });
+  }
+
+  /**
+   * The group is promoted: the dirty logs start afresh (they will record what is written
+   * from now on) and the site ships from the head; when it answers, its OPEN says whether
+   * it needs a resync (the regions it changed and we lack).
+   */
+  async activate(): Promise<void> {
+    await this.#logs.stopResync();
+    await this.#logs.clearBitmap(false);
+    if (!this.#up) void this.retest();
+  }
+
+  /** a resync runs while the site is active, up, not suspended and in log mode (SiteLogs), and the group is primary */
   #startResync(): void {
-    if (!this.#active || !this.#up || this.#paused || this.#mode !== 'log') return;
+    if (!this.#active || !this.#up || this.#paused || this.#mode !== 'log' || this.#host.role.secondary) return;
     this.#logs.startResync();
   }
 

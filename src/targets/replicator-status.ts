@@ -42,6 +42,7 @@ export function groupStatusJson(g: ReplicatorGroup): unknown {
   const [used, size] = g.log.status('info').split('/').map(Number);
   return {
     replog: { type: g.log.type, usedSectors: used, sizeSectors: size, head: g.head, tail: g.log.tail },
+    ...g.role.toJson(),
     statistics: g.stats,
     resyncControl: g.resyncControl.status(),
     sites: [

@@ -9,6 +9,7 @@ import type { BlockDev, EventDetail } from '../core/types.ts';
 import type { DirtyLog } from '../dirtylog/types.ts';
 import type { Replog } from '../replog/types.ts';
 import type { RemoteDevice } from '../slink/types.ts';
+import type { GroupRole } from './replicator-role.ts';
 import type { ResyncControl } from './resync-control.ts';
 
 /** One device of the group at one remote site. */
@@ -42,6 +43,8 @@ export interface SiteHost {
   readonly head: number;
   /** sectors appended since start */
   readonly appendedSectors: number;
+  /** the group's role and generation ids (a secondary ships nothing and resyncs nothing) */
+  readonly role: GroupRole;
   /** resync rate control: the mode (`resync-rate`) and the group's application writes */
   readonly resyncControl: ResyncControl;
   /** wall-clock ms when `seq` was appended (approximate for old entries) */

@@ -11,9 +11,24 @@ import { createReplog } from '../replog/registry.ts';
 import type { Replog, ReplogContext } from '../replog/types.ts';
 import { parseSlinkParams } from '../slink/params.ts';
 import { createSlink } from '../slink/registry.ts';
-import type { SiteLink, SlinkContext, SlinkParams } from '../slink/types.ts';
+import type { SiteLink, SlinkContext, SlinkParams, SlinkRoles } from '../slink/types.ts';
 import { ReplicatorGroup } from './replicator-group.ts';
+import { GroupRole } from './replicator-role.ts';
 import { Site } from './replicator-site.ts';
+
+/**
+ * The group's roles for its slinks (SlinkContext.roles). Slinks are made before the group
+ * (they are its parameters), so this reaches the group once it exists; a site that answers
+ * before then (attach happens later, with the replicator-devs) is never asked.
+ */
+function rolesOf(group: () => ReplicatorGroup | null): SlinkRoles {
+  return {
+    secondary: () => group()?.role.secondary ?? false,
+    gens: (slink) => group()!.roles.gens(slink),
+    opened: (slink, devNr, resync, needs) => group()?.roles.opened(slink, devNr, resync, needs),
+    refused: (slink, verdict, why) => group()?.roles.refused(slink, verdict, why),
+  };
+}
 
 /** slink numbers 0 … MAX_SLINK (the checkpoint holds up to 64 positions) */
 const MAX_SLINK = 63;
@@ -27,8 +42,8 @@ async function parseReplog(ctx: TargetContext, r: ArgReader): Promise<Replog> {
 }
 
 /** `(<slink_type> <#slink_params> <slink_params…>){1..N}`: slink 0 (local) exactly once */
-async function parseSlinks(ctx: TargetContext, r: ArgReader, log: Replog, made: SiteLink[]): Promise<Array<{ link: SiteLink; params: SlinkParams }>> {
-  const slinkCtx: SlinkContext = { device: ctx.device, groupId: log.uuid, event: () => ctx.event(), log: ctx.log };
+async function parseSlinks(ctx: TargetContext, r: ArgReader, log: Replog, made: SiteLink[], group: () => ReplicatorGroup | null): Promise<Array<{ link: SiteLink; params: SlinkParams }>> {
+  const slinkCtx: SlinkContext = { device: ctx.device, groupId: log.uuid, event: () => ctx.event(), log: ctx.log, roles: rolesOf(() => group()) };
   const out: Array<{ link: SiteLink; params: SlinkParams }> = [];
   while (!r.atEnd()) {
     const type = r.next('slink type');
@@ -64,10 +79,13 @@ export const replicator: TargetType = {
     const log = await parseReplog(ctx, r);
     const made: SiteLink[] = [];
     try {
-      const slinks = await parseSlinks(ctx, r, log, made);
+      let theGroup: ReplicatorGroup | null = null;
+      const slinks = await parseSlinks(ctx, r, log, made, () => theGroup);
       const local = slinks.find((x) => x.params.slink === 0)!.link;
       const sites: Site[] = [];
-      const group = new ReplicatorGroup(ctx, log, local, sites);
+      const role = new GroupRole(ctx.stateDir ? ctx.stateDir : null, log.uuid, ctx.log);
+      const group = new ReplicatorGroup(ctx, log, local, sites, role);
+      theGroup = group;
       for (const { link, params } of slinks) {
         if (params.slink === 0) continue;
         sites.push(new Site(group, link, params.policy, params.policyText, params.fallBehind, params.fallBehindText));

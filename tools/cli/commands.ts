@@ -112,6 +112,12 @@ export function buildProgram(): Command {
     .action(verb(A.simple('suspend', (o) => ({ noflush: !!o.noflush }))));
   program.command('resume').description('swap in the inactive table if any and re-issue queued I/O').argument('<dev...>')
     .action(verb(A.simple('resume')));
+  program.command('promote').description('make a replication group primary (NAME: its replicator or a replicator-dev; docs/howto/failover.md)')
+    .argument('<dev...>').option('--force', 'even while a connected primary sends to it, or while it is inconsistent')
+    .action(verb(A.simple('promote', (o) => ({ force: !!o.force }))));
+  program.command('demote').description('make a replication group secondary: the next primary to connect resyncs it')
+    .argument('<dev...>').option('--discard-my-data', "resolve a split brain: this side's changes are overwritten")
+    .action(verb(A.simple('demote', (o) => ({ discard: !!o.discardMyData }))));
   program.command('clear').description('drop the inactive table').argument('<dev...>')
     .action(verb(A.simple('clear')));
   program.command('remove').description('remove devices (EBUSY while open)').argument('<dev...>')
