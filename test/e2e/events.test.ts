@@ -172,8 +172,9 @@ describe('dmkit events', () => {
     const from = follower.lines.length;
     await ok(sb, ['message', 'repl', '0', 'resync-rate', String(1 << 20)]);
     const items: ProgressItem[] = [];
-    const waiter = start(sb, ['wait', '--progress', 'repl']);
     await ok(sb, ['message', 'repl', '0', 'resync', '1', 'full']);
+    // after the resync starts (at 1 MiB/s it runs for seconds): started before, the CLI may find no work yet and exit
+    const waiter = start(sb, ['wait', '--progress', 'repl']);
     const stream = cl.stream<ProgressItem, ProgressItem | null>('progress', { name: 'repl', intervalMs: 100 }, (p) => items.push(p));
     // once regions at the start are copied, write there again: more work for this run
     for (let i = 0; !items.some((p) => p.doneSectors >= 8 * REGION); i++) {
