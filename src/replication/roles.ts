@@ -46,8 +46,6 @@ export interface ReplicatedDevice {
   readonly role: GroupRole;
   /** the group's control device name, for messages */
   readonly group: string;
-  /** the names of the group's devices */
-  devices(): string[];
   /** regions changed here that no site has (written as primary and never shipped), null when none */
   needs(): Needs | null;
   /** a primary's resync has overwritten them: forget them */

@@ -4,6 +4,7 @@
  * `replicator` control device; writes go through the group's log, reads to the local
  * device.
  */
+import { allInSync } from './dirty-regions.ts';
 import { ArgReader } from '../core/args.ts';
 import type { Bio } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
@@ -124,20 +125,22 @@ class ReplicatorDev implements Target {
 
   /** the receiving side's view of this device (src/replication/roles.ts ReplicatedDevice) */
   get replication(): ReplicatedDevice {
+    return (this.#replication ??= this.#makeReplication());
+  }
+
+  #replication: ReplicatedDevice | null = null;
+
+  #makeReplication(): ReplicatedDevice {
     const tuples = this.#tuples;
     const group = this.#group;
     return {
       role: group.role,
       group: group.ctx.device,
-      devices: () => [...group.bindings()].map((b) => b.name),
       needs: () => needsOf(tuples),
       async clearNeeds(): Promise<void> {
         for (const t of tuples) {
           if (!t.dlog || t.dlog.getSyncCount() === t.dlog.regionCount) continue;
-          for (let i = 0; i < t.dlog.regionCount; i++) {
-            t.dlog.setRegionSync(i, true);
-            t.dlog.clearRegion(i);
-          }
+          allInSync(t.dlog);
           await t.dlog.flush();
         }
       },

@@ -13,6 +13,7 @@
  * ring frees space behind the oldest of them. A full ring never fails a write: the site
  * holding the tail goes to its dirty logs (or, `+stall` and up, writers wait for it).
  */
+import { allOutOfSync, outOfSync } from './dirty-regions.ts';
 import type { Bio } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
 import { BlockError } from '../core/errors.ts';
@@ -129,10 +130,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.#opened.delete(key);
     let marked = 0;
     if (o.resync === 'full') {
-      for (let i = 0; i < r.dlog.regionCount; i++) {
-        r.dlog.markRegion(i);
-        r.dlog.setRegionSync(i, false);
-      }
+      allOutOfSync(r.dlog);
       marked = r.dlog.regionCount;
     }
     if (o.needs) marked += markNeeds(r.dlog, o.needs);
@@ -157,8 +155,12 @@ export class ReplicatorGroup implements Target, SiteHost {
       return;
     }
     const head = this.#head;
-    await Promise.all(this.sites.map((s) => (s.up && !s.paused && s.mode === 'ship'
-      ? Promise.race([s.waitPosition(head).catch(() => undefined), sleep(DEMOTE_WAIT_MS)]) : undefined)));
+    const shipping = this.sites.filter((s) => s.up && !s.paused && s.mode === 'ship');
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      Promise.all(shipping.map((s) => s.waitPosition(head).catch(() => undefined))),
+      new Promise<void>((r) => (timer = setTimeout(r, DEMOTE_WAIT_MS))),
+    ]).finally(() => clearTimeout(timer));
     const release = await this.hold();
     try {
       this.role.beginDemote(); // sites stop; a primary that connects meanwhile is asked to come back
@@ -631,9 +633,7 @@ function markNeeds(dlog: DirtyLog, needs: Needs): number {
     const first = Math.floor((i * needs.regionSectors) / dlog.regionSize);
     const last = Math.min(dlog.regionCount - 1, Math.floor(((i + 1) * needs.regionSectors - 1) / dlog.regionSize));
     for (let r = first; r <= last; r++) {
-      if (dlog.inSync(r)) n++;
-      dlog.markRegion(r);
-      dlog.setRegionSync(r, false);
+      if (outOfSync(dlog, r)) n++;
     }
   }
   return n;

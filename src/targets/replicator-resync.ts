@@ -17,6 +17,7 @@
  *   false positives from writes in flight); differing regions go out of sync for a
  *   following resync.
  */
+import { outOfSync } from './dirty-regions.ts';
 import { copyRanges, type CopyOutcome } from '../core/copy.ts';
 import { differingRuns } from './replicator-checksum.ts';
 import type { Site } from './replicator-site.ts';
@@ -144,8 +145,7 @@ export async function verifySite(site: Site, host: SiteHost, progress: { done: n
         site.stats.comparedBytes += n * 512;
         if (runs.length > 0) {
           differing++;
-          r.dlog.markRegion(region);
-          r.dlog.setRegionSync(region, false);
+          outOfSync(r.dlog, region);
         }
       } finally {
         b.gate.unlock(region);

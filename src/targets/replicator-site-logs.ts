@@ -5,6 +5,7 @@
  * what it finds differing. The site decides when a resync may start and what a resync's
  * I/O error does; this keeps the run, its progress and the last verify's result.
  */
+import { allInSync, allOutOfSync, outOfSync } from './dirty-regions.ts';
 import { BlockError } from '../core/errors.ts';
 import type { ReplogEntry } from '../replog/types.ts';
 import { resyncPasses, verifySite, type ResyncHandle } from './replicator-resync.ts';
@@ -41,9 +42,7 @@ export class SiteLogs {
     const size = r.dlog.regionSize;
     const last = Math.floor((e.sector + e.sectors - 1) / size);
     for (let region = Math.floor(e.sector / size); region <= last; region++) {
-      if (this.#resync && r.dlog.inSync(region)) this.#added += size;
-      r.dlog.markRegion(region);
-      r.dlog.setRegionSync(region, false);
+      if (outOfSync(r.dlog, region) && this.#resync) this.#added += size;
     }
   }
 
@@ -52,10 +51,7 @@ export class SiteLogs {
     for (const b of this.#host.bindings()) {
       const r = b.remotes.get(this.#slink);
       if (!r) continue;
-      for (let i = 0; i < r.dlog.regionCount; i++) {
-        r.dlog.markRegion(i);
-        r.dlog.setRegionSync(i, false);
-      }
+      allOutOfSync(r.dlog);
     }
   }
 
@@ -70,10 +66,7 @@ export class SiteLogs {
       for (const b of this.#host.bindings()) {
         const r = b.remotes.get(this.#slink);
         if (!r) continue;
-        for (let i = 0; i < r.dlog.regionCount; i++) {
-          r.dlog.setRegionSync(i, true);
-          r.dlog.clearRegion(i);
-        }
+        allInSync(r.dlog);
         await r.dlog.flush();
       }
       if (site.mode === 'log') site.toShip(declared);
