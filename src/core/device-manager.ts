@@ -11,6 +11,7 @@ import { EMPTY } from './bio.ts';
 import { makeEvent, type DeviceEvent, type EventKind, type LifecycleOp } from './device-events.ts';
 import { DeviceError, DmError, TableError } from './errors.ts';
 import { FileDev } from './file-dev.ts';
+import type { IoStatsSnapshot } from './io-stats.ts';
 import { log } from './log.ts';
 import { MappedDevice } from './mapped-device.ts';
 import { ProgressSampler } from './progress-meter.ts';
@@ -275,6 +276,11 @@ export class DeviceMapper extends EventEmitter {
     if (!e.target.message) throw new DeviceError('EINVAL', `${name}: ${e.type.name} target does not accept messages`);
     const reply = await e.target.message(args);
     return reply ?? '';
+  }
+
+  /** the device's I/O statistics (src/core/io-stats.ts) */
+  ioStats(name: string): IoStatsSnapshot {
+    return this.get(name).ioStats();
   }
 
   /**

@@ -9,6 +9,7 @@ import { BlockError, DeviceError, toBlockError } from './errors.ts';
 import type { Table, TableEntry } from './table.ts';
 import type { BlockDev, EventDetail, Extent, Target } from './types.ts';
 import { appendClipped, mergeExtents } from './extents.ts';
+import { IoMeter, IoStats, OP_INDEX, type IoStatsSnapshot } from './io-stats.ts';
 
 interface Queued {
   bio: Bio;
@@ -53,13 +54,12 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   readonly #bypasses = new Set<Bypass>();
   /** who this device receives replication from while it is secondary (null: primary) */
   #secondary: string | null = null;
-  readonly #onDone = (): void => {
+  /** I/O statistics (src/core/io-stats.ts): the device's, kept across reloads and renames */
+  readonly #io = new IoStats();
+  /** times dispatched bios into the main thread's slab; its completions also end them in flight */
+  readonly #meter = new IoMeter(this.#io.main, () => {
     if (--this.#inflight === 0 && this.#drainWaiters.length) this.#wakeDrain();
-  };
-  readonly #onFail = (err: unknown): never => {
-    this.#onDone();
-    throw toBlockError(err);
-  };
+  }, toBlockError);
 
   constructor(name: string, minor: number, opts: { uuid?: string; readOnly?: boolean } = {}) {
     super();
@@ -157,7 +157,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
 
   #submit(bio: Bio, receiver: boolean): Promise<void> {
     const bad = this.#check(bio, receiver);
-    if (bad) return Promise.reject(bad);
+    if (bad) return this.#refuse(bio, bad);
     if (this.#suspended || !this.#live) {
       return new Promise((resolve, reject) => this.#queue.push({ bio, receiver, resolve, reject }));
     }
@@ -188,10 +188,12 @@ export class MappedDevice extends EventEmitter implements BlockDev {
 
   #dispatch(table: Table, bio: Bio): Promise<void> {
     if (bio.sector + bio.sectors > table.sectors && bio.op !== 'flush') {
-      return Promise.reject(new BlockError(bio.op === 'read' ? 'EINVAL' : 'ENOSPC',
+      return this.#refuse(bio, new BlockError(bio.op === 'read' ? 'EINVAL' : 'ENOSPC',
         `${this.name}: ${bio.op} of sectors ${bio.sector}+${bio.sectors} is beyond the device end (${table.sectors} sectors)`));
     }
     this.#inflight++;
+    // an op outside IO_OPS has no index: its cells are NaN, which a Float64Array ignores
+    const timed = this.#meter.start(OP_INDEX[bio.op], bio.op === 'flush' ? 0 : bio.sectors * 512);
     let p: Promise<void>;
     if (bio.flags.preflush && bio.op !== 'flush') {
       const rest: Bio = { op: bio.op, sector: bio.sector, sectors: bio.sectors, data: bio.data, flags: { fua: bio.flags.fua, noUnmap: bio.flags.noUnmap } };
@@ -199,7 +201,26 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     } else {
       p = route(table, bio);
     }
-    return p.then(this.#onDone, this.#onFail);
+    return p.then(timed.ok, timed.fail);
+  }
+
+  /** a bio refused before dispatch: a failure in the statistics (io-stats.ts) */
+  #refuse(bio: Bio, err: BlockError): Promise<void> {
+    this.#meter.refused(OP_INDEX[bio.op]);
+    return Promise.reject(err);
+  }
+
+  /** I/O statistics since the device was created: its own bios and its connection threads' file I/O */
+  ioStats(): IoStatsSnapshot {
+    return this.#io.snapshot();
+  }
+
+  /**
+   * The statistics slab in which NBD connection thread `writer` (≥ 1, io-stats.ts
+   * claimWriter) counts the file I/O it does for this device without `submit`.
+   */
+  ioSlab(writer: number): Float64Array {
+    return this.#io.slab(writer);
   }
 
   /**

@@ -38,7 +38,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 function summary(dm: DeviceMapper, name: string): DeviceSummary {
   const d = dm.get(name);
   const types = d.live?.entries.map((e) => e.type.name) ?? [];
-  const out: DeviceSummary = { ...dm.info(name), deps: dm.deps(name), types };
+  const out: DeviceSummary = { ...dm.info(name), deps: dm.deps(name), types, io: d.ioStats() };
   const repl = d.live?.entries.find((e) => e.type.name === 'replicator' || e.type.name === 'replicator-dev');
   if (repl?.target.statusJson) out.replication = repl.target.statusJson();
   const p = dm.progress(name);

@@ -14,6 +14,7 @@
  */
 import { DmError } from '../core/errors.ts';
 import type { DeviceInfo, TableLineOut } from '../core/device-manager.ts';
+import type { IoStatsSnapshot } from '../core/io-stats.ts';
 
 export const PROTOCOL_VERSION = 1;
 /** longest request line the daemon accepts (io writes carry base64 data) */
@@ -49,6 +50,8 @@ export interface DeviceSummary extends DeviceInfo {
   replication?: unknown;
   /** background work (resync, verify) while it runs */
   progress?: ProgressItem;
+  /** I/O statistics since the device was created (src/core/io-stats.ts) */
+  io: IoStatsSnapshot;
 }
 
 export interface HelloResult {

@@ -21,6 +21,7 @@ import type { Socket } from 'node:net';
 import { TLSSocket } from 'node:tls';
 import { Worker } from 'node:worker_threads';
 import { dupFd } from '../core/file-dev.ts';
+import { claimWriter, newSlab, releaseWriter } from '../core/io-stats.ts';
 import type { Logger } from '../core/log.ts';
 import type { Extent } from '../core/types.ts';
 import type { ExportHandle, ExportInfo, FileRange } from './export.ts';
@@ -56,6 +57,8 @@ export interface ConnMsg {
   lease: Int32Array;
   gen: number;
   ranges: FileRange[];
+  /** where the thread counts the file I/O it does for this export (src/core/io-stats.ts) */
+  io: Float64Array;
 }
 export interface MapMsg { t: 'map'; c: number; gen: number; ranges: FileRange[] | null }
 export interface GoneMsg { t: 'gone' | 'end'; c: number }
@@ -99,6 +102,8 @@ interface Slot {
   adopted: boolean;
   /** range descriptors handed to the thread and not released yet: closed here if it dies */
   fds: Set<number>;
+  /** the thread's number for I/O statistics slabs (io-stats.ts claimWriter) */
+  writer: number;
 }
 
 interface Handed extends HandedOff {
@@ -188,6 +193,7 @@ export class ConnThreads {
     socket.destroy(); // closes only our descriptor: the thread has its own
 
     const slot = this.#pick();
+    const io = reg.ioSlab?.(slot.writer) ?? newSlab();
     let resolve!: () => void;
     const done = new Promise<void>((r) => { resolve = r; });
     const id = this.#nextId++;
@@ -218,7 +224,7 @@ export class ConnThreads {
     this.#lend(slot, reg.ranges);
     this.#post(slot, {
       t: 'conn', c: id, fd, leftover: new Uint8Array(session.leftover), structured: session.structured,
-      baseAllocation: session.baseAllocation, info: handle.info, lease, gen, ranges: reg.ranges,
+      baseAllocation: session.baseAllocation, info: handle.info, lease, gen, ranges: reg.ranges, io,
     });
     handle.onGone(() => this.#post(slot, { t: 'gone', c: id }));
     return r;
@@ -245,7 +251,7 @@ export class ConnThreads {
   #spawn(): Slot {
     const worker = new Worker(this.#entry, { workerData: this.#opts, trackUnmanagedFds: false });
     worker.unref();
-    const slot: Slot = { worker, conns: new Set(), adopted: false, fds: new Set() };
+    const slot: Slot = { worker, conns: new Set(), adopted: false, fds: new Set(), writer: claimWriter() };
     worker.on('message', (m: FromThread) => this.#onMessage(slot, m));
     worker.on('error', (err) => this.#log.error(`connection thread failed: ${err.stack ?? err.message}`));
     worker.on('exit', () => this.#lost(slot));
@@ -301,6 +307,7 @@ export class ConnThreads {
   #lost(slot: Slot): void {
     const i = this.#slots.indexOf(slot);
     if (i >= 0) this.#slots.splice(i, 1);
+    releaseWriter(slot.writer); // it writes no slab any more: the next thread may carry on in them
     for (const r of [...slot.conns]) {
       if (!r.adopted) closeFd(r.fd);
       abandon(r.lease);

@@ -6,6 +6,7 @@
 import { Socket } from 'node:net';
 import { parentPort, workerData } from 'node:worker_threads';
 import { FileDev, SYNC_DONE } from '../core/file-dev.ts';
+import { IoMeter, OP_INDEX, type Timed } from '../core/io-stats.ts';
 import { log } from '../core/log.ts';
 import type { Extent } from '../core/types.ts';
 import { BufferPool } from './buffer-pool.ts';
@@ -72,16 +73,15 @@ class ThreadExport implements ExportHandle {
   #nextId = 1;
   #gone: Array<() => void> = [];
   #closed = false;
-  readonly #leaveOk = (): void => leave(this.#lease);
-  readonly #leaveErr = (err: unknown): never => {
-    leave(this.#lease);
-    throw err;
-  };
+  /** counts the file I/O done here in the device's slab for this thread; each completion leaves the lease */
+  readonly #meter: IoMeter;
 
   constructor(m: ConnMsg) {
     this.info = m.info;
     this.#c = m.c;
     this.#lease = m.lease;
+    const lease = m.lease;
+    this.#meter = new IoMeter(m.io, () => leave(lease));
     this.remap(m.gen, m.ranges);
   }
 
@@ -123,19 +123,21 @@ class ThreadExport implements ExportHandle {
   read(buf: Buffer, offset: number): Promise<void> {
     const s = this.#span(offset, buf.length, false);
     if (!s) return this.#forward('read', offset, buf.length, false, false, buf).then(noValue);
-    return this.#left(s.dev.readAt(buf, offset + s.delta));
+    const t = this.#meter.start(READ, buf.length);
+    return this.#left(t, s.dev.readAt(buf, offset + s.delta));
   }
 
   write(buf: Buffer, offset: number, fua: boolean): Promise<void> {
     const s = this.#span(offset, buf.length, true);
     if (!s) return this.#forward('write', offset, buf.length, fua, false, buf).then(noValue);
-    return this.#left(s.dev.writeAt(buf, offset + s.delta, fua));
+    const t = this.#meter.start(WRITE, buf.length);
+    return this.#left(t, s.dev.writeAt(buf, offset + s.delta, fua));
   }
 
-  /** leave the lease when file I/O `p` is over (at once if it completed synchronously) */
-  #left(p: Promise<void>): Promise<void> {
-    if (p !== SYNC_DONE) return p.then(this.#leaveOk, this.#leaveErr);
-    leave(this.#lease);
+  /** count file I/O `p` and leave the lease when it is over (at once if it completed synchronously) */
+  #left(t: Timed, p: Promise<void>): Promise<void> {
+    if (p !== SYNC_DONE) return p.then(t.ok, t.fail);
+    t.ok();
     return p;
   }
 
@@ -203,6 +205,9 @@ class ThreadExport implements ExportHandle {
 }
 
 function noValue(): void {}
+
+const READ = OP_INDEX.read;
+const WRITE = OP_INDEX.write;
 
 interface Served {
   handle: ThreadExport;

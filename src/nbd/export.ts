@@ -33,9 +33,10 @@ export interface ExportHandle {
    * "Connection threads"). The export calls `b.stop()` when such I/O must stop (suspend,
    * removal) and waits for it, then `b.start()` with the file ranges to use from then on, or
    * null when I/O must go through this handle. Returns the ranges to start with (null: none
-   * now) and a detach function, or null if the export never offers file ranges.
+   * now) and a detach function, or null if the export never offers file ranges; and where
+   * connection thread `writer` counts that I/O (src/core/io-stats.ts: a slab it alone writes).
    */
-  bypass?(b: ExportBypass): { ranges: FileRange[] | null; detach(): void } | null;
+  bypass?(b: ExportBypass): { ranges: FileRange[] | null; detach(): void; ioSlab?(writer: number): Float64Array } | null;
 }
 
 /** Bytes [start, start+length) of an export are bytes [offset, …) of an open file. */

@@ -64,11 +64,15 @@ class DeviceExport implements ExportHandle {
     return this.#dev.allocation(offset / 512, Math.ceil(length / 512));
   }
 
-  bypass(b: ExportBypass): { ranges: FileRange[] | null; detach(): void } {
+  bypass(b: ExportBypass): { ranges: FileRange[] | null; detach(): void; ioSlab(writer: number): Float64Array } {
     const dev = this.#dev;
     const db: Bypass = { stop: () => b.stop(), start: (live) => b.start(fileRanges(live, dev.secondary !== null)) };
     dev.addBypass(db);
-    return { ranges: dev.suspended ? null : fileRanges(dev.live, dev.secondary !== null), detach: () => dev.deleteBypass(db) };
+    return {
+      ranges: dev.suspended ? null : fileRanges(dev.live, dev.secondary !== null),
+      detach: () => dev.deleteBypass(db),
+      ioSlab: (writer) => dev.ioSlab(writer),
+    };
   }
 
   close(): void {
