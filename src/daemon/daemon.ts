@@ -22,6 +22,8 @@ import { PROTOCOL_VERSION, type HelloResult } from './protocol.ts';
 import { ControlServer } from './server.ts';
 import { nbdExtension } from './nbd-wiring.ts';
 import { replicationExtension } from './replication-wiring.ts';
+import { httpExtension } from '../http/wiring.ts';
+import type { ServerContext } from './server.ts';
 import type { ReplicationReceiver } from '../replication/receiver.ts';
 import { restore, StateStore, writeAtomic } from './state.ts';
 
@@ -46,6 +48,10 @@ export interface DaemonOptions {
   replicationTlsCa?: string;
   replicationTlsCert?: string;
   replicationTlsKey?: string;
+  /** `HOST:PORT` of the HTTP listener: /metrics and the status page (src/http/) */
+  httpListen?: string;
+  /** the token file whose contents allow changes over HTTP (mode 0600); without it HTTP is read-only */
+  httpToken?: string;
   /** plugin modules (src/plugin.ts), loaded with dm.loadPlugin before the device set is restored */
   plugins?: string[];
   /** this process is the daemon: SIGTERM/SIGINT stop it and exit the process */
@@ -67,8 +73,8 @@ export interface DaemonExtension {
 }
 
 export type ExtensionFactory = (opts: DaemonOptions) => DaemonExtension | null | undefined;
-/** the NBD export runs with every daemon; the replication receiver when asked for */
-const factories: ExtensionFactory[] = [nbdExtension, replicationExtension];
+/** the NBD export runs with every daemon; the replication receiver and the HTTP listener when asked for */
+const factories: ExtensionFactory[] = [nbdExtension, replicationExtension, httpExtension];
 
 /** Register an extension factory; every daemon started afterwards asks it for an extension. */
 export function registerDaemonExtension(factory: ExtensionFactory): void {
@@ -88,6 +94,8 @@ export class Daemon {
   nbdTcp: { host: string; port: number } | null = null;
   /** where the replication receiver listens, set by its extension (reported by `hello`) */
   replicationTcp: { host: string; port: number } | null = null;
+  /** where the HTTP listener listens, set by its extension (reported by `hello`) */
+  httpTcp: { host: string; port: number } | null = null;
   /** the replication receiver, when this daemon is a receiving site */
   receiver: ReplicationReceiver | null = null;
   readonly #log = log('daemon');
@@ -111,8 +119,13 @@ export class Daemon {
     return {
       protocol: PROTOCOL_VERSION, version: VERSION, pid: process.pid,
       runtimeDir: this.runtimeDir, stateDir: this.stateDir, restoreErrors: this.restoreErrors, nbdTcp: this.nbdTcp,
-      replicationTcp: this.replicationTcp,
+      replicationTcp: this.replicationTcp, httpTcp: this.httpTcp,
     };
+  }
+
+  /** what ops run with (the control socket's and the HTTP listener's) */
+  get opContext(): ServerContext {
+    return { dm: this.dm, state: this.state, hello: () => this.hello(), receiver: () => this.receiver };
   }
 
   /** @internal the start sequence after the lock is held */
@@ -135,7 +148,7 @@ export class Daemon {
       this.#started.push(e);
     }
     await writeAtomic(this.paths.pid, `${process.pid}\n`);
-    this.#server = new ControlServer(this.paths.socket, { dm: this.dm, state: this.state, hello: () => this.hello(), receiver: () => this.receiver }, this.#log);
+    this.#server = new ControlServer(this.paths.socket, this.opContext, this.#log);
     await this.#server.listen();
     this.#log.info(`dmkit ${VERSION} daemon (pid ${process.pid}) listening on ${this.paths.socket}, ${this.dm.list().length} device(s)`);
   }

@@ -10,6 +10,7 @@ import { DEMOTED, replicatedDevice } from '../replication/roles.ts';
 import type { DeviceEvent } from '../core/device-events.ts';
 import type { ProgressReport } from '../core/types.ts';
 import { DeviceError, DmError } from '../core/errors.ts';
+import type { Logger } from '../core/log.ts';
 import { Args, MAX_IO, type DeviceSummary, type HelloResult, type ProgressItem, type WatchItem } from './protocol.ts';
 import type { StateStore } from './state.ts';
 import { events } from './events.ts';
@@ -228,3 +229,22 @@ export const handlers: Readonly<Record<string, Handler>> = {
   events,
   io,
 };
+
+/**
+ * Run one op as the control socket does (the HTTP listener's changes go through here too):
+ * its arguments read by `Args`, an unknown op refused with ENOSYS, and the device set saved
+ * after an op that may change it, also when it fails part way.
+ */
+export async function runOp(op: string, args: Record<string, unknown>, ctx: OpContext, l: Logger): Promise<unknown> {
+  const handler = Object.hasOwn(handlers, op) ? handlers[op] : undefined;
+  if (!handler) throw new DmError('ENOSYS', `unknown operation '${op}'`);
+  try {
+    const result = await handler(new Args(op, args), ctx);
+    if (MUTATING.has(op)) await ctx.state.save();
+    return result;
+  } catch (err) {
+    if (MUTATING.has(op)) await ctx.state.save().catch((e: Error) => l.error(`saving state: ${e.message}`));
+    if (!(err as { code?: unknown })?.code) l.error(`${op}: unexpected failure: ${(err as Error)?.stack ?? String(err)}`);
+    throw err;
+  }
+}

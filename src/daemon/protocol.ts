@@ -66,6 +66,8 @@ export interface HelloResult {
   nbdTcp: { host: string; port: number } | null;
   /** where the replication receiver listens (`--replication-listen`), null when it does not */
   replicationTcp: { host: string; port: number } | null;
+  /** where the HTTP listener (`--http-listen`) listens, or null */
+  httpTcp?: { host: string; port: number } | null;
 }
 
 export interface TablesResult {

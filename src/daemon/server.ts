@@ -7,9 +7,9 @@
 import fs from 'node:fs';
 import net from 'node:net';
 import type { Logger } from '../core/log.ts';
-import { handlers, MUTATING, type OpContext } from './ops.ts';
+import { handlers, runOp, type OpContext } from './ops.ts';
 import {
-  Args, encode, LineDecoder, parseRequest, ProtocolError, toWireError, type Reply, type Request, type RequestId,
+  encode, LineDecoder, parseRequest, ProtocolError, toWireError, type Reply, type Request, type RequestId,
 } from './protocol.ts';
 
 /** ops whose final reply carries `done: true` (they may stream before it) */
@@ -108,8 +108,7 @@ export class ControlServer {
       send({ id, ok: true, result: { cancelled: !!ac } });
       return;
     }
-    const handler = Object.hasOwn(handlers, op) ? handlers[op] : undefined;
-    if (!handler) {
+    if (!Object.hasOwn(handlers, op)) {
       send({ id, ok: false, error: { code: 'ENOSYS', message: `unknown operation '${op}'` } });
       return;
     }
@@ -126,12 +125,9 @@ export class ControlServer {
       emit: (item) => send({ id, ok: true, stream: item }),
     };
     try {
-      const result = await handler(new Args(op, req.args ?? {}), ctx);
-      if (MUTATING.has(op)) await this.#ctx.state.save();
+      const result = await runOp(op, req.args ?? {}, ctx, this.#log);
       send(LONG.has(op) ? { id, ok: true, done: true, result: result ?? null } : { id, ok: true, result: result ?? null });
     } catch (err) {
-      if (MUTATING.has(op)) await this.#ctx.state.save().catch((e: Error) => this.#log.error(`saving state: ${e.message}`));
-      if (!(err as { code?: unknown })?.code) this.#log.error(`${op}: unexpected failure: ${(err as Error)?.stack ?? String(err)}`);
       send({ id, ok: false, error: toWireError(err) });
     } finally {
       running.delete(id);

@@ -22,6 +22,7 @@ import fs from 'node:fs';
 import type { Socket } from 'node:net';
 import type { TLSSocket } from 'node:tls';
 import { DmError } from '../core/errors.ts';
+import { readSecretFile } from '../core/secret-file.ts';
 import { startTls as clientTls } from '../nbd/client-handshake.ts';
 import { pskServerConfig, startTls as serverTls, type TlsServerConfig } from '../nbd/tls.ts';
 import { FrameSocket, type Frame } from './frame-socket.ts';
@@ -44,19 +45,7 @@ export interface Secret {
  * (EINVAL) when it holds fewer than 16 bytes after trimming; every message names the file.
  */
 export function loadSecret(file: string): Secret {
-  let st: fs.Stats;
-  try {
-    st = fs.statSync(file);
-  } catch (err) {
-    throw new DmError('ENOENT', `replication secret ${file}: cannot read it: ${(err as Error).message}`);
-  }
-  if (!st.isFile()) throw new DmError('EINVAL', `replication secret ${file}: not a regular file`);
-  if ((st.mode & 0o077) !== 0) {
-    throw new DmError('EACCES', `replication secret ${file}: mode ${(st.mode & 0o777).toString(8).padStart(4, '0')} lets others read it; chmod 600 it (refused)`);
-  }
-  const key = Buffer.from(fs.readFileSync(file, 'utf8').trim(), 'utf8');
-  if (key.length < 16) throw new DmError('EINVAL', `replication secret ${file}: ${key.length} bytes; a secret needs at least 16`);
-  return { file, key };
+  return { file, key: readSecretFile(file, 'replication secret') };
 }
 
 function mac(secret: Secret, role: 'server' | 'client', version: number, a: Buffer, b: Buffer): Buffer {

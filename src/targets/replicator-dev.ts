@@ -219,6 +219,12 @@ class ReplicatorDev implements Target {
     return m ? `${m[1]} ${Number(m[2]) - 1} ${m[3]}` : text;
   }
 
+  /** the group (its `dm:NAME`) and each remote site's dirty log, for the HTTP heat map */
+  dirtyLogs(): { replicator: string; sites: Array<{ slink: number; dlog: DirtyLog }> } {
+    const sites = this.#tuples.flatMap((t) => (t.dlog ? [{ slink: t.slink, dlog: t.dlog }] : []));
+    return { replicator: this.#ref, sites };
+  }
+
   statusJson(): unknown {
     return {
       replicator: this.#ref,

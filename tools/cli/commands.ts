@@ -61,6 +61,8 @@ async function daemon(o: Opts): Promise<void> {
   const nbdThreads = o.nbdThreads === undefined ? undefined : checkThreads(o.nbdThreads as string);
   const replicationListen = o.replicationListen === undefined ? undefined : checkListen(o.replicationListen as string, '--replication-listen');
   const replicationSecret = o.replicationSecret === undefined ? undefined : path.resolve(o.replicationSecret as string);
+  const httpListen = o.httpListen === undefined ? undefined : checkListen(o.httpListen as string, '--http-listen');
+  const httpToken = abs(o.httpToken);
   if (o.foreground) {
     process.env.DMKIT_LOG ??= 'info';
     const { startDaemon } = await import('../../src/daemon/daemon.ts');
@@ -69,6 +71,7 @@ async function daemon(o: Opts): Promise<void> {
       tlsPsk: o.tlsPsk ? path.resolve(o.tlsPsk as string) : undefined, tls: o.tls as 'on' | 'require' | undefined,
       replicationListen, replicationSecret, replicationTls: o.replicationTls as 'require' | undefined,
       replicationTlsCa: abs(o.replicationTlsCa), replicationTlsCert: abs(o.replicationTlsCert), replicationTlsKey: abs(o.replicationTlsKey),
+      httpListen, httpToken,
     });
     return;
   }
@@ -85,6 +88,8 @@ async function daemon(o: Opts): Promise<void> {
   for (const [flag, v] of [['--replication-tls-ca', o.replicationTlsCa], ['--replication-tls-cert', o.replicationTlsCert], ['--replication-tls-key', o.replicationTlsKey]] as const) {
     if (v !== undefined) args.push(flag, path.resolve(v as string));
   }
+  if (httpListen) args.push('--http-listen', httpListen);
+  if (httpToken) args.push('--http-token', httpToken);
   for (const pl of plugins) args.push('--plugin', pl);
   await spawnDaemon(p, args);
 }
@@ -184,6 +189,8 @@ export function buildProgram(): Command {
     .option('--replication-tls-ca <file>', 'CA (PEM) that signs the certificates of replication senders using tls-ca=')
     .option('--replication-tls-cert <file>', "this receiver's TLS certificate (PEM)")
     .option('--replication-tls-key <file>', "this receiver's TLS key (PEM, mode 0600)")
+    .option('--http-listen <host:port>', 'serve /metrics (Prometheus) and the status page on this address (docs/metrics.md, docs/web.md)')
+    .option('--http-token <file>', 'a secret (mode 0600) that allows changes over HTTP; without it HTTP is read-only')
     .option('--plugin <path>', 'load a plugin module: target types, dirty logs, slinks, replogs (repeatable)', collect, [])
     .action((o: Opts) => daemon(o));
   return program;
