@@ -25,6 +25,7 @@ import { parseArgs } from 'node:util';
 import { l1 } from './l1-library.ts';
 import { m1, m2 } from './m-mirror.ts';
 import { n1, n2, n3 } from './n-nbd.ts';
+import { r4 } from './r-checksum.ts';
 import { r1, r3 } from './r-replication.ts';
 import { rs } from './r-resync.ts';
 import { r2 } from './r-tcp-r2.ts';
@@ -34,7 +35,7 @@ import { parseSize, formatSize } from './size.ts';
 import type { BenchContext, Row, Suite } from './suite.ts';
 
 /** Every suite, in run order. Add N1–N3, M1/M2, … here as files of their own. */
-export const SUITES: readonly Suite[] = [l1, n1, n2, n3, m1, m2, r1, r1tcp, r2, r3, rc, rs];
+export const SUITES: readonly Suite[] = [l1, n1, n2, n3, m1, m2, r1, r1tcp, r2, r3, rc, rs, r4];
 
 function keyValues(list: string[] | undefined, what: string): Record<string, string> {
   const out: Record<string, string> = {};
