@@ -38,8 +38,10 @@
  * bytes sent, so a checksum resync is barely slowed by it).
  *
  * r4diag (default on unless --quick): per pair, the local image read in regions, 4 in
- * flight, once without and once with its digests (the checksum resync's local half), to
- * show where a checksum resync's time goes.
+ * flight, once without and once with its digests (the checksum resync's local half), the
+ * latter also one region at a time (as a tcp receiver answers DIGEST requests), and the
+ * hashing alone on this thread (xxh3-128 per block as the digest threads, xxh64 for
+ * comparison), to show where a checksum resync's time goes.
  */
 import crypto from 'node:crypto';
 import dc from 'node:diagnostics_channel';
@@ -112,6 +114,8 @@ interface Diag {
   readSeconds: number;
   /** the same with digestBlocks (the engine's: copy to a digest thread, xxh3-128 per block) */
   readDigestSeconds: number;
+  /** the same one piece at a time (how a tcp receiver answers DIGEST requests: one after the other) */
+  readDigestSerialSeconds: number;
   /** hashing alone on this thread: the digest threads' function, and xxh64 per block */
   xxh3Seconds: number;
   xxh64Seconds: number;
@@ -215,8 +219,8 @@ function differingBlocks(a: string, b: string, bytes: number, limit = 10): { cou
   return { count, first };
 }
 
-/** read `file` in `chunk`-byte pieces, 4 in flight, with or without their block digests on the digest threads (diag) */
-async function scan(file: string, bytes: number, chunk: number, digest: boolean): Promise<number> {
+/** read `file` in `chunk`-byte pieces, `lanes` in flight, with or without their block digests on the digest threads (diag) */
+async function scan(file: string, bytes: number, chunk: number, digest: boolean, lanes = 4): Promise<number> {
   const fh = await fs.promises.open(file, 'r');
   try {
     const t0 = performance.now();
@@ -231,7 +235,7 @@ async function scan(file: string, bytes: number, chunk: number, digest: boolean)
         if (digest) await digestBlocks(buf.subarray(0, n), BLOCK);
       }
     };
-    await Promise.all([lane(), lane(), lane(), lane()]);
+    await Promise.all(Array.from({ length: lanes }, lane));
     return (performance.now() - t0) / 1000;
   } finally {
     await fh.close();
@@ -510,12 +514,13 @@ export const r4: Suite = {
           const local = rigs[0]!.local;
           const readSeconds = await scan(local, bytes, region * 512, false);
           const readDigestSeconds = await scan(local, bytes, region * 512, true);
+          const readDigestSerialSeconds = await scan(local, bytes, region * 512, true, 1);
           const h = await hashOnly(local, bytes, region * 512);
           lastDigest.sender = performance.now();
-          diags.push({ pair, readSeconds, readDigestSeconds, ...h });
+          diags.push({ pair, readSeconds, readDigestSeconds, readDigestSerialSeconds, ...h });
           const mbps = (secs: number): string => `${secs.toFixed(3)} s, ${(bytes / secs / 1e6).toFixed(0)} MB/s`;
           ctx.log(`  R4 pair ${pair + 1} diag (local image, ${formatSize(region * 512)} pieces): read, 4 in flight ${mbps(readSeconds)}; ` +
-            `read + digestBlocks, 4 in flight ${mbps(readDigestSeconds)}; hashing alone on one thread: xxh3-128 per 4 KiB (the digest ` +
+            `read + digestBlocks, 4 in flight ${mbps(readDigestSeconds)}, 1 at a time ${mbps(readDigestSerialSeconds)}; hashing alone on one thread: xxh3-128 per 4 KiB (the digest ` +
             `threads' function) ${mbps(h.xxh3Seconds)}, xxh64 per 4 KiB ${mbps(h.xxh64Seconds)}`);
         }
       }
