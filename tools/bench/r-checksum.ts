@@ -107,6 +107,8 @@ interface R4Result {
   /** seconds since this process's / the receiver's digest threads last worked (they leave after 10 s idle) */
   senderPoolIdle?: number;
   receiverPoolIdle?: number;
+  /** message to in sync on the monotonic clock in µs (a --cpu-prof profile's time base; DMKIT_BENCH_NODE_ARGS profiles the receiver) */
+  windowUs: [number, number];
 }
 
 interface Diag {
@@ -338,6 +340,7 @@ async function runOne(
   const s0 = site(dm, rig.group);
   const k0 = sockets.total(rig.port);
   const cpu0 = process.cpuUsage();
+  const us0 = Number(process.hrtime.bigint() / 1000n);
   const t0 = performance.now();
   await dm.message(rig.group, 0, mode === 'plain' ? ['resync', '1', 'full'] : ['resync', '1', 'full', 'checksum']);
   if (site(dm, rig.group).mode !== 'dirty-log') throw new Error(`R4 ${rig.group}: not on the dirty logs after the resync message`);
@@ -350,6 +353,7 @@ async function runOne(
     await sleep(2);
   }
   const seconds = (performance.now() - t0) / 1000;
+  const windowUs: [number, number] = [us0, Number(process.hrtime.bigint() / 1000n)];
   const cpu = process.cpuUsage(cpu0);
   const k1 = sockets.total(rig.port);
   const s1 = site(dm, rig.group);
@@ -390,7 +394,7 @@ async function runOne(
     bytesOnWire: link0 && link1 ? link1.bytesOnWire - link0.bytesOnWire : 0,
     digests, reconnects,
     cpuSeconds: (cpu.user + cpu.system) / 1e6, rxCpuSeconds: rxs?.cpuSeconds ?? null,
-    damagedBlocks: damaged.length, anomalies,
+    damagedBlocks: damaged.length, anomalies, windowUs,
   };
 }
 
@@ -541,7 +545,7 @@ export const r4: Suite = {
           imageMBps: bytes / r.seconds / 1e6, resyncedBytes: r.resyncedBytes, comparedBytes: r.comparedBytes,
           ...(tr === 'tcp' ? { socketSentBytes: r.sentBytes, socketReceivedBytes: r.receivedBytes, bytesOnWire: r.bytesOnWire, digests: r.digests, reconnects: r.reconnects } : {}),
           cpuSeconds: r.cpuSeconds, ...(r.rxCpuSeconds !== null ? { receiverCpuSeconds: r.rxCpuSeconds } : {}),
-          damagedBlocks: r.damagedBlocks, anomalies: r.anomalies,
+          damagedBlocks: r.damagedBlocks, anomalies: r.anomalies, windowUs: r.windowUs,
           ...(r.senderPoolIdle !== undefined ? { senderPoolIdleSeconds: r.senderPoolIdle } : {}),
           ...(r.receiverPoolIdle !== undefined ? { receiverPoolIdleSeconds: r.receiverPoolIdle } : {}),
         };
