@@ -2,8 +2,10 @@
  * Where the daemon keeps its runtime files (control socket, pid, log) and its persisted
  * device set. Pure lookups plus one helper that creates a private directory.
  *
- *   runtime: $DMKIT_RUNTIME_DIR, else $XDG_RUNTIME_DIR/dmkit, else /run/dmkit for root,
- *            else /tmp/dmkit-$UID
+ *   runtime: $DMKIT_RUNTIME_DIR, else /run/dmkit for root, else $XDG_RUNTIME_DIR/dmkit,
+ *            else /tmp/dmkit-$UID. Root's is /run/dmkit even where a login session sets
+ *            XDG_RUNTIME_DIR=/run/user/0: the CLI of an ssh session must find the daemon
+ *            that systemd or Pacemaker started, not autostart a second one beside it.
  *   state:   $DMKIT_STATE_DIR, else /var/lib/dmkit for root, else ~/.local/state/dmkit
  */
 import fs from 'node:fs';
@@ -19,8 +21,8 @@ function uid(): number {
 
 export function runtimeDir(env: Env = process.env): string {
   if (env.DMKIT_RUNTIME_DIR) return path.resolve(env.DMKIT_RUNTIME_DIR);
-  if (env.XDG_RUNTIME_DIR) return path.join(env.XDG_RUNTIME_DIR, 'dmkit');
   if (uid() === 0) return '/run/dmkit';
+  if (env.XDG_RUNTIME_DIR) return path.join(env.XDG_RUNTIME_DIR, 'dmkit');
   return `/tmp/dmkit-${uid()}`;
 }
 
