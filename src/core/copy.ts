@@ -135,15 +135,12 @@ export async function copyRanges(opts: CopyOptions): Promise<number> {
       if (!r) return;
       await opts.before?.(r);
       const locked = opts.gate ? await opts.gate.lockRange(r.sector, r.sectors) : null;
-      let copied = r.sectors;
       try {
         let outcome = ok;
         if (opts.select) {
-          copied = 0;
           try {
             for (const part of await opts.select(r)) {
               if ((outcome = await copyRange(part, buf)) !== ok) break;
-              copied += part.sectors;
             }
           } catch (err) {
             outcome = { readError: toBlockError(err), writeErrors: ok.writeErrors };
@@ -156,7 +153,9 @@ export async function copyRanges(opts: CopyOptions): Promise<number> {
       } finally {
         if (locked) opts.gate!.unlockRange(locked);
       }
-      await pace.wait(copied * 512, opts.signal);
+      // the rate bounds the image a copy covers: a range whose `select` sent little (or
+      // nothing) was still read on both sides to choose, and the disks felt that
+      await pace.wait(r.sectors * 512, opts.signal);
     }
   };
 

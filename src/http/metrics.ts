@@ -22,7 +22,7 @@ export const SITE_STATES = ['synchronous', 'asynchronous', 'forced-synchronous',
 
 // ---- the JSON shapes read (replicator-status.ts groupStatusJson, replicator-dev.ts statusJson, slink statusJson) ----
 
-interface LinkJson { connection?: string; state?: string; bytesOnWire?: number; payloadBytes?: number; compressionRatio?: number | null; reconnects?: number; resends?: number }
+interface LinkJson { connection?: string; state?: string; bytesOnWire?: number; bytesReceived?: number; payloadBytes?: number; compressedBytes?: number; compressionRatio?: number | null; reconnects?: number; resends?: number }
 interface SiteJson {
   slink: number; type: string; state: string; consistent?: boolean; mode?: string;
   lag?: { ios: number; bytes: number; ageMs: number };
@@ -79,9 +79,10 @@ const DEFS: Def[] = [
   { name: 'dmkit_replication_site_resynced_bytes_total', type: 'counter', help: 'Bytes copied to the site by resyncs' },
   { name: 'dmkit_replication_site_compared_bytes_total', type: 'counter', help: 'Bytes compared by digest (checksum resync, verify) instead of copied' },
   { name: 'dmkit_replication_site_errors_total', type: 'counter', help: 'Failed writes to the site' },
-  { name: 'dmkit_replication_site_wire_bytes_total', type: 'counter', help: 'Bytes sent on the wire to the site (after compression), tcp slinks' },
-  { name: 'dmkit_replication_site_payload_bytes_total', type: 'counter', help: 'Payload bytes sent to the site before compression, tcp slinks' },
-  { name: 'dmkit_replication_site_compression_ratio', type: 'gauge', help: 'Payload bytes per wire byte sent to the site, tcp slinks' },
+  { name: 'dmkit_replication_site_wire_bytes_total', type: 'counter', help: 'Bytes of replication frames exchanged with the site by direction (writes, digests, replies; without TLS and TCP overhead), tcp slinks' },
+  { name: 'dmkit_replication_site_payload_bytes_total', type: 'counter', help: 'Write data sent to the site, before compression, tcp slinks' },
+  { name: 'dmkit_replication_site_compressed_bytes_total', type: 'counter', help: 'Write data sent to the site as sent (after compression), tcp slinks' },
+  { name: 'dmkit_replication_site_compression_ratio', type: 'gauge', help: 'Write data before compression per byte sent, tcp slinks' },
   { name: 'dmkit_replication_site_reconnects_total', type: 'counter', help: 'Reconnections of the site link' },
   { name: 'dmkit_replication_site_work_done_bytes', type: 'gauge', help: 'Bytes done of the site\'s resync or verify now running' },
   { name: 'dmkit_replication_site_work_total_bytes', type: 'gauge', help: 'Bytes to do in the site\'s resync or verify now running' },
@@ -139,8 +140,10 @@ function addGroup(s: Scrape, device: string, g: GroupJson, regions: Map<number, 
     s.add('dmkit_replication_site_compared_bytes_total', sl, site.comparedBytes ?? 0);
     s.add('dmkit_replication_site_errors_total', sl, site.errors ?? 0);
     if (link && typeof link.bytesOnWire === 'number') {
-      s.add('dmkit_replication_site_wire_bytes_total', sl, link.bytesOnWire);
+      s.add('dmkit_replication_site_wire_bytes_total', { ...sl, direction: 'sent' }, link.bytesOnWire);
+      s.add('dmkit_replication_site_wire_bytes_total', { ...sl, direction: 'received' }, link.bytesReceived ?? 0);
       s.add('dmkit_replication_site_payload_bytes_total', sl, link.payloadBytes ?? 0);
+      s.add('dmkit_replication_site_compressed_bytes_total', sl, link.compressedBytes ?? 0);
       if (typeof link.compressionRatio === 'number') s.add('dmkit_replication_site_compression_ratio', sl, link.compressionRatio);
     }
     if (link && typeof link.reconnects === 'number') s.add('dmkit_replication_site_reconnects_total', sl, link.reconnects);

@@ -32,8 +32,16 @@ export interface FrameHandler {
   closed(err: Error): void;
 }
 
+/** bytes of frames (headers and payloads) sent and received; a connection's owner may share one across reconnects */
+export interface FrameCounters {
+  sent: number;
+  received: number;
+}
+
 export class FrameSocket {
   readonly socket: Duplex;
+  /** what this connection carried, in frames (not TLS or TCP overhead) */
+  counters: FrameCounters = { sent: 0, received: 0 };
   #maxPayload: number;
   #chunks: Buffer[] = [];
   #have = 0;
@@ -71,11 +79,16 @@ export class FrameSocket {
     if (this.#failure) return false;
     const s = this.socket;
     const header = encodeHeader(type, id, parts, noCrc);
+    this.counters.sent += header.length;
     if (parts.length === 0) return s.write(header);
     (s as { cork?: () => void }).cork?.();
     s.write(header);
     let ok = true;
-    for (const p of parts) if (p.length > 0) ok = s.write(p);
+    for (const p of parts) {
+      if (p.length === 0) continue;
+      this.counters.sent += p.length;
+      ok = s.write(p);
+    }
     (s as { uncork?: () => void }).uncork?.();
     return ok;
   }
@@ -138,6 +151,7 @@ export class FrameSocket {
   }
 
   #data(chunk: Buffer): void {
+    this.counters.received += chunk.length;
     this.#chunks.push(chunk);
     this.#have += chunk.length;
     try {

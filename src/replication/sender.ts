@@ -17,7 +17,7 @@ import type { Bio } from '../core/bio.ts';
 import { BlockError, DmError, toBlockError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import { compress } from './compress.ts';
-import type { Frame, FrameSocket } from './frame-socket.ts';
+import type { Frame, FrameCounters, FrameSocket } from './frame-socket.ts';
 import { clientHandshake, type Secret } from './handshake.ts';
 import type { CertTls } from './tls-certs.ts';
 import type { Announcement, SlinkRoles } from '../slink/types.ts';
@@ -81,9 +81,11 @@ interface Dev {
 }
 
 export interface PeerStats {
-  /** payload bytes before compression, and as sent */
+  /** write payload bytes before compression, and as sent (compressed or not) */
   rawBytes: number;
   wireBytes: number;
+  /** every frame sent and received after the handshakes, over all connections: headers, writes, DIGEST requests and answers, replies */
+  frames: FrameCounters;
   /** frames the receiver asked for again (their payload CRC failed there) */
   resends: number;
   /** replies that failed their CRC or broke the framing here, and handshakes that did (the connection is re-made) */
@@ -107,7 +109,7 @@ export class Peer {
   refusal: string | null = null;
   /** what the group last told the site (re-sent after every connect) */
   #announced: Announcement | null = null;
-  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0, digests: 0 };
+  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, frames: { sent: 0, received: 0 }, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0, digests: 0 };
   #connects = 0;
   readonly #devs = new Map<number, Dev>();
   readonly #reqs = new Map<number, Req>();
@@ -315,6 +317,7 @@ export class Peer {
       const a = await clientHandshake(sock, { secret: o.secret, tls: o.tls, certs: o.certs, timeoutMs: o.ioTimeoutMs, name: o.name, where });
       answered = true;
       a.frames.maxPayload = MAX_PAYLOAD;
+      a.frames.counters = this.stats.frames;
       this.#frames = a.frames;
       this.#features = a.features;
       this.#lastHeard = Date.now();

@@ -123,7 +123,10 @@ class TcpSlink implements SiteLink {
     return {
       peer: p.address, connection: p.state, lastError: p.lastError || null, tls: p.opts.tls,
       tlsMode: p.opts.tls ? (p.opts.certs ? 'certificates' : 'psk') : null, integrity: p.opts.crc ? 'crc32c' : 'none',
-      compress: this.#compress, bytesOnWire: wireBytes, payloadBytes: rawBytes,
+      // bytesOnWire/bytesReceived: every frame both ways (writes, DIGEST requests and answers, replies);
+      // payloadBytes/compressedBytes: the writes' data before and after compression
+      compress: this.#compress, bytesOnWire: p.stats.frames.sent, bytesReceived: p.stats.frames.received,
+      payloadBytes: rawBytes, compressedBytes: wireBytes,
       compressionRatio: wireBytes > 0 ? Math.round((rawBytes / wireBytes) * 100) / 100 : null,
       resends: p.stats.resends, badReplies: p.stats.badReplies, peerErrors: p.stats.peerErrors, reconnects: p.stats.reconnects,
       digests: p.stats.digests,

@@ -29,7 +29,7 @@ const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms
 interface SiteJson {
   slink: number; stateChar: string;
   lag: { ios: number };
-  link: { connection: string; lastError: string | null; bytesOnWire: number; payloadBytes: number; compressionRatio: number | null; tls: boolean } | null;
+  link: { connection: string; lastError: string | null; bytesOnWire: number; bytesReceived: number; payloadBytes: number; compressedBytes: number; compressionRatio: number | null; tls: boolean } | null;
 }
 
 let a: Sandbox;
@@ -120,6 +120,8 @@ describe('two daemons over tcp', () => {
     const s = await waitSite((x) => x.stateChar === 'A' && x.lag.ios === 0, 'caught up');
     expect(s.link?.connection).toBe('connected');
     expect(s.link!.bytesOnWire).toBeGreaterThanOrEqual(BYTES);
+    expect(s.link!.payloadBytes).toBeGreaterThanOrEqual(BYTES);
+    expect(s.link!.compressedBytes).toBe(s.link!.payloadBytes); // no compression
     expect(fs.readFileSync(remoteImg).equals(data)).toBe(true);
     expect(fs.readFileSync(path.join(a.dir, 'local.img')).equals(data)).toBe(true);
 
@@ -175,7 +177,11 @@ describe('two daemons over tcp', () => {
       await tool('nbdcopy', [path.join(a.dir, 'text.img'), devUri(a, 'vol')]);
       const s = await waitSite((x) => x.stateChar === 'A' && x.lag.ios === 0, 'caught up');
       expect(s.link!.compressionRatio).toBeGreaterThan(2);
-      expect(s.link!.payloadBytes).toBeGreaterThan(s.link!.bytesOnWire * 2);
+      expect(s.link!.payloadBytes).toBeGreaterThan(s.link!.compressedBytes * 2);
+      expect(s.link!.compressionRatio).toBe(Math.round((s.link!.payloadBytes / s.link!.compressedBytes) * 100) / 100);
+      // the frames carry the compressed data and their headers; replies come back
+      expect(s.link!.bytesOnWire).toBeGreaterThan(s.link!.compressedBytes);
+      expect(s.link!.bytesReceived).toBeGreaterThan(0);
       expect(fs.readFileSync(remoteImg).equals(data)).toBe(true);
     });
   }

@@ -94,7 +94,7 @@ interface R4Result {
   /** tcp: socket bytes sender → receiver and back */
   sentBytes: number;
   receivedBytes: number;
-  /** tcp: the link's bytesOnWire / digests counters (write payloads; DIGEST requests answered) */
+  /** tcp: the link's bytesOnWire (every frame sent: writes, DIGEST requests) and digests (DIGEST requests answered) counters */
   bytesOnWire: number;
   digests: number;
   reconnects: number;

@@ -102,7 +102,7 @@ export interface TcpSiteTrace {
   resyncedBytes: number;
   /** change of the link's sites[].link counters over the run */
   payloadBytes: number;
-  bytesOnWire: number;
+  compressedBytes: number;
   resends: number;
   reconnects: number;
 }
@@ -119,7 +119,7 @@ export interface TcpResult extends RunResult {
   suspended?: SuspendTrace;
 }
 
-interface LinkJson { payloadBytes: number; bytesOnWire: number; resends: number; reconnects: number; connection: string }
+interface LinkJson { payloadBytes: number; compressedBytes: number; resends: number; reconnects: number; connection: string }
 
 function counters(dm: DeviceMapper, group: string): { overflows: number; resyncedBytes: number; link: LinkJson } {
   const { overflows, site: s } = slink1<{ slink: number; resyncedBytes?: number; link?: LinkJson | null }>(dm, group);
@@ -282,7 +282,7 @@ async function main(): Promise<void> {
         overflows: after.overflows - before!.overflows,
         resyncedBytes: after.resyncedBytes - before!.resyncedBytes,
         payloadBytes: after.link.payloadBytes - before!.link.payloadBytes,
-        bytesOnWire: after.link.bytesOnWire - before!.link.bytesOnWire,
+        compressedBytes: after.link.compressedBytes - before!.link.compressedBytes,
         resends: after.link.resends - before!.link.resends,
         reconnects: after.link.reconnects - before!.link.reconnects,
       };

@@ -250,7 +250,7 @@ const RC_METHOD =
   'the write\'s position (modulo its size): `text`, log-like lines with one 4 KiB block in four zero (compressible), ' +
   'or `random` (xorshift32, incompressible). A sample writes `rcbytes` in 1 MiB sequential writes, 8 in flight ' +
   '(`rcpatterns=seq,4k` adds 4 KiB random, 32 in flight), timed until the site has everything (`1:A,0,0`); the ' +
-  'compression ratio is the change of the status JSON `sites[].link.payloadBytes / bytesOnWire` over the sample. The ' +
+  'compression ratio is the change of the status JSON `sites[].link.payloadBytes / compressedBytes` over the sample. The ' +
   'six (codec, data) runs take turns in each pair, the order rotating. Ratio: throughput with a codec / with ' +
   'compress=none on the same data in the same pair. Loopback is far faster than any WAN: this measures what ' +
   'compression costs in CPU, not what it saves on a slow link.';
@@ -315,7 +315,7 @@ export const rc: Suite = {
             }
             const v = (key: Key): string => {
               const r = got.get(key)![pair]!;
-              const ratio = r.r.site!.bytesOnWire > 0 ? r.r.site!.payloadBytes / r.r.site!.bytesOnWire : NaN;
+              const ratio = r.r.site!.compressedBytes > 0 ? r.r.site!.payloadBytes / r.r.site!.compressedBytes : NaN;
               return `${key} ${fmtValue(unit === 'MB/s' ? r.r.bytes / r.r.replSeconds : r.r.ops / r.r.replSeconds, unit)} (x${ratio.toFixed(2)})`;
             };
             ctx.log(`  RC ${p.id} pair ${pair + 1}/${ctx.pairs}: ${runs.map((x) => v(x.key)).join(', ')} ${unit}; cpu s per GB sender+receiver ` +
@@ -332,11 +332,11 @@ export const rc: Suite = {
           const o = got.get(other)!.find((x) => x.pair === pair)!.order;
           return {
             ...r, value: unit === 'MB/s' ? r.bytes / r.replSeconds : r.ops / r.replSeconds, seconds: r.replSeconds, maxRssKiB: r.maxRssKiB,
-            compressionRatio: r.site!.bytesOnWire > 0 ? r.site!.payloadBytes / r.site!.bytesOnWire : null,
+            compressionRatio: r.site!.compressedBytes > 0 ? r.site!.payloadBytes / r.site!.compressedBytes : null,
             receiver: rxs, pair, position: order < o ? 0 : 1, load1,
           };
         });
-        const ratioOf = (key: Key): number => median(got.get(key)!.map((x) => x.r.site!.payloadBytes / x.r.site!.bytesOnWire));
+        const ratioOf = (key: Key): number => median(got.get(key)!.map((x) => x.r.site!.payloadBytes / x.r.site!.compressedBytes));
         const cpuPerGB = (key: Key): { sender: number; receiver: number } => ({
           sender: median(got.get(key)!.map((x) => x.r.cpuSeconds / (x.r.bytes / 1e9))),
           receiver: median(got.get(key)!.map((x) => x.rx.cpuSeconds / (x.r.bytes / 1e9))),
@@ -354,7 +354,7 @@ export const rc: Suite = {
             }), {
               compression: {
                 ratio: ratioOf(a), ratioNone: ratioOf(b),
-                payloadBytes: got.get(a)!.map((x) => x.r.site!.payloadBytes), bytesOnWire: got.get(a)!.map((x) => x.r.site!.bytesOnWire),
+                payloadBytes: got.get(a)!.map((x) => x.r.site!.payloadBytes), compressedBytes: got.get(a)!.map((x) => x.r.site!.compressedBytes),
                 cpuSecondsPerGB: { [c]: cpuPerGB(a), none: cpuPerGB(b) },
               },
             }));
