@@ -582,9 +582,16 @@ export class Site {
     return this.#logs.verify();
   }
 
-  /** resync or verify progress in sectors; null when neither runs */
+  /**
+   * Resync or verify progress in sectors; null when neither runs nor can run now. A site on
+   * its dirty logs that is suspended, down, or of a secondary group resyncs nothing until
+   * that changes: it shows no progress (its out-of-sync regions are in status), so
+   * `dmkit wait --progress` of the group ends when the work that can run is done instead of
+   * waiting for a site the operator suspended.
+   */
   progress(): { work: string; done: number; total: number } | null {
-    return this.#logs.progress(this.#mode === 'log');
+    const canResync = this.#mode === 'log' && this.#active && this.#up && !this.#paused && !this.#host.role.secondary;
+    return this.#logs.progress(canResync);
   }
 
   /**
