@@ -4,8 +4,9 @@
  * `promtool check metrics` passes on scrapes taken while a writer runs; the numbers are the
  * engine's (I/O counts and bytes of a known set of writes, a suspended site's lag in ios
  * and bytes, its state, its dirty regions); a real Prometheus server scrapes the daemon and
- * a PromQL query returns the site's lag; the shipped alert rules pass `promtool check
- * rules` and their unit tests.
+ * a PromQL query returns the site's lag; a tcp site (a second daemon receiving, lz4) shows
+ * its bytes on the wire both ways and its compression; the shipped alert rules pass
+ * `promtool check rules` and their unit tests.
  */
 import { spawn, spawnSync, type ChildProcess } from 'node:child_process';
 import fs from 'node:fs';
@@ -14,6 +15,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import type { ControlClient } from '../../src/daemon/client.ts';
 import { cleanup, client, image, ok, pattern, ROOT, sandbox, type Sandbox } from '../helpers/daemon.ts';
 import { freePort } from '../helpers/howto-shell.ts';
+import { SiteDaemon } from '../helpers/site-daemon.ts';
 
 const SECTORS = 16384; // 8 MiB
 const REGION = 64; // sectors: 32 KiB regions
@@ -184,6 +186,49 @@ describe('metrics', () => {
     const up = await fetch(`http://127.0.0.1:${port}/api/v1/query?query=${encodeURIComponent('up{job="dmkit"}')}`);
     expect(((await up.json()) as { data: { result: Array<{ value: [number, string] }> } }).data.result[0]!.value[1]).toBe('1');
     await ok(sb, ['message', 'repl', '0', 'slink', 'resume', '1']);
+  }, 90_000);
+
+  it('a tcp site shows its bytes on the wire both ways and its compression ratio', async () => {
+    const b = await SiteDaemon.start();
+    try {
+      const remote = path.join(b.sb.dir, 'tvol.img');
+      fs.writeFileSync(remote, Buffer.alloc(SECTORS * 512));
+      await b.request('create', { name: 'tvol', table: `0 ${SECTORS} linear ${remote} 0` });
+      const rlog = image(sb, 'trlog', (RING + 64) * 512);
+      const local = image(sb, 'tlocal.img', SECTORS * 512);
+      const words = ['1', 'async', 'retest=1', 'compress=lz4', `peer=${b.address}`, `secret=${b.secretFile}`];
+      await ok(sb, ['create', 'trepl', '--table', `0 1 replicator ringbuffer 4 ${rlog} 0 auto ${RING} blockdev 1 0 tcp ${words.length} ${words.join(' ')}`]);
+      await ok(sb, ['create', 'tvol', '--table', `0 ${SECTORS} replicator-dev dm:trepl 0 0 1 ${local} nolog 0 1 1 tvol core 2 ${REGION} nosync`]);
+      // 64 writes of text that compresses well
+      const text = Buffer.alloc(16384);
+      for (let o = 0; o < text.length; o += 64) text.write(`line ${o >> 6} of a log-like block, dmkit metrics\n`.padEnd(64, '.'), o);
+      for (let i = 0; i < 64; i++) await cl.request('io', { op: 'write', name: 'tvol', offset: i * 16384, data: text.toString('base64') });
+      const s = { device: 'trepl', slink: '1', type: 'tcp' };
+      let t = '';
+      for (let i = 0; ; i++) {
+        t = await scrape();
+        if (sample(t, 'dmkit_replication_site_up', s) === 1 && sample(t, 'dmkit_replication_site_lag_ios', s) === 0) break;
+        if (i > 300) throw new Error(`tcp site never caught up: ${t.split('\n').filter((l) => l.includes('trepl')).join('\n')}`);
+        await new Promise((r) => setTimeout(r, 100));
+      }
+      const payload = sample(t, 'dmkit_replication_site_payload_bytes_total', s);
+      const compressed = sample(t, 'dmkit_replication_site_compressed_bytes_total', s);
+      const sent = sample(t, 'dmkit_replication_site_wire_bytes_total', { ...s, direction: 'sent' });
+      const received = sample(t, 'dmkit_replication_site_wire_bytes_total', { ...s, direction: 'received' });
+      expect(payload).toBe(64 * 16384);
+      expect(compressed).toBeLessThan(payload / 4);
+      expect(sent).toBeGreaterThan(compressed); // the frames: the compressed data and their headers
+      expect(sent).toBeLessThan(payload / 2);
+      expect(received).toBeGreaterThan(0); // replies
+      expect(sample(t, 'dmkit_replication_site_compression_ratio', s)).toBe(Math.round((payload / compressed) * 100) / 100);
+      expect(promtoolCheck(t).status).toBe(0);
+      expect(fs.readFileSync(remote).equals(fs.readFileSync(local))).toBe(true);
+      await ok(sb, ['remove', 'tvol']);
+      await ok(sb, ['remove', 'trepl']);
+      expect(await scrape()).not.toContain('trepl'); // a removed group is gone from the next scrape
+    } finally {
+      await b.close();
+    }
   }, 90_000);
 
   it('the shipped alert rules pass promtool check rules and their unit tests', () => {
