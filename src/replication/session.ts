@@ -6,7 +6,7 @@
  */
 import type { Bio, BioFlags } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
-import { digestBlocks } from '../core/digest.ts';
+import { digestFilled } from '../core/digest.ts';
 import { DmError } from '../core/errors.ts';
 import type { MappedDevice } from '../core/mapped-device.ts';
 import type { BlockDev } from '../core/types.ts';
@@ -23,6 +23,12 @@ import type { Stream } from './stream.ts';
 
 /** DIGEST requests a connection may have waiting before it is told EAGAIN */
 const MAX_DIGESTS_QUEUED = 256;
+/**
+ * DIGEST requests of a connection answered at once: two, so both digest threads work and
+ * one range's read overlaps the other's hash (one at a time, a checksum resync over tcp
+ * hashed on one thread at the site); a connection holds at most this many ranges for them
+ */
+export const DIGESTS_AT_ONCE = 2;
 
 const FLUSH_BIO: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
 
@@ -68,9 +74,9 @@ export class Session {
   #closed = false;
   #heard = Date.now();
   #idleTimer: NodeJS.Timeout | null = null;
-  /** DIGEST requests, answered one after the other (#digest) */
-  #digests: Promise<void> = Promise.resolve();
-  #digestsQueued = 0;
+  /** DIGEST requests waiting for one of the DIGESTS_AT_ONCE places (#digest) */
+  readonly #digestsWaiting: Array<() => Promise<void>> = [];
+  #digestsRunning = 0;
 
   constructor(rx: ReplicationReceiver, frames: FrameSocket, peer: string, maxInflight: number, idleMs: number) {
     this.#rx = rx;
@@ -290,9 +296,11 @@ export class Session {
 
   /**
    * DIGEST (feature 'digest'): read the range and answer its block digests (DATA), hashed on
-   * the digest threads. One at a time per connection, so a connection holds at most one
-   * range (4 MiB) for them; past MAX_DIGESTS_QUEUED waiting, EAGAIN. A request this device
-   * cannot answer (block size, length, range) gets ERROR EINVAL; the connection stays.
+   * the digest threads. DIGESTS_AT_ONCE per connection, each answered when it is done (the
+   * answer carries the request's id), so a connection holds at most that many ranges (4 MiB
+   * each) for them; past MAX_DIGESTS_QUEUED waiting, EAGAIN. A request this device cannot
+   * answer (block size, length, range) gets ERROR EINVAL; the connection stays. Requests
+   * still waiting when the connection closes are dropped.
    */
   #digest(f: Frame): void {
     const r = decodeDigest(f.payload);
@@ -300,19 +308,29 @@ export class Session {
     if (!o) return this.#error(f.h.id, new DmError('EBADF', `DIGEST on handle ${r.handle}, which is not open`));
     const problem = digestProblem(r, o.dev.sectors);
     if (problem) return this.#error(f.h.id, new DmError('EINVAL', `${o.name}: ${problem}`));
-    if (this.#digestsQueued >= MAX_DIGESTS_QUEUED) return this.#error(f.h.id, new DmError('EAGAIN', `more than ${MAX_DIGESTS_QUEUED} DIGEST requests waiting`));
-    this.#digestsQueued++;
-    this.#digests = this.#digests.then(async () => {
+    if (this.#digestsWaiting.length >= MAX_DIGESTS_QUEUED) return this.#error(f.h.id, new DmError('EAGAIN', `more than ${MAX_DIGESTS_QUEUED} DIGEST requests waiting`));
+    this.#digestsWaiting.push(async () => {
       try {
-        const buf = Buffer.allocUnsafe(r.sectors * 512);
-        await o.writer.submit({ op: 'read', sector: r.sector, sectors: r.sectors, data: buf, flags: {} });
-        this.#frames.send(FrameType.DATA, f.h.id, [await digestBlocks(buf, r.blockSectors * 512)]);
+        const bytes = r.sectors * 512;
+        const digests = await digestFilled(bytes, r.blockSectors * 512, (data) => o.writer.submit({ op: 'read', sector: r.sector, sectors: r.sectors, data, flags: {} }));
+        this.#frames.send(FrameType.DATA, f.h.id, [digests]);
       } catch (err) {
         this.#error(f.h.id, err as Error);
-      } finally {
-        this.#digestsQueued--;
       }
     });
+    this.#nextDigests();
+  }
+
+  /** start waiting DIGEST requests while fewer than DIGESTS_AT_ONCE run */
+  #nextDigests(): void {
+    while (this.#digestsRunning < DIGESTS_AT_ONCE && this.#digestsWaiting.length > 0 && !this.#closed) {
+      const answer = this.#digestsWaiting.shift()!;
+      this.#digestsRunning++;
+      void answer().finally(() => {
+        this.#digestsRunning--;
+        this.#nextDigests();
+      });
+    }
   }
 
   /** a request failed: tell the sender, keep the connection */

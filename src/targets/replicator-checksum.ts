@@ -11,7 +11,7 @@
  * data). The digests cost 16 bytes per block, 0.4 % of the data compared.
  */
 import type { CopyRange } from '../core/copy.ts';
-import { DIGEST_BYTES, differingBlocks, digestBlocks } from '../core/digest.ts';
+import { DIGEST_BYTES, differingBlocks, digestFilled } from '../core/digest.ts';
 import { BlockError } from '../core/errors.ts';
 import type { BlockDev } from '../core/types.ts';
 import type { RemoteDevice } from '../slink/types.ts';
@@ -19,11 +19,9 @@ import type { RemoteDevice } from '../slink/types.ts';
 /** the block of checksum resync and verify, in sectors (4 KiB) */
 export const CHECKSUM_BLOCK_SECTORS = 8;
 
-/** read `sectors` sectors from `sector` of `dev` and hash them here */
-async function readDigests(dev: BlockDev, sector: number, sectors: number): Promise<Buffer> {
-  const data = Buffer.allocUnsafe(sectors * 512);
-  await dev.submit({ op: 'read', sector, sectors, data, flags: {} });
-  return digestBlocks(data, CHECKSUM_BLOCK_SECTORS * 512);
+/** read `sectors` sectors from `sector` of `dev` and hash them here (into a buffer the digest thread shares) */
+function readDigests(dev: BlockDev, sector: number, sectors: number): Promise<Buffer> {
+  return digestFilled(sectors * 512, CHECKSUM_BLOCK_SECTORS * 512, (data) => dev.submit({ op: 'read', sector, sectors, data, flags: {} }));
 }
 
 /** the site's digests: computed there when it can (ENOTSUP: it cannot), else read and hashed here */

@@ -5,7 +5,8 @@
  * computed here over the image file; hostile requests (oversize, out of range, bad block
  * size, a handle not open) each get an ERROR, leave the connection and the device as they
  * were; a DIGEST that cannot be framed ends its connection only, and the receiver serves
- * the next. Feature negotiation: the receiver offers `digest` to a HELLO that lists it, and
+ * the next. A connection's DIGESTs are answered DIGESTS_AT_ONCE (2) at a time, each by its
+ * request's id. Feature negotiation: the receiver offers `digest` to a HELLO that lists it, and
  * answers a HELLO without features exactly as before.
  */
 import fs from 'node:fs';
@@ -22,6 +23,7 @@ import {
   FrameType, MAX_DIGEST_SECTORS, decodeJson, encodeDigest, encodeJson, type DigestRequest,
 } from '../../src/replication/protocol.ts';
 import { ReplicationReceiver } from '../../src/replication/receiver.ts';
+import { DIGESTS_AT_ONCE } from '../../src/replication/session.ts';
 
 const SECTORS = 8192;
 const STREAM = '0123456789abcdef0123456789abcdef';
@@ -54,15 +56,15 @@ afterEach(async () => {
   fs.rmSync(tmp, { recursive: true, force: true });
 });
 
-/** an authenticated connection (the real client handshake) with `vol` opened */
-async function connected(): Promise<{ frames: FrameSocket; handle: number; features: readonly string[] }> {
+/** an authenticated connection (the real client handshake) with `device` opened */
+async function connected(device = 'vol'): Promise<{ frames: FrameSocket; handle: number; features: readonly string[] }> {
   const sock = net.connect({ host: '127.0.0.1', port });
   socks.push(sock);
   sock.on('error', () => {});
   await new Promise<void>((r) => sock.once('connect', () => r()));
   const a = await clientHandshake(sock, { secret: loadSecret(path.join(tmp, 'secret')), tls: false, timeoutMs: 10_000, name: 'digest test', where: 'test' });
   const id = nextId++;
-  a.frames.send(FrameType.OPEN, id, [encodeJson({ stream: STREAM, slink: 0, device: 'vol', devNr: 0, sectors: SECTORS })]);
+  a.frames.send(FrameType.OPEN, id, [encodeJson({ stream: STREAM, slink: 0, device, devNr: 0, sectors: SECTORS })]);
   const f = await a.frames.next(10_000, 'OPEN_OK');
   expect(f.h.type).toBe(FrameType.OPEN_OK);
   return { frames: a.frames, handle: decodeJson(f.payload, 'OPEN_OK').handle as number, features: a.features };
@@ -135,6 +137,44 @@ describe('DIGEST at the receiver', { timeout: 60_000 }, () => {
     const next = await connected();
     expect((await ask(next.frames, { handle: next.handle, sector: 0, sectors: 64, blockSectors: 8 })).payload.equals(expected(0, 64, 8))).toBe(true);
     expect(fs.readFileSync(img).equals(before)).toBe(true);
+  });
+
+  test('pipelined DIGESTs are answered two at a time, each DATA by its request\'s id', async () => {
+    // every read of `slow` waits READ_MS: 6 requests take 3 × READ_MS two at a time, 6 × one at a time
+    const READ_MS = 300;
+    await dm.create('slow', { table: `0 ${SECTORS} delay ${img} 0 ${READ_MS}` });
+    const { frames, handle } = await connected('slow');
+    const asks: DigestRequest[] = [
+      { handle, sector: 0, sectors: MAX_DIGEST_SECTORS, blockSectors: 8 },
+      { handle, sector: 8, sectors: 8, blockSectors: 8 },
+      { handle, sector: 4096, sectors: 1000, blockSectors: 16 },
+      { handle, sector: SECTORS - 20, sectors: 20, blockSectors: 8 },
+      { handle, sector: 64, sectors: 2048, blockSectors: 2048 },
+      { handle, sector: 100, sectors: 3, blockSectors: 8 },
+    ];
+    const ids = asks.map(() => nextId++);
+    const t0 = performance.now();
+    asks.forEach((r, i) => frames.send(FrameType.DIGEST, ids[i]!, [encodeDigest(r)]));
+    const replies = new Map<number, Frame>();
+    const at = new Map<number, number>();
+    while (replies.size < asks.length) {
+      const f = await frames.next(10_000, 'DIGEST replies');
+      expect(replies.has(f.h.id), `a second reply for ${f.h.id}`).toBe(false);
+      replies.set(f.h.id, f);
+      at.set(f.h.id, performance.now() - t0);
+    }
+    const elapsed = performance.now() - t0;
+    asks.forEach((r, i) => {
+      const f = replies.get(ids[i]!)!;
+      expect(f.h.type, `reply to ${ids[i]}`).toBe(FrameType.DATA);
+      expect(f.payload.equals(expected(r.sector, r.sectors, r.blockSectors)), `digests of request ${i}`).toBe(true);
+    });
+    expect(DIGESTS_AT_ONCE).toBe(2);
+    // two at a time: never more (≥ 3 reads' wait), and not one at a time (6 reads' wait)
+    expect(elapsed).toBeGreaterThanOrEqual(3 * READ_MS - 5);
+    expect(elapsed).toBeLessThan(5.5 * READ_MS);
+    // the first two were answered together, before the next two started their reads
+    expect(Math.max(at.get(ids[0]!)!, at.get(ids[1]!)!)).toBeLessThan(2 * READ_MS);
   });
 
   test('a HELLO without features gets a reply without them (an older sender), with them only the common ones', async () => {

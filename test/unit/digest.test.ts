@@ -1,7 +1,13 @@
-/** Block digests on the thread pool (src/core/digest.ts) against xxh3-128 computed here. */
+/**
+ * Block digests on the thread pool (src/core/digest.ts) against xxh3-128 computed here with
+ * @node-rs/xxhash (the digests' library before xxhash-addon: the wire protocol's DIGEST
+ * answers must stay the same bits).
+ */
+import crypto from 'node:crypto';
 import xxhash from '@node-rs/xxhash';
 import { afterAll, describe, expect, test } from 'vitest';
-import { closeDigestPool, differingBlocks, digestBlocks } from '../../src/core/digest.ts';
+import { closeDigestPool, differingBlocks, digestBlocks, digestFilled } from '../../src/core/digest.ts';
+import digestWorker, { IMPLEMENTATION } from '../../src/core/digest-worker.mjs';
 
 const reference = (b: Buffer): string => xxhash.xxh3.xxh128(b).toString(16).padStart(32, '0');
 
@@ -32,5 +38,42 @@ describe('digestBlocks', () => {
   test('an empty buffer has no digests; a bad block size is refused', async () => {
     expect((await digestBlocks(Buffer.alloc(0), 4096)).length).toBe(0);
     await expect(digestBlocks(Buffer.alloc(512), 0)).rejects.toThrow(/block size/);
+  });
+
+  test('digestFilled: hashes what fill wrote, in a buffer reused after; a failed fill rejects and the next digest is right', async () => {
+    const a = crypto.randomBytes(64 * 4096);
+    const b = crypto.randomBytes(64 * 4096);
+    for (let round = 0; round < 3; round++) {
+      const [da, db] = await Promise.all([
+        digestFilled(a.length, 4096, async (into) => void a.copy(into)),
+        digestFilled(b.length - 100, 4096, (into) => void b.copy(into, 0, 0, b.length - 100)),
+      ]);
+      expect(da.equals(await digestBlocks(a, 4096))).toBe(true);
+      expect(db.length).toBe(64 * 16);
+      expect(db.subarray(63 * 16).toString('hex')).toBe(reference(b.subarray(63 * 4096, b.length - 100)));
+    }
+    await expect(digestFilled(4096, 4096, async () => { throw new Error('read failed'); })).rejects.toThrow('read failed');
+    expect((await digestFilled(a.length, 4096, (into) => void a.copy(into))).equals(await digestBlocks(a, 4096))).toBe(true);
+  });
+});
+
+describe('the digest thread\'s hash', () => {
+  test('is xxhash-addon (not the slower fallback)', () => {
+    expect(IMPLEMENTATION).toBe('xxhash-addon');
+  });
+
+  test('gives the same digests as @node-rs/xxhash xxh3-128 on random data: every length 0 … 1024, random lengths to 20 KiB, 4 KiB blocks', () => {
+    const one = (b: Buffer): string => Buffer.from(digestWorker({ data: b, blockBytes: Math.max(1, b.length) })).toString('hex');
+    for (let n = 0; n <= 1024; n++) {
+      const b = crypto.randomBytes(n);
+      expect(one(b), `${n} bytes`).toBe(n === 0 ? '' : reference(b));
+    }
+    for (let i = 0; i < 300; i++) {
+      const b = crypto.randomBytes(crypto.randomInt(1025, 20 * 1024));
+      expect(one(b), `${b.length} bytes`).toBe(reference(b));
+    }
+    const img = crypto.randomBytes(1 << 20);
+    const d = Buffer.from(digestWorker({ data: img, blockBytes: 4096 }));
+    for (let i = 0; i < 256; i++) expect(d.subarray(i * 16, i * 16 + 16).toString('hex')).toBe(reference(img.subarray(i * 4096, (i + 1) * 4096)));
   });
 });

@@ -50,7 +50,7 @@ import type net from 'node:net';
 import os from 'node:os';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { digestBlocks } from '../../src/core/digest.ts';
+import { DIGEST_IDLE_MS, digestBlocks } from '../../src/core/digest.ts';
 import { DeviceMapper } from '../../src/index.ts';
 import { startWorker } from './child.ts';
 import { flag, int, row, side, size, zeroFile } from './r-common.ts';
@@ -104,7 +104,7 @@ interface R4Result {
   damagedBlocks: number;
   /** counters that were not what the work asks for (the copy itself was right: checked) */
   anomalies: string[];
-  /** seconds since this process's / the receiver's digest threads last worked (they leave after 10 s idle) */
+  /** seconds since this process's / the receiver's digest threads last worked (they leave after DIGEST_IDLE_MS idle) */
   senderPoolIdle?: number;
   receiverPoolIdle?: number;
   /** message to in sync on the monotonic clock in µs (a --cpu-prof profile's time base; DMKIT_BENCH_NODE_ARGS profiles the receiver) */
@@ -505,8 +505,9 @@ export const r4: Suite = {
               r.receiverPoolIdle = idle.receiver;
               lastDigest.receiver = performance.now();
             }
-            const cold = [idle.sender > 10 ? 'this process\'s' : '', tr === 'tcp' && idle.receiver > 10 ? 'the receiver\'s' : ''].filter(Boolean);
-            if (cold.length) ctx.log(`  R4 note: ${cold.join(' and ')} digest threads idle > 10 s before this run: they started again in it`);
+            const idleS = DIGEST_IDLE_MS / 1000;
+            const cold = [idle.sender > idleS ? 'this process\'s' : '', tr === 'tcp' && idle.receiver > idleS ? 'the receiver\'s' : ''].filter(Boolean);
+            if (cold.length) ctx.log(`  R4 note: ${cold.join(' and ')} digest threads idle > ${idleS} s before this run: they started again in it`);
           }
           got.push({ r, pair, order: i, load1 });
           ctx.log(`  R4 pair ${pair + 1}/${ctx.pairs} ${tr} ${mode}: ${r.seconds.toFixed(3)} s (${(bytes / r.seconds / 1e6).toFixed(0)} MB/s of image), ` +
