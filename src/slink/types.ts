@@ -108,8 +108,9 @@ export interface RemoteDevice extends BlockDev {
    * Optional: the digests of `sectors` sectors from `sector` on, in blocks of `blockSectors`
    * (a power of two, at least 8), computed at the site (checksum resync and verify): 16
    * bytes per block, xxh3-128 as `digestBlocks` (core/digest.ts) makes them, the last
-   * block possibly short. Absent, or rejecting with ENOTSUP (a site that does not offer
-   * them), = the replicator reads the blocks through `submit` and hashes them itself. Other
+   * block possibly short. Absent: the replicator reads the site's blocks through `submit`
+   * and compares them with its own byte for byte; rejecting with ENOTSUP (a site that does
+   * not offer them): it reads them through `submit` and hashes them itself. Other
    * rejections as for `submit`.
    */
   digest?(sector: number, sectors: number, blockSectors: number): Promise<Buffer>;

@@ -1,6 +1,6 @@
 /**
- * Checksum resync and verify by digests over the `blockdev` slink (the site's blocks are
- * read and hashed by the replicator itself): damage written into the site's image behind
+ * Checksum resync and verify over the `blockdev` slink (the site's blocks are read by the
+ * replicator itself and compared with the local ones byte for byte): damage written into the site's image behind
  * dmkit's back is found region by region, `resync 1 checksum` sends exactly the 4 KiB
  * blocks that differ (status --json: resyncedBytes, comparedBytes), `resync 1 full
  * checksum` compares every region and still sends only those blocks; the images end equal

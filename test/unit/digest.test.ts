@@ -6,7 +6,7 @@
 import crypto from 'node:crypto';
 import xxhash from '@node-rs/xxhash';
 import { afterAll, describe, expect, test } from 'vitest';
-import { closeDigestPool, differingBlocks, digestBlocks, digestFilled } from '../../src/core/digest.ts';
+import { closeDigestPool, differingBlocks, differingData, digestBlocks, digestFilled } from '../../src/core/digest.ts';
 import digestWorker, { IMPLEMENTATION } from '../../src/core/digest-worker.mjs';
 
 const reference = (b: Buffer): string => xxhash.xxh3.xxh128(b).toString(16).padStart(32, '0');
@@ -54,6 +54,27 @@ describe('digestBlocks', () => {
     }
     await expect(digestFilled(4096, 4096, async () => { throw new Error('read failed'); })).rejects.toThrow('read failed');
     expect((await digestFilled(a.length, 4096, (into) => void a.copy(into))).equals(await digestBlocks(a, 4096))).toBe(true);
+  });
+});
+
+describe('differingData (both sides read here: compared byte for byte)', () => {
+  test('exactly the blocks that differ, by one byte anywhere, a short last block included; buffers reused between calls', async () => {
+    const a = crypto.randomBytes(32 * 4096 + 1000);
+    for (const flips of [[], [0], [5 * 4096 + 4095], [7 * 4096, 8 * 4096, 31 * 4096 + 1], [a.length - 1], [0, 32 * 4096 + 999, 17 * 4096 + 2048]]) {
+      const b = Buffer.from(a);
+      for (const at of flips) b[at]! ^= 0x01;
+      const got = await differingData(a.length, 4096, async (into) => void a.copy(into), async (into) => void b.copy(into));
+      expect(got, JSON.stringify(flips)).toEqual([...new Set(flips.map((at) => Math.floor(at / 4096)))].sort((x, y) => x - y));
+    }
+    expect(await differingData(0, 4096, async () => {}, async () => {})).toEqual([]);
+  });
+
+  test('a failed read rejects; the next comparison is right', async () => {
+    const a = crypto.randomBytes(8 * 4096);
+    await expect(differingData(a.length, 4096, async (into) => void a.copy(into), async () => { throw new Error('site read failed'); })).rejects.toThrow('site read failed');
+    const b = Buffer.from(a);
+    b[3 * 4096] ^= 0xff;
+    expect(await differingData(a.length, 4096, async (into) => void a.copy(into), async (into) => void b.copy(into))).toEqual([3]);
   });
 });
 
