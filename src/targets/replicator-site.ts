@@ -583,14 +583,15 @@ export class Site {
   }
 
   /**
-   * Resync or verify progress in sectors; null when neither runs nor can run now. A site on
-   * its dirty logs that is suspended, down, or of a secondary group resyncs nothing until
-   * that changes: it shows no progress (its out-of-sync regions are in status), so
-   * `dmkit wait --progress` of the group ends when the work that can run is done instead of
-   * waiting for a site the operator suspended.
+   * Resync or verify progress in sectors; null when neither runs nor will run by itself. A
+   * site on its dirty logs that is suspended, or of a secondary group, resyncs nothing until
+   * an operator acts: it shows no progress (its out-of-sync regions are in status), so
+   * `dmkit wait --progress` of the group ends when the rest is done instead of waiting for
+   * a site the operator suspended. A down site does count: it is retested, and resyncs once
+   * it answers (waiting for it is what `wait --progress` after a repair is for).
    */
   progress(): { work: string; done: number; total: number } | null {
-    const canResync = this.#mode === 'log' && this.#active && this.#up && !this.#paused && !this.#host.role.secondary;
+    const canResync = this.#mode === 'log' && this.#active && !this.#paused && !this.#host.role.secondary;
     return this.#logs.progress(canResync);
   }
 
