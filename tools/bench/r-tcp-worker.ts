@@ -41,6 +41,8 @@ export interface DmkitSideSpec {
   policy: 'async' | 'sync';
   /** extra tcp slink options (compress=zstd, integrity=none, …) */
   options: string[];
+  /** `resync-rate` of the group (default: the engine's, auto) */
+  resyncRate?: string;
 }
 
 /** a TcpReplica (its spec, but for the receiver's port) and the steps of a request */
@@ -194,6 +196,7 @@ async function main(): Promise<void> {
       await dm.create(s.group, {
         table: `0 1 replicator ringbuffer 4 ${s.rlog} 0 auto ${s.logSectors} blockdev 1 0 tcp ${words.length} ${words.join(' ')}`,
       });
+      if (s.resyncRate) await dm.message(s.group, 0, ['resync-rate', s.resyncRate]);
       const vol: MappedDevice = await dm.create(`${s.group}-vol`, {
         table: `0 ${spec.sectors} replicator-dev dm:${s.group} 0 0 1 ${s.local} nolog 0 1 1 ${s.remote} core 2 ${spec.region} nosync`,
       });

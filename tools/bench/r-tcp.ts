@@ -25,6 +25,8 @@
  *   refCp=1|0         the R1-tcp reference's engine-like checkpoints (flushes)
  *   noDelay=1|0       the references' sockets setNoDelay(true) (default; the engine's do not)
  *   compress=none     R1-tcp's compress= for dmkit
+ *   resyncRate=auto   R1-tcp's resync-rate for dmkit (the samples end in a resync after an
+ *                     overflow: `0` = fixed and unlimited, as before the controller)
  *   engineNoDelay=0|1 experiment: TCP_NODELAY on the engine's sockets too (net wrapped in the bench processes)
  *   solo=1|0          R1-tcp peak RSS from solo processes
  *   diag=1|0          R1-tcp / R2 diagnostics (default on unless --quick): the writers alone (site
@@ -109,6 +111,7 @@ export const r1tcp: Suite = {
         const dmSide: DmkitSideSpec = {
           kind: 'dmkit', name: 'dmkit', group: 'repl', rlog: files.rlog, logSectors, local: files.local, remote: 'site0', policy: 'async',
           options: compress === 'none' ? [] : [`compress=${compress}`],
+          ...(ctx.opts.resyncRate ? { resyncRate: ctx.opts.resyncRate } : {}),
         };
         const refSide: RefSideSpec = {
           kind: 'ref', name: 'ref', steps: { log: true, local: true, send: true }, log: files.refLog, logBytes: logSectors * 512, local: files.refLocal, crc: refCrc, noDelay, checkpoints: refCp,
