@@ -71,8 +71,6 @@ interface Req {
   readonly resolve: () => void;
   readonly reject: (err: Error) => void;
   sentAt: number;
-  /** its payload is ready to go (compression done) */
-  ready: boolean;
 }
 
 interface Dev {
@@ -128,10 +126,6 @@ export class Peer {
   #reconnecting = false;
   /** when the last connection attempt failed (0: none yet) */
   #failedAt = 0;
-  /** log entries (seq > 0) not yet sent, in log order (#pump) */
-  #unsent: Req[] = [];
-  /** a connection is opening its devices again: log entries wait for all of them */
-  #reopening = false;
 
   constructor(opts: PeerOptions) {
     this.opts = opts;
@@ -209,26 +203,19 @@ export class Peer {
       const req: Req = {
         id: this.#nextId++, dev: key, io: { op: OPS[bio.op], flags, seq, epoch, sector: bio.sector, sectors: bio.sectors },
         data: isWrite ? bio.data : EMPTY_BUF, codec: Codec.NONE, rawBytes: isWrite ? bio.data.length : 0,
-        into: bio.op === 'read' ? bio.data : null, resolve, reject, sentAt: 0, ready: true,
+        into: bio.op === 'read' ? bio.data : null, resolve, reject, sentAt: 0,
       };
       this.#reqs.set(req.id, req);
-      const go = seq > 0 ? () => this.#pump() : () => this.#send(req);
-      if (seq > 0) this.#unsent.push(req);
       if (isWrite && this.opts.codec !== Codec.NONE) {
-        req.ready = false;
         void compress(this.opts.codec, bio.data).then((c) => {
           if (c) {
             req.data = c;
             req.codec = this.opts.codec;
           }
-          req.ready = true;
-          go();
-        }, () => {
-          req.ready = true;
-          go();
-        });
+          this.#send(req);
+        }, () => this.#send(req));
       } else {
-        go();
+        this.#send(req);
       }
     });
   }
@@ -271,7 +258,7 @@ export class Peer {
     const refused = this.#refusal(key);
     if (refused) return Promise.reject(refused);
     return new Promise<void>((resolve, reject) => {
-      const req: Req = { id: this.#nextId++, dev: key, io, data: EMPTY_BUF, codec: Codec.NONE, rawBytes: 0, into, blockSectors, resolve, reject, sentAt: 0, ready: true };
+      const req: Req = { id: this.#nextId++, dev: key, io, data: EMPTY_BUF, codec: Codec.NONE, rawBytes: 0, into, blockSectors, resolve, reject, sentAt: 0 };
       this.#reqs.set(req.id, req);
       this.#send(req);
     });
@@ -292,34 +279,9 @@ export class Peer {
     this.#failAll(new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`));
   }
 
-  /**
-   * Send the log entries waiting (#unsent) in log order: one whose compression is not done,
-   * or whose device is not open, holds back every later one. The receiver applies
-   * epochs in the order it reads them (pipelined epochs, stream.ts), so an entry must never
-   * overtake an earlier one, through compression or a reconnect. (A RESEND goes out at once:
-   * the receiver holds what follows the damaged frame until it has it again.)
-   */
-  #pump(): void {
-    if (!this.#frames || this.state !== 'connected' || this.#reopening) return;
-    const q = this.#unsent;
-    let i = 0;
-    for (; i < q.length; i++) {
-      const r = q[i]!;
-      if (!this.#reqs.has(r.id) || r.sentAt !== 0) continue; // answered, failed, or sent already
-      if (!r.ready) break;
-      const d = this.#devs.get(r.dev);
-      // not open (yet): an entry must not overtake it (a device whose OPEN failed holds the
-      // stream until the next connection, as the shipper's wait for it did before)
-      if (d && d.handle === 0) break;
-      this.#send(r);
-    }
-    if (i > 0) q.splice(0, i);
-  }
-
   #send(req: Req): void {
     const f = this.#frames;
     const d = this.#devs.get(req.dev);
-    if (!req.ready) return; // sent once compressed
     if (!d && this.#reqs.delete(req.id)) return req.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
     if (!f || this.state !== 'connected' || !this.#reqs.has(req.id) || !d || d.handle === 0) return; // sent after (re)connecting
     if (req.blockSectors) {
@@ -367,19 +329,13 @@ export class Peer {
         },
       });
       this.#setState('connected'); // opening devices needs the connection up; requests wait for their handle
-      this.#reopening = true; // log entries wait until every device is open again, then go in log order
       for (const key of this.#devs.keys()) await this.#openDevice(key);
-      this.#reopening = false;
       if (this.#announced) a.frames.send(FrameType.STATE, 0, [encodeJson(this.#announced)]);
       this.#startTimer();
       if (this.#connects++ > 0) this.stats.reconnects++;
       this.lastError = '';
-      const unsent = [...this.#reqs.values()].filter((r) => r.sentAt === 0).sort((x, y) => x.id - y.id);
-      this.#unsent = unsent.filter((r) => r.io.seq > 0);
-      for (const req of unsent) if (req.io.seq === 0) this.#send(req);
-      this.#pump();
+      for (const req of [...this.#reqs.values()].sort((x, y) => x.id - y.id)) if (req.sentAt === 0) this.#send(req);
     } catch (err) {
-      this.#reopening = false;
       sock.destroy();
       this.#frames?.destroy();
       this.#frames = null;
@@ -413,13 +369,12 @@ export class Peer {
       }
       throw err;
     }
-    if (this.#devs.get(key) !== d) return this.#pump();
+    if (this.#devs.get(key) !== d) return;
     d.handle = uint(o, 'handle', 'OPEN_OK');
     this.stats.appliedAtConnect = uint(o, 'applied', 'OPEN_OK');
     this.refusal = null;
     if (roles) roles.opened(this.opts.slink, d.devNr, resyncOf(o), needsOf(o));
-    for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0 && req.io.seq === 0) this.#send(req);
-    this.#pump();
+    for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0) this.#send(req);
   }
 
   #control(type: FrameType, body: unknown): Promise<Frame> {
@@ -488,7 +443,6 @@ export class Peer {
     for (const c of this.#opens.values()) c.reject(err);
     this.#opens.clear();
     for (const r of this.#reqs.values()) r.sentAt = 0;
-    this.#unsent = []; // rebuilt in log order once connected again
     this.lastError = err.message;
     this.opts.log.limited(`tcp-lost:${this.address}`, `${this.opts.name}: ${this.address}: connection lost: ${err.message}`);
     this.#setState('connecting');

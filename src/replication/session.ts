@@ -77,14 +77,6 @@ export class Session {
   /** DIGEST requests waiting for one of the DIGESTS_AT_ONCE places (#digest) */
   readonly #digestsWaiting: Array<() => Promise<void>> = [];
   #digestsRunning = 0;
-  /**
-   * IO frames in the order read since one failed its CRC (#hold): the ones asked for again
-   * (RESEND) keep their place, empty until they come back; emptied from the front.
-   */
-  #held: Array<{ id: number; f: Frame | null }> = [];
-  /** ids of the held places still empty */
-  readonly #resending = new Set<number>();
-  #heldBytes = 0;
 
   constructor(rx: ReplicationReceiver, frames: FrameSocket, peer: string, maxInflight: number, idleMs: number) {
     this.#rx = rx;
@@ -113,7 +105,7 @@ export class Session {
     this.#heard = Date.now();
     try {
       switch (f.h.type) {
-        case FrameType.IO: return this.#held.length > 0 ? this.#hold(f) : this.#io(f);
+        case FrameType.IO: return this.#io(f);
         case FrameType.OPEN: return void this.#open(f).catch((err: Error) => this.#error(f.h.id, err));
         case FrameType.CLOSE: return void this.#closeDevice(f).catch((err: Error) => this.#error(f.h.id, err));
         case FrameType.PING: return void this.#frames.send(FrameType.PONG, f.h.id);
@@ -128,38 +120,7 @@ export class Session {
 
   #corrupt(h: FrameHeader): void {
     this.#rx.log.limited(`rx-crc:${this.peer}`, `replication: ${this.peer}: frame ${h.id} failed its CRC; asked for it again`);
-    if (h.type === FrameType.IO && !this.#resending.has(h.id)) {
-      this.#resending.add(h.id);
-      this.#held.push({ id: h.id, f: null });
-    }
     this.#frames.send(FrameType.RESEND, h.id);
-  }
-
-  /**
-   * An IO frame read while a RESEND is outstanding. The sender sends log entries in log
-   * order and the next epoch's without waiting for the previous one's acknowledgements, so
-   * the damaged frame may belong to an epoch that frames read after it would close: they
-   * are held, in the order read, and a frame asked for again takes the place of the damaged
-   * one when it comes back; frames are taken from the front up to the first place still
-   * empty. Reading goes on meanwhile (the frames asked for come after these); past
-   * `maxInflightBytes` held, the connection is closed and the sender re-sends everything
-   * unanswered, in log order, on a new one.
-   */
-  #hold(f: Frame): void {
-    if (this.#resending.delete(f.h.id)) {
-      this.#held.find((x) => x.id === f.h.id && x.f === null)!.f = f;
-    } else {
-      this.#held.push({ id: f.h.id, f });
-    }
-    this.#heldBytes += f.payload.length;
-    while (this.#held.length > 0 && this.#held[0]!.f && !this.#closed) {
-      const next = this.#held.shift()!.f!;
-      this.#heldBytes -= next.payload.length;
-      this.#io(next);
-    }
-    if (this.#heldBytes > this.#maxInflight) {
-      this.#fatal(new DmError('ENOBUFS', `more than ${this.#maxInflight} bytes held while frames asked for again are outstanding`));
-    }
   }
 
   async #open(f: Frame): Promise<void> {
@@ -289,9 +250,6 @@ export class Session {
       this.#frames.pause();
     }
     const data = f.payload.subarray(IO_HEADER);
-    // an untagged request other than a flush (a retest's read, a resync copy) comes once the
-    // sender has dealt with a failed entry (stream.ts); its checkpoint flushes come any time
-    if (r.seq === 0 && r.op !== IoOp.FLUSH) stream.restart();
     let done: Promise<unknown>;
     if (r.op === IoOp.READ) {
       const buf = Buffer.alloc(r.sectors * 512);
@@ -350,7 +308,6 @@ export class Session {
     if (!o) return this.#error(f.h.id, new DmError('EBADF', `DIGEST on handle ${r.handle}, which is not open`));
     const problem = digestProblem(r, o.dev.sectors);
     if (problem) return this.#error(f.h.id, new DmError('EINVAL', `${o.name}: ${problem}`));
-    this.#stream?.restart(); // a checksum resync or verify: untagged, as a read (#io)
     if (this.#digestsWaiting.length >= MAX_DIGESTS_QUEUED) return this.#error(f.h.id, new DmError('EAGAIN', `more than ${MAX_DIGESTS_QUEUED} DIGEST requests waiting`));
     this.#digestsWaiting.push(async () => {
       try {
@@ -411,9 +368,6 @@ export class Session {
     // devices stay secondary (the sender will be back); only CLOSE makes them writable
     const handles = [...this.#handles.values()];
     this.#handles.clear();
-    this.#held = [];
-    this.#heldBytes = 0;
-    this.#resending.clear();
     void (s?.idle() ?? Promise.resolve()).then(() => { for (const o of handles) o.dev.close(); });
   }
 }

@@ -6,17 +6,11 @@
  *   a reconnect or a crash of either side): it is acknowledged and not applied again.
  * - Epochs are applied one after the other: an entry of a later epoch waits until every
  *   entry of the current one is done; entries of one epoch are applied concurrently.
- * - The sender sends entries in log order and the next epoch's without waiting for the
- *   previous one's acknowledgements (pipelined); the session submits them in the order it
- *   reads them, holding back what follows a frame it asked for again (RESEND), so the
- *   entries submitted are always a prefix of the stream.
  * - When an epoch is complete and the next starts, the position moves to the highest seq of
  *   the finished epoch (a pwrite: it survives the process); so does a flush entry, alone in
- *   its epoch. Nothing else moves it: the entries submitted being a prefix, at those two
- *   moments every lower entry is applied. A flush of all the stream's devices makes the
- *   position durable (power loss, position.ts).
- * - An entry whose apply fails holds every later epoch back: those are refused (EIO), never
- *   applied without it, until the sender retries it or starts over (`restart`).
+ *   its epoch. Nothing else moves it: the sender sends an epoch only once every entry of the
+ *   one before is acknowledged, so at those two moments every lower entry is applied. A
+ *   flush of all the stream's devices makes the position durable (power loss, position.ts).
  * - Entries without a seq (resync copies) are applied at once, outside the order.
  *
  * A stream belongs to at most one connection at a time (`owner`); a new connection takes it
@@ -27,7 +21,6 @@ import type { BlockDev } from '../core/types.ts';
 import { PositionFile } from './position.ts';
 
 const FLUSH: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
-import { DmError } from '../core/errors.ts';
 import { ProtocolError } from './protocol.ts';
 
 interface Waiting {
@@ -54,13 +47,6 @@ export class Stream {
   #maxSeq: number;
   /** seqs of the current epoch whose apply failed and has not succeeded since (the position must not pass them) */
   readonly #failed = new Set<number>();
-  /**
-   * An entry of the current epoch failed here: later epochs are refused (EIO) rather than
-   * applied without it, until the entry is applied after all (the sender retried it) or
-   * the sender starts over (`restart`: an untagged request other than a flush, such as its
-   * retest's read or a resync).
-   */
-  #broken = false;
   #inflight = 0;
   #waiting: Waiting[] = [];
   #idle: Array<() => void> = [];
@@ -95,20 +81,10 @@ export class Stream {
     if (epoch < this.#epoch) {
       return Promise.reject(new ProtocolError(`entry ${seq} of epoch ${epoch} arrived after epoch ${this.#epoch} began`));
     }
-    if (epoch > this.#epoch && this.#broken) return Promise.reject(this.#brokenError(seq));
     if (epoch > this.#epoch && (this.#inflight > 0 || this.#waiting.length > 0)) {
       return new Promise((resolve, reject) => this.#waiting.push({ owner, seq, epoch, apply, resolve, reject }));
     }
     return this.#run(seq, epoch, apply);
-  }
-
-  /** the sender starts over (a retest, a resync): a failed entry no longer holds later epochs back */
-  restart(): void {
-    this.#broken = false;
-  }
-
-  #brokenError(seq: number): DmError {
-    return new DmError('EIO', `entry ${seq} not applied: an entry of epoch ${this.#epoch} failed at this site`);
   }
 
   /** a connection went away: its entries still waiting are dropped (never acknowledged, the sender re-sends them) */
@@ -123,8 +99,7 @@ export class Stream {
 
   /**
    * A tagged flush entry (`seq`, alone in its epoch) was applied: every entry before it was
-   * submitted before it and, nothing being in flight, is applied, so the position moves to
-   * it (if the next epoch has started meanwhile, its start moved the position there).
+   * acknowledged before the sender sent it, so the position moves to it.
    */
   flushedEntry(seq: number, epoch: number): void {
     if (this.#inflight === 0 && this.#failed.size === 0 && seq > this.pos.applied) {
@@ -153,14 +128,12 @@ export class Stream {
     if (seq > this.#maxSeq) this.#maxSeq = seq;
     return apply().then(
       () => {
-        // a failed entry applied again after all
-        if (this.#failed.delete(seq) && this.#failed.size === 0) this.#broken = false;
+        this.#failed.delete(seq); // a failed entry applied again after all
         this.#done();
         return 'applied' as const;
       },
       (err: unknown) => {
         this.#failed.add(seq);
-        this.#broken = true;
         this.#done();
         throw err;
       },
@@ -179,12 +152,6 @@ export class Stream {
 
   #done(): void {
     if (--this.#inflight > 0) return;
-    if (this.#broken && this.#waiting.length > 0) {
-      // pipelined entries of later epochs: never applied without the failed one
-      const refused = this.#waiting;
-      this.#waiting = [];
-      for (const w of refused) w.reject(this.#brokenError(w.seq));
-    }
     // the epoch is complete: start the waiting entries of the next one (in arrival order)
     if (this.#waiting.length > 0) {
       const epoch = Math.min(...this.#waiting.map((w) => w.epoch));

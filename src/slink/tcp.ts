@@ -37,8 +37,6 @@ class TcpRemote implements RemoteDevice {
   readonly devNr: number;
   readonly sectors: number;
   readonly ref: string;
-  /** the receiver applies epochs in order (stream.ts), the peer sends entries in log order */
-  readonly ordersEpochs = true;
   readonly #peer: Peer;
   readonly #name: string;
   /** the peer's key for this attachment */

@@ -100,14 +100,6 @@ export interface RemoteDevice extends BlockDev {
    */
   submit(bio: Bio, tag?: ShipTag): Promise<void>;
   /**
-   * Optional: the site applies the tagged entries it is given in epoch order by itself
-   * (tcp: its receiver holds a later epoch until the one before is applied, and the
-   * transport keeps them in log order). The shipper then sends an epoch's entries without
-   * waiting for the previous epoch's acknowledgements. Absent or false (blockdev, nbd): it
-   * waits, a round trip per epoch.
-   */
-  readonly ordersEpochs?: boolean;
-  /**
    * Does the device work again? Called by the replicator's retest timer after a failure.
    * Resolves when it does (e.g. a flush succeeded); rejects with the reason otherwise.
    */

@@ -1,9 +1,7 @@
 /**
  * The ordered loop of one remote site (replicator-site.ts): it reads the log from the
  * site's watermark on and, in `ship` mode, hands each entry to the site's device for it,
- * epochs one after the other and an epoch's entries concurrently (up to MAX_INFLIGHT),
- * or, to a site that orders epochs itself (`ordersEpochs`: tcp), the next epoch's entries
- * without waiting for the previous one's acknowledgements (still up to MAX_INFLIGHT); in
+ * epochs one after the other and an epoch's entries concurrently (up to MAX_INFLIGHT); in
  * `log` mode it has the site mark each entry in its dirty logs instead. The watermark moves
  * as entries complete, and releases whoever waits for it (writers of a synchronous site,
  * positions).
@@ -167,9 +165,7 @@ export class Shipper {
         this.#complete(e);
         continue;
       }
-      // a new epoch waits for the previous one's acknowledgements, unless the site orders
-      // epochs itself (tcp): then its entries go out at once, behind the previous ones
-      if (e.epoch !== epoch && this.#inflightSeqs.size > 0 && !b.remotes.get(this.#site.slink)?.dev.ordersEpochs) {
+      if (e.epoch !== epoch && this.#inflightSeqs.size > 0) {
         await this.#drainGen(gen);
         if (gen !== this.#gen) return;
       }

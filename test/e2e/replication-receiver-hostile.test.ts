@@ -451,61 +451,6 @@ describe('replication receiver: data', { timeout: 60_000 }, () => {
     expect(p.closed).toBe(false);
     expect(rx.status()[0]?.peer).not.toBeNull();
   });
-
-  test('pipelined epochs: frames read after a damaged one are held until it comes back, then applied in order', async () => {
-    await startReceiver();
-    const { p, o: { handle } } = await connected();
-    const first = content('epoch one', 2);
-    const parts = ioParts({ handle, sector: 300, seq: 1, epoch: 1 }, first);
-    const id = nextId++;
-    const bad = Buffer.from(first);
-    bad[100] ^= 0x04;
-    p.write(Buffer.concat([encodeHeader(FrameType.IO, id, parts), parts[0]!, bad]));
-    // the next epoch's entries (one over the same sectors) and a read come right behind it
-    const later = content('epoch two', 2);
-    const id2 = sendWrite(p, handle, 300, later, 2, 2);
-    const id3 = sendWrite(p, handle, 310, content('epoch three'), 3, 3);
-    expect((await p.reply(id, 'RESEND')).h.type).toBe(FrameType.RESEND);
-    await new Promise((r) => setTimeout(r, 200));
-    expect(image().every((x) => x === 0)).toBe(true); // nothing of epochs 2 and 3 was applied
-    expect(rx.status()[0]?.applied).toBe(0);
-    // the damaged frame again: it first, then the held ones in order
-    p.write(Buffer.concat([encodeHeader(FrameType.IO, id, parts), ...parts]));
-    await acked(p, id);
-    await acked(p, id2);
-    await acked(p, id3);
-    expect(sectorOf(image(), 300, 2).equals(later)).toBe(true); // epoch 2 over epoch 1, not the other way
-    expect(sectorOf(image(), 310).equals(content('epoch three'))).toBe(true);
-    expect(rx.status()[0]?.applied).toBe(2); // epoch 3 began: epochs 1 and 2 are done
-    expect(p.closed).toBe(false);
-  });
-
-  test('two damaged frames: each one re-sent takes its own place among the held ones', async () => {
-    await startReceiver();
-    const { p, o: { handle } } = await connected();
-    const damaged = (sector: number, seq: number, data: Buffer): { id: number; parts: Buffer[] } => {
-      const parts = ioParts({ handle, sector, seq, epoch: seq }, data);
-      const id = nextId++;
-      const bad = Buffer.from(data);
-      bad[9] ^= 0x01;
-      p.write(Buffer.concat([encodeHeader(FrameType.IO, id, parts), parts[0]!, bad]));
-      return { id, parts };
-    };
-    const a = damaged(400, 1, content('A'));
-    const idB = sendWrite(p, handle, 410, content('B'), 2, 2);
-    const c = damaged(410, 3, content('C')); // over B, one epoch later
-    expect((await p.reply(a.id, 'RESEND A')).h.type).toBe(FrameType.RESEND);
-    expect((await p.reply(c.id, 'RESEND C')).h.type).toBe(FrameType.RESEND);
-    p.write(Buffer.concat([encodeHeader(FrameType.IO, a.id, a.parts), ...a.parts]));
-    await acked(p, a.id);
-    await acked(p, idB); // B was behind A only
-    expect(sectorOf(image(), 410).equals(content('B'))).toBe(true);
-    p.write(Buffer.concat([encodeHeader(FrameType.IO, c.id, c.parts), ...c.parts]));
-    await acked(p, c.id);
-    expect(sectorOf(image(), 400).equals(content('A'))).toBe(true);
-    expect(sectorOf(image(), 410).equals(content('C'))).toBe(true);
-    expect(p.closed).toBe(false);
-  });
 });
 
 describe('replication receiver: hostile bytes', { timeout: 120_000 }, () => {
