@@ -116,21 +116,16 @@ export function buildHttpApp(ctx: ServerContext, opts: HttpAppOptions): { app: F
     return { daemon: { version: h.version, pid: h.pid, nbdTcp: h.nbdTcp, replicationTcp: h.replicationTcp, readOnly: !opts.token }, devices };
   });
 
+  // an engine error thrown by a handler reaches the error handler above, which maps its errno
   app.get<{ Params: { name: string } }>('/api/devices/:name', { schema: { params: { type: 'object', properties: { name: NAME } } } },
-    async (req, reply) => op('info', { name: req.params.name }).catch((err: unknown) => httpError(reply, err)));
+    async (req) => op('info', { name: req.params.name }));
 
   app.get<{ Params: { name: string }; Querystring: { cells?: number } }>('/api/devices/:name/heatmap', {
     schema: {
       params: { type: 'object', properties: { name: NAME } },
       querystring: { type: 'object', properties: { cells: { type: 'integer', minimum: 1, maximum: 4096 } } },
     },
-  }, async (req, reply) => {
-    try {
-      return heatmap(ctx.dm, req.params.name, req.query.cells ?? 256);
-    } catch (err) {
-      return httpError(reply, err);
-    }
-  });
+  }, async (req) => heatmap(ctx.dm, req.params.name, req.query.cells ?? 256));
 
   app.post<{ Params: { name: string }; Body: { sector?: number; args: string[] } }>('/api/devices/:name/message', {
     schema: {
@@ -140,7 +135,7 @@ export function buildHttpApp(ctx: ServerContext, opts: HttpAppOptions): { app: F
         properties: { sector: { type: 'integer', minimum: 0 }, args: { type: 'array', minItems: 1, maxItems: 64, items: { type: 'string', maxLength: 4096 } } },
       },
     },
-  }, async (req, reply) => op('message', { name: req.params.name, sector: req.body.sector ?? 0, args: req.body.args }).catch((err: unknown) => httpError(reply, err)));
+  }, async (req) => op('message', { name: req.params.name, sector: req.body.sector ?? 0, args: req.body.args }));
 
   for (const verb of ['promote', 'demote'] as const) {
     const flag = verb === 'promote' ? 'force' : 'discard';
@@ -149,7 +144,7 @@ export function buildHttpApp(ctx: ServerContext, opts: HttpAppOptions): { app: F
         params: { type: 'object', properties: { name: NAME } },
         body: { type: 'object', additionalProperties: false, properties: { [flag]: { type: 'boolean' } } },
       },
-    }, async (req, reply) => op(verb, { name: req.params.name, [flag]: !!req.body?.[flag] }).catch((err: unknown) => httpError(reply, err)));
+    }, async (req) => op(verb, { name: req.params.name, [flag]: !!req.body?.[flag] }));
   }
 
   app.get('/api/events', (req, reply) => {

@@ -43,16 +43,13 @@ function fold(dlog: DirtyLog, cells: number): HeatSite['cells'] {
   return out;
 }
 
-function heatOf(name: string, src: DirtyLogSource, cells: number): HeatDevice {
-  const { replicator, sites } = src.dirtyLogs();
+function heatOf(name: string, logs: ReturnType<DirtyLogSource['dirtyLogs']>, cells: number): HeatDevice {
   return {
     device: name,
-    replicator: replicator.replace(/^dm:/, ''),
-    sites: sites.map(({ slink, dlog }) => {
-      let outOfSync = 0;
-      for (let r = 0; r < dlog.regionCount; r++) if (!dlog.inSync(r)) outOfSync++;
-      return { slink, regions: dlog.regionCount, regionSectors: dlog.regionSize, outOfSync, cells: fold(dlog, cells) };
-    }),
+    replicator: logs.replicator.replace(/^dm:/, ''),
+    sites: logs.sites.map(({ slink, dlog }) => ({
+      slink, regions: dlog.regionCount, regionSectors: dlog.regionSize, outOfSync: dlog.regionCount - dlog.getSyncCount(), cells: fold(dlog, cells),
+    })),
   };
 }
 
@@ -60,14 +57,14 @@ function heatOf(name: string, src: DirtyLogSource, cells: number): HeatDevice {
 export function heatmap(dm: DeviceMapper, name: string, cells: number): { device: string; devices: HeatDevice[] } {
   const d = dm.get(name);
   const own = source(d);
-  if (own) return { device: name, devices: [heatOf(name, own, cells)] };
+  if (own) return { device: name, devices: [heatOf(name, own.dirtyLogs(), cells)] };
   if (!d.live?.entries.some((e) => e.type.name === 'replicator')) {
     throw new DeviceError('EINVAL', `${name}: no heat map: the device is neither a replicator nor a replicator-dev`);
   }
   const devices: HeatDevice[] = [];
   for (const x of dm.list()) {
-    const src = source(x);
-    if (src && src.dirtyLogs().replicator === d.ref) devices.push(heatOf(x.name, src, cells));
+    const logs = source(x)?.dirtyLogs();
+    if (logs?.replicator === d.ref) devices.push(heatOf(x.name, logs, cells));
   }
   return { device: name, devices };
 }

@@ -34,6 +34,7 @@ import fs from 'node:fs';
 import net from 'node:net';
 import { crc32c } from '@node-rs/crc32';
 import type { Done, IoFactory } from './workload.ts';
+import { takeBytes } from '../../src/core/chunks.ts';
 
 const HDR = 32;
 const ACK = 16;
@@ -120,26 +121,8 @@ export function startRefReceiver(spec: RefReceiverSpec): Promise<RefReceiver> {
       sock.write(a);
     };
     const take = (n: number): Buffer => {
-      const first = chunks[0]!;
-      let out: Buffer;
-      if (first.length >= n) {
-        out = first.subarray(0, n);
-        if (first.length === n) chunks.shift();
-        else chunks[0] = first.subarray(n);
-      } else {
-        out = Buffer.allocUnsafe(n);
-        let off = 0;
-        while (off < n) {
-          const c = chunks[0]!;
-          const k = Math.min(c.length, n - off);
-          c.copy(out, off, 0, k);
-          off += k;
-          if (k === c.length) chunks.shift();
-          else chunks[0] = c.subarray(k);
-        }
-      }
       have -= n;
-      return out;
+      return takeBytes(chunks, n);
     };
     const request = (h: Buffer, payload: Buffer): void => {
       const op = h.readUInt8(0);
