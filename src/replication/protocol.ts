@@ -33,7 +33,7 @@ export const MAX_CONTROL = 64 * 1024;
 export const enum FrameType {
   HELLO = 1, HELLO_REPLY = 2, AUTH_CHALLENGE = 3, AUTH_RESPONSE = 4, AUTH_PROOF = 5, AUTH_OK = 6,
   ERROR = 7, OPEN = 8, OPEN_OK = 9, CLOSE = 10, IO = 11, ACK = 12, DATA = 13, RESEND = 14,
-  PING = 15, PONG = 16, DIGEST = 17, STATE = 18,
+  PING = 15, PONG = 16, DIGEST = 17, STATE = 18, RESTART = 19,
 }
 
 /** frame flags: the payload carries no CRC (integrity=none) */
@@ -169,10 +169,29 @@ export function decodeIo(p: Buffer): IoRequest {
   return r;
 }
 
+// --- RESTART frames (feature 'pipeline', negotiated in HELLO) ----------------------------
+
+/** RESTART's payload: the seq the sender's shipping starts over from (u64) */
+export const RESTART_SIZE = 8;
+
+export function encodeRestart(seq: number): Buffer {
+  const b = Buffer.allocUnsafe(RESTART_SIZE);
+  writeU64BE(b, seq, 0);
+  return b;
+}
+
+/** the seq of a RESTART payload; throws ProtocolError for a malformed one */
+export function decodeRestart(p: Buffer): number {
+  if (p.length !== RESTART_SIZE) throw new ProtocolError(`RESTART frame of ${p.length} bytes (expected ${RESTART_SIZE})`);
+  const seq = readU64BE(p, 0);
+  if (seq < 1) throw new ProtocolError(`RESTART frame: seq ${p.readBigUInt64BE(0)} is out of range (expected 1 … 2^53-1)`);
+  return seq;
+}
+
 // --- DIGEST frames (feature 'digest', negotiated in HELLO) -------------------------------
 
 /** the feature names this build offers in HELLO / HELLO_REPLY */
-export const FEATURES: readonly string[] = ['digest'];
+export const FEATURES: readonly string[] = ['digest', 'pipeline', 'roles'];
 export const DIGEST_HEADER = 24;
 /** bytes of one block's digest in the DATA reply (xxh3-128) */
 export const DIGEST_SIZE = 16;

@@ -184,7 +184,7 @@ export class ReplicationReceiver {
       (a) => {
         a.frames.maxPayload = MAX_PAYLOAD;
         this.#log.info(`replication: ${peer} (${a.name}) authenticated${a.tls ? ' over TLS' : ''}`);
-        new Session(this, a.frames, peer, this.#opts.maxInflightBytes, this.#opts.idleTimeoutMs).start();
+        new Session(this, a.frames, peer, this.#opts.maxInflightBytes, this.#opts.idleTimeoutMs, a.features).start();
       },
       (err: Error) => {
         this.#refuse(peer, err.message);

@@ -24,7 +24,7 @@ import type { Announcement, SlinkRoles } from '../slink/types.ts';
 import type { Needs } from './roles.ts';
 import {
   Codec, DIGEST_SIZE, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_DIGEST_SECTORS, MAX_PAYLOAD, decodeJson, encodeDigest, encodeIo,
-  ProtocolError, encodeJson, str, uint,
+  ProtocolError, encodeJson, encodeRestart, str, uint,
   type FrameHeader,
 } from './protocol.ts';
 
@@ -71,6 +71,8 @@ interface Req {
   readonly resolve: () => void;
   readonly reject: (err: Error) => void;
   sentAt: number;
+  /** its payload is ready to go (compression done) */
+  ready: boolean;
 }
 
 interface Dev {
@@ -126,6 +128,17 @@ export class Peer {
   #reconnecting = false;
   /** when the last connection attempt failed (0: none yet) */
   #failedAt = 0;
+  /** log entries (seq > 0) not yet sent, in log order (#pump) */
+  #unsent: Req[] = [];
+  /** a connection is opening its devices again: log entries wait for all of them */
+  #reopening = false;
+  /**
+   * The RESTART of the shipper's current generation (feature 'pipeline'): sent before the
+   * next log entry, and again first on a new connection as long as no log entry sent after
+   * it was answered with an error (`valid`: after one, telling the receiver again would let
+   * later epochs pass the failed entry).
+   */
+  #restart: { seq: number; generation: number; id: number; sent: boolean; valid: boolean } | null = null;
 
   constructor(opts: PeerOptions) {
     this.opts = opts;
@@ -162,6 +175,7 @@ export class Peer {
     for (const r of [...this.#reqs.values()]) {
       if (r.dev !== key) continue;
       this.#reqs.delete(r.id);
+      if (r.io.seq > 0 && this.#restart) this.#restart.valid = false;
       r.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
     }
     if (!release || !d || this.state !== 'connected' || d.handle === 0) return;
@@ -181,6 +195,31 @@ export class Peer {
   #attempt(): Promise<void> {
     this.#connecting ??= this.#connectOnce().finally(() => (this.#connecting = null));
     return this.#connecting;
+  }
+
+  /**
+   * Connected to a receiver that orders pipelined epochs and takes RESTART (feature
+   * 'pipeline'): the shipper need not drain an epoch before it sends the next.
+   */
+  get pipelined(): boolean {
+    return this.state === 'connected' && this.#features.includes('pipeline');
+  }
+
+  /**
+   * The shipper's generation `generation` starts with entry `seq`, every entry it sent
+   * before being answered (RemoteDevice.restart): RESTART goes before the next log entry,
+   * once per generation (the devices of the slink share the stream).
+   */
+  restart(seq: number, generation: number): void {
+    if (this.#restart?.generation === generation) return;
+    if ([...this.#reqs.values()].some((r) => r.io.seq > 0)) {
+      // not the shipper's contract: a RESTART now could let a later epoch pass an entry still unanswered
+      this.opts.log.warn(`${this.opts.name}: shipping restarts at entry ${seq} with log entries unanswered; no RESTART sent`);
+      this.#restart = null;
+      return;
+    }
+    this.#restart = { seq, generation, id: this.#nextId++, sent: false, valid: true };
+    this.#pump();
   }
 
   /** one IO for attachment `key` (sectors relative to its device); see RemoteDevice.submit */
@@ -203,19 +242,26 @@ export class Peer {
       const req: Req = {
         id: this.#nextId++, dev: key, io: { op: OPS[bio.op], flags, seq, epoch, sector: bio.sector, sectors: bio.sectors },
         data: isWrite ? bio.data : EMPTY_BUF, codec: Codec.NONE, rawBytes: isWrite ? bio.data.length : 0,
-        into: bio.op === 'read' ? bio.data : null, resolve, reject, sentAt: 0,
+        into: bio.op === 'read' ? bio.data : null, resolve, reject, sentAt: 0, ready: true,
       };
       this.#reqs.set(req.id, req);
+      const go = seq > 0 ? () => this.#pump() : () => this.#send(req);
+      if (seq > 0) this.#unsent.push(req);
       if (isWrite && this.opts.codec !== Codec.NONE) {
+        req.ready = false;
         void compress(this.opts.codec, bio.data).then((c) => {
           if (c) {
             req.data = c;
             req.codec = this.opts.codec;
           }
-          this.#send(req);
-        }, () => this.#send(req));
+          req.ready = true;
+          go();
+        }, () => {
+          req.ready = true;
+          go();
+        });
       } else {
-        this.#send(req);
+        go();
       }
     });
   }
@@ -258,7 +304,7 @@ export class Peer {
     const refused = this.#refusal(key);
     if (refused) return Promise.reject(refused);
     return new Promise<void>((resolve, reject) => {
-      const req: Req = { id: this.#nextId++, dev: key, io, data: EMPTY_BUF, codec: Codec.NONE, rawBytes: 0, into, blockSectors, resolve, reject, sentAt: 0 };
+      const req: Req = { id: this.#nextId++, dev: key, io, data: EMPTY_BUF, codec: Codec.NONE, rawBytes: 0, into, blockSectors, resolve, reject, sentAt: 0, ready: true };
       this.#reqs.set(req.id, req);
       this.#send(req);
     });
@@ -267,7 +313,7 @@ export class Peer {
   /** tell the site the group's generation and role (STATE); again after every connect */
   announce(a: Announcement): void {
     this.#announced = a;
-    if (this.state === 'connected' && this.#frames) this.#frames.send(FrameType.STATE, 0, [encodeJson(a)]);
+    if (this.state === 'connected' && this.#frames && this.#features.includes('roles')) this.#frames.send(FrameType.STATE, 0, [encodeJson(a)]);
   }
 
   /** close the connection; outstanding requests fail with ESHUTDOWN */
@@ -279,9 +325,39 @@ export class Peer {
     this.#failAll(new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`));
   }
 
+  /**
+   * Send the log entries waiting (#unsent) in log order: one whose compression is not done,
+   * or whose device is not open, holds back every later one. The receiver applies
+   * epochs in the order it reads them (pipelined epochs, stream.ts), so an entry must never
+   * overtake an earlier one, through compression or a reconnect. (A RESEND goes out at once:
+   * the receiver holds what follows the damaged frame until it has it again.)
+   */
+  #pump(): void {
+    if (!this.#frames || this.state !== 'connected' || this.#reopening) return;
+    const rs = this.#restart;
+    if (rs && !rs.sent && rs.valid) {
+      rs.sent = true;
+      if (this.#features.includes('pipeline')) this.#frames.send(FrameType.RESTART, rs.id, [encodeRestart(rs.seq)], !this.opts.crc);
+    }
+    const q = this.#unsent;
+    let i = 0;
+    for (; i < q.length; i++) {
+      const r = q[i]!;
+      if (!this.#reqs.has(r.id) || r.sentAt !== 0) continue; // answered, failed, or sent already
+      if (!r.ready) break;
+      const d = this.#devs.get(r.dev);
+      // not open (yet): an entry must not overtake it (a device whose OPEN failed holds the
+      // stream until the next connection, as the shipper's wait for it did before)
+      if (d && d.handle === 0) break;
+      this.#send(r);
+    }
+    if (i > 0) q.splice(0, i);
+  }
+
   #send(req: Req): void {
     const f = this.#frames;
     const d = this.#devs.get(req.dev);
+    if (!req.ready) return; // sent once compressed
     if (!d && this.#reqs.delete(req.id)) return req.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
     if (!f || this.state !== 'connected' || !this.#reqs.has(req.id) || !d || d.handle === 0) return; // sent after (re)connecting
     if (req.blockSectors) {
@@ -329,13 +405,27 @@ export class Peer {
         },
       });
       this.#setState('connected'); // opening devices needs the connection up; requests wait for their handle
+      this.#reopening = true; // log entries wait until every device is open again, then go in log order
       for (const key of this.#devs.keys()) await this.#openDevice(key);
-      if (this.#announced) a.frames.send(FrameType.STATE, 0, [encodeJson(this.#announced)]);
+      this.#reopening = false;
+      if (this.#announced && a.features.includes('roles')) a.frames.send(FrameType.STATE, 0, [encodeJson(this.#announced)]);
       this.#startTimer();
       if (this.#connects++ > 0) this.stats.reconnects++;
       this.lastError = '';
-      for (const req of [...this.#reqs.values()].sort((x, y) => x.id - y.id)) if (req.sentAt === 0) this.#send(req);
+      const unsent = [...this.#reqs.values()].filter((r) => r.sentAt === 0).sort((x, y) => x.id - y.id);
+      this.#unsent = unsent.filter((r) => r.io.seq > 0);
+      if (!this.#features.includes('pipeline') && new Set(this.#unsent.map((r) => r.io.epoch)).size > 1) {
+        // sent pipelined to a receiver that now lacks the feature: it would not hold a later
+        // epoch back after a failed entry; they fail here and the shipper starts over, draining
+        const err = new BlockError('ECONNRESET', `${o.name}: ${this.address}: the receiver no longer takes pipelined epochs`);
+        for (const r of this.#unsent) if (this.#reqs.delete(r.id)) r.reject(err);
+        this.#unsent = [];
+        if (this.#restart) this.#restart.valid = false;
+      }
+      for (const req of unsent) if (req.io.seq === 0) this.#send(req);
+      this.#pump();
     } catch (err) {
+      this.#reopening = false;
       sock.destroy();
       this.#frames?.destroy();
       this.#frames = null;
@@ -369,12 +459,13 @@ export class Peer {
       }
       throw err;
     }
-    if (this.#devs.get(key) !== d) return;
+    if (this.#devs.get(key) !== d) return this.#pump();
     d.handle = uint(o, 'handle', 'OPEN_OK');
     this.stats.appliedAtConnect = uint(o, 'applied', 'OPEN_OK');
     this.refusal = null;
     if (roles) roles.opened(this.opts.slink, d.devNr, resyncOf(o), needsOf(o));
-    for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0) this.#send(req);
+    for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0 && req.io.seq === 0) this.#send(req);
+    this.#pump();
   }
 
   #control(type: FrameType, body: unknown): Promise<Frame> {
@@ -404,6 +495,12 @@ export class Peer {
       this.stats.peerErrors++;
       return this.#lost(errorOf(f, `${this.opts.name}: receiver ${this.address}`));
     }
+    const rs = this.#restart;
+    if (rs && id === rs.id && f.h.type === FrameType.RESEND) {
+      // the receiver holds what follows it until it has it (nothing after it can have failed there)
+      this.stats.resends++;
+      return void this.#frames?.send(FrameType.RESTART, rs.id, [encodeRestart(rs.seq)], !this.opts.crc);
+    }
     const req = this.#reqs.get(id);
     if (!req) return; // answered before a reconnect, or never ours
     switch (f.h.type) {
@@ -422,6 +519,7 @@ export class Peer {
         return this.#send(req);
       case FrameType.ERROR:
         this.#reqs.delete(id);
+        if (req.io.seq > 0 && this.#restart) this.#restart.valid = false;
         return req.reject(toBlockError(errorOf(f, `${this.opts.name}: ${this.address}`)));
       default:
         return this.#lost(new DmError('EPROTO', `unexpected frame type ${f.h.type} from the receiver`));
@@ -443,6 +541,8 @@ export class Peer {
     for (const c of this.#opens.values()) c.reject(err);
     this.#opens.clear();
     for (const r of this.#reqs.values()) r.sentAt = 0;
+    this.#unsent = []; // rebuilt in log order once connected again
+    if (this.#restart) this.#restart.sent = false; // first again on the next connection, if still valid
     this.lastError = err.message;
     this.opts.log.limited(`tcp-lost:${this.address}`, `${this.opts.name}: ${this.address}: connection lost: ${err.message}`);
     this.#setState('connecting');
@@ -474,6 +574,7 @@ export class Peer {
   }
 
   #failAll(err: Error): void {
+    if (this.#restart) this.#restart.valid = false;
     const reqs = [...this.#reqs.values()];
     this.#reqs.clear();
     for (const r of reqs) r.reject(err);

@@ -13,7 +13,7 @@ import type { BlockDev } from '../core/types.ts';
 import { decompress } from './compress.ts';
 import type { Frame, FrameSocket } from './frame-socket.ts';
 import {
-  FrameType, IO_FUA, IO_HEADER, IO_NOUNMAP, IoOp, ProtocolError, decodeDigest, decodeIo, decodeJson, digestProblem, encodeError, encodeJson, str, uint,
+  FrameType, IO_FUA, IO_HEADER, IO_NOUNMAP, IoOp, ProtocolError, decodeDigest, decodeIo, decodeJson, decodeRestart, digestProblem, encodeError, encodeJson, str, uint,
   type FrameHeader, type IoRequest,
 } from './protocol.ts';
 import type { ReplicationReceiver } from './receiver.ts';
@@ -64,6 +64,8 @@ export class Session {
   readonly #rx: ReplicationReceiver;
   readonly #frames: FrameSocket;
   readonly #maxInflight: number;
+  /** the sender pipelines epochs and says when it starts over (feature 'pipeline': RESTART) */
+  readonly #pipelined: boolean;
   #stream: Stream | null = null;
   /** the replicated groups whose devices this connection took (STATE applies to them) */
   readonly #groups = new Set<ReplicatedDevice>();
@@ -77,9 +79,18 @@ export class Session {
   /** DIGEST requests waiting for one of the DIGESTS_AT_ONCE places (#digest) */
   readonly #digestsWaiting: Array<() => Promise<void>> = [];
   #digestsRunning = 0;
+  /**
+   * IO and RESTART frames in the order read since one failed its CRC (#hold): the ones asked for again
+   * (RESEND) keep their place, empty until they come back; emptied from the front.
+   */
+  #held: Array<{ id: number; f: Frame | null }> = [];
+  /** ids of the held places still empty */
+  readonly #resending = new Set<number>();
+  #heldBytes = 0;
 
-  constructor(rx: ReplicationReceiver, frames: FrameSocket, peer: string, maxInflight: number, idleMs: number) {
+  constructor(rx: ReplicationReceiver, frames: FrameSocket, peer: string, maxInflight: number, idleMs: number, features: readonly string[]) {
     this.#rx = rx;
+    this.#pipelined = features.includes('pipeline');
     this.#frames = frames;
     this.peer = peer;
     this.#maxInflight = maxInflight;
@@ -105,7 +116,8 @@ export class Session {
     this.#heard = Date.now();
     try {
       switch (f.h.type) {
-        case FrameType.IO: return this.#io(f);
+        case FrameType.IO:
+        case FrameType.RESTART: return this.#held.length > 0 ? this.#hold(f) : this.#ordered(f);
         case FrameType.OPEN: return void this.#open(f).catch((err: Error) => this.#error(f.h.id, err));
         case FrameType.CLOSE: return void this.#closeDevice(f).catch((err: Error) => this.#error(f.h.id, err));
         case FrameType.PING: return void this.#frames.send(FrameType.PONG, f.h.id);
@@ -120,7 +132,38 @@ export class Session {
 
   #corrupt(h: FrameHeader): void {
     this.#rx.log.limited(`rx-crc:${this.peer}`, `replication: ${this.peer}: frame ${h.id} failed its CRC; asked for it again`);
+    if ((h.type === FrameType.IO || h.type === FrameType.RESTART) && !this.#resending.has(h.id)) {
+      this.#resending.add(h.id);
+      this.#held.push({ id: h.id, f: null });
+    }
     this.#frames.send(FrameType.RESEND, h.id);
+  }
+
+  /**
+   * An IO frame read while a RESEND is outstanding. The sender sends log entries in log
+   * order and the next epoch's without waiting for the previous one's acknowledgements, so
+   * the damaged frame may belong to an epoch that frames read after it would close: they
+   * are held, in the order read, and a frame asked for again takes the place of the damaged
+   * one when it comes back; frames are taken from the front up to the first place still
+   * empty. Reading goes on meanwhile (the frames asked for come after these); past
+   * `maxInflightBytes` held, the connection is closed and the sender re-sends everything
+   * unanswered, in log order, on a new one.
+   */
+  #hold(f: Frame): void {
+    if (this.#resending.delete(f.h.id)) {
+      this.#held.find((x) => x.id === f.h.id && x.f === null)!.f = f;
+    } else {
+      this.#held.push({ id: f.h.id, f });
+    }
+    this.#heldBytes += f.payload.length;
+    while (this.#held.length > 0 && this.#held[0]!.f && !this.#closed) {
+      const next = this.#held.shift()!.f!;
+      this.#heldBytes -= next.payload.length;
+      this.#ordered(next);
+    }
+    if (this.#heldBytes > this.#maxInflight) {
+      this.#fatal(new DmError('ENOBUFS', `more than ${this.#maxInflight} bytes held while frames asked for again are outstanding`));
+    }
   }
 
   async #open(f: Frame): Promise<void> {
@@ -238,6 +281,24 @@ export class Session {
     this.#frames.send(FrameType.ACK, f.h.id);
   }
 
+  /** an IO or RESTART frame, in the order the sender sent them */
+  #ordered(f: Frame): void {
+    if (f.h.type === FrameType.IO) return this.#io(f);
+    this.#restart(f);
+  }
+
+  /**
+   * RESTART (feature 'pipeline'): the sender ships again from a seq on, knowing the fate of
+   * everything it sent before; a failed entry stops holding later epochs back (stream.ts).
+   * It is never answered.
+   */
+  #restart(f: Frame): void {
+    if (!this.#pipelined) throw new ProtocolError('RESTART on a connection without the feature pipeline');
+    const seq = decodeRestart(f.payload);
+    if (!this.#stream) throw new ProtocolError('RESTART before any OPEN');
+    if (this.#stream.restart(seq)) this.#rx.log.info(`replication: ${this.peer}: the sender starts over at entry ${seq}; a failed entry no longer holds later epochs back`);
+  }
+
   #io(f: Frame): void {
     const r = decodeIo(f.payload);
     const o = this.#handles.get(r.handle);
@@ -257,7 +318,7 @@ export class Session {
         .then(() => void this.#frames.send(FrameType.DATA, f.h.id, [buf]));
     } else {
       const apply = (): Promise<void> => this.#apply(o, r, data);
-      const applied = r.seq > 0 ? stream.submit(this, r.seq, r.epoch, apply) : apply().then(() => 'applied' as const);
+      const applied = r.seq > 0 ? stream.submit(this, r.seq, r.epoch, apply, this.#pipelined) : apply().then(() => 'applied' as const);
       done = applied.then(async (how) => {
         if (r.op === IoOp.FLUSH) {
           // every device of the stream, then the position: durable together (a duplicate too)
@@ -368,6 +429,9 @@ export class Session {
     // devices stay secondary (the sender will be back); only CLOSE makes them writable
     const handles = [...this.#handles.values()];
     this.#handles.clear();
+    this.#held = [];
+    this.#heldBytes = 0;
+    this.#resending.clear();
     void (s?.idle() ?? Promise.resolve()).then(() => { for (const o of handles) o.dev.close(); });
   }
 }

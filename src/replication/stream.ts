@@ -6,28 +6,39 @@
  *   a reconnect or a crash of either side): it is acknowledged and not applied again.
  * - Epochs are applied one after the other: an entry of a later epoch waits until every
  *   entry of the current one is done; entries of one epoch are applied concurrently.
+ * - The sender sends entries in log order and the next epoch's without waiting for the
+ *   previous one's acknowledgements (pipelined); the session submits them in the order it
+ *   reads them, holding back what follows a frame it asked for again (RESEND), so the
+ *   entries submitted are always a prefix of the stream.
  * - When an epoch is complete and the next starts, the position moves to the highest seq of
  *   the finished epoch (a pwrite: it survives the process); so does a flush entry, alone in
- *   its epoch. Nothing else moves it: the sender sends an epoch only once every entry of the
- *   one before is acknowledged, so at those two moments every lower entry is applied. A
- *   flush of all the stream's devices makes the position durable (power loss, position.ts).
+ *   its epoch. Nothing else moves it: the entries submitted being a prefix, at those two
+ *   moments every lower entry is applied. A flush of all the stream's devices makes the
+ *   position durable (power loss, position.ts).
+ * - An entry whose apply fails holds every later epoch back: those are refused (EIO), never
+ *   applied without it, until the sender retries it or says it starts over (`restart`: a
+ *   RESTART frame, which it sends only once it knows the fate of every entry it sent). This
+ *   holds for pipelined connections (feature 'pipeline'); a sender without it drains each
+ *   epoch, so its next epoch means it dealt with the failure.
  * - Entries without a seq (resync copies) are applied at once, outside the order.
  *
  * A stream belongs to at most one connection at a time (`owner`); a new connection takes it
  * over only once the old one's writes have finished (`idle`).
  */
 import { EMPTY, type Bio } from '../core/bio.ts';
+import { DmError } from '../core/errors.ts';
 import type { BlockDev } from '../core/types.ts';
 import { PositionFile } from './position.ts';
+import { ProtocolError } from './protocol.ts';
 
 const FLUSH: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
-import { ProtocolError } from './protocol.ts';
 
 interface Waiting {
   readonly owner: object;
   readonly seq: number;
   readonly epoch: number;
   readonly apply: () => Promise<void>;
+  readonly pipelined: boolean;
   readonly resolve: (r: 'applied' | 'duplicate') => void;
   readonly reject: (err: unknown) => void;
 }
@@ -42,11 +53,20 @@ export class Stream {
   readonly devices = new Map<string, BlockDev>();
   /** entries skipped as already applied, since the daemon started */
   duplicates = 0;
+  /** RESTARTs taken since the daemon started, and the last one's seq */
+  restarts = 0;
+  restartedAt = 0;
   #epoch: number;
   /** highest seq started in the current epoch */
   #maxSeq: number;
   /** seqs of the current epoch whose apply failed and has not succeeded since (the position must not pass them) */
   readonly #failed = new Set<number>();
+  /**
+   * An entry of the current epoch failed here: later epochs of a pipelined connection are
+   * refused (EIO) rather than applied without it, until the entry is applied after all (the
+   * sender retried it) or the sender says it starts over (`restart`).
+   */
+  #broken = false;
   #inflight = 0;
   #waiting: Waiting[] = [];
   #idle: Array<() => void> = [];
@@ -71,9 +91,10 @@ export class Stream {
   /**
    * Apply entry `seq` of `epoch` with `apply` in the stream's order, for connection `owner`.
    * Resolves 'duplicate' for an entry applied before; rejects with a ProtocolError for an
-   * entry of an epoch already finished, or with `apply`'s own error.
+   * entry of an epoch already finished, with EIO for a later epoch of a `pipelined`
+   * connection while a failed entry holds the stream back, or with `apply`'s own error.
    */
-  submit(owner: object, seq: number, epoch: number, apply: () => Promise<void>): Promise<'applied' | 'duplicate'> {
+  submit(owner: object, seq: number, epoch: number, apply: () => Promise<void>, pipelined = true): Promise<'applied' | 'duplicate'> {
     if (seq <= this.pos.applied) {
       this.duplicates++;
       return Promise.resolve('duplicate');
@@ -81,10 +102,33 @@ export class Stream {
     if (epoch < this.#epoch) {
       return Promise.reject(new ProtocolError(`entry ${seq} of epoch ${epoch} arrived after epoch ${this.#epoch} began`));
     }
+    if (epoch > this.#epoch && this.#broken) {
+      // a sender that drains each epoch sends a later one only once it dealt with the failure
+      if (!pipelined) this.#broken = false;
+      else return Promise.reject(this.#brokenError(seq));
+    }
     if (epoch > this.#epoch && (this.#inflight > 0 || this.#waiting.length > 0)) {
-      return new Promise((resolve, reject) => this.#waiting.push({ owner, seq, epoch, apply, resolve, reject }));
+      return new Promise((resolve, reject) => this.#waiting.push({ owner, seq, epoch, apply, pipelined, resolve, reject }));
     }
     return this.#run(seq, epoch, apply);
+  }
+
+  /**
+   * RESTART: the sender ships again from `seq` on, in log order, and knows the fate of
+   * every entry it sent before (those below `seq` it did not get applied are in its dirty
+   * logs). A failed entry no longer holds later epochs back; one at or above `seq` comes
+   * again before them. Returns whether one held them back.
+   */
+  restart(seq: number): boolean {
+    const was = this.#broken;
+    this.#broken = false;
+    this.restarts++;
+    this.restartedAt = seq;
+    return was;
+  }
+
+  #brokenError(seq: number): DmError {
+    return new DmError('EIO', `entry ${seq} not applied: an entry of epoch ${this.#epoch} failed at this site`);
   }
 
   /** a connection went away: its entries still waiting are dropped (never acknowledged, the sender re-sends them) */
@@ -99,7 +143,8 @@ export class Stream {
 
   /**
    * A tagged flush entry (`seq`, alone in its epoch) was applied: every entry before it was
-   * acknowledged before the sender sent it, so the position moves to it.
+   * submitted before it and, nothing being in flight, is applied, so the position moves to
+   * it (if the next epoch has started meanwhile, its start moved the position there).
    */
   flushedEntry(seq: number, epoch: number): void {
     if (this.#inflight === 0 && this.#failed.size === 0 && seq > this.pos.applied) {
@@ -128,12 +173,14 @@ export class Stream {
     if (seq > this.#maxSeq) this.#maxSeq = seq;
     return apply().then(
       () => {
-        this.#failed.delete(seq); // a failed entry applied again after all
+        // a failed entry applied again after all
+        if (this.#failed.delete(seq) && this.#failed.size === 0) this.#broken = false;
         this.#done();
         return 'applied' as const;
       },
       (err: unknown) => {
         this.#failed.add(seq);
+        this.#broken = true;
         this.#done();
         throw err;
       },
@@ -152,6 +199,13 @@ export class Stream {
 
   #done(): void {
     if (--this.#inflight > 0) return;
+    if (this.#broken && this.#waiting.length > 0) {
+      // pipelined entries of later epochs: never applied without the failed one
+      const refused = this.#waiting.filter((w) => w.pipelined);
+      this.#waiting = this.#waiting.filter((w) => !w.pipelined);
+      for (const w of refused) w.reject(this.#brokenError(w.seq));
+      if (this.#waiting.length > 0) this.#broken = false; // a draining sender moved on (submit)
+    }
     // the epoch is complete: start the waiting entries of the next one (in arrival order)
     if (this.#waiting.length > 0) {
       const epoch = Math.min(...this.#waiting.map((w) => w.epoch));

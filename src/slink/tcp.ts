@@ -55,6 +55,16 @@ class TcpRemote implements RemoteDevice {
     return this.#peer.submit(this.#key, bio, tag?.seq ?? 0, tag?.epoch ?? 0);
   }
 
+  /** connected to a receiver with the feature 'pipeline': it orders epochs and holds them back after a failure */
+  get ordersEpochs(): boolean {
+    return this.#peer.pipelined;
+  }
+
+  /** one RESTART per generation for the slink's stream (sender.ts) */
+  restart(seq: number, generation: number): void {
+    this.#peer.restart(seq, generation);
+  }
+
   /** computed by the receiving daemon (DIGEST frames); ENOTSUP from a receiver without them */
   digest(sector: number, sectors: number, blockSectors: number): Promise<Buffer> {
     return this.#peer.digest(this.#key, sector, sectors, blockSectors);

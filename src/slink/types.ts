@@ -100,6 +100,27 @@ export interface RemoteDevice extends BlockDev {
    */
   submit(bio: Bio, tag?: ShipTag): Promise<void>;
   /**
+   * Optional: the site applies the tagged entries it is given in epoch order by itself, and
+   * refuses later epochs after one of its entries failed (tcp to a receiver with the
+   * feature 'pipeline': the transport keeps entries in log order and the receiver holds a
+   * later epoch until the one before is applied). Read by the shipper at every epoch
+   * boundary: while true it sends the next epoch's entries without waiting for the previous
+   * one's acknowledgements; absent or false (blockdev, nbd, a tcp link not connected or to
+   * an older receiver), it waits, a round trip per epoch. A transport that sets it must
+   * implement `restart`.
+   */
+  readonly ordersEpochs?: boolean;
+  /**
+   * Optional, with `ordersEpochs`: the shipper's generation `generation` starts shipping
+   * with entry `seq`, and every entry it handed over before has been answered (it knows
+   * which failed: those below `seq` not applied are in its dirty logs; the others come
+   * again from `seq` on). Called before the generation's first entry to each device; a
+   * transport whose devices share one ordered stream tells its site once per generation,
+   * before that entry, so that a failed entry stops holding later epochs back. It must not
+   * tell it again later in the generation: an entry of the generation may have failed.
+   */
+  restart?(seq: number, generation: number): void;
+  /**
    * Does the device work again? Called by the replicator's retest timer after a failure.
    * Resolves when it does (e.g. a flush succeeded); rejects with the reason otherwise.
    */

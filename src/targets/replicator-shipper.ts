@@ -1,7 +1,9 @@
 /**
  * The ordered loop of one remote site (replicator-site.ts): it reads the log from the
  * site's watermark on and, in `ship` mode, hands each entry to the site's device for it,
- * epochs one after the other and an epoch's entries concurrently (up to MAX_INFLIGHT); in
+ * epochs one after the other and an epoch's entries concurrently (up to MAX_INFLIGHT),
+ * or, to a site that orders epochs itself (`ordersEpochs`: tcp), the next epoch's entries
+ * without waiting for the previous one's acknowledgements (still up to MAX_INFLIGHT); in
  * `log` mode it has the site mark each entry in its dirty logs instead. The watermark moves
  * as entries complete, and releases whoever waits for it (writers of a synchronous site,
  * positions).
@@ -53,6 +55,9 @@ export class Shipper {
   /** ships in flight of any generation (a new loop starts only when none is) */
   #allInflight = 0;
   #gen = 0;
+  /** the devices told of the current generation's start (`RemoteDevice.restart`) */
+  readonly #restarted = new Set<object>();
+  #restartedGen = 0;
   #loop: Promise<void> | null = null;
   #wake: (() => void) | null = null;
   #slot: (() => void) | null = null;
@@ -165,7 +170,9 @@ export class Shipper {
         this.#complete(e);
         continue;
       }
-      if (e.epoch !== epoch && this.#inflightSeqs.size > 0) {
+      // a new epoch waits for the previous one's acknowledgements, unless the site orders
+      // epochs itself (tcp): then its entries go out at once, behind the previous ones
+      if (e.epoch !== epoch && this.#inflightSeqs.size > 0 && !b.remotes.get(this.#site.slink)?.dev.ordersEpochs) {
         await this.#drainGen(gen);
         if (gen !== this.#gen) return;
       }
@@ -180,6 +187,16 @@ export class Shipper {
     if (!remote) { // this device is not replicated to this site
       this.#complete(e);
       return;
+    }
+    if (remote.dev.restart) {
+      if (this.#restartedGen !== gen) {
+        this.#restartedGen = gen;
+        this.#restarted.clear();
+      }
+      if (!this.#restarted.has(remote.dev)) {
+        this.#restarted.add(remote.dev); // every earlier ship has settled (run): the site may forget a failed one
+        remote.dev.restart(e.seq, gen);
+      }
     }
     this.#inflightSeqs.add(e.seq);
     this.#allInflight++;

@@ -19,7 +19,7 @@ import { log } from '../../src/core/log.ts';
 import { DeviceMapper } from '../../src/index.ts';
 import { clientHandshake, loadSecret } from '../../src/replication/handshake.ts';
 import {
-  Codec, FrameType, HEADER_SIZE, IoOp, decodeHeader, encodeHeader, encodeIo, encodeJson, payloadOk,
+  Codec, FrameType, HEADER_SIZE, IoOp, decodeHeader, encodeDigest, encodeHeader, encodeIo, encodeJson, encodeRestart, payloadOk,
   type FrameHeader, type IoRequest,
 } from '../../src/replication/protocol.ts';
 import { compress } from '../../src/replication/compress.ts';
@@ -162,9 +162,9 @@ function proof(key: Buffer, role: 'server' | 'client', version: number, a: Buffe
 }
 
 /** the documented handshake, by hand; checks the receiver's proof before giving ours */
-async function authenticate(p: RawPeer, key = Buffer.from(SECRET)): Promise<void> {
-  p.send(FrameType.HELLO, 0, [encodeJson({ min: 1, max: 1, tls: false, name: 'raw peer' })]);
-  expect(json(await p.expect(FrameType.HELLO_REPLY, 'HELLO_REPLY'))).toEqual({ version: 1, tls: false });
+async function authenticate(p: RawPeer, key = Buffer.from(SECRET), features?: string[]): Promise<void> {
+  p.send(FrameType.HELLO, 0, [encodeJson({ min: 1, max: 1, tls: false, name: 'raw peer', ...(features ? { features } : {}) })]);
+  expect(json(await p.expect(FrameType.HELLO_REPLY, 'HELLO_REPLY'))).toEqual({ version: 1, tls: false, ...(features ? { features } : {}) });
   const nc = crypto.randomBytes(32);
   p.send(FrameType.AUTH_CHALLENGE, 0, [encodeJson({ nonce: nc.toString('hex') })]);
   const ar = json(await p.expect(FrameType.AUTH_RESPONSE, 'AUTH_RESPONSE'));
@@ -187,11 +187,20 @@ async function open(p: RawPeer, device = 'vol'): Promise<{ handle: number; appli
   return json(f) as { handle: number; applied: number; sectors: number };
 }
 
-/** a new peer, authenticated, with the device opened */
-async function connected(): Promise<{ p: RawPeer; o: { handle: number; applied: number; sectors: number } }> {
+/** a new peer, authenticated (offering `features`), with the device opened */
+async function connected(features?: string[], device = 'vol'): Promise<{ p: RawPeer; o: { handle: number; applied: number; sectors: number } }> {
   const p = await peer();
-  await authenticate(p);
-  return { p, o: await open(p) };
+  await authenticate(p, Buffer.from(SECRET), features);
+  return { p, o: await open(p, device) };
+}
+
+/** the reply to `id` is an ERROR with `code`; returns its message */
+async function refused(p: RawPeer, id: number, code: string): Promise<string> {
+  const f = await p.reply(id);
+  if (f.h.type !== FrameType.ERROR) throw new Error(`request ${id}: expected ERROR ${code}, got type ${f.h.type}`);
+  const e = json(f);
+  expect(e.code).toBe(code);
+  return e.message as string;
 }
 
 /** an IO frame's parts: sub-header and data */
@@ -450,6 +459,157 @@ describe('replication receiver: data', { timeout: 60_000 }, () => {
     expect(image().subarray(0, 200 * 512).every((x) => x === 0)).toBe(true);
     expect(p.closed).toBe(false);
     expect(rx.status()[0]?.peer).not.toBeNull();
+  });
+
+  test('pipelined epochs: frames read after a damaged one are held until it comes back, then applied in order', async () => {
+    await startReceiver();
+    const { p, o: { handle } } = await connected();
+    const first = content('epoch one', 2);
+    const parts = ioParts({ handle, sector: 300, seq: 1, epoch: 1 }, first);
+    const id = nextId++;
+    const bad = Buffer.from(first);
+    bad[100] ^= 0x04;
+    p.write(Buffer.concat([encodeHeader(FrameType.IO, id, parts), parts[0]!, bad]));
+    // the next epoch's entries (one over the same sectors) and a read come right behind it
+    const later = content('epoch two', 2);
+    const id2 = sendWrite(p, handle, 300, later, 2, 2);
+    const id3 = sendWrite(p, handle, 310, content('epoch three'), 3, 3);
+    expect((await p.reply(id, 'RESEND')).h.type).toBe(FrameType.RESEND);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(image().every((x) => x === 0)).toBe(true); // nothing of epochs 2 and 3 was applied
+    expect(rx.status()[0]?.applied).toBe(0);
+    // the damaged frame again: it first, then the held ones in order
+    p.write(Buffer.concat([encodeHeader(FrameType.IO, id, parts), ...parts]));
+    await acked(p, id);
+    await acked(p, id2);
+    await acked(p, id3);
+    expect(sectorOf(image(), 300, 2).equals(later)).toBe(true); // epoch 2 over epoch 1, not the other way
+    expect(sectorOf(image(), 310).equals(content('epoch three'))).toBe(true);
+    expect(rx.status()[0]?.applied).toBe(2); // epoch 3 began: epochs 1 and 2 are done
+    expect(p.closed).toBe(false);
+  });
+
+  test('two damaged frames: each one re-sent takes its own place among the held ones', async () => {
+    await startReceiver();
+    const { p, o: { handle } } = await connected();
+    const damaged = (sector: number, seq: number, data: Buffer): { id: number; parts: Buffer[] } => {
+      const parts = ioParts({ handle, sector, seq, epoch: seq }, data);
+      const id = nextId++;
+      const bad = Buffer.from(data);
+      bad[9] ^= 0x01;
+      p.write(Buffer.concat([encodeHeader(FrameType.IO, id, parts), parts[0]!, bad]));
+      return { id, parts };
+    };
+    const a = damaged(400, 1, content('A'));
+    const idB = sendWrite(p, handle, 410, content('B'), 2, 2);
+    const c = damaged(410, 3, content('C')); // over B, one epoch later
+    expect((await p.reply(a.id, 'RESEND A')).h.type).toBe(FrameType.RESEND);
+    expect((await p.reply(c.id, 'RESEND C')).h.type).toBe(FrameType.RESEND);
+    p.write(Buffer.concat([encodeHeader(FrameType.IO, a.id, a.parts), ...a.parts]));
+    await acked(p, a.id);
+    await acked(p, idB); // B was behind A only
+    expect(sectorOf(image(), 410).equals(content('B'))).toBe(true);
+    p.write(Buffer.concat([encodeHeader(FrameType.IO, c.id, c.parts), ...c.parts]));
+    await acked(p, c.id);
+    expect(sectorOf(image(), 400).equals(content('A'))).toBe(true);
+    expect(sectorOf(image(), 410).equals(content('C'))).toBe(true);
+    expect(p.closed).toBe(false);
+  });
+});
+
+describe('replication receiver: pipelined epochs and RESTART', { timeout: 60_000 }, () => {
+  const PIPELINE = ['digest', 'pipeline'];
+  let holey: string;
+  /** 'holey': sectors 0-4095 an image, 4096-8191 the error target (a write there fails at this site) */
+  async function holeyDevice(): Promise<void> {
+    holey = path.join(tmp, 'holey.img');
+    fs.writeFileSync(holey, Buffer.alloc(0));
+    fs.truncateSync(holey, 4096 * 512);
+    await dm.create('holey', { table: `0 4096 linear ${holey} 0\n4096 4096 error` });
+  }
+  const holeyImage = (): Buffer => fs.readFileSync(holey);
+
+  test('a failed entry holds later epochs back; a DIGEST or a read does not lift that, RESTART does', async () => {
+    await holeyDevice();
+    await startReceiver();
+    const { p, o: { handle } } = await connected(PIPELINE, 'holey');
+    const id1 = sendWrite(p, handle, 5000, content('fails here'), 1, 1);
+    const id2 = sendWrite(p, handle, 10, content('same epoch'), 2, 1);
+    const id3 = sendWrite(p, handle, 20, content('epoch two'), 3, 2); // pipelined behind the failing one
+    expect(await refused(p, id1, 'EIO')).toMatch(/error target|I\/O error|EIO/i);
+    await acked(p, id2);
+    expect(await refused(p, id3, 'EIO')).toMatch(/entry 3 not applied: an entry of epoch 1 failed at this site/);
+    // a verify's DIGEST and a retest's read come and go: the failed entry still holds epoch 3 back
+    const idD = nextId++;
+    p.send(FrameType.DIGEST, idD, [encodeDigest({ handle, sector: 0, sectors: 64, blockSectors: 8 })]);
+    expect((await p.reply(idD, 'DIGEST answer')).h.type).toBe(FrameType.DATA);
+    const idR = nextId++;
+    p.send(FrameType.IO, idR, ioParts({ handle, op: IoOp.READ, sector: 0, sectors: 1 }));
+    expect((await p.reply(idR, 'read answer')).h.type).toBe(FrameType.DATA);
+    const id4 = sendWrite(p, handle, 30, content('epoch three'), 4, 3);
+    expect(await refused(p, id4, 'EIO')).toMatch(/entry 4 not applied/);
+    expect(sectorOf(holeyImage(), 20).every((x) => x === 0)).toBe(true);
+    expect(sectorOf(holeyImage(), 30).every((x) => x === 0)).toBe(true);
+    expect(sectorOf(holeyImage(), 10).equals(content('same epoch'))).toBe(true);
+    // the sender gave entry 1 up (its dirty logs have it) and ships again from entry 3
+    p.send(FrameType.RESTART, nextId++, [encodeRestart(3)]);
+    const id3b = sendWrite(p, handle, 20, content('epoch two'), 3, 2);
+    const id4b = sendWrite(p, handle, 30, content('epoch three'), 4, 3);
+    await acked(p, id3b);
+    await acked(p, id4b);
+    expect(sectorOf(holeyImage(), 20).equals(content('epoch two'))).toBe(true);
+    expect(sectorOf(holeyImage(), 30).equals(content('epoch three'))).toBe(true);
+    // epoch 2 began past the failed entry 1: the position stays below it; epoch 3's start moved it to 3
+    expect(rx.status()[0]?.applied).toBe(3);
+    expect(p.closed).toBe(false);
+  });
+
+  test('a damaged RESTART is asked for again, and what follows it waits for it', async () => {
+    await holeyDevice();
+    await startReceiver();
+    const { p, o: { handle } } = await connected(PIPELINE, 'holey');
+    const id1 = sendWrite(p, handle, 5000, content('fails'), 1, 1);
+    await refused(p, id1, 'EIO');
+    const rid = nextId++;
+    const rparts = [encodeRestart(2)];
+    const bad = Buffer.from(rparts[0]!);
+    bad[7] ^= 0x10;
+    p.write(Buffer.concat([encodeHeader(FrameType.RESTART, rid, rparts), bad]));
+    const id2 = sendWrite(p, handle, 40, content('after the restart'), 2, 2);
+    expect((await p.reply(rid, 'RESEND of the RESTART')).h.type).toBe(FrameType.RESEND);
+    await new Promise((r) => setTimeout(r, 200));
+    expect(p.frames.some((f) => f.h.id === id2)).toBe(false); // held behind the RESTART, not refused
+    p.send(FrameType.RESTART, rid, rparts);
+    await acked(p, id2);
+    expect(sectorOf(holeyImage(), 40).equals(content('after the restart'))).toBe(true);
+  });
+
+  test('RESTART without the feature, before OPEN, or malformed closes the connection with why', async () => {
+    await startReceiver();
+    const { p } = await connected(); // no features offered
+    p.send(FrameType.RESTART, nextId++, [encodeRestart(1)]);
+    await p.gone();
+    expect(json(p.frames.find((f) => f.h.type === FrameType.ERROR)!).message).toMatch(/RESTART on a connection without the feature pipeline/);
+
+    const q = await peer();
+    await authenticate(q, Buffer.from(SECRET), PIPELINE);
+    q.send(FrameType.RESTART, nextId++, [encodeRestart(1)]);
+    await q.gone();
+    expect(json(q.frames.find((f) => f.h.type === FrameType.ERROR)!).message).toMatch(/RESTART before any OPEN/);
+
+    const { p: r } = await connected(PIPELINE);
+    r.send(FrameType.RESTART, nextId++, [Buffer.alloc(7)]);
+    await r.gone();
+    expect(json(r.frames.find((f) => f.h.type === FrameType.ERROR)!).message).toMatch(/RESTART frame of 7 bytes \(expected 8\)/);
+    const { p: z } = await connected(PIPELINE);
+    z.send(FrameType.RESTART, nextId++, [Buffer.alloc(8)]);
+    await z.gone();
+    expect(json(z.frames.find((f) => f.h.type === FrameType.ERROR)!).message).toMatch(/RESTART frame: seq 0 is out of range/);
+    // the receiver is still there and the device untouched
+    const { p: w, o: { handle } } = await connected(PIPELINE);
+    await acked(w, sendWrite(w, handle, 50, content('still serving'), 1, 1));
+    expect(sectorOf(image(), 50).equals(content('still serving'))).toBe(true);
+    expect(image().subarray(0, 50 * 512).every((x) => x === 0)).toBe(true);
   });
 });
 

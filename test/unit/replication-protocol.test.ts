@@ -595,11 +595,11 @@ describe('Stream', () => {
     expect(onDisk()).toEqual([3, 4]);
   });
 
-  it('a failed apply keeps the position below the failed seq', async () => {
+  it('a failed apply keeps the position below the failed seq, and later epochs out until the sender starts over', async () => {
     const r1 = track(submit(1, 1));
     const r2 = track(submit(2, 1));
     const r3 = track(submit(3, 1));
-    const r4 = track(submit(4, 2));
+    const r4 = track(submit(4, 2)); // pipelined: sent before the sender knew of 2's failure
     await settle();
     gates.get(1)!.resolve();
     gates.get(3)!.resolve();
@@ -609,12 +609,21 @@ describe('Stream', () => {
     expect(r1.v).toBe('applied');
     expect(r2.v).toBe(boom);
     expect(r3.v).toBe('applied');
+    expect((r4.v as DmError).code).toBe('EIO'); // never applied without entry 2
+    expect(started).toEqual([1, 2, 3]);
+    const r4b = track(submit(4, 2)); // nor when it arrives after the failure
+    await settle();
+    expect((r4b.v as DmError).code).toBe('EIO');
+    expect(started).toEqual([1, 2, 3]);
+    s.restart(4); // the sender gave entry 2 up (its dirty logs) and starts over
+    const r4c = track(submit(4, 2));
+    await settle();
     expect(started).toEqual([1, 2, 3, 4]);
-    expect(onDisk()).toEqual([1, 2]); // not 3: entry 2 is not on the device
+    expect(onDisk()).toEqual([1, 2]); // epoch 2 began past the failed entry: only below it
     expect(pos.applied).toBe(1);
     gates.get(4)!.resolve();
     await settle();
-    expect(r4.v).toBe('applied');
+    expect(r4c.v).toBe('applied');
     await s.sync();
     expect(onDisk()).toEqual([1, 2]); // a sync moves nothing: only an epoch's end (or a flush entry) does
 
@@ -629,11 +638,27 @@ describe('Stream', () => {
     gates.get(5)!.resolve();
     await settle();
     expect([r5.v, (r6.v as Error).message, (r7.v as Error).message]).toEqual(['applied', 'y', 'x']);
+    s.restart(8);
     track(submit(8, 4));
     await settle();
     expect(onDisk()).toEqual([5, 4]);
     gates.get(8)!.resolve();
     await settle();
+  });
+
+  it('a sender without the feature pipeline (it drains each epoch) is not held back after a failure', async () => {
+    const r1 = track(submit(1, 1));
+    await settle();
+    gates.get(1)!.reject(new DmError('EIO', 'x'));
+    await settle();
+    expect((r1.v as Error).message).toBe('x');
+    // its next epoch comes only once it dealt with the failure (S2 without pipelining)
+    const r2 = track(s.submit(A, 2, 2, async () => { started.push(2); }, false));
+    await settle();
+    expect(r2.v).toBe('applied');
+    expect(started).toEqual([1, 2]);
+    expect(onDisk()).toEqual([0, 2]); // the failed entry holds the position below it
+    expect(s.restarts).toBe(0);
   });
 
   it('a failed entry applied again (re-sent in its epoch) no longer holds the position back', async () => {
