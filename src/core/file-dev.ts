@@ -79,6 +79,16 @@ const endBurst = (): void => {
   syncBurstBytes = 0;
 };
 
+/**
+ * `n` more requests served in this turn without calls of their own: the replication log
+ * writes the entries appended in one burst with one call, and they count toward the turn's
+ * limit as the calls they replace did (so the event loop still turns as often).
+ */
+export function chargeSyncTurn(n: number): void {
+  if (syncBurst === 0) setImmediate(endBurst);
+  syncBurst += n;
+}
+
 /** one more synchronous request of `bytes` in this turn of the event loop, if the burst allows it */
 function takeSyncTurn(bytes: number): boolean {
   if (syncBurst === 0) setImmediate(endBurst);

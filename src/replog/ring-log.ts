@@ -11,6 +11,7 @@
  * log: that append and every later one reject with EIO (recovery would stop at the hole).
  */
 import { BlockError, toBlockError } from '../core/errors.ts';
+import { chargeSyncTurn } from '../core/file-dev.ts';
 import { ioBuffer } from '../core/io-buffer.ts';
 import { escapeArg } from '../core/table-parse.ts';
 import type { StatusType } from '../core/types.ts';
@@ -27,6 +28,7 @@ import { RingReader, overflow, walkTo } from './ring-reader.ts';
 import type { RingAccess } from './ring-reader.ts';
 import { scanRing } from './ring-recovery.ts';
 import { RingSpace } from './ring-space.ts';
+import { ImageSlab, WriteQueue } from './ring-writes.ts';
 import type { AppendEntry, CheckpointState, Recovered, Replog, ReplogContext, ReplogEntry, ReplogReader } from './types.ts';
 
 /**
@@ -62,6 +64,10 @@ export class RingLog implements Replog {
   readonly #io: LogDevice;
   readonly #uuid: Buffer;
   readonly #cache = new EntryCache();
+  /** where small entries' images are carved from */
+  readonly #images = new ImageSlab();
+  /** ring writes made by appends of this turn, not issued yet */
+  readonly #queue = new WriteQueue<Slot>();
   /** what readers and the walk see of this log */
   readonly #access: RingAccess;
   readonly #ctx: ReplogContext;
@@ -195,7 +201,7 @@ export class RingLog implements Replog {
       sectors: e.sectors, time, prevCrc,
     };
     const small = payload.length < BIG_PAYLOAD;
-    const image = ioBuffer(small ? bytes : ENTRY_HEADER_BYTES);
+    const image = small ? this.#images.take(bytes) : ioBuffer(ENTRY_HEADER_BYTES);
     encodeEntryHeader(image, fields, this.#uuid);
     let entry: ReplogEntry | null = null;
     if (small) {
@@ -226,9 +232,29 @@ export class RingLog implements Replog {
     return done;
   }
 
+  /**
+   * Queue a ring write of `slot`; the queue goes out once the appends of this burst are made
+   * (process.nextTick: after the microtasks that are running, so the appends of writers
+   * resumed together go out together).
+   */
   #write(slot: Slot, off: number, buf: Buffer): void {
-    this.#io.writeRing(off, buf).then(() => this.#wrote(slot), (err: unknown) => this.#fail(err));
+    if (this.#queue.push(slot, off, buf)) process.nextTick(this.#flushQueue);
   }
+
+  /**
+   * The queued writes, those of neighbouring images at neighbouring ring offsets as one
+   * write each; the writes a joined one replaces count toward FileDev's limit of
+   * synchronous calls per turn of the event loop as before, so timers and sockets get their
+   * turns as often as when every append was a write.
+   */
+  readonly #flushQueue = (): void => {
+    this.#queue.drain((off, buf, slots) => {
+      if (slots.length > 1) chargeSyncTurn(slots.length - 1);
+      this.#io.writeRing(off, buf).then(() => {
+        for (const s of slots) this.#wrote(s);
+      }, (err: unknown) => this.#fail(err));
+    });
+  };
 
   /** one write of `slot` completed: settle every append that is now written in order */
   #wrote(slot: Slot): void {
@@ -387,6 +413,7 @@ export class RingLog implements Replog {
 
   destroy(): Promise<void> {
     if (!this.#closed) {
+      this.#flushQueue(); // the appends made issue their writes, as when they were issued at once
       this.#closed = true;
       this.#release();
       const waiting = this.#deferred ?? [];
