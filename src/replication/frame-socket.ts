@@ -74,23 +74,45 @@ export class FrameSocket {
     return this.#failure;
   }
 
-  /** send one frame: the header, then the payload parts as they are (no copy) */
+  /**
+   * Send one frame: the header, then the payload parts as they are (no copy). Once frames
+   * go to a handler (transmission), the frames sent in one turn of the event loop go out
+   * together (one writev: the shipper's run of entries, a batch of ACKs): the socket is
+   * corked at the first and uncorked once the turn's callbacks and promise reactions have
+   * run (process.nextTick). During the handshake each frame goes at once (a socket may be
+   * handed to TLS right after one).
+   */
   send(type: number, id: number, parts: readonly Buffer[] = [], noCrc = false): boolean {
     if (this.#failure) return false;
     const s = this.socket;
     const header = encodeHeader(type, id, parts, noCrc);
     this.counters.sent += header.length;
-    if (parts.length === 0) return s.write(header);
-    (s as { cork?: () => void }).cork?.();
-    s.write(header);
-    let ok = true;
+    const sock = s as { cork?: () => void; uncork?: () => void };
+    if (this.#handler) this.#cork();
+    else sock.cork?.();
+    let ok = s.write(header);
     for (const p of parts) {
       if (p.length === 0) continue;
       this.counters.sent += p.length;
       ok = s.write(p);
     }
-    (s as { uncork?: () => void }).uncork?.();
+    if (!this.#handler) sock.uncork?.();
     return ok;
+  }
+
+  #corked = false;
+  readonly #uncork = (): void => {
+    this.#corked = false;
+    (this.socket as { uncork?: () => void }).uncork?.();
+  };
+
+  #cork(): void {
+    if (this.#corked) return;
+    const s = this.socket as { cork?: () => void };
+    if (!s.cork) return;
+    s.cork();
+    this.#corked = true;
+    process.nextTick(this.#uncork);
   }
 
   /** the next frame (handshake phase); rejects after `timeoutMs` or when the connection fails */

@@ -312,11 +312,13 @@ export class TcpReplica {
 
   /**
    * One request's steps: the log append first (when `log`), then the local write and the
-   * send in parallel (each when asked); done when all are. R1's reference is all three, R2's
-   * `local` + `send`; the others are R1-tcp/R2's diagnostics (`send` alone: the round trip
-   * with the remote write; `log` + `local`: what a writer pays without the network).
+   * send in parallel (each when asked), or one after the other (`serial`: BENCH.md's R2
+   * reference read literally, "local write + one loopback round trip + remote write"); done
+   * when all are. R1's reference is all three, R2's `local` + `send`; the others are
+   * R1-tcp/R2's diagnostics (`send` alone: the round trip with the remote write; `log` +
+   * `local`: what a writer pays without the network).
    */
-  factory(steps: { log: boolean; local: boolean; send: boolean }): IoFactory {
+  factory(steps: { log: boolean; local: boolean; send: boolean; serial?: boolean }): IoFactory {
     if (steps.log && this.#logFd < 0) throw new Error('this replica has no log');
     return (buf) => {
       const logHdr = Buffer.alloc(512);
@@ -333,7 +335,15 @@ export class TcpReplica {
       };
       const local: FsCb = (err, n) => part(err ?? (n !== buf.length ? new Error(`short local write: ${n}`) : undefined));
       const remote = (status: number): void => part(status === 0 ? undefined : new Error('remote write failed'));
+      const afterLocal: FsCb = (err, n) => {
+        if (err || n !== buf.length) return done(err ?? new Error(`short local write: ${n}`));
+        this.#send(OP_WRITE, buf, pos, netHdr, remote);
+      };
       const fanOut = (): void => {
+        if (steps.serial && steps.local && steps.send) {
+          left = 1;
+          return void fs.write(this.#localFd, buf, 0, buf.length, pos, afterLocal);
+        }
         left = (steps.local ? 1 : 0) + (steps.send ? 1 : 0);
         if (left === 0) return done();
         if (steps.local) fs.write(this.#localFd, buf, 0, buf.length, pos, local);

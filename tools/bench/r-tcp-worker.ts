@@ -50,7 +50,7 @@ export interface RefSideSpec extends Omit<TcpReplicaSpec, 'port'> {
   kind: 'ref';
   name: string;
   /** a request's steps: the log append first, then the local write ‖ the send (TcpReplica.factory) */
-  steps: { log: boolean; local: boolean; send: boolean };
+  steps: { log: boolean; local: boolean; send: boolean; serial?: boolean };
 }
 
 export type TcpSideSpec = DmkitSideSpec | RefSideSpec;
