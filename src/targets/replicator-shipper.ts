@@ -3,7 +3,8 @@
  * site's watermark on and, in `ship` mode, hands each entry to the site's device for it,
  * epochs one after the other and an epoch's entries concurrently (up to MAX_INFLIGHT),
  * or, to a site that orders epochs itself (`ordersEpochs`: tcp), the next epoch's entries
- * without waiting for the previous one's acknowledgements (still up to MAX_INFLIGHT); in
+ * without waiting for the previous one's acknowledgements (up to MAX_PIPELINED entries and
+ * MAX_PIPELINED_BYTES); in
  * `log` mode it has the site mark each entry in its dirty logs instead. The watermark moves
  * as entries complete, and releases whoever waits for it (writers of a synchronous site,
  * positions).
@@ -18,8 +19,15 @@ import type { ReplogEntry } from '../replog/types.ts';
 import type { SiteStats } from './replicator-site.ts';
 import type { DevBinding, SiteHost } from './replicator-types.ts';
 
-/** entries in flight to one site */
+/** entries in flight to one site that drains each epoch (blockdev, nbd) */
 const MAX_INFLIGHT = 32;
+/**
+ * entries and bytes in flight to a site that orders epochs itself (tcp, pipelined): the
+ * window a round trip has to cover is many epochs deep (R1-tcp at 4 KiB x32: 32 entries
+ * overflowed the ring, 128 kept up); its receiver bounds what it holds in bytes too
+ */
+const MAX_PIPELINED = 256;
+const MAX_PIPELINED_BYTES = 32 << 20;
 /** a flush of the site's device (a flush entry; the site's checkpoint flushes with it too) */
 export const FLUSH: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
 const FUA = { fua: true } as const;
@@ -51,7 +59,11 @@ export class Shipper {
   #watermark = 0;
   /** last entry handed to the site or marked */
   #issued = 0;
-  readonly #inflightSeqs = new Set<number>();
+  /** the current generation's entries in flight: seq → payload bytes */
+  readonly #inflightSeqs = new Map<number, number>();
+  #inflightBytes = 0;
+  /** the site orders epochs itself (its device said so at the last ship): the pipelined window */
+  #pipelined = false;
   /** ships in flight of any generation (a new loop starts only when none is) */
   #allInflight = 0;
   #gen = 0;
@@ -139,9 +151,10 @@ export class Shipper {
     const reader = this.#host.log.reader(this.#watermark + 1);
     this.#issued = this.#watermark;
     this.#inflightSeqs.clear();
+    this.#inflightBytes = 0;
     let epoch = -1;
     while (gen === this.#gen) {
-      if (this.#inflightSeqs.size >= MAX_INFLIGHT) {
+      if (this.#windowFull()) {
         await new Promise<void>((r) => (this.#slot = r));
         continue;
       }
@@ -172,7 +185,9 @@ export class Shipper {
       }
       // a new epoch waits for the previous one's acknowledgements, unless the site orders
       // epochs itself (tcp): then its entries go out at once, behind the previous ones
-      if (e.epoch !== epoch && this.#inflightSeqs.size > 0 && !b.remotes.get(this.#site.slink)?.dev.ordersEpochs) {
+      const remote = b.remotes.get(this.#site.slink);
+      if (remote) this.#pipelined = remote.dev.ordersEpochs === true;
+      if (e.epoch !== epoch && this.#inflightSeqs.size > 0 && !this.#pipelined) {
         await this.#drainGen(gen);
         if (gen !== this.#gen) return;
       }
@@ -198,14 +213,15 @@ export class Shipper {
         remote.dev.restart(e.seq, gen);
       }
     }
-    this.#inflightSeqs.add(e.seq);
+    this.#inflightSeqs.set(e.seq, e.data.length);
+    this.#inflightBytes += e.data.length;
     this.#allInflight++;
     const bio: Bio = e.op === 'flush' ? FLUSH : { op: e.op, sector: e.sector, sectors: e.sectors, data: e.data, flags: e.fua ? FUA : NONE };
     remote.dev.submit(bio, e).then(
       () => {
         this.#settle();
         if (gen !== this.#gen) return;
-        this.#inflightSeqs.delete(e.seq);
+        this.#landed(e);
         this.#site.stats.shippedIos++;
         this.#site.stats.shippedBytes += e.data.length;
         this.#complete(e);
@@ -214,16 +230,28 @@ export class Shipper {
       (err: unknown) => {
         this.#settle();
         if (gen !== this.#gen) return;
-        this.#inflightSeqs.delete(e.seq);
+        this.#landed(e);
         this.#site.down(err);
       },
     );
   }
 
+  /** is the window of entries in flight full? */
+  #windowFull(): boolean {
+    const n = this.#inflightSeqs.size;
+    return this.#pipelined ? n >= MAX_PIPELINED || this.#inflightBytes >= MAX_PIPELINED_BYTES : n >= MAX_INFLIGHT;
+  }
+
+  /** an entry of the current generation is answered (done or failed) */
+  #landed(e: ReplogEntry): void {
+    if (this.#inflightSeqs.delete(e.seq)) this.#inflightBytes -= e.data.length;
+  }
+
   #complete(e: ReplogEntry): void {
     this.#doneSectors += e.sectors;
-    let w = this.#issued;
-    for (const s of this.#inflightSeqs) if (s - 1 < w) w = s - 1;
+    // entries go in flight in log order, so the oldest one still in flight is the first key
+    const oldest = this.#inflightSeqs.keys().next();
+    const w = oldest.done ? this.#issued : Math.min(this.#issued, oldest.value - 1);
     if (w > this.#watermark) {
       this.#watermark = w;
       this.#releaseWaiters();

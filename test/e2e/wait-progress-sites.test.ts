@@ -39,7 +39,7 @@ describe('wait --progress with a suspended site', () => {
   it('follows the resync that can run and ends when it is done', async () => {
     await ok(sb, ['message', 'repl', '0', 'slink', 'suspend', '2']);
     await ok(sb, ['message', 'repl', '0', 'resync', '2', 'full']);
-    await ok(sb, ['message', 'repl', '0', 'resync-rate', '4m']);
+    await ok(sb, ['message', 'repl', '0', 'resync-rate', '1m']); // 4 s: still running when the wait (a CLI start on a loaded machine) begins
     await ok(sb, ['message', 'repl', '0', 'resync', '1', 'full']);
     const r = await dmkit(sb, ['wait', '--progress', 'repl']);
     expect(r.code).toBe(0);
