@@ -7,8 +7,9 @@
  * once its device works again.
  *
  * B's receiving device `pv` is an image over sectors 0–8191 and, over 8192–16383, a `delay`
- * whose writes go 3 s late to an `error` device: a write there fails at B long after the
- * sender has pipelined the next epochs behind it.
+ * whose writes go 8 s late to an `error` device: a write there fails at B long after the
+ * sender has pipelined the next epochs behind it (8 s leaves room for the next CLI writes on
+ * a loaded machine).
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -72,7 +73,7 @@ describe('pipelined epochs over tcp', () => {
   it('an entry failing at the site holds the later epochs sent behind it; after a restart the site converges', { timeout: 180_000 }, async () => {
     const img = blank(b.sb.dir, 'pv.img');
     await b.request('create', { name: 'bad', table: `0 8192 error` });
-    await b.request('create', { name: 'pv', table: `0 8192 linear ${img} 0\n8192 8192 delay ${img} 8192 0 dm:bad 0 3000` });
+    await b.request('create', { name: 'pv', table: `0 8192 linear ${img} 0\n8192 8192 delay ${img} 8192 0 dm:bad 0 8000` });
 
     a = sandbox();
     const words = ['1', 'async', 'retest=1', `peer=${b.address}`, `secret=${b.secretFile}`];
