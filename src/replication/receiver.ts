@@ -120,6 +120,18 @@ export class ReplicationReceiver {
     writeRoles(path.join(this.#opts.stateDir, 'roles.json'), this.#roles);
   }
 
+  /**
+   * @internal was device `name`'s sender last heard demoting with every one of its sites in
+   * sync (so promoting `name` is a planned move)? false when it receives nothing, or after
+   * a restart of this daemon (not persisted: the conservative answer)
+   */
+  plannedMove(name: string): boolean {
+    const label = this.#dm.get(name).secondary;
+    if (label === null || !label.startsWith(ROLE)) return false;
+    const st = this.#streams.get(label.slice(ROLE.length));
+    return st?.senderRole === 'secondary' && st.senderAllInSync;
+  }
+
   /** @internal the role the sender of stream `id` last announced */
   senderRole(id: string): 'primary' | 'secondary' {
     return this.#streams.get(id)?.senderRole ?? 'primary';

@@ -52,10 +52,11 @@ function gensOf(o: Record<string, unknown>): GenIds {
   const g = o.gens as { current?: unknown; peer?: unknown; history?: unknown } | undefined;
   const id = (x: unknown): x is string => typeof x === 'string' && /^[0-9a-f]{16}$/.test(x);
   if (!g) return { current: '', peer: null, history: [] };
-  if (!id(g.current) || (g.peer !== null && !id(g.peer)) || !Array.isArray(g.history) || g.history.length > 64 || !g.history.every(id)) {
-    throw new ProtocolError('OPEN: gens must be { current, peer, history } of 16-hex-digit ids');
+  const from = (g as { unplannedFrom?: unknown }).unplannedFrom;
+  if (!id(g.current) || (g.peer !== null && !id(g.peer)) || !Array.isArray(g.history) || g.history.length > 64 || !g.history.every(id) || (from != null && !id(from))) {
+    throw new ProtocolError('OPEN: gens must be { current, peer, history, unplannedFrom? } of 16-hex-digit ids');
   }
-  return { current: g.current, peer: g.peer as string | null, history: g.history as string[] };
+  return { current: g.current, peer: g.peer as string | null, history: g.history as string[], unplannedFrom: (from as string | null | undefined) ?? null };
 }
 
 /** One authenticated connection. */
@@ -229,7 +230,10 @@ export class Session {
     const o = decodeJson(f.payload, 'STATE');
     const gen = str(o, 'gen', 'STATE', 16);
     if (!/^[0-9a-f]{16}$/.test(gen)) throw new ProtocolError('STATE: gen must be 8 bytes of hex');
-    if (this.#stream) this.#stream.senderRole = o.role === 'secondary' ? 'secondary' : 'primary';
+    if (this.#stream) {
+      this.#stream.senderRole = o.role === 'secondary' ? 'secondary' : 'primary';
+      this.#stream.senderAllInSync = o.role === 'secondary' && o.allInSync === true;
+    }
     if (o.role === 'secondary') return; // a demoted sender says nothing of our image: it stopped sending
     for (const rep of this.#groups) {
       if (o.consistent !== true) {

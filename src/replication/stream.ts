@@ -49,6 +49,8 @@ export class Stream {
   owner: object | null = null;
   /** the sender's group role as its last STATE said (a demoted sender lets this site be promoted while connected) */
   senderRole: 'primary' | 'secondary' = 'primary';
+  /** its last STATE said it demoted with every one of its sites in sync (a promotion here is a planned move) */
+  senderAllInSync = false;
   /** the receiving devices of the stream, by name: the receiver's way in to each (flushed together) */
   readonly devices = new Map<string, BlockDev>();
   /** entries skipped as already applied, since the daemon started */

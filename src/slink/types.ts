@@ -66,6 +66,11 @@ export interface Announcement {
   /** the site holds it in order (false: a resync into it runs, or the sender was demoted) */
   readonly consistent: boolean;
   readonly role: 'primary' | 'secondary';
+  /**
+   * with role 'secondary': the group demoted with every site holding all it wrote (no region
+   * out of sync anywhere): a site promoted next is a planned move, not an unplanned failover
+   */
+  readonly allInSync?: boolean;
 }
 
 /** What attaching one device may use: the replicator-dev's context (its table opens the device). */

@@ -138,7 +138,8 @@ export class ReplicatorGroup implements Target, SiteHost {
     // is in the ring or the dirty logs already; only its own changes (needs) or a full verdict do
     if (o.resync === 'full' || marked > 0) {
       this.event(`slink ${slink}: ${b.name}: the site asks for ${o.resync === 'full' ? 'a full' : 'a partial'} resync (${marked} region(s) it changed or lacks)`);
-      site.requestResync(false);
+      // a full verdict compares every block (checksum): the site holds most of it already
+      site.requestResync(false, o.resync === 'full');
     } else {
       site.announce();
     }
@@ -166,6 +167,9 @@ export class ReplicatorGroup implements Target, SiteHost {
       this.role.beginDemote(); // sites stop; a primary that connects meanwhile is asked to come back
       for (const s of this.sites) await s.passivate();
       this.role.demote(discard); // only now is what a new primary must overwrite all in the dirty logs
+      // a site promoted next knows whether that is a planned move (every site holds all we wrote)
+      const allInSync = this.sites.every((s) => s.outOfSync() === 0);
+      for (const s of this.sites) s.announceDemoted(allInSync);
     } finally {
       release();
     }
@@ -173,13 +177,18 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.event(`demoted: secondary${discard ? ' (its changes will be discarded)' : ''}, generation ${this.role.current}`);
   }
 
-  /** `dmkit promote`: the group becomes primary with a new generation; its sites ship from now on */
-  async promote(force: boolean): Promise<void> {
+  /**
+   * `dmkit promote`: the group becomes primary with a new generation; its sites ship from now
+   * on. `planned`: the old primary demoted with every site in sync (its STATE said so);
+   * otherwise a site that only received the old generation is resynced whole (checksum) when
+   * it connects, since it may hold more or less of the old primary's stream than we do.
+   */
+  async promote(force: boolean, planned = false): Promise<void> {
     if (!this.role.secondary) throw new BlockError('EBUSY', `${this.ctx.device}: already primary`);
     if (!this.role.consistent && !force) {
       throw new BlockError('EPERM', `${this.ctx.device}: not consistent (a resync into it did not finish): promoting it would serve a mix of old and new data; use --force to promote anyway`);
     }
-    this.role.promote(this.sites.map((s) => s.slink));
+    this.role.promote(this.sites.map((s) => s.slink), planned);
     for (const s of this.sites) await s.activate();
     this.event(`promoted: primary, generation ${this.role.current}`);
   }

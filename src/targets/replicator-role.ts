@@ -38,6 +38,13 @@ export interface GenIds {
   /** the generation the sender last knew this site at (null: never in sync with it yet) */
   readonly peer: string | null;
   readonly history: readonly string[];
+  /**
+   * the generation the sender was promoted from when that was not a planned move (its old
+   * primary did not demote with every site in sync): a site that only received it may hold
+   * writes of it the sender lacks, or lack some the sender has (absent: planned, or an
+   * older sender)
+   */
+  readonly unplannedFrom?: string | null;
 }
 
 /** The receiving group's answer to a sender's GenIds. */
@@ -58,6 +65,10 @@ interface State {
   discard: boolean;
   /** the last split brain seen (a message), until resolved */
   splitBrain: string | null;
+  /** generations this group made as primary, newest first (a site's own writes are in its dirty logs) */
+  created: string[];
+  /** the generation this group was last promoted from without a planned move (GenIds.unplannedFrom) */
+  unplannedFrom: string | null;
 }
 
 export function newGenId(): string {
@@ -75,7 +86,8 @@ export class GroupRole {
   constructor(stateDir: string | null, groupId: string, log: Logger) {
     this.#log = log;
     this.#file = stateDir ? path.join(stateDir, 'replication', 'groups', `${groupId}.json`) : null;
-    this.#s = this.#load() ?? { role: 'primary', current: newGenId(), peers: {}, history: [], fresh: true, consistent: true, discard: false, splitBrain: null };
+    const current = newGenId();
+    this.#s = this.#load() ?? { role: 'primary', current, peers: {}, history: [], fresh: true, consistent: true, discard: false, splitBrain: null, created: [current], unplannedFrom: null };
   }
 
   get role(): Role {
@@ -105,14 +117,14 @@ export class GroupRole {
   }
 
   gens(slink: number): GenIds {
-    return { current: this.#s.current, peer: this.peer(slink), history: [...this.#s.history] };
+    return { current: this.#s.current, peer: this.peer(slink), history: [...this.#s.history], unplannedFrom: this.#s.unplannedFrom };
   }
 
   toJson(): Record<string, unknown> {
     const s = this.#s;
     return {
       role: s.role, generation: s.current, peers: { ...s.peers }, history: [...s.history], consistent: s.consistent,
-      fresh: s.fresh, discardMyData: s.discard, splitBrain: s.splitBrain, persisted: this.#file !== null,
+      fresh: s.fresh, discardMyData: s.discard, splitBrain: s.splitBrain, unplannedFrom: s.unplannedFrom, persisted: this.#file !== null,
     };
   }
 
@@ -139,9 +151,10 @@ export class GroupRole {
   }
 
   /** `slinks`: the group's remote slinks; each held at most what we held, the generation they are known at now */
-  promote(slinks: readonly number[]): void {
+  promote(slinks: readonly number[], planned = false): void {
     const s = this.#s;
     s.peers = Object.fromEntries(slinks.map((n) => [String(n), s.current]));
+    s.unplannedFrom = planned ? null : s.current;
     this.#newCurrent();
     s.role = 'primary';
     s.discard = false;
@@ -215,7 +228,14 @@ export class GroupRole {
       return { ok: false, verdict: 'split-brain', why: splitBrain };
     }
     if (g.current === s.current) return { ok: true, resync: 'none', why: 'same generation' };
-    if (g.peer === s.current) return { ok: true, resync: 'partial', why: `generation ${s.current} is where the sender last knew this site` };
+    if (g.peer === s.current) {
+      if (g.unplannedFrom === s.current && !s.created.includes(s.current)) {
+        // a third site after an unplanned failover: it and the sender hold different prefixes of
+        // the old primary's stream, and nothing recorded the regions in between
+        return { ok: true, resync: 'full', why: `the sender was promoted from generation ${s.current} without a planned move, and this site only received that generation: it may hold writes the sender lacks or lack some it has (a full checksum resync)` };
+      }
+      return { ok: true, resync: 'partial', why: `generation ${s.current} is where the sender last knew this site` };
+    }
     if (s.discard) return { ok: true, resync: 'partial', why: 'its changes are discarded (demote --discard-my-data)' };
     if (s.fresh) return { ok: true, resync: 'none', why: 'a new site: its dirty logs say what to copy' };
     if (g.history.includes(s.current)) return { ok: true, resync: 'full', why: `generation ${s.current} is older than the sender keeps a bitmap for` };
@@ -225,10 +245,12 @@ export class GroupRole {
 
   // ---- storage ----
 
+  /** a new generation, made by this group as (or on becoming) primary */
   #newCurrent(): void {
     const s = this.#s;
     s.history = [s.current, ...s.history].slice(0, HISTORY);
     s.current = newGenId();
+    s.created = [s.current, ...s.created].slice(0, HISTORY);
   }
 
   #load(): State | null {
@@ -248,11 +270,14 @@ export class GroupRole {
       return {
         role: o.role, current: o.current, peers, history: ids(o.history).slice(0, HISTORY), fresh: o.fresh === true,
         consistent: o.consistent !== false, discard: o.discard === true, splitBrain: typeof o.splitBrain === 'string' ? o.splitBrain : null,
+        // a file from before these fields: a primary made its current generation, a secondary is taken to have made none
+        created: Array.isArray(o.created) ? ids(o.created).slice(0, HISTORY) : o.role === 'primary' ? [o.current] : [],
+        unplannedFrom: typeof o.unplannedFrom === 'string' && ID_RE.test(o.unplannedFrom) ? o.unplannedFrom : null,
       };
     } catch (err) {
       // refusing to guess a role: a damaged file makes the group secondary (no writes) until the operator promotes it
       this.#log.error(`${this.#file}: unreadable (${(err as Error).message}); the group starts secondary and inconsistent`);
-      return { role: 'secondary', current: newGenId(), peers: {}, history: [], fresh: false, consistent: false, discard: false, splitBrain: null };
+      return { role: 'secondary', current: newGenId(), peers: {}, history: [], fresh: false, consistent: false, discard: false, splitBrain: null, created: [], unplannedFrom: null };
     }
   }
 

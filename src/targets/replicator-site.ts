@@ -477,7 +477,11 @@ export class Site {
     this.#enterLog('demoted');
     await this.waitPosition(this.#host.head).catch(() => undefined);
     for (const b of this.#host.bindings()) await b.remotes.get(this.slink)?.dlog.flush();
-    this.link.announce?.({ gen: this.#host.role.current, consistent: false, role: 'secondary' });
+  }
+
+  /** after every site passivated: tell the site the group is secondary, and whether every site holds all it wrote */
+  announceDemoted(allInSync: boolean): void {
+    this.link.announce?.({ gen: this.#host.role.current, consistent: false, role: 'secondary', allInSync });
   }
 
   /**

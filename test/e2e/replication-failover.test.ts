@@ -14,6 +14,10 @@
  *    --discard-my-data: then a partial resync makes A equal B.
  *  - follow the sun: three sites, the primary role going A → B → C → A with writes in each
  *    era; every move is demote → promote, and no byte is resynced anywhere.
+ *  - an unplanned failover with three sites: C got writes of A that B never got when A is
+ *    SIGKILLed; B is promoted and written; C, which only received A's generation, is
+ *    resynced whole by checksum and ends equal to B (without that, a partial resync would
+ *    leave A's extra writes at C).
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -241,6 +245,36 @@ describe('roles over tcp', () => {
     expect(bs.resyncedBytes).toBe(3 * REGION_BYTES);
     await until('the split brain to be cleared on both sides', async () => [(await a.group()).splitBrain, (await b.group()).splitBrain], (v) => v.every((x) => x === null));
   }, 180_000);
+
+  it('unplanned failover with three sites: a third site that got more of the old primary than the new one is resynced whole (checksum) and equals it', async () => {
+    const secretDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? '/tmp', 'dmkit-keys-'));
+    const secret = writeSecret(secretDir);
+    const [a, b, c] = [await newSite(secret), await newSite(secret), await newSite(secret)];
+    const sites = [a, b, c];
+    for (const i of [1, 2, 0]) await sites[i]!.stack(sites.flatMap((o, j) => (j === i ? [] : [[j + 1, o.d.address] as [number, string]])), secret, i !== 0);
+    const ref = Buffer.alloc(BYTES);
+    for (let k = 0; k < 4; k++) await put(a, ref, k * 5 * REGION_BYTES, REGION_BYTES);
+    for (const s of sites) await sameAs(s, ref, 'every site equals the reference');
+    // A's slink to B is suspended: what A writes now reaches C only
+    await ok(a.d.sb, ['message', 'repl', '0', 'slink', 'suspend', '2']);
+    const onlyC = Buffer.from(ref);
+    for (let k = 0; k < 3; k++) await put(a, onlyC, (40 + k * 3) * REGION_BYTES, REGION_BYTES);
+    await sameAs(c, onlyC, 'C has the writes B never got');
+    expect(b.image().equals(ref)).toBe(true);
+    await a.d.kill(); // A dies as primary: nobody demotes it
+
+    await ok(b.d.sb, ['promote', 'repl']);
+    expect((await b.group()).role).toBe('primary');
+    const afterB = Buffer.from(ref);
+    await put(b, afterB, 20 * REGION_BYTES, REGION_BYTES);
+    // C (slink 3 of B) is judged a full resync: only the differing blocks cross, and C ends equal to B
+    await until('B to ship to C in order', () => b.site(3), (x) => x.mode === 'in-order' && x.lag.ios === 0 && x.resyncedBytes > 0, 60_000);
+    await sameAs(c, afterB, 'C equals B');
+    expect(b.image().equals(afterB)).toBe(true);
+    const s3 = await b.site(3);
+    expect(s3.resyncedBytes).toBeLessThan(BYTES); // a checksum resync: not the whole image
+    expect(b.d.log()).toMatch(/slink 3: vol: the site asks for a full resync/);
+  }, 240_000);
 
   it('follow the sun: the primary role goes A → B → C → A; every site equals the reference after each era and nothing is resynced', async () => {
     const secretDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? '/tmp', 'dmkit-keys-'));
