@@ -9,7 +9,7 @@
  *   requests re-sent (the receiver skips what it applied already). Past that budget every
  *   request fails with ECONNRESET, the link is `down`, and the replicator retests it.
  * - A refused authentication is not retried by itself: the link is `auth-failed` until
- *   the replicator's retest tries again.
+ *   a retest of the replicator gets in (it stays `auth-failed` while a retest tries).
  */
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -380,7 +380,9 @@ export class Peer {
       this.lastError = 'the group is secondary: it sends nothing until promoted';
       throw new DmError('EAGAIN', `${where}: ${this.lastError}`);
     }
-    this.#setState('connecting');
+    // a link refused for its secret stays `auth-failed` while the retest tries again (it
+    // does not flap through `connecting` every retest); it says `connected` once let in
+    if (this.state !== 'auth-failed') this.#setState('connecting');
     const sock = net.connect({ host: o.host, port: o.port, noDelay: true }); // small frames wait for replies: no Nagle
     let answered = false; // the handshake succeeded: a failure after it is the receiver refusing a device
     sock.on('error', () => {});
