@@ -335,7 +335,8 @@ export class Peer {
   #pump(): void {
     if (!this.#frames || this.state !== 'connected' || this.#reopening) return;
     const rs = this.#restart;
-    if (rs && !rs.sent && rs.valid) {
+    // the stream exists at the receiver once a device is open (a RESTART before any OPEN breaks the protocol)
+    if (rs && !rs.sent && rs.valid && [...this.#devs.values()].some((d) => d.handle > 0)) {
       rs.sent = true;
       if (this.#features.includes('pipeline')) this.#frames.send(FrameType.RESTART, rs.id, [encodeRestart(rs.seq)], !this.opts.crc);
     }
