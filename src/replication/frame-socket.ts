@@ -87,30 +87,27 @@ export class FrameSocket {
     const s = this.socket;
     const header = encodeHeader(type, id, parts, noCrc);
     this.counters.sent += header.length;
-    const sock = s as { cork?: () => void; uncork?: () => void };
     if (this.#handler) this.#cork();
-    else sock.cork?.();
+    else s.cork();
     let ok = s.write(header);
     for (const p of parts) {
       if (p.length === 0) continue;
       this.counters.sent += p.length;
       ok = s.write(p);
     }
-    if (!this.#handler) sock.uncork?.();
+    if (!this.#handler) s.uncork();
     return ok;
   }
 
   #corked = false;
   readonly #uncork = (): void => {
     this.#corked = false;
-    (this.socket as { uncork?: () => void }).uncork?.();
+    this.socket.uncork();
   };
 
   #cork(): void {
     if (this.#corked) return;
-    const s = this.socket as { cork?: () => void };
-    if (!s.cork) return;
-    s.cork();
+    this.socket.cork();
     this.#corked = true;
     process.nextTick(this.#uncork);
   }

@@ -100,9 +100,7 @@ export class ReplicationReceiver {
    * marked secondary; the caller clears that once the group is primary.
    */
   async release(name: string, force: boolean): Promise<void> {
-    const label = this.#dm.get(name).secondary;
-    if (label === null || !label.startsWith(ROLE)) return;
-    const st = this.#streams.get(label.slice(ROLE.length));
+    const st = this.#streamOf(name);
     const owner = st?.owner as Session | null | undefined;
     if (!st || !owner) return;
     if (st.senderRole === 'primary' && !force) {
@@ -126,10 +124,14 @@ export class ReplicationReceiver {
    * a restart of this daemon (not persisted: the conservative answer)
    */
   plannedMove(name: string): boolean {
-    const label = this.#dm.get(name).secondary;
-    if (label === null || !label.startsWith(ROLE)) return false;
-    const st = this.#streams.get(label.slice(ROLE.length));
+    const st = this.#streamOf(name);
     return st?.senderRole === 'secondary' && st.senderAllInSync;
+  }
+
+  /** the stream device `name` receives (its secondary mark), if any */
+  #streamOf(name: string): Stream | undefined {
+    const label = this.#dm.get(name).secondary;
+    return label?.startsWith(ROLE) ? this.#streams.get(label.slice(ROLE.length)) : undefined;
   }
 
   /** @internal the role the sender of stream `id` last announced */

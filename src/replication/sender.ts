@@ -175,7 +175,7 @@ export class Peer {
     for (const r of [...this.#reqs.values()]) {
       if (r.dev !== key) continue;
       this.#reqs.delete(r.id);
-      if (r.io.seq > 0 && this.#restart) this.#restart.valid = false;
+      if (r.io.seq > 0) this.#restartStale();
       r.reject(new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`));
     }
     if (!release || !d || this.state !== 'connected' || d.handle === 0) return;
@@ -423,7 +423,7 @@ export class Peer {
         const err = new BlockError('ECONNRESET', `${o.name}: ${this.address}: the receiver no longer takes pipelined epochs`);
         for (const r of this.#unsent) if (this.#reqs.delete(r.id)) r.reject(err);
         this.#unsent = [];
-        if (this.#restart) this.#restart.valid = false;
+        this.#restartStale();
       }
       for (const req of unsent) if (req.io.seq === 0) this.#send(req);
       this.#pump();
@@ -522,7 +522,7 @@ export class Peer {
         return this.#send(req);
       case FrameType.ERROR:
         this.#reqs.delete(id);
-        if (req.io.seq > 0 && this.#restart) this.#restart.valid = false;
+        if (req.io.seq > 0) this.#restartStale();
         return req.reject(toBlockError(errorOf(f, `${this.opts.name}: ${this.address}`)));
       default:
         return this.#lost(new DmError('EPROTO', `unexpected frame type ${f.h.type} from the receiver`));
@@ -576,8 +576,16 @@ export class Peer {
     this.#failAll(new BlockError(refused ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError}`));
   }
 
-  #failAll(err: Error): void {
+  /**
+   * A log entry failed (answered with an error, or failed here): the current RESTART must
+   * not go again on a new connection, where it would let later epochs pass that entry.
+   */
+  #restartStale(): void {
     if (this.#restart) this.#restart.valid = false;
+  }
+
+  #failAll(err: Error): void {
+    this.#restartStale();
     const reqs = [...this.#reqs.values()];
     this.#reqs.clear();
     for (const r of reqs) r.reject(err);

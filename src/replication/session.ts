@@ -49,10 +49,10 @@ class RoleRefusal extends DmError {
 
 /** OPEN's `gens` (a sender without roles sends none: judged as an unknown generation) */
 function gensOf(o: Record<string, unknown>): GenIds {
-  const g = o.gens as { current?: unknown; peer?: unknown; history?: unknown } | undefined;
+  const g = o.gens as { current?: unknown; peer?: unknown; history?: unknown; unplannedFrom?: unknown } | undefined;
   const id = (x: unknown): x is string => typeof x === 'string' && /^[0-9a-f]{16}$/.test(x);
   if (!g) return { current: '', peer: null, history: [] };
-  const from = (g as { unplannedFrom?: unknown }).unplannedFrom;
+  const from = g.unplannedFrom;
   if (!id(g.current) || (g.peer !== null && !id(g.peer)) || !Array.isArray(g.history) || g.history.length > 64 || !g.history.every(id) || (from != null && !id(from))) {
     throw new ProtocolError('OPEN: gens must be { current, peer, history, unplannedFrom? } of 16-hex-digit ids');
   }

@@ -55,9 +55,8 @@ export class Stream {
   readonly devices = new Map<string, BlockDev>();
   /** entries skipped as already applied, since the daemon started */
   duplicates = 0;
-  /** RESTARTs taken since the daemon started, and the last one's seq */
+  /** RESTARTs taken since the daemon started */
   restarts = 0;
-  restartedAt = 0;
   #epoch: number;
   /** highest seq started in the current epoch */
   #maxSeq: number;
@@ -125,7 +124,6 @@ export class Stream {
     const was = this.#broken;
     this.#broken = false;
     this.restarts++;
-    this.restartedAt = seq;
     return was;
   }
 
