@@ -220,6 +220,15 @@ function sendWrite(p: RawPeer, handle: number, sector: number, data: Buffer, seq
   return id;
 }
 
+/** send a frame of `type` whose last part has `mask` flipped in byte `at` after its CRC was computed; returns its id */
+function sendDamaged(p: RawPeer, type: FrameType, parts: Buffer[], at: number, mask: number): number {
+  const id = nextId++;
+  const bad = Buffer.from(parts.at(-1)!);
+  bad[at]! ^= mask;
+  p.write(Buffer.concat([encodeHeader(type, id, parts), ...parts.slice(0, -1), bad]));
+  return id;
+}
+
 async function acked(p: RawPeer, id: number): Promise<void> {
   const f = await p.reply(id);
   if (f.h.type !== FrameType.ACK) throw new Error(`request ${id}: got type ${f.h.type}: ${f.payload.toString()}`);
@@ -466,10 +475,7 @@ describe('replication receiver: data', { timeout: 60_000 }, () => {
     const { p, o: { handle } } = await connected();
     const first = content('epoch one', 2);
     const parts = ioParts({ handle, sector: 300, seq: 1, epoch: 1 }, first);
-    const id = nextId++;
-    const bad = Buffer.from(first);
-    bad[100] ^= 0x04;
-    p.write(Buffer.concat([encodeHeader(FrameType.IO, id, parts), parts[0]!, bad]));
+    const id = sendDamaged(p, FrameType.IO, parts, 100, 0x04);
     // the next epoch's entries (one over the same sectors) and a read come right behind it
     const later = content('epoch two', 2);
     const id2 = sendWrite(p, handle, 300, later, 2, 2);
@@ -494,11 +500,7 @@ describe('replication receiver: data', { timeout: 60_000 }, () => {
     const { p, o: { handle } } = await connected();
     const damaged = (sector: number, seq: number, data: Buffer): { id: number; parts: Buffer[] } => {
       const parts = ioParts({ handle, sector, seq, epoch: seq }, data);
-      const id = nextId++;
-      const bad = Buffer.from(data);
-      bad[9] ^= 0x01;
-      p.write(Buffer.concat([encodeHeader(FrameType.IO, id, parts), parts[0]!, bad]));
-      return { id, parts };
+      return { id: sendDamaged(p, FrameType.IO, parts, 9, 0x01), parts };
     };
     const a = damaged(400, 1, content('A'));
     const idB = sendWrite(p, handle, 410, content('B'), 2, 2);
@@ -570,11 +572,8 @@ describe('replication receiver: pipelined epochs and RESTART', { timeout: 60_000
     const { p, o: { handle } } = await connected(PIPELINE, 'holey');
     const id1 = sendWrite(p, handle, 5000, content('fails'), 1, 1);
     await refused(p, id1, 'EIO');
-    const rid = nextId++;
     const rparts = [encodeRestart(2)];
-    const bad = Buffer.from(rparts[0]!);
-    bad[7] ^= 0x10;
-    p.write(Buffer.concat([encodeHeader(FrameType.RESTART, rid, rparts), bad]));
+    const rid = sendDamaged(p, FrameType.RESTART, rparts, 7, 0x10);
     const id2 = sendWrite(p, handle, 40, content('after the restart'), 2, 2);
     expect((await p.reply(rid, 'RESEND of the RESTART')).h.type).toBe(FrameType.RESEND);
     await new Promise((r) => setTimeout(r, 200));
