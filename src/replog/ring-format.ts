@@ -290,14 +290,26 @@ export function encodeWrapMarker(seq: number, uuid: Buffer): Buffer {
  * `payload` or (null) the bytes following the header in `b` (`payloadBytes` of them).
  */
 export function entryCrc(b: Buffer, at: number, payload: Buffer | null): number {
-  if (payload) return crc32c(payload, crc32c(b.subarray(at + ENTRY_CRC_FROM, at + ENTRY_HEADER_BYTES)));
+  if (payload) return crc32c(payload, entrySeed(b, at));
   const len = b.readUInt32LE(at + 12);
   return crc32c(b.subarray(at + ENTRY_CRC_FROM, at + ENTRY_HEADER_BYTES + len));
+}
+
+/** The entry CRC of the header at `b[at…]` alone: the seed its payload's CRC continues from. */
+export function entrySeed(b: Buffer, at: number): number {
+  return crc32c(b.subarray(at + ENTRY_CRC_FROM, at + ENTRY_HEADER_BYTES));
 }
 
 /** Compute and store the CRC of the encoded header at `b[at…]`; returns it. */
 export function sealEntry(b: Buffer, at: number, payload: Buffer | null): number {
   const crc = entryCrc(b, at, payload);
+  b.writeUInt32LE(crc, at + ENTRY_CRC_AT);
+  return crc;
+}
+
+/** `sealEntry` with the header's CRC already known (`entrySeed`) and the payload given. */
+export function sealEntryFrom(b: Buffer, at: number, seed: number, payload: Buffer): number {
+  const crc = crc32c(payload, seed);
   b.writeUInt32LE(crc, at + ENTRY_CRC_AT);
   return crc;
 }

@@ -18,8 +18,8 @@ import type { StatusType } from '../core/types.ts';
 import { CheckpointSlots, checkState, copyState, newestCheckpoint, oldestNeeded } from './ring-checkpoint.ts';
 import type { Checkpoint, LogHeader } from './ring-format.ts';
 import {
-  DATA_SECTOR, ENTRY_HEADER_BYTES, MIN_LOG_SECTORS, encodeEntryHeader, encodeWrapMarker, entryBytes, initialCheckpoint,
-  sealEntry,
+  DATA_SECTOR, ENTRY_HEADER_BYTES, MIN_LOG_SECTORS, encodeEntryHeader, encodeWrapMarker, entryBytes, entrySeed, initialCheckpoint,
+  sealEntryFrom,
 } from './ring-format.ts';
 import { EntryCache, HINTS_PER_LAP, PositionHints } from './ring-index.ts';
 import type { Position, Slot } from './ring-index.ts';
@@ -204,13 +204,18 @@ export class RingLog implements Replog {
     const image = small ? this.#images.take(bytes) : ioBuffer(ENTRY_HEADER_BYTES);
     encodeEntryHeader(image, fields, this.#uuid);
     let entry: ReplogEntry | null = null;
+    const seed = entrySeed(image, 0);
+    let crc: number;
     if (small) {
       payload.copy(image, ENTRY_HEADER_BYTES);
       image.fill(0, ENTRY_HEADER_BYTES + payload.length);
       const data = image.subarray(ENTRY_HEADER_BYTES, ENTRY_HEADER_BYTES + payload.length);
-      entry = { seq, time, devNr: e.devNr, op: e.op, sector: e.sector, sectors: e.sectors, epoch: e.epoch, fua: e.fua, data };
-    }
-    const crc = sealEntry(image, 0, small ? null : payload);
+      crc = sealEntryFrom(image, 0, seed, data);
+      entry = {
+        seq, time, devNr: e.devNr, op: e.op, sector: e.sector, sectors: e.sectors, epoch: e.epoch, fua: e.fua, data,
+        payloadCrc: { seed, crc },
+      };
+    } else crc = sealEntryFrom(image, 0, seed, payload);
     this.#lastCrc = crc;
     const marker = space.marker;
     const slot: Slot = {

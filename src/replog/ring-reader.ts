@@ -10,7 +10,7 @@
  */
 import { BlockError } from '../core/errors.ts';
 import { ioBuffer } from '../core/io-buffer.ts';
-import { ENTRY_HEADER_BYTES, decodeEntryHeader, entryBytes, entryCrc } from './ring-format.ts';
+import { ENTRY_HEADER_BYTES, decodeEntryHeader, entryBytes, entryCrc, entrySeed } from './ring-format.ts';
 import type { RingRecord } from './ring-format.ts';
 import type { EntryCache, Position } from './ring-index.ts';
 import type { LogDevice } from './ring-io.ts';
@@ -184,7 +184,7 @@ export class RingReader implements ReplogReader {
       this.#seq = seq + 1;
       return {
         seq, time: rec.time, devNr: rec.devNr, op: rec.op, sector: rec.sector, sectors: rec.sectors,
-        epoch: rec.epoch, fua: rec.fua, data,
+        epoch: rec.epoch, fua: rec.fua, data, payloadCrc: { seed: entrySeed(win, at), crc: rec.crc },
       };
     }
     throw readError(ring, seq, 'wrap markers lead nowhere');

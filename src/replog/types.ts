@@ -45,6 +45,19 @@ export interface ReplogEntry extends AppendEntry {
    * caller must not write into it, and may hold it only until it has shipped it
    */
   readonly data: Buffer;
+  /**
+   * the CRC32C the log sealed the entry with, as `crc32c(data, seed)` (the seed is the CRC of
+   * the entry's header): a transport may carry it to the site instead of computing its own
+   * over the payload, so the site checks the bytes against what was logged. Absent when the
+   * log type keeps no such CRC.
+   */
+  readonly payloadCrc?: PayloadCrc;
+}
+
+/** `crc32c(payload, seed) === crc` (`@node-rs/crc32`'s continuation form) */
+export interface PayloadCrc {
+  readonly seed: number;
+  readonly crc: number;
 }
 
 /** Where one slink stands: every entry with seq ≤ `seq` is shipped to it, or marked in its dirty logs. */

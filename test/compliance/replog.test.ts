@@ -116,7 +116,9 @@ function write(sectors: number, fill: number, sector = 0): AppendEntry {
 
 function expectEntry(got: ReplogEntry | null, want: AppendEntry, seq: number): void {
   expect(got, `entry ${seq}`).not.toBeNull();
-  const { data, ...fields } = got!;
+  const { data, payloadCrc, ...fields } = got!;
+  // a log that hands out its CRC hands out the one that checks these bytes
+  if (payloadCrc) expect(crc32c(data, payloadCrc.seed), `entry ${seq} payloadCrc`).toBe(payloadCrc.crc);
   expect({ ...fields, time: 0 }).toEqual({ seq, devNr: want.devNr, op: want.op, sector: want.sector, sectors: want.sectors, epoch: want.epoch, fua: want.fua, time: 0 });
   expect(data.equals(want.op === 'write' ? want.data : EMPTY), `entry ${seq} data`).toBe(true);
 }
@@ -462,6 +464,25 @@ describe('ringbuffer on disk', () => {
       expect(img.readUInt32LE(at + 4)).toBe(crc32c(img.subarray(at + 8, at + 4608)));
       expect(img.subarray(at + 16, at + 32).equals(img.subarray(16, 32))).toBe(true); // the header's uuid
     }
+  });
+
+  it('hands out the CRC it sealed each entry with, from its cache and read back from the device', async () => {
+    const f = file(MIN);
+    const rl = await fresh(f);
+    for (let i = 1; i <= 3; i++) await rl.append(write(8, i));
+    const img = fs.readFileSync(f);
+    const check = (e: ReplogEntry | null, k: number): void => {
+      const at = entryAt(k, 4608);
+      // the CRC in the entry's header on disk, and the CRC of that header's bytes 8–511
+      expect(e!.payloadCrc).toEqual({ seed: crc32c(img.subarray(at + 8, at + 512)), crc: img.readUInt32LE(at + 4) });
+    };
+    const cached = rl.reader(1);
+    for (let k = 1; k <= 3; k++) check(await cached.next(), k);
+    await crash(rl);
+    const { rl: again } = await reopened(f);
+    const disk = again.reader(1);
+    for (let k = 1; k <= 3; k++) check(await disk.next(), k);
+    await again.destroy();
   });
 
   it.each([
