@@ -90,6 +90,9 @@ class CountedReplog implements Replog {
   checkpoint(state: CheckpointState): Promise<void> {
     return this.#log.checkpoint(state);
   }
+  reclaim(belowSeq: number): void {
+    this.#log.reclaim?.(belowSeq);
+  }
   resize(sectors: number): Promise<void> {
     return this.#log.resize(sectors);
   }

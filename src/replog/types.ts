@@ -42,7 +42,8 @@ export interface ReplogEntry extends AppendEntry {
   readonly time: number;
   /**
    * the payload: may be a view of a buffer the log keeps (a cache of recent entries): the
-   * caller must not write into it, and may hold it only until it has shipped it
+   * caller must not write into it, and may hold it only until it has shipped it (its ship
+   * settled); the log may reuse that memory once the caller says so (`reclaim`)
    */
   readonly data: Buffer;
   /**
@@ -171,6 +172,15 @@ export interface Replog {
    * (the caller's bug). After `destroy`, every member rejects with ESHUTDOWN.
    */
   checkpoint(state: CheckpointState): Promise<void>;
+
+  /**
+   * Optional. The caller holds no entry whose seq is below `belowSeq` any more: every ship
+   * of one has settled and no reader of the caller's is positioned before it. The log may
+   * then reuse the memory behind those entries' `data` once they are also behind its tail
+   * (no reader can be given them again). Called after each checkpoint; never waits, never
+   * throws. A log that does not implement it lets the garbage collector free that memory.
+   */
+  reclaim?(belowSeq: number): void;
 
   /**
    * `replog resize <sectors>`: grow or shrink the ring (the log device must hold it; the

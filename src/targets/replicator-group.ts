@@ -496,6 +496,10 @@ export class ReplicatorGroup implements Target, SiteHost {
         this.log.flush(),
       ]);
       await this.log.checkpoint({ localDone, slinks });
+      // entries behind the new tail that no ship still reads: the log may reuse their memory
+      let held = Infinity;
+      for (const s of this.sites) held = Math.min(held, s.oldestHeld);
+      this.log.reclaim?.(held);
       this.#cpMark = `${localDone}:${slinks.map((p) => `${p.seq}${p.mode}`).join(',')}`;
     });
     const cp = run.catch((err: unknown) => this.logger.limited('checkpoint', `${this.ctx.device}: checkpoint failed: ${(err as Error).message}`))

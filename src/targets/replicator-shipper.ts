@@ -99,6 +99,18 @@ export class Shipper {
     if (seq >= this.#host.head) this.#doneSectors = Math.max(this.#doneSectors, this.#host.appendedSectors);
     if (forward) this.#releaseWaiters();
   }
+  /**
+   * The oldest entry a ship of this site may still be reading (Infinity when none is in
+   * flight): the log may reuse the memory of entries below it (Replog.reclaim). A new loop
+   * starts only once every ship of the one before has settled, so the ships in flight are
+   * all of one loop, and `#inflightSeqs` holds each of them (and, after a cancel, perhaps
+   * some that settled since: older, so the answer only errs on the safe side).
+   */
+  get oldestHeld(): number {
+    if (this.#allInflight === 0) return Infinity;
+    const first = this.#inflightSeqs.keys().next();
+    return first.done ? 0 : first.value;
+  }
   get doneSectors(): number {
     return this.#doneSectors;
   }

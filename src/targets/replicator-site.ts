@@ -107,6 +107,10 @@ export class Site {
   get watermark(): number {
     return this.#shipper.watermark;
   }
+  /** the oldest log entry a ship to this site may still be reading (Infinity: none in flight) */
+  get oldestHeld(): number {
+    return this.#shipper.oldestHeld;
+  }
   get stalled(): boolean {
     return this.#stalled && this.#up && this.#mode === 'ship';
   }

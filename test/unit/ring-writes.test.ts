@@ -14,7 +14,7 @@ import { FileDev } from '../../src/core/file-dev.ts';
 import { log } from '../../src/core/log.ts';
 import type { BlockDev } from '../../src/core/types.ts';
 import { createReplog } from '../../src/replog/registry.ts';
-import { ImageSlab, SLAB_BYTES, SLAB_MAX, WriteQueue } from '../../src/replog/ring-writes.ts';
+import { ImageSlab, SLAB_BYTES, SLAB_MAX, SPARE_BYTES, WriteQueue } from '../../src/replog/ring-writes.ts';
 import type { AppendEntry, ReplogContext } from '../../src/replog/types.ts';
 
 describe('ImageSlab', () => {
@@ -34,6 +34,33 @@ describe('ImageSlab', () => {
     expect(big.buffer).not.toBe(imgs[599]!.buffer);
     const after = slab.take(512);
     expect(after.buffer).toBe(imgs[599]!.buffer); // the slab in use goes on
+  });
+});
+
+describe('ImageSlab spares', () => {
+  it('reuses a larger image given back for the next of its length only, up to SPARE_BYTES', () => {
+    const slab = new ImageSlab();
+    const n = 512 * 1024 + 512;
+    const a = slab.take(n);
+    const b = slab.take(n);
+    expect(b.buffer).not.toBe(a.buffer);
+    slab.give(a);
+    expect(slab.spareBytes).toBe(n);
+    expect(slab.take(n + 512).buffer).not.toBe(a.buffer); // another length: a fresh buffer
+    expect(slab.take(n).buffer).toBe(a.buffer); // the same length: the spare
+    expect(slab.take(n).buffer).not.toBe(a.buffer); // taken once only
+    expect(slab.spareBytes).toBe(0);
+    // small images are never kept: their slab may still be read through its other images
+    const small = slab.take(4608);
+    slab.give(small);
+    expect(slab.spareBytes).toBe(0);
+    // bounded: what would pass SPARE_BYTES is left to the garbage collector
+    const big = Math.floor(SPARE_BYTES / 4) + 512;
+    for (let i = 0; i < 5; i++) slab.give(slab.take(big + i * 512 + 512 * 8));
+    expect(slab.spareBytes).toBeLessThanOrEqual(SPARE_BYTES);
+    expect(slab.spareBytes).toBeGreaterThan(SPARE_BYTES / 2);
+    slab.clear();
+    expect(slab.spareBytes).toBe(0);
   });
 });
 
@@ -135,6 +162,45 @@ describe('ringbuffer appends in one burst', () => {
     expect(rec.head).toBe(entries.length);
     expect(rec.tornTail).toBe(false);
     await check(again.reader(1));
+    await again.destroy();
+  });
+
+  it('reuses a large entry\'s memory only once it is behind the tail and reclaimed, never one still held', async () => {
+    const f = path.join(dir, 'rlog');
+    const sectors = 8192 + 64; // a 4 MiB ring: entries of 512 KiB, 7 fit
+    fs.writeFileSync(f, '');
+    fs.truncateSync(f, sectors * 512);
+    const rl = await createReplog('ringbuffer', ctx([]), [f, '0', 'create', String(sectors)]);
+    await rl.recover();
+    const big = (i: number): AppendEntry => ({ devNr: 0, op: 'write', sector: i * 1024, sectors: 1024, data: Buffer.alloc(512 * 1024, i), epoch: i, fua: false });
+    for (let i = 1; i <= 4; i++) await rl.append(big(i));
+    const r = rl.reader(1);
+    const held = [];
+    for (let i = 1; i <= 4; i++) held.push((await r.next())!);
+    // entries 1 and 2 leave the ring; the caller still holds entry 2 (a ship in flight)
+    await rl.checkpoint({ localDone: 4, slinks: [{ slink: 1, seq: 2, mode: 'ship' }] });
+    expect(rl.tail).toBe(3);
+    rl.reclaim!(2);
+    const e5 = await rl.append(big(5)).then(() => rl.reader(5).next());
+    expect(e5!.data.buffer).toBe(held[0]!.data.buffer); // entry 1's memory, reused
+    const e6 = await rl.append(big(6)).then(() => rl.reader(6).next());
+    expect(e6!.data.buffer).not.toBe(held[1]!.data.buffer); // entry 2 is held: not reused
+    expect(held[1]!.data.equals(Buffer.alloc(512 * 1024, 2))).toBe(true);
+    // a reclaim beyond the tail frees nothing the ring still has (entry 3 and on)
+    rl.reclaim!(Infinity);
+    const e7 = await rl.append(big(7)).then(() => rl.reader(7).next());
+    expect(e7!.data.buffer).toBe(held[1]!.data.buffer);
+    expect(e7!.data.buffer).not.toBe(held[2]!.data.buffer);
+    for (const [k, e] of [[3, held[2]], [4, held[3]]] as const) expect(e!.data.equals(Buffer.alloc(512 * 1024, k)), `entry ${k}`).toBe(true);
+    // every entry in the ring reads back with its own bytes, from memory and from the device
+    const all = rl.reader(3);
+    for (let k = 3; k <= 7; k++) expect((await all.next())!.data.equals(Buffer.alloc(512 * 1024, k)), `entry ${k}`).toBe(true);
+    await rl.destroy();
+    for (const d of files.splice(0)) d.close();
+    const again = await createReplog('ringbuffer', ctx([]), [f, '0', 'open']);
+    await again.recover();
+    const disk = again.reader(3);
+    for (let k = 3; k <= 7; k++) expect((await disk.next())!.data.equals(Buffer.alloc(512 * 1024, k)), `entry ${k} on disk`).toBe(true);
     await again.destroy();
   });
 });
