@@ -24,8 +24,12 @@ export const SLAB_BYTES = 1024 * 1024;
 /** images larger than this get a buffer of their own (a slab would hold too few of them to matter) */
 export const SLAB_MAX = 64 * 1024;
 
-/** at most this many bytes of larger images are kept for reuse */
-export const SPARE_BYTES = 32 * 1024 * 1024;
+/**
+ * at most this many bytes of larger images are kept for reuse: as much as a checkpoint of a
+ * 64 MiB ring frees at once (measured at 1 MiB writes: with 32 MiB, 4 in 10 images were
+ * fresh; with 64 MiB, none after the first lap, and the process's RSS was no larger)
+ */
+export const SPARE_BYTES = 64 * 1024 * 1024;
 
 export class ImageSlab {
   #slab: Buffer | null = null;
