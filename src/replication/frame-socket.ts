@@ -15,7 +15,7 @@ import type { Duplex } from 'node:stream';
 import { takeBytes } from '../core/chunks.ts';
 import { DmError } from '../core/errors.ts';
 import {
-  FrameType, HEADER_SIZE, MAX_PAYLOAD, ProtocolError, decodeHeader, encodeError, encodeHeader, payloadOk, type FrameHeader,
+  FrameType, HEADER_SIZE, MAX_PAYLOAD, ProtocolError, checkSeeded, decodeHeader, encodeError, encodeHeader, payloadOk, type FrameHeader,
 } from './protocol.ts';
 
 export interface Frame {
@@ -42,6 +42,11 @@ export class FrameSocket {
   readonly socket: Duplex;
   /** what this connection carried, in frames (not TLS or TCP overhead) */
   counters: FrameCounters = { sent: 0, received: 0 };
+  /**
+   * the peer may send seeded IO frames (the feature 'entry-crc' was negotiated; set by the
+   * receiver's handshake): without it a frame with FLAG_SEEDED breaks the protocol
+   */
+  acceptSeeded = false;
   #maxPayload: number;
   #chunks: Buffer[] = [];
   #have = 0;
@@ -80,12 +85,12 @@ export class FrameSocket {
    * together (one writev: the shipper's run of entries, a batch of ACKs): the socket is
    * corked at the first and uncorked once the turn's callbacks and promise reactions have
    * run (process.nextTick). During the handshake each frame goes at once (a socket may be
-   * handed to TLS right after one).
+   * handed to TLS right after one). `dataCrc`: a seeded IO frame (encodeHeader).
    */
-  send(type: number, id: number, parts: readonly Buffer[] = [], noCrc = false): boolean {
+  send(type: number, id: number, parts: readonly Buffer[] = [], noCrc = false, dataCrc?: number): boolean {
     if (this.#failure) return false;
     const s = this.socket;
-    const header = encodeHeader(type, id, parts, noCrc);
+    const header = encodeHeader(type, id, parts, noCrc, dataCrc);
     this.counters.sent += header.length;
     if (this.#handler) this.#cork();
     else s.cork();
@@ -178,6 +183,7 @@ export class FrameSocket {
         if (!this.#header) {
           if (this.#have < HEADER_SIZE) return;
           this.#header = decodeHeader(this.#take(HEADER_SIZE), this.#maxPayload);
+          checkSeeded(this.#header, this.acceptSeeded);
         }
         const h = this.#header;
         if (this.#have < h.length) return;

@@ -3,7 +3,7 @@
  * HMAC-SHA256 challenge–response over the shared secret. Nothing but these frames is
  * accepted before AUTH_OK, so no data flows to or from an unauthenticated peer.
  *
- *   C → S  HELLO          {min, max, tls, tlsMode: psk|cert, name, features: [digest]}
+ *   C → S  HELLO          {min, max, tls, tlsMode: psk|cert, name, features: [digest, entry-crc, pipeline, roles]}
  *   S → C  HELLO_REPLY    {version, tls, features: [the common ones]}   (or ERROR: no common version, TLS required)
  *          features are optional both ways: a peer that sends none (an older build) gets none
  *          back, and neither side uses a feature the other did not name
@@ -28,7 +28,7 @@ import { pskServerConfig, startTls as serverTls, type TlsServerConfig } from '..
 import { FrameSocket, type Frame } from './frame-socket.ts';
 import { clientCertTls, serverCertTls, type CertTls } from './tls-certs.ts';
 import {
-  FEATURES, FrameType, MAX_CONTROL, MAX_VERSION, MIN_VERSION, ProtocolError, bool, decodeJson, encodeError, encodeJson, hex, str, uint,
+  ENTRY_CRC, FEATURES, FrameType, MAX_CONTROL, MAX_VERSION, MIN_VERSION, ProtocolError, bool, decodeJson, encodeError, encodeJson, hex, str, uint,
 } from './protocol.ts';
 
 const NONCE = 32;
@@ -92,7 +92,7 @@ export interface Authenticated {
   readonly frames: FrameSocket;
   readonly version: number;
   readonly tls: boolean;
-  /** the optional features both sides named (FEATURES: 'digest') */
+  /** the optional features both sides named (FEATURES: 'digest', 'entry-crc', 'pipeline', 'roles') */
   readonly features: readonly string[];
 }
 
@@ -106,19 +106,21 @@ function readFeatures(o: Record<string, unknown>, what: string): string[] {
   return v as string[];
 }
 
-/** The sender's side. Rejects with EACCES (auth or TLS), ETIMEDOUT, EPROTO, ECONNRESET … */
+/** The sender's side (`features`: those offered, default FEATURES). Rejects with EACCES (auth or TLS), ETIMEDOUT, EPROTO, ECONNRESET … */
 export async function clientHandshake(
-  sock: Socket, opts: { secret: Secret; tls: boolean; certs?: CertTls; timeoutMs: number; name: string; where: string },
+  sock: Socket,
+  opts: { secret: Secret; tls: boolean; certs?: CertTls; timeoutMs: number; name: string; where: string; features?: readonly string[] },
 ): Promise<Authenticated> {
   const deadline = Date.now() + opts.timeoutMs;
   let frames = new FrameSocket(sock, { maxPayload: MAX_CONTROL });
   const tlsMode = opts.certs ? 'cert' : 'psk';
-  frames.send(FrameType.HELLO, 0, [encodeJson({ min: MIN_VERSION, max: MAX_VERSION, tls: opts.tls, tlsMode, name: opts.name, features: FEATURES })]);
+  const mine = opts.features ?? FEATURES;
+  frames.send(FrameType.HELLO, 0, [encodeJson({ min: MIN_VERSION, max: MAX_VERSION, tls: opts.tls, tlsMode, name: opts.name, features: mine })]);
   const hr = decodeJson((await expect(frames, FrameType.HELLO_REPLY, 'HELLO_REPLY', deadline, opts.where)).payload, 'HELLO_REPLY');
   const version = uint(hr, 'version', 'HELLO_REPLY');
   if (version < MIN_VERSION || version > MAX_VERSION) throw new ProtocolError(`${opts.where}: receiver chose version ${version}, we speak ${MIN_VERSION}…${MAX_VERSION}`);
   const tls = bool(hr, 'tls', 'HELLO_REPLY');
-  const features = readFeatures(hr, 'HELLO_REPLY').filter((x) => FEATURES.includes(x));
+  const features = readFeatures(hr, 'HELLO_REPLY').filter((x) => mine.includes(x));
   if (tls !== opts.tls) throw new ProtocolError(`${opts.where}: receiver answered tls=${tls} to tls=${opts.tls}`);
   if (tls) {
     frames.detach();
@@ -152,6 +154,8 @@ export interface ServerAuth {
   /** TLS with certificates, for senders that ask for it (tls-ca=… on their slink) */
   readonly certs?: CertTls;
   readonly timeoutMs: number;
+  /** the features offered (default FEATURES: all of this build's; fewer: as an older build would) */
+  readonly features?: readonly string[];
 }
 
 const tlsConfigs = new WeakMap<Secret, TlsServerConfig>();
@@ -183,7 +187,7 @@ export async function serverHandshake(sock: Socket, auth: ServerAuth, where: str
       refuse('EACCES', 'this receiver has no TLS certificate (start it with --replication-tls-cert, -key and -ca, or use tls=on without tls-ca=…)');
     }
     const offered = hello.features === undefined ? null : readFeatures(hello, 'HELLO');
-    const features = offered?.filter((x) => FEATURES.includes(x)) ?? [];
+    const features = offered?.filter((x) => (auth.features ?? FEATURES).includes(x)) ?? [];
     frames.send(FrameType.HELLO_REPLY, 0, [encodeJson(offered ? { version, tls, features } : { version, tls })]);
     if (tls) {
       frames.detach();
@@ -206,6 +210,7 @@ export async function serverHandshake(sock: Socket, auth: ServerAuth, where: str
     if (!crypto.timingSafeEqual(hex(pr, 'mac', 'AUTH_PROOF', 32), mac(auth.secret, 'client', version, ns, nc))) {
       refuse('EACCES', 'authentication failed: the sender does not know our secret');
     }
+    frames.acceptSeeded = features.includes(ENTRY_CRC); // before the sender hears AUTH_OK
     frames.send(FrameType.AUTH_OK, 0);
     return { frames, version, tls, features, name };
   } catch (err) {

@@ -13,6 +13,11 @@
  * A header whose CRC or magic is wrong cannot be trusted to frame what follows: the
  * connection is dropped (and the sender re-sends on a new one). A payload whose CRC is
  * wrong under a good header is answered with RESEND for its id.
+ *
+ * A seeded IO frame (flag FLAG_SEEDED, feature 'entry-crc') carries a log entry's payload
+ * with the CRC the replication log sealed it with: its sub-header holds the log's seed, and
+ * its payload CRC is crc32c(sub-header, crc32c(data, seed)), which the sender derives from
+ * the log's crc32c(data, seed) without reading the data (`encodeHeader`'s `dataCrc`).
  */
 import { crc32c } from '@node-rs/crc32';
 import { DmError } from '../core/errors.ts';
@@ -38,6 +43,13 @@ export const enum FrameType {
 
 /** frame flags: the payload carries no CRC (integrity=none) */
 export const FLAG_NO_CRC = 1;
+/**
+ * frame flags: a seeded IO frame (feature 'entry-crc'): its 44-byte sub-header ends with
+ * the seed, and its payload CRC is `seededCrc(sub, crc32c(data, seed))`
+ */
+export const FLAG_SEEDED = 2;
+/** the feature that lets the sender send seeded IO frames */
+export const ENTRY_CRC = 'entry-crc';
 
 export interface FrameHeader {
   readonly type: number;
@@ -54,18 +66,28 @@ export class ProtocolError extends DmError {
   }
 }
 
-/** the 32-byte header of a frame whose payload is `parts` (CRC'd unless `noCrc`) */
-export function encodeHeader(type: number, id: number, parts: readonly Buffer[], noCrc = false): Buffer {
+/**
+ * The 32-byte header of a frame whose payload is `parts` (CRC'd unless `noCrc`). With
+ * `dataCrc`, a seeded IO frame: `parts` are its seeded sub-header and its data, `dataCrc` is
+ * crc32c(data, the sub-header's seed), and the payload CRC is derived from it without
+ * reading the data (`seededCrc`).
+ */
+export function encodeHeader(type: number, id: number, parts: readonly Buffer[], noCrc = false, dataCrc?: number): Buffer {
   const h = Buffer.allocUnsafe(HEADER_SIZE);
+  const seeded = dataCrc !== undefined;
   let length = 0;
   let crc = 0;
   for (const p of parts) {
     length += p.length;
-    if (!noCrc) crc = crc32c(p, crc);
+    if (!noCrc && !seeded) crc = crc32c(p, crc);
+  }
+  if (seeded) {
+    if (type !== FrameType.IO || noCrc || parts.length < 1 || parts[0]!.length !== IO_HEADER_SEEDED) throw new Error('a seeded frame is an IO frame with a CRC and a seeded sub-header');
+    crc = seededCrc(parts[0]!, dataCrc);
   }
   h.writeUInt32BE(MAGIC, 0);
   h.writeUInt8(type, 4);
-  h.writeUInt8(noCrc ? FLAG_NO_CRC : 0, 5);
+  h.writeUInt8(noCrc ? FLAG_NO_CRC : seeded ? FLAG_SEEDED : 0, 5);
   h.writeUInt16BE(0, 6);
   writeU64BE(h, id, 8);
   h.writeUInt32BE(length, 16);
@@ -90,14 +112,44 @@ export function decodeHeader(b: Buffer, maxPayload = MAX_PAYLOAD): FrameHeader {
   return { type: b.readUInt8(4), flags: b.readUInt8(5), id, length, crc: b.readUInt32BE(20) };
 }
 
-/** does `payload` match its header's CRC (always, when the frame carries none)? */
+/**
+ * Why a header with FLAG_SEEDED cannot be a seeded frame (a ProtocolError), checked before its
+ * payload is read: on a connection without the feature 'entry-crc' (`allowed` false), on a
+ * frame other than IO, with NO_CRC too, or with a payload shorter than the seeded sub-header.
+ */
+export function checkSeeded(h: FrameHeader, allowed: boolean): void {
+  if ((h.flags & FLAG_SEEDED) === 0) return;
+  const what = `frame ${h.id} (type ${h.type}) has flag bit 1 (seeded CRC)`;
+  if (!allowed) throw new ProtocolError(`${what} on a connection without the feature ${ENTRY_CRC}`);
+  if (h.type !== FrameType.IO) throw new ProtocolError(`${what}, which only IO frames may carry`);
+  if ((h.flags & FLAG_NO_CRC) !== 0) throw new ProtocolError(`${what} and bit 0 (no CRC) together`);
+  if (h.length < IO_HEADER_SEEDED) throw new ProtocolError(`seeded IO frame ${h.id} of ${h.length} bytes is shorter than its ${IO_HEADER_SEEDED}-byte sub-header`);
+}
+
+/** a seeded IO frame's payload CRC: crc32c over the sub-header `sub`, continuing from `dataCrc` = crc32c(data, seed) */
+export function seededCrc(sub: Buffer, dataCrc: number): number {
+  return crc32c(sub, dataCrc) >>> 0;
+}
+
+/**
+ * Does `payload` match its header's CRC (always, when the frame carries none)? A seeded IO
+ * frame's is `seededCrc(sub, crc32c(data, seed))`, the seed read from its sub-header (a
+ * malformed seeded header is a ProtocolError: `checkSeeded`).
+ */
 export function payloadOk(h: FrameHeader, payload: Buffer): boolean {
+  if ((h.flags & FLAG_SEEDED) !== 0) {
+    checkSeeded(h, true);
+    const sub = payload.subarray(0, IO_HEADER_SEEDED);
+    return seededCrc(sub, crc32c(payload.subarray(IO_HEADER_SEEDED), sub.readUInt32BE(IO_HEADER)) >>> 0) === h.crc;
+  }
   return (h.flags & FLAG_NO_CRC) !== 0 || (crc32c(payload) >>> 0) === h.crc;
 }
 
 // --- IO frames -------------------------------------------------------------------------
 
 export const IO_HEADER = 40;
+/** a seeded IO frame's sub-header: the 40 bytes, then the u32 seed */
+export const IO_HEADER_SEEDED = IO_HEADER + 4;
 export const enum IoOp { WRITE = 0, DISCARD = 1, WRITE_ZEROES = 2, FLUSH = 3, READ = 4 }
 export const IO_FUA = 1;
 export const IO_NOUNMAP = 2;
@@ -109,6 +161,7 @@ export const enum Codec { NONE = 0, LZ4 = 1, ZSTD = 2 }
  *    0 u32 handle (from OPEN_OK)   4 u8 op   5 u8 flags (fua, nounmap)   6 u8 codec   7 u8 0
  *    8 u64 seq (0: not from the log: resync, tests)   16 u64 epoch   24 u64 sector
  *   32 u32 sectors   36 u32 data bytes before compression (writes; 0 otherwise)
+ *   40 u32 seed (seeded frames only: an uncompressed write whose data CRC continues from it)
  */
 export interface IoRequest {
   readonly handle: number;
@@ -120,10 +173,18 @@ export interface IoRequest {
   readonly sector: number;
   readonly sectors: number;
   readonly rawBytes: number;
+  /** a seeded frame's seed (FLAG_SEEDED): the data's CRC is crc32c(data, seed); absent otherwise */
+  readonly seed?: number;
+}
+
+/** the sub-header's size: IO_HEADER, or IO_HEADER_SEEDED with a seed */
+export function ioHeaderSize(r: IoRequest): number {
+  return r.seed === undefined ? IO_HEADER : IO_HEADER_SEEDED;
 }
 
 export function encodeIo(r: IoRequest): Buffer {
-  const b = Buffer.allocUnsafe(IO_HEADER);
+  const b = Buffer.allocUnsafe(ioHeaderSize(r));
+  if (r.seed !== undefined) b.writeUInt32BE(r.seed >>> 0, IO_HEADER);
   b.writeUInt32BE(r.handle, 0);
   b.writeUInt8(r.op, 4);
   b.writeUInt8(r.flags, 5);
@@ -137,9 +198,13 @@ export function encodeIo(r: IoRequest): Buffer {
   return b;
 }
 
-/** decode an IO payload's sub-header; throws ProtocolError for an impossible one */
-export function decodeIo(p: Buffer): IoRequest {
-  if (p.length < IO_HEADER) throw new ProtocolError(`IO frame of ${p.length} bytes is shorter than its ${IO_HEADER}-byte header`);
+/**
+ * Decode an IO payload's sub-header (the seeded one of a frame with FLAG_SEEDED); throws
+ * ProtocolError for an impossible one. A seeded frame is an uncompressed write.
+ */
+export function decodeIo(p: Buffer, seeded = false): IoRequest {
+  const size = seeded ? IO_HEADER_SEEDED : IO_HEADER;
+  if (p.length < size) throw new ProtocolError(`${seeded ? 'seeded ' : ''}IO frame of ${p.length} bytes is shorter than its ${size}-byte header`);
   const op = p.readUInt8(4);
   const codec = p.readUInt8(6);
   if (op > IoOp.READ) throw new ProtocolError(`IO frame: unknown op ${op}`);
@@ -151,9 +216,12 @@ export function decodeIo(p: Buffer): IoRequest {
   };
   const r: IoRequest = {
     handle: p.readUInt32BE(0), op, flags: p.readUInt8(5), codec, seq: big(8), epoch: big(16), sector: big(24),
-    sectors: p.readUInt32BE(32), rawBytes: p.readUInt32BE(36),
+    sectors: p.readUInt32BE(32), rawBytes: p.readUInt32BE(36), ...(seeded ? { seed: p.readUInt32BE(IO_HEADER) } : {}),
   };
-  const dataBytes = p.length - IO_HEADER;
+  if (seeded && (op !== IoOp.WRITE || codec !== Codec.NONE)) {
+    throw new ProtocolError(`seeded IO frame: op ${op}, codec ${codec} (expected an uncompressed write: op 0, codec 0)`);
+  }
+  const dataBytes = p.length - size;
   if (op === IoOp.WRITE) {
     if (r.rawBytes !== r.sectors * 512 || r.rawBytes > MAX_DATA || r.sectors === 0) {
       throw new ProtocolError(`IO frame: write of ${r.sectors} sectors says ${r.rawBytes} data bytes`);
@@ -191,7 +259,7 @@ export function decodeRestart(p: Buffer): number {
 // --- DIGEST frames (feature 'digest', negotiated in HELLO) -------------------------------
 
 /** the feature names this build offers in HELLO / HELLO_REPLY */
-export const FEATURES: readonly string[] = ['digest', 'pipeline', 'roles'];
+export const FEATURES: readonly string[] = ['digest', ENTRY_CRC, 'pipeline', 'roles'];
 export const DIGEST_HEADER = 24;
 /** bytes of one block's digest in the DATA reply (xxh3-128) */
 export const DIGEST_SIZE = 16;

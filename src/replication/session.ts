@@ -13,7 +13,7 @@ import type { BlockDev } from '../core/types.ts';
 import { decompress } from './compress.ts';
 import type { Frame, FrameSocket } from './frame-socket.ts';
 import {
-  FrameType, IO_FUA, IO_HEADER, IO_NOUNMAP, IoOp, ProtocolError, decodeDigest, decodeIo, decodeJson, decodeRestart, digestProblem, encodeError, encodeJson, str, uint,
+  FLAG_SEEDED, FrameType, IO_FUA, IO_NOUNMAP, IoOp, ProtocolError, decodeDigest, decodeIo, decodeJson, decodeRestart, digestProblem, encodeError, encodeJson, ioHeaderSize, str, uint,
   type FrameHeader, type IoRequest,
 } from './protocol.ts';
 import type { ReplicationReceiver } from './receiver.ts';
@@ -304,7 +304,7 @@ export class Session {
   }
 
   #io(f: Frame): void {
-    const r = decodeIo(f.payload);
+    const r = decodeIo(f.payload, (f.h.flags & FLAG_SEEDED) !== 0);
     const o = this.#handles.get(r.handle);
     if (!o) return this.#error(f.h.id, new DmError('EBADF', `IO on handle ${r.handle}, which is not open`));
     const stream = this.#stream!;
@@ -314,7 +314,7 @@ export class Session {
       this.#paused = true;
       this.#frames.pause();
     }
-    const data = f.payload.subarray(IO_HEADER);
+    const data = f.payload.subarray(ioHeaderSize(r));
     let done: Promise<unknown>;
     if (r.op === IoOp.READ) {
       const buf = Buffer.alloc(r.sectors * 512);

@@ -3,7 +3,8 @@
  * (every single flipped header bit is caught), the IO sub-header's checks, the control
  * payload readers, compression, the receiver's two-slot position file on real files,
  * the per-stream ordering (duplicates, epochs, failures, dropped owners) and the secret
- * file's checks.
+ * file's checks. Seeded IO frames (feature 'entry-crc'): the payload CRC derived from the
+ * log's CRC of the data, and the receiver's check of it.
  */
 import { randomBytes } from 'node:crypto';
 import fs from 'node:fs';
@@ -17,8 +18,9 @@ import { compress, decompress } from '../../src/replication/compress.ts';
 import { loadSecret } from '../../src/replication/handshake.ts';
 import { PositionFile } from '../../src/replication/position.ts';
 import {
-  Codec, FLAG_NO_CRC, FrameType, HEADER_SIZE, IO_FUA, IO_HEADER, IoOp, MAGIC, MAX_CONTROL, MAX_DATA, MAX_PAYLOAD,
-  ProtocolError, bool, decodeHeader, decodeIo, decodeJson, encodeHeader, encodeIo, encodeJson, hex, payloadOk, str, uint,
+  Codec, ENTRY_CRC, FEATURES, FLAG_NO_CRC, FLAG_SEEDED, FrameType, HEADER_SIZE, IO_FUA, IO_HEADER, IO_HEADER_SEEDED, IoOp, MAGIC,
+  MAX_CONTROL, MAX_DATA, MAX_PAYLOAD, ProtocolError, bool, checkSeeded, decodeHeader, decodeIo, decodeJson, encodeHeader, encodeIo,
+  encodeJson, hex, ioHeaderSize, payloadOk, seededCrc, str, uint,
   type IoRequest,
 } from '../../src/replication/protocol.ts';
 import { Stream } from '../../src/replication/stream.ts';
@@ -227,6 +229,115 @@ describe('IO frames', () => {
       p.writeBigUInt64BE(1n << 63n, at);
       expect(refused(p)).toContain(`at byte ${at} is out of range`);
     }
+  });
+});
+
+// --- seeded IO frames (feature 'entry-crc') ---------------------------------------------
+
+describe('seeded IO frames', () => {
+  const seed = 0x9e3779b9;
+  const data = pseudoRandom(4096, 11);
+  /** what the replication log sealed the entry with */
+  const logged = { seed, crc: crc32c(data, seed) >>> 0 };
+  const r: IoRequest = {
+    handle: 3, op: IoOp.WRITE, flags: IO_FUA, codec: Codec.NONE, seq: 77, epoch: 5, sector: 2048, sectors: 8, rawBytes: 4096, seed,
+  };
+  /** a seeded frame as the sender builds it: header, sub-header, data (the data is never read for the CRC) */
+  const frame = (): { h: ReturnType<typeof decodeHeader>; payload: Buffer } => {
+    const sub = encodeIo(r);
+    const h = decodeHeader(encodeHeader(FrameType.IO, 12, [sub, data], false, logged.crc));
+    return { h, payload: Buffer.concat([sub, data]) };
+  };
+
+  it('is offered as a feature', () => {
+    expect(ENTRY_CRC).toBe('entry-crc');
+    expect(FEATURES).toContain(ENTRY_CRC);
+  });
+
+  it('encodes the seed after the 40 bytes, round-trips, and sets flag bit 1 with the derived CRC', () => {
+    const sub = encodeIo(r);
+    expect(sub.length).toBe(IO_HEADER_SEEDED);
+    expect(ioHeaderSize(r)).toBe(44);
+    expect(sub.readUInt32BE(40)).toBe(seed);
+    // the first 40 bytes are those of the unseeded sub-header
+    const { seed: _s, ...plain } = r;
+    expect(sub.subarray(0, IO_HEADER).equals(encodeIo(plain))).toBe(true);
+    expect(ioHeaderSize(plain)).toBe(IO_HEADER);
+    expect(decodeIo(Buffer.concat([sub, data]), true)).toEqual(r);
+    expect(decodeIo(Buffer.concat([encodeIo(plain), data]))).toEqual(plain);
+
+    const { h, payload } = frame();
+    expect(h.flags).toBe(FLAG_SEEDED);
+    expect(h.length).toBe(IO_HEADER_SEEDED + data.length);
+    // CRC field = crc32c(sub, crc32c(data, seed)): one pass over data ‖ sub, continuing from the seed
+    expect(h.crc).toBe(crc32c(sub, crc32c(data, seed)) >>> 0);
+    expect(h.crc).toBe(seededCrc(sub, logged.crc));
+    expect(h.crc).toBe(crc32c(Buffer.concat([data, sub]), seed) >>> 0);
+    expect(h.crc).not.toBe(crc32c(payload) >>> 0);
+    // the header CRC covers the flag
+    const raw = encodeHeader(FrameType.IO, 12, [sub, data], false, logged.crc);
+    raw[5] = 0;
+    expect(() => decodeHeader(raw)).toThrow(/frame header CRC mismatch/);
+  });
+
+  it('the sender derives the CRC from the log\'s, without reading the data', () => {
+    const sub = encodeIo(r);
+    const zeros = Buffer.alloc(data.length); // not the data: the header comes out the same
+    expect(encodeHeader(FrameType.IO, 12, [sub, zeros], false, logged.crc).equals(encodeHeader(FrameType.IO, 12, [sub, data], false, logged.crc))).toBe(true);
+    // only a seeded sub-header of an IO frame with a CRC
+    expect(() => encodeHeader(FrameType.IO, 12, [encodeIo({ ...r, seed: undefined }), data], false, logged.crc)).toThrow(/seeded/);
+    expect(() => encodeHeader(FrameType.IO, 12, [sub, data], true, logged.crc)).toThrow(/seeded/);
+    expect(() => encodeHeader(FrameType.DATA, 12, [sub, data], false, logged.crc)).toThrow(/seeded/);
+  });
+
+  it('the receiver accepts a good one and rejects a flipped data byte, seed, or sub-header byte', () => {
+    const { h, payload } = frame();
+    expect(payloadOk(h, payload)).toBe(true);
+    // every single flipped byte of the payload: data (from 44), seed (40-43), the rest of the sub-header
+    for (let at = 0; at < payload.length; at++) {
+      const p = Buffer.from(payload);
+      p[at]! ^= 0x01;
+      expect(payloadOk(h, p), `byte ${at}`).toBe(false);
+    }
+    const seedFlipped = Buffer.from(payload);
+    seedFlipped.writeUInt32BE((seed ^ 0x80000000) >>> 0, 40);
+    expect(payloadOk(h, seedFlipped)).toBe(false);
+    // data that no longer matches what was logged (damaged at the sender after logging): the
+    // sender sends the log's CRC, the receiver finds the mismatch
+    const damaged = Buffer.from(data);
+    damaged[100]! ^= 0x40;
+    const sub = encodeIo(r);
+    const hd = decodeHeader(encodeHeader(FrameType.IO, 13, [sub, damaged], false, logged.crc));
+    expect(payloadOk(hd, Buffer.concat([sub, damaged]))).toBe(false);
+    // read without the flag (a receiver ignoring it) the frame fails its CRC as well: never applied by mistake
+    expect(payloadOk({ ...h, flags: 0 }, payload)).toBe(false);
+  });
+
+  it('refuses a malformed seeded header: no feature, another frame type, with NO_CRC, too short', () => {
+    const { h } = frame();
+    expect(() => checkSeeded(h, true)).not.toThrow();
+    expect(() => checkSeeded({ ...h, flags: 0 }, false)).not.toThrow(); // an unseeded frame needs no feature
+    const e1 = thrown(() => checkSeeded(h, false));
+    expect(e1).toBeInstanceOf(ProtocolError);
+    expect(e1.message).toBe('frame 12 (type 11) has flag bit 1 (seeded CRC) on a connection without the feature entry-crc');
+    expect(thrown(() => checkSeeded({ ...h, type: FrameType.DIGEST }, true)).message).toContain('which only IO frames may carry');
+    expect(thrown(() => checkSeeded({ ...h, flags: FLAG_SEEDED | FLAG_NO_CRC }, true)).message).toContain('and bit 0 (no CRC) together');
+    const short = thrown(() => checkSeeded({ ...h, length: IO_HEADER }, true));
+    expect(short).toBeInstanceOf(ProtocolError);
+    expect(short.message).toBe('seeded IO frame 12 of 40 bytes is shorter than its 44-byte sub-header');
+    expect(() => payloadOk({ ...h, length: 43 }, Buffer.alloc(43))).toThrow(ProtocolError);
+  });
+
+  it('decodeIo of a seeded frame: an uncompressed write only, the data exactly rawBytes after 44 bytes', () => {
+    const refused = (p: Buffer): string => {
+      const e = thrown(() => decodeIo(p, true));
+      expect(e).toBeInstanceOf(ProtocolError);
+      return e.message;
+    };
+    expect(refused(encodeIo({ ...r, seed: undefined }))).toBe('seeded IO frame of 40 bytes is shorter than its 44-byte header');
+    expect(refused(Buffer.concat([encodeIo({ ...r, codec: Codec.ZSTD }), data.subarray(0, 100)]))).toContain('expected an uncompressed write');
+    expect(refused(encodeIo({ ...r, op: IoOp.FLUSH, sectors: 0, rawBytes: 0 }))).toContain('op 3, codec 0 (expected an uncompressed write');
+    expect(refused(Buffer.concat([encodeIo(r), data.subarray(4)]))).toContain('write of 4096 bytes carries 4092');
   });
 });
 
