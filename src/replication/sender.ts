@@ -8,6 +8,12 @@
  *   with backoff for up to `reconnectMs`; the devices are opened again and unanswered
  *   requests re-sent (the receiver skips what it applied already). Past that budget every
  *   request fails with ECONNRESET, the link is `down`, and the replicator retests it.
+ * - A write tagged with the CRC its log entry was sealed with goes, to a receiver with the
+ *   feature 'entry-crc', as a seeded IO frame: its payload CRC is derived from the log's,
+ *   the data is not read again here, and the site checks the bytes against what was logged.
+ * - A request the receiver asks for again more than MAX_RESENDS times (its payload keeps
+ *   failing its CRC: with the log's CRC, data damaged here since it was logged) fails with
+ *   EIO, and with it every log entry not yet answered; the connection is re-made.
  * - A refused authentication is not retried by itself: the link is `auth-failed` until
  *   a retest of the replicator gets in (it stays `auth-failed` while a retest tries).
  */
@@ -16,6 +22,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import type { Bio } from '../core/bio.ts';
 import { BlockError, DmError, toBlockError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
+import type { PayloadCrc } from '../replog/types.ts';
 import { compress } from './compress.ts';
 import type { Frame, FrameCounters, FrameSocket } from './frame-socket.ts';
 import { clientHandshake, type Secret } from './handshake.ts';
@@ -23,7 +30,7 @@ import type { CertTls } from './tls-certs.ts';
 import type { Announcement, SlinkRoles } from '../slink/types.ts';
 import type { Needs } from './roles.ts';
 import {
-  Codec, DIGEST_SIZE, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_DIGEST_SECTORS, MAX_PAYLOAD, decodeJson, encodeDigest, encodeIo,
+  Codec, DIGEST_SIZE, ENTRY_CRC, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_DIGEST_SECTORS, MAX_PAYLOAD, decodeJson, encodeDigest, encodeIo,
   ProtocolError, encodeJson, encodeRestart, str, uint,
   type FrameHeader,
 } from './protocol.ts';
@@ -73,6 +80,12 @@ interface Req {
   sentAt: number;
   /** its payload is ready to go (compression done) */
   ready: boolean;
+  /** a write of a log entry's whole payload: the CRC the log sealed it with (sent seeded while uncompressed) */
+  payloadCrc?: PayloadCrc;
+  /** times the receiver asked for it again */
+  resends: number;
+  /** its last frame went seeded */
+  seeded: boolean;
 }
 
 interface Dev {
@@ -100,6 +113,13 @@ export interface PeerStats {
   /** DIGEST requests the receiver answered */
   digests: number;
 }
+
+/**
+ * the times a request is sent again for RESENDs; one more RESEND fails it (a payload that
+ * fails its CRC every time: the log's CRC no longer matching the data, or a link that damages
+ * the same frame again and again)
+ */
+export const MAX_RESENDS = 3;
 
 const OPS: Record<Bio['op'], IoOp> = { write: IoOp.WRITE, discard: IoOp.DISCARD, 'write-zeroes': IoOp.WRITE_ZEROES, flush: IoOp.FLUSH, read: IoOp.READ };
 
@@ -222,8 +242,12 @@ export class Peer {
     this.#pump();
   }
 
-  /** one IO for attachment `key` (sectors relative to its device); see RemoteDevice.submit */
-  submit(key: number, bio: Bio, seq: number, epoch: number): Promise<void> {
+  /**
+   * One IO for attachment `key` (sectors relative to its device); see RemoteDevice.submit.
+   * `payloadCrc`: a write's data is a log entry's payload, crc32c(data, seed) = crc
+   * (ShipTag.payloadCrc); the frame carries that CRC instead of one computed here.
+   */
+  submit(key: number, bio: Bio, seq: number, epoch: number, payloadCrc?: PayloadCrc): Promise<void> {
     const refused = this.#refusal(key);
     if (refused) return Promise.reject(refused);
     const max = MAX_DATA / 512;
@@ -233,7 +257,7 @@ export class Peer {
         const n = Math.min(max, bio.sectors - s);
         parts.push(this.submit(key, { ...bio, sector: bio.sector + s, sectors: n, data: bio.data.subarray(s * 512, (s + n) * 512) }, seq, epoch));
       }
-      return Promise.all(parts).then(() => undefined);
+      return Promise.all(parts).then(() => undefined); // the parts are not the entry's payload: no payloadCrc
     }
     let flags = bio.flags.fua ? IO_FUA : 0;
     if (bio.flags.noUnmap) flags |= IO_NOUNMAP;
@@ -243,6 +267,7 @@ export class Peer {
         id: this.#nextId++, dev: key, io: { op: OPS[bio.op], flags, seq, epoch, sector: bio.sector, sectors: bio.sectors },
         data: isWrite ? bio.data : EMPTY_BUF, codec: Codec.NONE, rawBytes: isWrite ? bio.data.length : 0,
         into: bio.op === 'read' ? bio.data : null, resolve, reject, sentAt: 0, ready: true,
+        payloadCrc: isWrite ? payloadCrc : undefined, resends: 0, seeded: false,
       };
       this.#reqs.set(req.id, req);
       const go = seq > 0 ? () => this.#pump() : () => this.#send(req);
@@ -304,7 +329,10 @@ export class Peer {
     const refused = this.#refusal(key);
     if (refused) return Promise.reject(refused);
     return new Promise<void>((resolve, reject) => {
-      const req: Req = { id: this.#nextId++, dev: key, io, data: EMPTY_BUF, codec: Codec.NONE, rawBytes: 0, into, blockSectors, resolve, reject, sentAt: 0, ready: true };
+      const req: Req = {
+        id: this.#nextId++, dev: key, io, data: EMPTY_BUF, codec: Codec.NONE, rawBytes: 0, into, blockSectors, resolve, reject, sentAt: 0, ready: true,
+        resends: 0, seeded: false,
+      };
       this.#reqs.set(req.id, req);
       this.#send(req);
     });
@@ -367,9 +395,12 @@ export class Peer {
       f.send(FrameType.DIGEST, req.id, [encodeDigest({ handle: d.handle, sector: req.io.sector, sectors: req.io.sectors, blockSectors: req.blockSectors })]);
       return;
     }
-    const sub = encodeIo({ handle: d.handle, ...req.io, codec: req.codec, rawBytes: req.rawBytes });
+    // the log's CRC stands for the data only as logged: uncompressed, and with a CRC on the frame
+    const pc = req.payloadCrc && req.codec === Codec.NONE && this.opts.crc && this.#features.includes(ENTRY_CRC) ? req.payloadCrc : undefined;
+    req.seeded = pc !== undefined;
+    const sub = encodeIo({ handle: d.handle, ...req.io, codec: req.codec, rawBytes: req.rawBytes, ...(pc ? { seed: pc.seed } : {}) });
     req.sentAt = Date.now();
-    f.send(FrameType.IO, req.id, req.data.length ? [sub, req.data] : [sub], !this.opts.crc);
+    f.send(FrameType.IO, req.id, req.data.length ? [sub, req.data] : [sub], !this.opts.crc, pc?.crc);
     this.stats.rawBytes += req.rawBytes;
     this.stats.wireBytes += req.data.length;
   }
@@ -518,6 +549,7 @@ export class Peer {
         return req.resolve();
       case FrameType.RESEND:
         this.stats.resends++;
+        if (++req.resends > MAX_RESENDS) return this.#giveUp(req);
         this.opts.log.limited(`tcp-resend:${this.address}`, `${this.opts.name}: ${this.address}: receiver asked for frame ${id} again (CRC mismatch)`);
         return this.#send(req);
       case FrameType.ERROR:
@@ -527,6 +559,33 @@ export class Peer {
       default:
         return this.#lost(new DmError('EPROTO', `unexpected frame type ${f.h.type} from the receiver`));
     }
+  }
+
+  /**
+   * The receiver asked for `req` again more than MAX_RESENDS times: it fails (EIO). A log
+   * entry takes every log entry not yet answered with it (sent after it, they must not reach
+   * the site without it: the shipper ships them again after its retest, from the failed one
+   * on, behind a RESTART), and the connection is re-made: the receiver holds every IO frame
+   * read after the one it asked for, and drops them when the connection ends.
+   */
+  #giveUp(req: Req): void {
+    const where = `${this.opts.name}: ${this.address}`;
+    const what = req.io.seq > 0 ? `log entry ${req.io.seq} (request ${req.id})` : `request ${req.id}`;
+    const why = req.seeded
+      ? 'its data does not match the CRC the replication log sealed it with (damaged at the sender since it was logged?)'
+      : 'its payload keeps failing its CRC on the way';
+    const err = new BlockError('EIO', `${where}: ${what} failed its CRC at the receiver ${req.resends} times: ${why}; not sent again`);
+    this.#reqs.delete(req.id);
+    req.reject(err);
+    if (req.io.seq > 0) {
+      this.#restartStale();
+      const after = new BlockError('EIO', `${where}: not sent: ${what} failed before it (${why})`);
+      for (const r of [...this.#reqs.values()]) {
+        if (r.io.seq > 0 && this.#reqs.delete(r.id)) r.reject(after);
+      }
+    }
+    this.opts.log.warn(err.message);
+    this.#lost(new DmError('EIO', `${what} given up after ${req.resends} RESENDs`));
   }
 
   /** a reply whose payload failed its CRC: the connection cannot tell which data it was; start over */

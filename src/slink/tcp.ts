@@ -52,7 +52,7 @@ class TcpRemote implements RemoteDevice {
   }
 
   submit(bio: Bio, tag?: ShipTag): Promise<void> {
-    return this.#peer.submit(this.#key, bio, tag?.seq ?? 0, tag?.epoch ?? 0);
+    return this.#peer.submit(this.#key, bio, tag?.seq ?? 0, tag?.epoch ?? 0, tag?.payloadCrc);
   }
 
   /** connected to a receiver with the feature 'pipeline': it orders epochs and holds them back after a failure */

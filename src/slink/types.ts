@@ -13,6 +13,7 @@ import type { Bio } from '../core/bio.ts';
 import type { Logger } from '../core/log.ts';
 import type { BlockDev, StatusType } from '../core/types.ts';
 import type { Needs } from '../replication/roles.ts';
+import type { PayloadCrc } from '../replog/types.ts';
 import type { GenIds } from '../targets/replicator-role.ts';
 
 /** A log entry's place in the group's order, handed to `RemoteDevice.submit` by the shipper. */
@@ -21,6 +22,15 @@ export interface ShipTag {
   readonly seq: number;
   /** the entry's epoch: entries of one epoch are concurrent, epochs are applied in order */
   readonly epoch: number;
+  /**
+   * Optional: the CRC the replication log sealed the entry with. When present, the data of a
+   * write submitted with this tag is the entry's payload as logged: crc32c(bio.data, seed)
+   * === crc held when it was logged (it fails only if the bytes changed since). A transport
+   * may carry it to the site instead of computing a CRC over the data again (tcp, feature
+   * 'entry-crc'); the site then checks the bytes against what was logged. Meaningless for a
+   * part of the data (a transport that splits a write does not use it) and for other ops.
+   */
+  readonly payloadCrc?: PayloadCrc;
 }
 
 /** What a slink may use: the replicator's context. */
