@@ -1,9 +1,11 @@
 /**
  * dmkit: dmsetup's verbs against the dmkit daemon (`npx dmkit …`, `bin/dmkit.js`).
- * Failures print `dmkit: <reason>` on stderr and exit with status 1. See docs/cli.md.
+ * Failures print `dmkit: <reason>` on stderr and exit with status 1 (3 when no daemon runs
+ * and none may be started). See docs/cli.md.
  */
 import { CommanderError } from 'commander';
 import { buildProgram } from './cli/commands.ts';
+import { NO_DAEMON_STATUS, NoDaemonError } from './cli/connect.ts';
 
 try {
   await buildProgram().parseAsync(process.argv);
@@ -13,6 +15,6 @@ try {
     process.exitCode = err.exitCode;
   } else {
     process.stderr.write(`dmkit: ${(err as Error).message ?? String(err)}\n`);
-    process.exitCode = 1;
+    process.exitCode = err instanceof NoDaemonError ? NO_DAEMON_STATUS : 1;
   }
 }

@@ -53,6 +53,19 @@ async function runningPid(p: RuntimePaths): Promise<number | null> {
   }
 }
 
+/**
+ * No daemon answers and none may be started (`--no-autostart`): the CLI exits with
+ * NO_DAEMON_STATUS, not 1, so scripts and cluster agents need not parse the message.
+ */
+export class NoDaemonError extends DmError {
+  constructor(socket: string) {
+    super('ECONNREFUSED', `no daemon is running (nothing listens on ${socket}); start one with 'dmkit daemon' or leave out --no-autostart`);
+  }
+}
+
+/** the exit status for NoDaemonError (LSB's "program is not running") */
+export const NO_DAEMON_STATUS = 3;
+
 export async function connect(opts: { autostart: boolean }): Promise<ControlClient> {
   const p = paths();
   try {
@@ -60,7 +73,7 @@ export async function connect(opts: { autostart: boolean }): Promise<ControlClie
   } catch (err) {
     if (!notRunning(err)) throw new DmError('ECONNREFUSED', `cannot connect to the daemon at ${p.socket}: ${(err as Error).message}`);
     if (!opts.autostart) {
-      throw new DmError('ECONNREFUSED', `no daemon is running (nothing listens on ${p.socket}); start one with 'dmkit daemon' or leave out --no-autostart`);
+      throw new NoDaemonError(p.socket);
     }
   }
   await spawnDaemon(p, []);
