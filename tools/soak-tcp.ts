@@ -1,5 +1,5 @@
 /**
- * `npm run soak -- --tcp [--rounds N] [--seed S] [--start I] [--kinds a,b] [--out FILE]`:
+ * `npm run soak -- --tcp [--rounds N] [--seed S] [--start I] [--kinds a,b] [--big] [--out FILE]`:
  * the network fault rounds of test/e2e/replication-tcp-rounds.test.ts
  * (test/helpers/tcp-rounds.ts) — partitions, corruption, resets, receiver and sender
  * SIGKILLs between two real daemons through a fault proxy — many of them (default 100),
@@ -9,7 +9,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { roundSeed } from '../test/helpers/replication-rounds.ts';
-import { TCP_KINDS, TCP_RIG, TcpRig, planTcpRound, runTcpRound, type TcpKind, type TcpRoundResult } from '../test/helpers/tcp-rounds.ts';
+import { TCP_BIG_RIG, TCP_KINDS, TCP_RIG, TcpRig, planTcpRound, runTcpRound, type TcpKind, type TcpRoundResult } from '../test/helpers/tcp-rounds.ts';
 
 export interface TcpSoakOptions {
   rounds: number;
@@ -19,14 +19,16 @@ export interface TcpSoakOptions {
   out: string;
   quiet: boolean;
   root: string;
+  /** big writes (TCP_BIG_RIG, test/helpers/tcp-rounds.ts) */
+  big: boolean;
 }
 
 export async function soakTcp(o: TcpSoakOptions): Promise<number> {
   const kinds = (o.kinds ?? TCP_KINDS) as TcpKind[];
   for (const k of kinds) if (!TCP_KINDS.includes(k)) throw new Error(`--kinds: unknown tcp kind '${k}' (kinds: ${TCP_KINDS.join(', ')})`);
   const say = (line: string): void => void process.stdout.write(`${line}\n`);
-  const opts = { ...TCP_RIG, log: o.quiet ? undefined : say };
-  say(`soak --tcp: ${o.rounds} rounds from index ${o.start}, base seed ${o.base}, ${opts.devices} devices × ${opts.devBytes >> 20} MiB, report ${path.relative(o.root, o.out)}`);
+  const opts = { ...(o.big ? TCP_BIG_RIG : TCP_RIG), log: o.quiet ? undefined : say };
+  say(`soak --tcp: ${o.rounds} rounds from index ${o.start}, base seed ${o.base}, ${opts.devices} devices × ${opts.devBytes >> 20} MiB, writes of up to ${opts.maxBlocks ?? 4} blocks in ${opts.regionSectors}-sector regions, report ${path.relative(o.root, o.out)}`);
   const t0 = Date.now();
   const results: TcpRoundResult[] = [];
   const kept: string[] = [];

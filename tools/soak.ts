@@ -11,6 +11,8 @@
  *   --out FILE      report path (default bench/results/soak-<date>.json)
  *   --quiet         no line per round
  *   --tcp           the network fault rounds of the tcp slink instead (tools/soak-tcp.ts; default 100 rounds)
+ *   --big           writes of 4–256 KiB in 256 KiB regions (BIG_WRITES: log entries whose memory
+ *                   the replication log reuses) instead of 4–16 KiB; with or without --tcp
  *
  * A failed round keeps its sandbox (its path and the evidence file are in the report);
  * the next round starts on a new rig. Exit status 1 when any round failed.
@@ -21,7 +23,7 @@ import path from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 import { soakTcp } from './soak-tcp.ts';
-import { DEFAULT_RIG, KINDS, planRound, Rig, roundSeed, runRound, type RoundKind, type RoundResult } from '../test/helpers/replication-rounds.ts';
+import { BIG_WRITES, DEFAULT_RIG, KINDS, planRound, Rig, roundSeed, runRound, type RoundKind, type RoundResult } from '../test/helpers/replication-rounds.ts';
 
 const ROOT = fileURLToPath(new URL('..', import.meta.url));
 
@@ -48,13 +50,14 @@ async function main(): Promise<void> {
       quiet: { type: 'boolean', default: false },
       kinds: { type: 'string' },
       tcp: { type: 'boolean', default: false },
+      big: { type: 'boolean', default: false },
     },
   });
   if (values.tcp) {
     const date = new Date().toISOString().slice(0, 19).replace(/:/g, '-');
     process.exitCode = await soakTcp({
       rounds: num(values.rounds, 100, 'rounds'), base: num(values.seed, Date.now() % 1_000_000_007, 'seed'), start: num(values.start, 0, 'start'),
-      kinds: values.kinds ? values.kinds.split(',') : null, quiet: values.quiet, root: ROOT,
+      kinds: values.kinds ? values.kinds.split(',') : null, quiet: values.quiet, root: ROOT, big: values.big,
       out: values.out ?? path.join(ROOT, 'bench', 'results', `soak-tcp-${date}.json`),
     });
     return;
@@ -67,9 +70,9 @@ async function main(): Promise<void> {
   const date = new Date().toISOString().slice(0, 19).replace(/:/g, '-');
   const out = values.out ?? path.join(ROOT, 'bench', 'results', `soak-${date}.json`);
   const say = (line: string): void => void process.stdout.write(`${line}\n`);
-  const opts = { ...DEFAULT_RIG, log: values.quiet ? undefined : say };
+  const opts = { ...DEFAULT_RIG, ...(values.big ? BIG_WRITES : {}), log: values.quiet ? undefined : say };
 
-  say(`soak: ${rounds} rounds from index ${start}, base seed ${base}, ${opts.devices} devices × ${opts.devBytes >> 20} MiB, ring ${opts.ringSectors} sectors, report ${path.relative(ROOT, out)}`);
+  say(`soak: ${rounds} rounds from index ${start}, base seed ${base}, ${opts.devices} devices × ${opts.devBytes >> 20} MiB, ring ${opts.ringSectors} sectors, writes of up to ${opts.maxBlocks ?? 4} blocks in ${opts.regionSectors}-sector regions, report ${path.relative(ROOT, out)}`);
   const t0 = Date.now();
   const results: RoundResult[] = [];
   const sandboxes: string[] = [];

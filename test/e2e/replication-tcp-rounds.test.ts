@@ -3,11 +3,12 @@
  * a fault-injecting proxy between them, a writer child over NBD and the independent
  * write-order checker. 10 rounds, one of each kind and two more, with the seed printed so
  * a failure reproduces (`DMKIT_TCP_SEED=… npx vitest run test/e2e/replication-tcp-rounds`);
- * `npm run soak -- --tcp` runs 100.
+ * `npm run soak -- --tcp` runs 100. Then 3 rounds of big writes (TCP_BIG_RIG: log entries over
+ * 64 KiB, whose memory the log reuses) through a reset, a corruption and a receiver kill.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { roundSeed } from '../helpers/replication-rounds.ts';
-import { TCP_KINDS, TcpRig, planTcpRound, runTcpRound, type TcpRoundResult } from '../helpers/tcp-rounds.ts';
+import { TCP_BIG_RIG, TCP_KINDS, TCP_RIG, TcpRig, planTcpRound, runTcpRound, type TcpKind, type TcpRoundResult } from '../helpers/tcp-rounds.ts';
 
 const ROUNDS = 10;
 const SEED = Number(process.env.DMKIT_TCP_SEED ?? Date.now() % 1_000_000_007);
@@ -48,7 +49,28 @@ describe(`tcp slink: ${ROUNDS} partition / corruption / crash rounds (seed ${SEE
   });
 });
 
-async function reopen(old: TcpRig): Promise<TcpRig> {
+describe(`tcp slink: rounds with big writes (seed ${SEED})`, () => {
+  const opts = TCP_BIG_RIG;
+  const kinds: readonly TcpKind[] = ['reset', 'corrupt-down', 'receiver-kill'];
+  let t: TcpRig;
+  beforeAll(async () => {
+    t = await TcpRig.open(opts);
+  }, 120_000);
+  afterAll(async () => {
+    await t?.close();
+  }, 60_000);
+
+  for (let i = 0; i < kinds.length; i++) {
+    it(`round ${i}: ${kinds[i]}, writes up to ${opts.maxBlocks} blocks`, async () => {
+      if (!t.rig.healthy) t = await reopen(t, opts);
+      const r = await runTcpRound(t, planTcpRound(i, roundSeed(SEED + 1, i), opts, kinds));
+      expect(r.failures, `seed ${SEED + 1}, round ${i}; evidence ${r.evidence ?? '-'}`).toEqual([]);
+      expect(r.remoteAtCut.ok || r.resyncedBytes > 0).toBe(true);
+    }, 180_000);
+  }
+});
+
+async function reopen(old: TcpRig, opts = TCP_RIG): Promise<TcpRig> {
   await old.close();
-  return TcpRig.open();
+  return TcpRig.open(opts);
 }

@@ -27,6 +27,8 @@ export interface RigOptions {
   devBytes: number;
   regionSectors: number;
   ringSectors: number;
+  /** the largest write of a round, in 4 KiB blocks (default 4) */
+  maxBlocks?: number;
   /** progress lines */
   log?: (line: string) => void;
   /**
@@ -46,6 +48,19 @@ export interface RemoteSite {
 }
 
 export const DEFAULT_RIG: RigOptions = { devices: 3, devBytes: 2 << 20, regionSectors: 64, ringSectors: 8192 };
+
+/**
+ * Big writes (`npm run soak -- --big`): writes of 4 KiB to 256 KiB in 256 KiB regions, so most
+ * log entries are over 64 KiB, the size whose memory the replication log reuses once no ship
+ * reads it (docs/formats/replog.md, "Reused images"): the rounds then check that reuse at
+ * every kill and cut.
+ */
+export const BIG_WRITES: Partial<RigOptions> = { regionSectors: 512, maxBlocks: 64 };
+
+/** the writer's hot area: 16 blocks, or four of the largest writes */
+export function hotBlocks(opts: RigOptions): number {
+  return Math.max(16, 4 * (opts.maxBlocks ?? 4));
+}
 
 /** a status line with the target's JSON detail (the parts the rounds read) */
 export interface Status {

@@ -32,9 +32,9 @@ import fs from 'node:fs';
 import { prng } from './nbd-tools.ts';
 import { BLOCK, describeBlock, type History, type WriterRound } from './repl-writer.ts';
 import { checkSite, HistoryError, summarize, type CheckResult, type WriteRecord } from './replication-checker.ts';
-import { DEFAULT_RIG, SECTOR, type Rig, type RigOptions, type Status } from './replication-rig.ts';
+import { DEFAULT_RIG, SECTOR, hotBlocks, type Rig, type RigOptions, type Status } from './replication-rig.ts';
 
-export { DEFAULT_RIG, Rig, type RigOptions } from './replication-rig.ts';
+export { BIG_WRITES, DEFAULT_RIG, Rig, type RigOptions } from './replication-rig.ts';
 
 export type RoundKind = 'async' | 'sync' | 'suspended' | 'suspend-mid' | 'slow' | 'slow-sync' | 'double' | 'double-ship' | 'overflow';
 /** the kinds in the order rounds cycle through them */
@@ -78,8 +78,8 @@ export function planRound(index: number, seed: number, opts: RigOptions = DEFAUL
   return {
     index, seed, kind,
     writer: {
-      seed, lanes: int(4, 12), span: overflow ? blocks / 4 : blocks, maxBlocks: overflow ? 4 : int(1, 4),
-      hot: 16, hotShare: 0.5, maxWrites: Math.round(maxWrites), flushShare: 0.03, fuaShare: 0.05,
+      seed, lanes: int(4, 12), span: overflow ? blocks / 4 : blocks, maxBlocks: overflow ? 4 : int(1, opts.maxBlocks ?? 4),
+      hot: hotBlocks(opts), hotShare: 0.5, maxWrites: Math.round(maxWrites), flushShare: 0.03, fuaShare: 0.05,
     },
     killAtAcks: idleKill || overflow ? Math.round(maxWrites * (idleKill ? 1 : 0.9)) : int(1, maxWrites - 1),
     killJitterMs: int(0, 15),

@@ -23,7 +23,7 @@ import path from 'node:path';
 import { FaultProxy } from '../support/fault-proxy.ts';
 import { prng } from './nbd-tools.ts';
 import { type History, type WriterRound } from './repl-writer.ts';
-import { Rig, SECTOR, type RigOptions, type Status } from './replication-rig.ts';
+import { BIG_WRITES, Rig, SECTOR, hotBlocks, type RigOptions, type Status } from './replication-rig.ts';
 import { differences, judge, keepEvidence, writtenRegionBytes } from './replication-rounds.ts';
 import { SiteDaemon } from './site-daemon.ts';
 
@@ -32,6 +32,15 @@ export const TCP_KINDS: readonly TcpKind[] = ['partition', 'corrupt-up', 'receiv
 
 /** the tcp rig: a bigger ring than the blockdev rounds, so a partition does not overflow it */
 export const TCP_RIG: RigOptions = { devices: 2, devBytes: 2 << 20, regionSectors: 64, ringSectors: 32768 };
+
+/**
+ * BIG_WRITES over tcp: a round writes ~20 MiB, so the ring is 64 MiB (the tail still moves,
+ * and images are reused, at every checkpoint). In a 16 MiB ring a receiver down for 0.5 s
+ * let it overflow, and the resync of the 2 MiB devices, under writes that rewrite them
+ * whole, copied every region twice: past the rounds' bound on resync bytes, which is right
+ * for small writes, but not a fault.
+ */
+export const TCP_BIG_RIG: RigOptions = { ...TCP_RIG, ...BIG_WRITES, ringSectors: 131072 };
 
 export interface TcpPlan {
   index: number;
@@ -54,7 +63,7 @@ export function planTcpRound(index: number, seed: number, opts: RigOptions = TCP
   return {
     index, seed, kind,
     writer: {
-      seed, lanes: int(4, 12), span: opts.devBytes / 4096, maxBlocks: int(1, 4), hot: 16, hotShare: 0.5,
+      seed, lanes: int(4, 12), span: opts.devBytes / 4096, maxBlocks: int(1, opts.maxBlocks ?? 4), hot: hotBlocks(opts), hotShare: 0.5,
       maxWrites, flushShare: 0.03, fuaShare: 0.05,
     },
     faultAtAcks,
