@@ -93,7 +93,7 @@ async function main(): Promise<void> {
         rig.healthy = false;
         r = {
           index: i, seed: plan.seed, kind: plan.kind, ok: false, notes: [], failures: [`round aborted: ${(err as Error).stack ?? err}`],
-          submitted: 0, acked: 0, kills: 0, remoteAtKill: [], afterRestart: [], resyncedBytes: 0, overflows: null, writtenRegionBytes: 0,
+          submitted: 0, acked: 0, kills: 0, remoteAtKill: [], afterRestart: [], resyncedBytes: 0, overflows: null, consistentAtKill: true, writtenRegionBytes: 0,
           ms: { write: 0, restart: 0, catchUp: 0, check: 0, total: 0 },
         };
       }

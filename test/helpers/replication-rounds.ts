@@ -113,6 +113,11 @@ export interface RoundResult {
   resyncedBytes: number;
   /** the group's ring-overflow count just before the SIGKILL */
   overflows: number | null;
+  /**
+   * the status read just before the first SIGKILL said the site was order-consistent (false:
+   * on its dirty logs after an overflow, or resyncing: its images need not be a prefix)
+   */
+  consistentAtKill: boolean;
   /** bytes of the regions the round wrote: the most a resync may copy */
   writtenRegionBytes: number;
   ms: { write: number; restart: number; catchUp: number; check: number; total: number };
@@ -208,7 +213,7 @@ async function round(rig: Rig, plan: RoundPlan): Promise<RoundResult> {
   const failures: string[] = [];
   const res: RoundResult = {
     index: plan.index, seed: plan.seed, kind: plan.kind, ok: false, failures, notes: [], submitted: 0, acked: 0, kills: 0,
-    remoteAtKill: [], afterRestart: [], resyncedBytes: 0, overflows: null, writtenRegionBytes: 0, ms: { write: 0, restart: 0, catchUp: 0, check: 0, total: 0 },
+    remoteAtKill: [], afterRestart: [], resyncedBytes: 0, overflows: null, consistentAtKill: true, writtenRegionBytes: 0, ms: { write: 0, restart: 0, catchUp: 0, check: 0, total: 0 },
   };
   const sync = plan.kind === 'sync' || plan.kind === 'slow-sync';
   const suspended = plan.kind === 'suspended' || plan.kind === 'double' || plan.kind === 'overflow';
@@ -226,7 +231,9 @@ async function round(rig: Rig, plan: RoundPlan): Promise<RoundResult> {
   }
   const reached = await rig.writer.until((x) => x.acked >= plan.killAtAcks, 30_000);
   if (!reached) failures.push(`the writer acknowledged only ${h.acked} of ${plan.killAtAcks} writes in 30 s (errors: ${h.errors.join('; ')})`);
-  res.overflows = (await rig.status('repl')).detail.statistics?.overflows ?? null;
+  const beforeKill = await rig.status('repl');
+  res.overflows = beforeKill.detail.statistics?.overflows ?? null;
+  res.consistentAtKill = beforeKill.detail.sites.find((x) => x.slink === 1)?.consistent ?? true;
   await sleep(plan.killJitterMs);
   await rig.kill();
   res.kills++;
@@ -288,14 +295,20 @@ async function round(rig: Rig, plan: RoundPlan): Promise<RoundResult> {
 
   // ---- judge: the remote at each kill, then local and remote after catch-up ----
   const t3 = Date.now();
-  // An image that is not a valid prefix state is allowed only where the engine says so after the restart:
-  // after a kill while the group ran, only if the site was on its dirty logs (it resynced); after a kill
-  // during recovery also if the site was re-shipping entries it may already have had (consistent false)
+  // An image that is not a valid prefix state is allowed only where the engine says so: after a kill
+  // while the group ran, only if the site was on its dirty logs (it resynced after the restart, or the
+  // status just before the kill said it was not consistent: with a second kill during recovery, the
+  // daemon in between may have done the resync); after a kill during recovery also if the site was
+  // re-shipping entries it may already have had (consistent false after the restart)
   const after = res.afterRestart[res.afterRestart.length - 1]!;
   const onDirtyLogs = after.mode === 'dirty-log' || res.resyncedBytes > 0;
   kills.forEach((k, n) => {
     if (k.remote.result?.ok) return;
     const duringRecovery = n > 0;
+    if (!duringRecovery && !res.consistentAtKill) {
+      res.notes.push(`remote images after SIGKILL 1 not order-consistent, as the status before the kill declared: ${k.remote.text.split('\n')[0]}`);
+      return;
+    }
     if (onDirtyLogs || (duringRecovery && !after.consistent)) {
       res.notes.push(`remote images after SIGKILL ${n + 1} not order-consistent, as the status after the restart declared (${JSON.stringify(after)}): ${k.remote.text.split('\n')[0]}`);
       return;
