@@ -28,7 +28,7 @@ import { RingReader, overflow, walkTo } from './ring-reader.ts';
 import type { RingAccess } from './ring-reader.ts';
 import { scanRing } from './ring-recovery.ts';
 import { RingSpace } from './ring-space.ts';
-import { ImageSlab, SLAB_MAX, WriteQueue } from './ring-writes.ts';
+import { ImageSlab, WriteQueue } from './ring-writes.ts';
 import type { AppendEntry, CheckpointState, Recovered, Replog, ReplogContext, ReplogEntry, ReplogReader } from './types.ts';
 
 /**
@@ -39,8 +39,6 @@ import type { AppendEntry, CheckpointState, Recovered, Replog, ReplogContext, Re
  * the site unable to keep up with a 1 MiB writer).
  */
 export const BIG_PAYLOAD = 2 * 1024 * 1024;
-/** larger entry images remembered for reuse (see `reclaim`): bounded, whatever the ring's size */
-export const RETAIN_BYTES = 64 * 1024 * 1024;
 const OPS: ReadonlySet<string> = new Set(['write', 'discard', 'write-zeroes', 'flush']);
 const EMPTY = Buffer.alloc(0);
 const noop = (): void => {};
@@ -66,15 +64,8 @@ export class RingLog implements Replog {
   readonly #io: LogDevice;
   readonly #uuid: Buffer;
   readonly #cache = new EntryCache();
-  /** where small entries' images are carved from */
+  /** where entries' images come from, and larger ones go back to for reuse (`reclaim`) */
   readonly #images = new ImageSlab();
-  /**
-   * larger images (ImageSlab keeps no slab for them) of the newest entries, oldest first:
-   * each goes back to `#images` for reuse once `reclaim` says nobody holds its entry and it
-   * is behind the tail; at most RETAIN_BYTES are remembered (older ones are left to the GC)
-   */
-  readonly #retired: Array<{ readonly seq: number; readonly image: Buffer }> = [];
-  #retiredBytes = 0;
   /** ring writes made by appends of this turn, not issued yet */
   readonly #queue = new WriteQueue<Slot>();
   /** what readers and the walk see of this log */
@@ -168,7 +159,7 @@ export class RingLog implements Replog {
     }
     this.#hints.clear();
     this.#cache.clear();
-    this.#forgetImages();
+    this.#images.clear();
     const scan = await scanRing(this.#io, this.#uuid, ring, cp, {
       hint: (p) => this.#hints.add(p.seq, p.off, p.prevCrc), hintStride: hintStride(ring),
     });
@@ -213,19 +204,17 @@ export class RingLog implements Replog {
     const small = payload.length < BIG_PAYLOAD;
     const image = small ? this.#images.take(bytes) : ioBuffer(ENTRY_HEADER_BYTES);
     encodeEntryHeader(image, fields, this.#uuid);
-    let entry: ReplogEntry | null = null;
-    const seed = entrySeed(image, 0);
-    let crc: number;
+    let data = payload;
     if (small) {
       payload.copy(image, ENTRY_HEADER_BYTES);
       image.fill(0, ENTRY_HEADER_BYTES + payload.length);
-      const data = image.subarray(ENTRY_HEADER_BYTES, ENTRY_HEADER_BYTES + payload.length);
-      crc = sealEntryFrom(image, 0, seed, data);
-      entry = {
-        seq, time, devNr: e.devNr, op: e.op, sector: e.sector, sectors: e.sectors, epoch: e.epoch, fua: e.fua, data,
-        payloadCrc: { seed, crc },
-      };
-    } else crc = sealEntryFrom(image, 0, seed, payload);
+      data = image.subarray(ENTRY_HEADER_BYTES, ENTRY_HEADER_BYTES + payload.length);
+    }
+    const seed = entrySeed(image, 0);
+    const crc = sealEntryFrom(image, 0, seed, data);
+    const entry: ReplogEntry | null = small
+      ? { seq, time, devNr: e.devNr, op: e.op, sector: e.sector, sectors: e.sectors, epoch: e.epoch, fua: e.fua, data, payloadCrc: { seed, crc } }
+      : null;
     this.#lastCrc = crc;
     const marker = space.marker;
     const slot: Slot = {
@@ -237,7 +226,7 @@ export class RingLog implements Replog {
       slot.reject = reject;
     });
     this.#cache.push(slot);
-    if (small && bytes > SLAB_MAX) this.#retain(seq, image);
+    if (small) this.#images.retain(seq, image);
     this.#sample(slot);
     if (marker >= 0) this.#write(slot, marker, encodeWrapMarker(seq, this.#uuid));
     if (small) this.#write(slot, off, image);
@@ -299,21 +288,8 @@ export class RingLog implements Replog {
     this.#ctx.event();
   }
 
-  #retain(seq: number, image: Buffer): void {
-    this.#retired.push({ seq, image });
-    this.#retiredBytes += image.length;
-    while (this.#retiredBytes > RETAIN_BYTES) this.#retiredBytes -= this.#retired.shift()!.image.length;
-  }
-
   reclaim(belowSeq: number): void {
-    const below = Math.min(belowSeq, this.#tailSeq);
-    const r = this.#retired;
-    let n = 0;
-    for (; n < r.length && r[n]!.seq < below; n++) {
-      this.#retiredBytes -= r[n]!.image.length;
-      this.#images.give(r[n]!.image);
-    }
-    if (n > 0) r.splice(0, n);
+    this.#images.reclaim(Math.min(belowSeq, this.#tailSeq));
   }
 
   /** keep a position sample every 1/128 of the ring */
@@ -444,17 +420,11 @@ export class RingLog implements Replog {
     return `${escapeArg(this.#io.ref)} ${this.#io.devStart} open ${this.size}`;
   }
 
-  #forgetImages(): void {
-    this.#retired.length = 0;
-    this.#retiredBytes = 0;
-    this.#images.clear();
-  }
-
   destroy(): Promise<void> {
     if (!this.#closed) {
       this.#flushQueue(); // the appends made issue their writes, as when they were issued at once
       this.#closed = true;
-      this.#forgetImages();
+      this.#images.clear();
       this.#release();
       const waiting = this.#deferred ?? [];
       this.#deferred = null;

@@ -6,10 +6,10 @@
  *     memory for V8) of its own. A slab is never reused: it is freed by the garbage
  *     collector once no image carved from it is referenced (cache, reader, shipper, a remote
  *     write in flight), so no image's bytes ever change while anyone can still read them.
- *     A larger image (a payload over 64 KiB) is a buffer of its own; once the replicator
- *     says nobody holds its entry any more and the entry is behind the ring's tail
- *     (`Replog.reclaim`), it is kept (up to SPARE_BYTES) and the next image of its size
- *     reuses it. Measured at 1 MiB writes: a fresh 512 KiB image per entry (a fresh mmap,
+ *     A larger image (a payload over 64 KiB) is a buffer of its own; the slab remembers the
+ *     newest ones (`retain`), and once the replicator says nobody holds their entries any
+ *     more and they are behind the ring's tail (`Replog.reclaim`), keeps them (up to
+ *     SPARE_BYTES) for the next images of their size. Measured at 1 MiB writes: a fresh 512 KiB image per entry (a fresh mmap,
  *     its pages zeroed and faulted in, external memory driving V8 into Mark-Compacts) cost
  *     more CPU than the copy and the CRC of the payload together.
  *   - `WriteQueue`: the ring writes of the appends made in one burst (until the running
@@ -30,6 +30,8 @@ export const SLAB_MAX = 64 * 1024;
  * fresh; with 64 MiB, none after the first lap, and the process's RSS was no larger)
  */
 export const SPARE_BYTES = 64 * 1024 * 1024;
+/** larger images of the newest entries remembered for reuse (`retain`): bounded, whatever the ring's size */
+export const RETAIN_BYTES = 64 * 1024 * 1024;
 
 export class ImageSlab {
   #slab: Buffer | null = null;
@@ -37,6 +39,12 @@ export class ImageSlab {
   /** larger images given back, by length */
   readonly #spare = new Map<number, Buffer[]>();
   #spareBytes = 0;
+  /**
+   * larger images of the newest entries, oldest first: each is given back once `reclaim`
+   * passes its entry; at most RETAIN_BYTES are remembered (older ones are left to the GC)
+   */
+  readonly #retained: Array<{ readonly seq: number; readonly image: Buffer }> = [];
+  #retainedBytes = 0;
 
   /** `bytes` of uninitialised memory that no other image shares */
   take(bytes: number): Buffer {
@@ -69,15 +77,36 @@ export class ImageSlab {
     this.#spareBytes += n;
   }
 
+  /** `image` (from `take`) is entry `seq`'s: given back at a `reclaim` past `seq` (small ones: never) */
+  retain(seq: number, image: Buffer): void {
+    if (image.length <= SLAB_MAX) return;
+    this.#retained.push({ seq, image });
+    this.#retainedBytes += image.length;
+    while (this.#retainedBytes > RETAIN_BYTES) this.#retainedBytes -= this.#retained.shift()!.image.length;
+  }
+
+  /** nobody reads the images of entries before `belowSeq` any more: give them back */
+  reclaim(belowSeq: number): void {
+    const r = this.#retained;
+    let n = 0;
+    for (; n < r.length && r[n]!.seq < belowSeq; n++) {
+      this.#retainedBytes -= r[n]!.image.length;
+      this.give(r[n]!.image);
+    }
+    if (n > 0) r.splice(0, n);
+  }
+
   /** bytes of images kept for reuse */
   get spareBytes(): number {
     return this.#spareBytes;
   }
 
-  /** drop the spares (the log is recovered anew or destroyed) */
+  /** drop the spares and the images remembered (the log is recovered anew or destroyed) */
   clear(): void {
     this.#spare.clear();
     this.#spareBytes = 0;
+    this.#retained.length = 0;
+    this.#retainedBytes = 0;
   }
 }
 
