@@ -226,7 +226,7 @@ export class RingLog implements Replog {
       slot.reject = reject;
     });
     this.#cache.push(slot);
-    if (small) this.#images.retain(seq, image);
+    if (small) this.#images.retain(seq, image, this.#space.ringBytes);
     this.#sample(slot);
     if (marker >= 0) this.#write(slot, marker, encodeWrapMarker(seq, this.#uuid));
     if (small) this.#write(slot, off, image);

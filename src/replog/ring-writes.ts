@@ -77,12 +77,16 @@ export class ImageSlab {
     this.#spareBytes += n;
   }
 
-  /** `image` (from `take`) is entry `seq`'s: given back at a `reclaim` past `seq` (small ones: never) */
-  retain(seq: number, image: Buffer): void {
+  /**
+   * `image` (from `take`) is entry `seq`'s: given back at a `reclaim` past `seq` (small ones:
+   * never). At most `limit` bytes (the ring's size: older entries are overwritten anyway) and
+   * RETAIN_BYTES are remembered.
+   */
+  retain(seq: number, image: Buffer, limit = RETAIN_BYTES): void {
     if (image.length <= SLAB_MAX) return;
     this.#retained.push({ seq, image });
     this.#retainedBytes += image.length;
-    while (this.#retainedBytes > RETAIN_BYTES) this.#retainedBytes -= this.#retained.shift()!.image.length;
+    while (this.#retainedBytes > Math.min(limit, RETAIN_BYTES)) this.#retainedBytes -= this.#retained.shift()!.image.length;
   }
 
   /** nobody reads the images of entries before `belowSeq` any more: give them back */
