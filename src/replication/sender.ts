@@ -13,7 +13,8 @@
  *   the data is not read again here, and the site checks the bytes against what was logged.
  * - A request the receiver asks for again more than MAX_RESENDS times (its payload keeps
  *   failing its CRC: with the log's CRC, data damaged here since it was logged) fails with
- *   EIO, and with it every log entry not yet answered; the connection is re-made.
+ *   EIO, and with it every log entry not yet answered; the connection is re-made. A RESTART
+ *   asked for again more than MAX_RESENDS times is given up the same way (#giveUp).
  * - A refused authentication is not retried by itself: the link is `auth-failed` until
  *   a retest of the replicator gets in (it stays `auth-failed` while a retest tries).
  */
@@ -88,6 +89,19 @@ interface Req {
   seeded: boolean;
 }
 
+/** the RESTART of a shipping generation (Peer.restart) */
+interface RestartFrame {
+  readonly seq: number;
+  readonly generation: number;
+  readonly id: number;
+  /** sent on this connection */
+  sent: boolean;
+  /** no log entry sent after it was answered with an error (#restartStale) */
+  valid: boolean;
+  /** times the receiver asked for it again */
+  resends: number;
+}
+
 interface Dev {
   readonly devNr: number;
   readonly name: string;
@@ -158,7 +172,7 @@ export class Peer {
    * it was answered with an error (`valid`: after one, telling the receiver again would let
    * later epochs pass the failed entry).
    */
-  #restart: { seq: number; generation: number; id: number; sent: boolean; valid: boolean } | null = null;
+  #restart: RestartFrame | null = null;
 
   constructor(opts: PeerOptions) {
     this.opts = opts;
@@ -238,7 +252,7 @@ export class Peer {
       this.#restart = null;
       return;
     }
-    this.#restart = { seq, generation, id: this.#nextId++, sent: false, valid: true };
+    this.#restart = { seq, generation, id: this.#nextId++, sent: false, valid: true, resends: 0 };
     this.#pump();
   }
 
@@ -533,6 +547,7 @@ export class Peer {
     if (rs && id === rs.id && f.h.type === FrameType.RESEND) {
       // the receiver holds what follows it until it has it (nothing after it can have failed there)
       this.stats.resends++;
+      if (++rs.resends > MAX_RESENDS) return this.#giveUp(rs);
       return void this.#frames?.send(FrameType.RESTART, rs.id, [encodeRestart(rs.seq)], !this.opts.crc);
     }
     const req = this.#reqs.get(id);
@@ -562,22 +577,27 @@ export class Peer {
   }
 
   /**
-   * The receiver asked for `req` again more than MAX_RESENDS times: it fails (EIO). A log
-   * entry takes every log entry not yet answered with it (sent after it, they must not reach
-   * the site without it: the shipper ships them again after its retest, from the failed one
-   * on, behind a RESTART), and the connection is re-made: the receiver holds every IO frame
-   * read after the one it asked for, and drops them when the connection ends.
+   * The receiver asked for a request or the RESTART again more than MAX_RESENDS times: a
+   * request fails (EIO); the RESTART is not sent again, on any connection (#restartStale).
+   * A log entry or the RESTART takes every log entry not yet answered with it (sent after
+   * it, they must not reach the site without it: the shipper ships them again after its
+   * retest, from the oldest one the site still needs, behind its next generation's RESTART),
+   * and the connection is re-made: the receiver holds every frame read after the one it
+   * asked for, and drops them when the connection ends.
    */
-  #giveUp(req: Req): void {
+  #giveUp(f: Req | RestartFrame): void {
     const where = `${this.opts.name}: ${this.address}`;
-    const what = req.io.seq > 0 ? `log entry ${req.io.seq} (request ${req.id})` : `request ${req.id}`;
-    const why = req.seeded
+    const req = 'io' in f ? f : null;
+    const what = !('io' in f) ? `RESTART at entry ${f.seq} (frame ${f.id})` : f.io.seq > 0 ? `log entry ${f.io.seq} (request ${f.id})` : `request ${f.id}`;
+    const why = req?.seeded
       ? 'its data does not match the CRC the replication log sealed it with (damaged at the sender since it was logged?)'
       : 'its payload keeps failing its CRC on the way';
-    const err = new BlockError('EIO', `${where}: ${what} failed its CRC at the receiver ${req.resends} times: ${why}; not sent again`);
-    this.#reqs.delete(req.id);
-    req.reject(err);
-    if (req.io.seq > 0) {
+    const err = new BlockError('EIO', `${where}: ${what} failed its CRC at the receiver ${f.resends} times: ${why}; not sent again`);
+    if (req) {
+      this.#reqs.delete(req.id);
+      req.reject(err);
+    }
+    if (!req || req.io.seq > 0) {
       this.#restartStale();
       const after = new BlockError('EIO', `${where}: not sent: ${what} failed before it (${why})`);
       for (const r of [...this.#reqs.values()]) {
@@ -585,7 +605,7 @@ export class Peer {
       }
     }
     this.opts.log.warn(err.message);
-    this.#lost(new DmError('EIO', `${what} given up after ${req.resends} RESENDs`));
+    this.#lost(new DmError('EIO', `${what} given up after ${f.resends} RESENDs`));
   }
 
   /** a reply whose payload failed its CRC: the connection cannot tell which data it was; start over */

@@ -16,7 +16,12 @@
  *    gets exactly today's frames;
  *  - a raw sender against the real receiver: a seeded frame without the feature, one too
  *    short, or the flag on another frame type closes the connection with the reason; a
- *    damaged seeded frame gets RESEND and is applied only once it comes back intact.
+ *    damaged seeded frame gets RESEND and is applied only once it comes back intact;
+ *  - the RESTART frame (feature 'pipeline') obeys the same bound: a real sender and a real
+ *    receiver with a proxy between them that damages every RESTART's payload: re-sent at
+ *    most MAX_RESENDS times, then given up like an IO frame (the entries behind it fail with
+ *    EIO, it is not sent again, the connection is re-made); the site applies nothing twice
+ *    or out of order, and its image ends equal to the source's.
  */
 import fs from 'node:fs';
 import net from 'node:net';
@@ -27,10 +32,11 @@ import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import type { Bio } from '../../src/core/bio.ts';
 import { BlockError, DeviceMapper } from '../../src/index.ts';
 import type { Logger } from '../../src/core/log.ts';
+import type { BlockDev } from '../../src/core/types.ts';
 import type { Frame, FrameSocket } from '../../src/replication/frame-socket.ts';
 import { clientHandshake, loadSecret, serverHandshake } from '../../src/replication/handshake.ts';
 import {
-  Codec, FEATURES, FLAG_NO_CRC, FLAG_SEEDED, FrameType, IO_HEADER, IO_HEADER_SEEDED, IoOp, MAX_PAYLOAD,
+  Codec, FEATURES, FLAG_NO_CRC, FLAG_SEEDED, FrameType, HEADER_SIZE, IO_HEADER, IO_HEADER_SEEDED, IoOp, MAX_PAYLOAD,
   decodeIo, decodeJson, encodeHeader, encodeIo, encodeJson, seededCrc, type FrameHeader, type IoRequest,
 } from '../../src/replication/protocol.ts';
 import { ReplicationReceiver } from '../../src/replication/receiver.ts';
@@ -116,6 +122,18 @@ async function sender(port: number, options: string[] = [], lg: Logger = keeping
 /** the link's status counters (tcp: resends, reconnects …) */
 const stats = (link: SiteLink): Record<string, unknown> => link.statusJson!() as Record<string, unknown>;
 
+/** a receiving site in-process: the engine's device `vol` over an empty image file, and a real receiver */
+async function receivingSite(rxLog: Logger = keeping()): Promise<{ img: string; port: number }> {
+  const img = path.join(tmp, 'vol.img');
+  fs.writeFileSync(img, Buffer.alloc(0));
+  fs.truncateSync(img, SECTORS * 512);
+  await dm.create('vol', { table: `0 ${SECTORS} linear ${img} 0` });
+  const rx = new ReplicationReceiver(dm, { host: '127.0.0.1', port: 0, secret: loadSecret(secretFile), stateDir: path.join(tmp, 'state') }, rxLog);
+  const port = (await rx.listen()).port;
+  closers.push(() => rx.close());
+  return { img, port };
+}
+
 // --- a real sender and a real receiver --------------------------------------------------
 
 describe('entry-crc: sender and receiver', { timeout: 60_000 }, () => {
@@ -124,14 +142,8 @@ describe('entry-crc: sender and receiver', { timeout: 60_000 }, () => {
   let rxLog: ReturnType<typeof keeping>;
 
   beforeEach(async () => {
-    img = path.join(tmp, 'vol.img');
-    fs.writeFileSync(img, Buffer.alloc(0));
-    fs.truncateSync(img, SECTORS * 512);
-    await dm.create('vol', { table: `0 ${SECTORS} linear ${img} 0` });
     rxLog = keeping();
-    const rx = new ReplicationReceiver(dm, { host: '127.0.0.1', port: 0, secret: loadSecret(secretFile), stateDir: path.join(tmp, 'state') }, rxLog);
-    port = (await rx.listen()).port;
-    closers.push(() => rx.close());
+    ({ img, port } = await receivingSite(rxLog));
   });
 
   const image = (): Buffer => fs.readFileSync(img);
@@ -325,13 +337,7 @@ describe('entry-crc: the receiver refuses malformed seeded frames', { timeout: 6
   let port: number;
 
   beforeEach(async () => {
-    img = path.join(tmp, 'vol.img');
-    fs.writeFileSync(img, Buffer.alloc(0));
-    fs.truncateSync(img, SECTORS * 512);
-    await dm.create('vol', { table: `0 ${SECTORS} linear ${img} 0` });
-    const rx = new ReplicationReceiver(dm, { host: '127.0.0.1', port: 0, secret: loadSecret(secretFile), stateDir: path.join(tmp, 'state') }, keeping());
-    port = (await rx.listen()).port;
-    closers.push(() => rx.close());
+    ({ img, port } = await receivingSite());
   });
 
   /** a raw sender: the real client handshake offering `features`, then frames by hand */
@@ -427,5 +433,203 @@ describe('entry-crc: the receiver refuses malformed seeded frames', { timeout: 6
     await until(() => s.got.filter((f) => f.h.type === FrameType.ACK).length === 3, 'the re-sent frames are acknowledged');
     expect(fs.readFileSync(img).subarray(512 * 512, 520 * 512).equals(d)).toBe(true);
     expect(s.closed()).toBe(false);
+  });
+});
+
+// --- a RESTART asked for again: the same bound as IO frames ---------------------------------
+
+/** RESTART frames seen on one connection past which the sender is taken to loop (the bound is MAX_RESENDS + 1) */
+const LOOPING = MAX_RESENDS + 20;
+
+/** one log entry of the source: its own epoch, 8 sectors of content naming its seq */
+interface Entry {
+  readonly seq: number;
+  readonly sector: number;
+  readonly data: Buffer;
+}
+
+const entry = (seq: number, sector: number): Entry => ({ seq, sector, data: content(`entry ${seq}`) });
+
+/** the seq an applied write carries (its first bytes, as `content` writes them), or -1 for another write */
+const seqOf = (data: Buffer): number => {
+  const m = /^entry (\d+)@0\./.exec(data.subarray(0, 32).toString('latin1'));
+  return m ? Number(m[1]) : -1;
+};
+
+/**
+ * A proxy that forwards whole frames from the sender to the receiver, and the receiver's
+ * bytes back unchanged. While `damage` > 0 it flips a payload byte of each RESTART frame
+ * (one fewer to damage each time). It records the ids of the RESTART frames of each
+ * connection as they pass.
+ */
+async function restartDamagingProxy(target: number): Promise<{ port: number; damage: number; restarts: number[][] }> {
+  const p = { port: 0, damage: 0, restarts: [] as number[][] };
+  const socks = new Set<net.Socket>();
+  const server = net.createServer((down) => {
+    const seen: number[] = [];
+    p.restarts.push(seen);
+    const up = net.connect({ host: '127.0.0.1', port: target });
+    for (const s of [down, up]) {
+      socks.add(s);
+      s.on('error', () => {});
+      s.on('close', () => { socks.delete(s); down.destroy(); up.destroy(); });
+    }
+    up.on('data', (b: Buffer) => down.write(b));
+    let pending = Buffer.alloc(0);
+    down.on('data', (b: Buffer) => {
+      pending = Buffer.concat([pending, b]);
+      while (pending.length >= HEADER_SIZE) {
+        const end = HEADER_SIZE + pending.readUInt32BE(16);
+        if (pending.length < end) break;
+        const frame = Buffer.from(pending.subarray(0, end));
+        pending = pending.subarray(end);
+        if (frame[4] === FrameType.RESTART) {
+          seen.push(Number(frame.readBigUInt64BE(8)));
+          if (p.damage > 0) {
+            p.damage--;
+            frame[end - 1]! ^= 0x01; // the payload: its CRC fails, the header's does not
+          }
+        }
+        up.write(frame);
+      }
+    });
+  });
+  await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
+  p.port = (server.address() as net.AddressInfo).port;
+  closers.push(() => new Promise<void>((r) => {
+    for (const s of socks) s.destroy();
+    server.close(() => r());
+  }));
+  return p;
+}
+
+describe('tcp: a RESTART asked for again', { timeout: 60_000 }, () => {
+  let img: string;
+  let proxy: Awaited<ReturnType<typeof restartDamagingProxy>>;
+  /** the seqs of the writes the receiver applied to its device, in the order it submitted them */
+  let applied: number[];
+  /** what the source device holds: the site's image must end equal to it */
+  let source: Buffer;
+  let lg: ReturnType<typeof keeping>;
+  let link: SiteLink;
+  let dev: RemoteDevice;
+
+  beforeEach(async () => {
+    const site = await receivingSite();
+    img = site.img;
+    source = Buffer.alloc(SECTORS * 512);
+    // every write the receiver applies goes through the writer it gets as the device turns secondary
+    applied = [];
+    const md = dm.get('vol');
+    const setSecondary = md.setSecondary.bind(md);
+    md.setSecondary = async (owner: string): Promise<BlockDev> => {
+      const w = await setSecondary(owner);
+      return {
+        ref: w.ref,
+        get sectors() { return w.sectors; },
+        submit: (bio: Bio) => {
+          if (bio.op === 'write') applied.push(seqOf(bio.data));
+          return w.submit(bio);
+        },
+      };
+    };
+    proxy = await restartDamagingProxy(site.port);
+    lg = keeping();
+    ({ link, dev } = await sender(proxy.port, [], lg));
+  });
+
+  const image = (): Buffer => fs.readFileSync(img);
+
+  /** ship `entries` pipelined (each its own epoch, seq = epoch), as the shipper does; each settles to null or its error */
+  const ship = (entries: readonly Entry[]): Array<Promise<unknown>> => entries.map((e) => dev.submit(
+    { op: 'write', sector: e.sector, sectors: 8, data: e.data, flags: {} }, { seq: e.seq, epoch: e.seq },
+  ).then(() => {
+    e.data.copy(source, e.sector * 512);
+    return null;
+  }, (err: unknown) => err));
+
+  /** every promise settled, or the sender seen looping on a RESTART (more of them on one connection than the bound allows) */
+  async function settledOrLooping(ps: Array<Promise<unknown>>): Promise<unknown[] | null> {
+    let out: unknown[] | null = null;
+    void Promise.all(ps).then((r) => (out = r));
+    await until(() => out !== null || proxy.restarts.some((c) => c.length > LOOPING), 'the ships settle or the RESTART loops');
+    return out;
+  }
+
+  it(`is re-sent at most ${MAX_RESENDS} times, then given up like an IO frame: the entries behind it fail, the connection is re-made, and the site never applies anything twice or out of order`, async () => {
+    // entries write over one another, so the image also shows the order they were applied in
+    const entries = [1, 2, 3, 4, 5, 6, 7].map((seq) => entry(seq, 8 * (seq % 3)));
+    expect(proxy.restarts.length).toBe(1);
+
+    // generation 1: its RESTART crosses intact, entries 1-3 land
+    dev.restart!(1, 1);
+    expect(await Promise.all(ship(entries.slice(0, 3)))).toEqual([null, null, null]);
+    expect(proxy.restarts[0]!.length).toBe(1);
+    expect(applied).toEqual([1, 2, 3]);
+    expect(image().equals(source)).toBe(true);
+    const before = image();
+
+    // generation 2 starts at entry 4; the link damages every RESTART: 4-7 go pipelined behind it
+    proxy.damage = Infinity;
+    dev.restart!(4, 2);
+    const results = await settledOrLooping(ship(entries.slice(3)));
+    const sent = proxy.restarts[0]!.slice(1);
+    expect(sent.length, 'the RESTART frames of generation 2 on the first connection: the original and MAX_RESENDS re-sends').toBe(MAX_RESENDS + 1);
+    expect(new Set(sent).size, 'the same frame each time').toBe(1);
+    const rid = sent[0]!;
+    expect(results).not.toBeNull();
+    for (const e of results!) {
+      expect(e).toBeInstanceOf(BlockError);
+      expect((e as BlockError).code).toBe('EIO');
+      expect((e as Error).message).toMatch(new RegExp(`not sent: RESTART at entry 4 \\(frame ${rid}\\) failed before it \\(its payload keeps failing its CRC on the way\\)`));
+    }
+    expect(lg.lines).toContain(`repl slink 1: 127.0.0.1:${proxy.port}: RESTART at entry 4 (frame ${rid}) failed its CRC at the receiver ${MAX_RESENDS + 1} times: its payload keeps failing its CRC on the way; not sent again`);
+    expect(stats(link).resends).toBe(MAX_RESENDS + 1);
+    // nothing behind the RESTART reached the site's device
+    expect(applied).toEqual([1, 2, 3]);
+    expect(image().equals(before)).toBe(true);
+
+    // the connection is made again; the given-up RESTART is not sent on it (a round trip
+    // after the reconnect: anything sent before it has passed the proxy)
+    await until(() => stats(link).reconnects === 1, 'the link reconnects');
+    expect(stats(link).connection).toBe('connected');
+    await dev.test();
+    expect(proxy.restarts.length).toBe(2);
+    expect(proxy.restarts[1]).toEqual([]);
+    expect(applied).toEqual([1, 2, 3]);
+
+    // the shipper's retest starts generation 3 at the oldest entry the site still needs (4);
+    // its RESTART is damaged once (within the bound: re-sent, and taken), and 4-7 land
+    proxy.damage = 1;
+    dev.restart!(4, 3);
+    expect(await Promise.all(ship(entries.slice(3)))).toEqual([null, null, null, null]);
+    expect(proxy.restarts[1]!.length).toBe(2);
+    expect(proxy.restarts[1]![0]).toBe(proxy.restarts[1]![1]);
+    expect(proxy.restarts[1]![0]).not.toBe(rid);
+    expect(stats(link).resends).toBe(MAX_RESENDS + 2);
+    expect(stats(link).reconnects).toBe(1);
+    // each entry applied once, in log order, and the site's image is the source's
+    expect(applied).toEqual([1, 2, 3, 4, 5, 6, 7]);
+    expect(image().equals(source)).toBe(true);
+  });
+
+  it('given up with no entry behind it, still re-makes the connection and is not sent again; later entries land', async () => {
+    proxy.damage = Infinity;
+    dev.restart!(1, 1);
+    await until(() => stats(link).reconnects === 1 || proxy.restarts[0]!.length > LOOPING, 'the link reconnects or the RESTART loops');
+    expect(proxy.restarts[0]!.length).toBe(MAX_RESENDS + 1);
+    expect(new Set(proxy.restarts[0]).size).toBe(1);
+    expect(lg.lines.some((l) => l.includes(`RESTART at entry 1 (frame ${proxy.restarts[0]![0]}) failed its CRC at the receiver ${MAX_RESENDS + 1} times`))).toBe(true);
+    await dev.test();
+    expect(stats(link).connection).toBe('connected');
+    expect(proxy.restarts.length).toBe(2);
+    expect(proxy.restarts[1]).toEqual([]);
+
+    proxy.damage = 0;
+    const entries = [1, 2, 3].map((seq) => entry(seq, 8 * (seq % 2)));
+    expect(await Promise.all(ship(entries))).toEqual([null, null, null]);
+    expect(proxy.restarts[1]).toEqual([]);
+    expect(applied).toEqual([1, 2, 3]);
+    expect(image().equals(source)).toBe(true);
   });
 });
