@@ -66,34 +66,30 @@ export const SYNC_SLOW_RUN = 2;
 /**
  * A synchronous request settles its promise without an event-loop turn, so a caller looping
  * `await dev.write(…)` would never let timers or sockets run. After SYNC_BURST synchronous
- * requests (all devices of the process together) without a turn of the event loop, requests
- * go through the pool until the loop has turned; likewise after SYNC_BURST_BYTES (so one
- * turn copies at most a few milliseconds' worth synchronously).
+ * requests of one device without a turn of the event loop, that device's requests go
+ * through the pool until the loop has turned; likewise after SYNC_BURST_BYTES (so one turn
+ * copies at most a few milliseconds' worth synchronously per device). The budget is per
+ * device, not per process: with one budget for all, the devices that ask first in a turn
+ * took all of it, and a replicator's site device, written after the log and the local
+ * device of the same writes, went to the pool for every write behind the writers' queue
+ * there, shipped a third as fast as they wrote and overflowed the ring (R1 at 1 MiB).
  */
 export const SYNC_BURST = 128;
 export const SYNC_BURST_BYTES = 8 * 1024 * 1024;
-let syncBurst = 0;
-let syncBurstBytes = 0;
-const endBurst = (): void => {
-  syncBurst = 0;
-  syncBurstBytes = 0;
+/** turns of the event loop in which synchronous I/O ran; a device's burst counts within one */
+let syncTurn = 0;
+let turnEnding = false;
+const endTurn = (): void => {
+  turnEnding = false;
+  syncTurn++;
 };
-
-/**
- * `n` more requests served in this turn without calls of their own: the replication log
- * writes the entries appended in one burst with one call, and they count toward the turn's
- * limit as the calls they replace did (so the event loop still turns as often).
- */
-export function chargeSyncTurn(n: number): void {
-  if (syncBurst === 0) setImmediate(endBurst);
-  syncBurst += n;
-}
-
-/** one more synchronous request of `bytes` in this turn of the event loop, if the burst allows it */
-function takeSyncTurn(bytes: number): boolean {
-  if (syncBurst === 0) setImmediate(endBurst);
-  syncBurstBytes += bytes;
-  return ++syncBurst <= SYNC_BURST && syncBurstBytes <= SYNC_BURST_BYTES;
+/** the current turn (its end is scheduled once a device counts in it) */
+function currentTurn(): number {
+  if (!turnEnding) {
+    turnEnding = true;
+    setImmediate(endTurn);
+  }
+  return syncTurn;
 }
 
 export interface FileDevOptions {
@@ -154,6 +150,10 @@ export class FileDev implements BlockDev {
   #asyncUntil = 0;
   /** slow synchronous calls in a row */
   #slowRun = 0;
+  /** this device's synchronous requests and bytes in turn #burstTurn of the event loop */
+  #burstTurn = -1;
+  #burst = 0;
+  #burstBytes = 0;
 
   private constructor(ref: string, path: string, fd: number, sectors: number, opts: FileDevOptions, state?: Int32Array) {
     this.#state = state ?? new Int32Array(new SharedArrayBuffer(8));
@@ -268,7 +268,29 @@ export class FileDev implements BlockDev {
 
   /** synchronous I/O allowed now: not backing off after slow calls, and within this turn's burst */
   #syncOk(bytes: number): boolean {
-    return (this.#asyncUntil === 0 || this.#backoffOver()) && takeSyncTurn(bytes);
+    return (this.#asyncUntil === 0 || this.#backoffOver()) && this.#takeSyncTurn(1, bytes);
+  }
+
+  /** `requests` more synchronous requests of `bytes` in this turn, if this device's burst allows them */
+  #takeSyncTurn(requests: number, bytes: number): boolean {
+    const turn = currentTurn();
+    if (turn !== this.#burstTurn) {
+      this.#burstTurn = turn;
+      this.#burst = 0;
+      this.#burstBytes = 0;
+    }
+    this.#burst += requests;
+    this.#burstBytes += bytes;
+    return this.#burst <= SYNC_BURST && this.#burstBytes <= SYNC_BURST_BYTES;
+  }
+
+  /**
+   * `n` more requests served in this turn without calls of their own: the replication log
+   * writes the entries appended in one burst with one call, and they count toward the turn's
+   * limit as the calls they replace did (so the event loop still turns as often).
+   */
+  chargeSyncTurn(n: number): void {
+    this.#takeSyncTurn(n, 0);
   }
 
   #backoffOver(): boolean {

@@ -30,6 +30,12 @@ export interface BlockDev {
    * cover only a leading part of the range (at least one sector): the caller asks again.
    */
   allocation?(sector: number, sectors: number): Promise<Extent[]>;
+  /**
+   * optional: `requests` more requests were served in this turn of the event loop by one
+   * call (joined writes); a device that completes requests synchronously counts them toward
+   * its limit per turn as if each had been a call (file-dev.ts SYNC_BURST)
+   */
+  chargeSyncTurn?(requests: number): void;
 }
 
 /** A descriptor for an open image file, and its flush state shared across threads. */

@@ -11,7 +11,6 @@
  * log: that append and every later one reject with EIO (recovery would stop at the hole).
  */
 import { BlockError, toBlockError } from '../core/errors.ts';
-import { chargeSyncTurn } from '../core/file-dev.ts';
 import { ioBuffer } from '../core/io-buffer.ts';
 import { escapeArg } from '../core/table-parse.ts';
 import type { StatusType } from '../core/types.ts';
@@ -248,13 +247,13 @@ export class RingLog implements Replog {
 
   /**
    * The queued writes, those of neighbouring images at neighbouring ring offsets as one
-   * write each; the writes a joined one replaces count toward FileDev's limit of
+   * write each; the writes a joined one replaces count toward the log device's limit of
    * synchronous calls per turn of the event loop as before, so timers and sockets get their
    * turns as often as when every append was a write.
    */
   readonly #flushQueue = (): void => {
     this.#queue.drain((off, buf, slots) => {
-      if (slots.length > 1) chargeSyncTurn(slots.length - 1);
+      if (slots.length > 1) this.#io.dev.chargeSyncTurn?.(slots.length - 1);
       this.#io.writeRing(off, buf).then(() => {
         for (const s of slots) this.#wrote(s);
       }, (err: unknown) => this.#fail(err));

@@ -167,6 +167,27 @@ describe('FileDev I/O paths', () => {
     });
   });
 
+  it('each device has its own burst: one that spent its turn does not send another to the pool', async () => {
+    // a replicator writes the log, the local device and then the site's device for the same
+    // writes: with one budget for the process the site's device went to the pool every turn
+    const other = path.join(dir, 'img2');
+    fs.writeFileSync(other, prng(8).fill(Buffer.alloc(SECTORS * 512)));
+    const opts = { syncIoMax: 256 * 1024, syncSlowMs: 1000 };
+    const a = open(opts);
+    const b = FileDev.open(other, other, opts);
+    devs.push(b);
+    await new Promise((r) => setImmediate(r)); // a fresh turn: nothing counted yet
+    const perTurn = SYNC_BURST_BYTES / (256 * 1024);
+    const fromA = Array.from({ length: perTurn + 1 }, (_, i) => read(a, (i % 8) * 512, 256 * 1024));
+    const fromB = read(b, 512, 256 * 1024); // in the same turn, after a's burst is spent
+    const settledA = await Promise.all(fromA.map((x) => settledAtOnce(x.p)));
+    expect(settledA.slice(0, perTurn).every(Boolean)).toBe(true);
+    expect(settledA[perTurn]).toBe(false);
+    expect(await settledAtOnce(fromB.p)).toBe(true);
+    await Promise.all([...fromA.map((x) => x.p), fromB.p]);
+    expect(fromB.bio.data.equals(fs.readFileSync(other).subarray(512 * 512, 512 * 512 + 256 * 1024))).toBe(true);
+  });
+
   it.each([
     ['always synchronous', { syncIoMax: 1 << 20 }],
     ['never synchronous', { syncIoMax: 0 }],
