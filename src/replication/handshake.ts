@@ -69,6 +69,30 @@ function peerError(f: Frame, where: string): DmError {
   return new DmError(code, `${where}: ${message}`);
 }
 
+/** OpenSSL's words for a record the other side sealed with a different key: what a TLS-PSK handshake between two different secrets fails with */
+const KEY_MISMATCH = /bad[ _]record[ _]mac|decryption[ _]failed|decrypt[ _]error|cipher[ _]operation[ _]failed/i;
+
+/**
+ * A failed TLS handshake as the error both sides report (sender's `lastError`, receiver's
+ * refusal): with a pre-shared key derived from the secret, two different secrets fail in
+ * TLS itself (the receiver cannot decrypt the sender's Finished, the sender hears the
+ * alert), so that case says the secrets differ, as the HMAC check says without TLS, rather
+ * than OpenSSL's text. Anything else stays `TLS handshake failed: …`, without OpenSSL's
+ * trailing newline. `where` prefixes the message (unless it is there already). A mismatch
+ * is EACCES (the sender's link is then `auth-failed`); anything else keeps its code.
+ */
+export function describeTlsError(err: unknown, where: string, mode: 'psk' | 'cert' = 'psk'): DmError {
+  const e = err as Error & { code?: string; cause?: { code?: string; reason?: string; message?: string } };
+  const cause = e.cause ?? {};
+  const words = [cause.reason, cause.code, cause.message, e.message].filter((x): x is string => typeof x === 'string').join(' ');
+  if (mode === 'psk' && KEY_MISMATCH.test(words)) {
+    return new DmError('EACCES', `${where}: authentication failed: the peer's replication secret does not match ours (TLS-PSK handshake failed: bad record mac)`, { cause: err });
+  }
+  const text = (e.message ?? String(err)).trimEnd();
+  const code = typeof e.code === 'string' ? e.code : 'EACCES';
+  return new DmError(code, text.startsWith(where) ? text : `${where}: ${text}`, { cause: err });
+}
+
 /** `p`, or ETIMEDOUT (and the socket destroyed) at `deadline` */
 function beforeDeadline<T>(p: Promise<T>, deadline: number, sock: Socket, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
@@ -127,7 +151,8 @@ export async function clientHandshake(
     const start = opts.certs
       ? clientCertTls(sock, opts.certs, opts.where)
       : clientTls(sock, { identity: TLS_IDENTITY, key: tlsKey(opts.secret) }, opts.where);
-    const t = await beforeDeadline(start, deadline, sock, `${opts.where}: TLS handshake`);
+    const t = await beforeDeadline(start, deadline, sock, `${opts.where}: TLS handshake`)
+      .catch((err: unknown) => { throw describeTlsError(err, opts.where, tlsMode); });
     t.resume();
     frames = new FrameSocket(t, { maxPayload: MAX_CONTROL });
   }
@@ -199,7 +224,8 @@ export async function serverHandshake(sock: Socket, auth: ServerAuth, where: str
         if (!cfg) tlsConfigs.set(auth.secret, cfg = pskServerConfig(new Map([[TLS_IDENTITY, tlsKey(auth.secret)]]), true));
         start = serverTls(sock, cfg);
       }
-      const t: TLSSocket = await beforeDeadline(start, deadline, sock, `${where}: TLS handshake`);
+      const t: TLSSocket = await beforeDeadline(start, deadline, sock, `${where}: TLS handshake`)
+        .catch((err: unknown) => { throw describeTlsError(err, where, tlsMode as 'psk' | 'cert'); });
       frames = new FrameSocket(t, { maxPayload: MAX_CONTROL });
     }
     const ch = decodeJson((await expect(frames, FrameType.AUTH_CHALLENGE, 'AUTH_CHALLENGE', deadline, where)).payload, 'AUTH_CHALLENGE');
