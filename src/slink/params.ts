@@ -97,6 +97,38 @@ export function parseSlinkParams(args: readonly string[], maxSlink = 64): SlinkP
 }
 
 /**
+ * After a slink's counted parameters (`type`, then `words`, as many as its count said), the
+ * word that follows (`next`, undefined at the end of the line) must be the next slink's
+ * type. A word shaped like a slink parameter there (`key=value`, a policy, a fall-behind
+ * keyword, a number) means the list is longer than its count: that is said, naming the
+ * count and the first word past it, rather than reading the word as a slink type
+ * (`missing slink parameters of 'retest=2' count`). Any other word is left to the slink
+ * registry (`unknown slink type …`). Throws `TargetArgError`:
+ *
+ *   slink 1 ('tcp'): its parameter count says 6, but a 7th, 'retest=2', follows where the next slink's type or the end of the line was expected
+ */
+export function checkSlinkCount(type: string, words: readonly string[], next: string | undefined): void {
+  if (next === undefined || !looksLikeParameter(next)) return;
+  const who = /^[0-9]+$/.test(words[0] ?? '') ? `slink ${Number(words[0])} ('${type}')` : `slink '${type}'`;
+  throw new TargetArgError(
+    `${who}: its parameter count says ${words.length}, but ${ordinal(words.length + 1)}, '${next}', follows where the next slink's type or the end of the line was expected`,
+  );
+}
+
+/** a word no slink type is written as, but a slink's parameter is */
+function looksLikeParameter(word: string): boolean {
+  return word.includes('=') || /^[0-9]+$/.test(word) || FALL_WORD.test(word) || VALID_POLICY.test(word);
+}
+
+/** with its article: a 1st, a 2nd, a 7th, an 8th, an 11th, a 12th, an 18th, a 21st, an 80th … */
+function ordinal(n: number): string {
+  const teen = n % 100 >= 11 && n % 100 <= 13;
+  const suffix = teen ? 'th' : ({ 1: 'st', 2: 'nd', 3: 'rd' } as Record<number, string>)[n % 10] ?? 'th';
+  const an = String(n).startsWith('8') || n === 11 || n === 18;
+  return `${an ? 'an' : 'a'} ${n}${suffix}`;
+}
+
+/**
  * A policy word (`sync`, `asynchronous+stall`, …) of slink `slink`. Throws
  * `TargetArgError`: an unknown word, or `+stall`/`+pull-ahead` on a sync policy.
  */

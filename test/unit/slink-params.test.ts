@@ -7,7 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { TargetArgError } from '../../src/core/errors.ts';
 import { parseTable } from '../../src/core/table-parse.ts';
 import {
-  DEFAULT_POLICY, formatFallBehind, formatPolicy, formatSlinkParams, parseFallBehind, parsePolicy, parseSlinkParams,
+  DEFAULT_POLICY, checkSlinkCount, formatFallBehind, formatPolicy, formatSlinkParams, parseFallBehind, parsePolicy, parseSlinkParams,
 } from '../../src/slink/params.ts';
 import type { SlinkParams } from '../../src/slink/types.ts';
 
@@ -239,5 +239,36 @@ describe('round trip: formatSlinkParams → table → parseSlinkParams', () => {
     expect(formatPolicy({ mode: 'async', onFallBehind: 'pull-ahead' })).toBe('async+pull-ahead');
     expect(formatFallBehind({ kind: 'ios', value: 9 })).toBe('ios 9');
     expect(formatFallBehind({ kind: 'timeout', ms: 5000, text: '5s' })).toBe('timeout 5s');
+  });
+});
+
+describe('checkSlinkCount: what follows a slink\'s counted parameters', () => {
+  const late = "follows where the next slink's type or the end of the line was expected";
+  const words = (n: number): string[] => ['1', ...Array.from({ length: n - 1 }, (_, i) => `k${i}=v`)];
+
+  it('the end of the line, or a word that may be a slink type, passes', () => {
+    for (const next of [undefined, 'blockdev', 'local', 'tcp', 'nbd', 'frob', 'my-plugin']) {
+      expect(() => checkSlinkCount('tcp', words(6), next)).not.toThrow();
+    }
+  });
+
+  it.each([
+    ['retest=2', 6, `slink 1 ('tcp'): its parameter count says 6, but a 7th, 'retest=2', ${late}`],
+    ['sync', 1, `slink 1 ('tcp'): its parameter count says 1, but a 2nd, 'sync', ${late}`],
+    ['async+stall', 2, `slink 1 ('tcp'): its parameter count says 2, but a 3rd, 'async+stall', ${late}`],
+    ['ios', 3, `slink 1 ('tcp'): its parameter count says 3, but a 4th, 'ios', ${late}`],
+    ['size=64m', 7, `slink 1 ('tcp'): its parameter count says 7, but an 8th, 'size=64m', ${late}`],
+    ['0', 10, `slink 1 ('tcp'): its parameter count says 10, but an 11th, '0', ${late}`],
+    ['x=1', 11, `slink 1 ('tcp'): its parameter count says 11, but a 12th, 'x=1', ${late}`],
+    ['x=1', 17, `slink 1 ('tcp'): its parameter count says 17, but an 18th, 'x=1', ${late}`],
+    ['x=1', 20, `slink 1 ('tcp'): its parameter count says 20, but a 21st, 'x=1', ${late}`],
+    ['x=1', 21, `slink 1 ('tcp'): its parameter count says 21, but a 22nd, 'x=1', ${late}`],
+  ])('a parameter-shaped %s after %i parameters', (next, n, message) => {
+    expect(failure(() => checkSlinkCount('tcp', words(n), next))).toBe(message);
+  });
+
+  it('names the slink by its number as written, or by its type alone when the number is not one', () => {
+    expect(failure(() => checkSlinkCount('local', ['007'], 'sync'))).toBe(`slink 7 ('local'): its parameter count says 1, but a 2nd, 'sync', ${late}`);
+    expect(failure(() => checkSlinkCount('local', ['x'], 'sync'))).toBe(`slink 'local': its parameter count says 1, but a 2nd, 'sync', ${late}`);
   });
 });
