@@ -188,7 +188,7 @@ export class DeviceMapper extends EventEmitter {
         this.emit('change');
         return 'deferred';
       }
-      throw new DeviceError('EBUSY', `${name}: device is busy (open count ${dev.openCount})`);
+      throw new DeviceError('EBUSY', `${name}: device is busy (open count ${dev.describeOpeners()})`);
     }
     await this.#destroyDevice(dev);
     this.emit('change');
@@ -483,14 +483,15 @@ export class DeviceMapper extends EventEmitter {
     if (lower === holder || this.#dependsOn(lower, holder)) {
       throw new DmError('ELOOP', `device lookup failed: dm:${target} would make a loop through ${holder.name}`);
     }
-    lower.open();
+    const by = (): string => `used by dm:${holder.name}`; // its name when asked: the holder may be renamed
+    lower.open(by);
     let done = false;
     return {
       dev: lower,
       release: () => {
         if (done) return;
         done = true;
-        if (lower.close()) void this.#destroyDevice(lower).then(() => this.emit('change'));
+        if (lower.close(by)) void this.#destroyDevice(lower).then(() => this.emit('change'));
       },
     };
   }

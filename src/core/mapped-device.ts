@@ -21,6 +21,9 @@ interface Queued {
 
 export type DeviceState = 'active' | 'suspended';
 
+/** who holds a device open (MappedDevice.open): a text, or a function giving the text now */
+export type OpenHolder = string | (() => string);
+
 /**
  * I/O that reaches a device's files without going through `submit`: the NBD connection
  * threads read and write a `linear`-over-file device's file themselves (docs/nbd.md). The
@@ -48,7 +51,8 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   #drainWaiters: Array<() => void> = [];
   #eventNr = 0;
   #lastEvent: { text: string; detail?: EventDetail } = { text: '' };
-  #openCount = 0;
+  /** one entry per open: who holds it (OpenHolder), or null for an opener that did not say */
+  readonly #openers: Array<OpenHolder | null> = [];
   #deferredRemove = false;
   #removed = false;
   readonly #bypasses = new Set<Bypass>();
@@ -92,7 +96,19 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     return this.#lastEvent;
   }
   get openCount(): number {
-    return this.#openCount;
+    return this.#openers.length;
+  }
+  /**
+   * The open count with who holds the device, for `device is busy (open count …)`: `1`
+   * when no opener said who it is, `1: used by dm:top`, `2: used by dm:top, and 1 other opener`
+   * (each holder's text once, however many times it holds it).
+   */
+  describeOpeners(): string {
+    const held = this.#openers.filter((h): h is OpenHolder => h !== null);
+    const named = [...new Set(held.map((h) => (typeof h === 'function' ? h() : h)))]; // a holder that opened twice (a reload) once
+    const others = this.#openers.length - held.length;
+    if (named.length === 0) return String(this.#openers.length);
+    return `${this.#openers.length}: ${named.join(', ')}${others ? `, and ${others} other opener${others === 1 ? '' : 's'}` : ''}`;
   }
   get inflight(): number {
     return this.#inflight;
@@ -349,15 +365,26 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     });
   }
 
-  open(): void {
+  /**
+   * Add an opener. `holder` says who it is, for the busy message (`used by dm:top`,
+   * `receiving replication stream of group 'repl'; …`): a text, or a function giving it
+   * when asked (a name that may change); the same value (===) closes it again.
+   */
+  open(holder?: OpenHolder): void {
     if (this.#removed) throw new DeviceError('ENXIO', `${this.name}: device removed`);
-    this.#openCount++;
+    this.#openers.push(holder ?? null);
   }
 
-  /** drop one opener; returns true when a deferred remove is now due */
-  close(): boolean {
-    if (this.#openCount > 0) this.#openCount--;
-    return this.#openCount === 0 && this.#deferredRemove;
+  /**
+   * Drop one opener: the one opened with `holder` (===), else one that did not say who it
+   * is, else the latest; returns true when a deferred remove is now due.
+   */
+  close(holder?: OpenHolder): boolean {
+    let i = this.#openers.lastIndexOf(holder ?? null);
+    if (i < 0) i = this.#openers.lastIndexOf(null);
+    if (i < 0) i = this.#openers.length - 1;
+    if (i >= 0) this.#openers.splice(i, 1);
+    return this.#openers.length === 0 && this.#deferredRemove;
   }
 
   markDeferredRemove(): void {

@@ -47,6 +47,8 @@ export class FrameSocket {
    * receiver's handshake): without it a frame with FLAG_SEEDED breaks the protocol
    */
   acceptSeeded = false;
+  /** the name the peer's HELLO gave (`repl slink 1`; set by the receiver's handshake), null before */
+  peerName: string | null = null;
   #maxPayload: number;
   #chunks: Buffer[] = [];
   #have = 0;

@@ -171,6 +171,19 @@ export async function clientHandshake(
   return { frames, version, tls, features };
 }
 
+/**
+ * Who holds a device the receiver opened for a stream, as the busy message of `dmkit
+ * remove` names it (MappedDevice.open and close, with the same text): the sending group as
+ * its HELLO named it (a tcp slink's name is `<group> slink <N>`), e.g.
+ * `receiving replication stream of group 'repl'; demote/stop the receiver first`.
+ */
+export function receivingHolder(frames: { readonly peerName: string | null }): string {
+  const name = frames.peerName;
+  const group = name === null ? null : /^(.+) slink [0-9]+$/s.exec(name)?.[1] ?? null;
+  const what = group !== null ? `of group '${group}'` : name !== null ? `from '${name}'` : 'from a sender';
+  return `receiving replication stream ${what}; demote/stop the receiver first`;
+}
+
 /** What the receiver's side needs. */
 export interface ServerAuth {
   readonly secret: Secret;
@@ -237,6 +250,7 @@ export async function serverHandshake(sock: Socket, auth: ServerAuth, where: str
       refuse('EACCES', 'authentication failed: the sender does not know our secret');
     }
     frames.acceptSeeded = features.includes(ENTRY_CRC); // before the sender hears AUTH_OK
+    frames.peerName = name;
     frames.send(FrameType.AUTH_OK, 0);
     return { frames, version, tls, features, name };
   } catch (err) {
