@@ -16,6 +16,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { ROOT, cleanup, daemonPid, isAlive, type Sandbox } from '../helpers/daemon.ts';
 import { openHowto, shellBlocks, type Output, type Shell } from '../helpers/howto-shell.ts';
 import { requireTools } from '../helpers/nbd-tools.ts';
+import type { ProgressItem } from '../../src/daemon/protocol.ts';
+import { progressText } from '../../tools/cli/format.ts';
 
 const HOWTO = path.join(ROOT, 'docs', 'howto', 'seeding.md');
 const MiB = 1 << 20;
@@ -54,13 +56,43 @@ function resynced(out: string): Record<number, number> {
   return got;
 }
 
+/**
+ * One `wait --progress` line in a pipe, as tools/cli/format.ts progressText prints it:
+ * `repl: resync DONE/TOTAL sectors (P%), RATE, ETA T`, RATE `N B/s` or `N.N KiB/s` (MiB,
+ * GiB, TiB), T `m:ss`, `h:mm:ss` or `-` (no rate measured yet). Groups: done, total, percent.
+ */
+const PROGRESS_LINE = /^repl: resync (\d+)\/(\d+) sectors \((\d+)%\), (?:\d+ B|\d+\.\d (?:KiB|MiB|GiB|TiB))\/s, ETA (?:-|\d+:\d\d|\d+:\d\d:\d\d)$/;
+
 /** a `wait --progress` in a pipe: resync lines ending at 100%, or nothing left to wait for */
 function expectProgress(stderr: string): void {
   const lines = stderr.trimEnd().split('\n');
   if (lines.length === 1 && lines[0] === 'repl: no background work; nothing to wait for') return;
-  for (const l of lines) expect(l).toMatch(/^repl: resync \d+\/\d+ sectors \(\d+%\)$/);
-  expect(lines.at(-1)).toMatch(/^repl: resync (\d+)\/\1 sectors \(100%\)$/);
+  for (const l of lines) expect(l).toMatch(PROGRESS_LINE);
+  const [, done, total, percent] = PROGRESS_LINE.exec(lines.at(-1)!)!;
+  expect([done, percent]).toEqual([total, '100']);
 }
+
+describe('the progress lines this test accepts', () => {
+  const item = (done: number, rate: number, eta: number | null): ProgressItem =>
+    ({ name: 'repl', work: 'resync', doneSectors: done, totalSectors: 65536, percent: Math.floor((done * 100) / 65536), rate, eta });
+  const print = (...items: ProgressItem[]): string => items.map((p) => `repl: ${progressText(p)}\n`).join('');
+
+  it('are wait --progress\'s lines as the CLI formats them, ending at 100%', () => {
+    expectProgress(print(item(0, 0, null), item(16384, 900, 55), item(32768, 3.5 * MiB, 4000), item(65536, 12.25 * MiB, 0)));
+    expectProgress(print(item(65536, 2 * 1024 ** 3, 0)));
+    expectProgress('repl: no background work; nothing to wait for\n');
+  });
+
+  it('refuse a line without rate and ETA, a garbled one, or a last line short of 100%', () => {
+    expect(() => expectProgress('repl: resync 65536/65536 sectors (100%)\n')).toThrow();
+    expect(() => expectProgress('repl: resync 65536/65536 sectors (100%), 1.0 MiB/s\n')).toThrow();
+    expect(() => expectProgress('repl: resync 65536/65536 sectors (100%), 1.0 MiB/s, ETA 0:00 extra\n')).toThrow();
+    expect(() => expectProgress('vol0: resync 65536/65536 sectors (100%), 1.0 MiB/s, ETA 0:00\n')).toThrow();
+    expect(() => expectProgress('repl: resync 65536/65536 sectors (100%), fast, ETA 0:00\n')).toThrow();
+    expect(() => expectProgress(print(item(65536, MiB, 0)) + 'repl: something else\n')).toThrow();
+    expect(() => expectProgress(print(item(32768, MiB, 30)))).toThrow();
+  });
+});
 
 describe('docs/howto/seeding.md, as written', () => {
   it('seeds site B from a shipped image and site C from B\'s copy; each resync copies only later writes', { timeout: 600_000 }, async () => {
