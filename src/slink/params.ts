@@ -103,13 +103,25 @@ export function parseSlinkParams(args: readonly string[], maxSlink = 64): SlinkP
  * keyword, a number) means the list is longer than its count: that is said, naming the
  * count and the first word past it, rather than reading the word as a slink type
  * (`missing slink parameters of 'retest=2' count`). Any other word is left to the slink
- * registry (`unknown slink type …`). Throws `TargetArgError`:
+ * registry (`unknown slink type …`). The other way round, a count too large in the middle
+ * of the line swallows the next slink's type and count: a counted word that is no
+ * parameter, followed by a number, is said to be that. Throws `TargetArgError`:
  *
  *   slink 1 ('tcp'): its parameter count says 6, but a 7th, 'retest=2', follows where the next slink's type or the end of the line was expected
+ *   slink 1 ('tcp'): its parameter count says 6, but its 6th, 'blockdev', looks like the next slink's type (expected 6 parameters, got 5)
  */
 export function checkSlinkCount(type: string, words: readonly string[], next: string | undefined): void {
-  if (next === undefined || !looksLikeParameter(next)) return;
   const who = /^[0-9]+$/.test(words[0] ?? '') ? `slink ${Number(words[0])} ('${type}')` : `slink '${type}'`;
+  // a count too large for a slink in the middle of the line takes the next slink's type and
+  // count as parameters: a word no parameter is written as, then a number
+  for (let i = 1; i < words.length; i++) {
+    if (looksLikeParameter(words[i]!)) continue;
+    if (!/^[0-9]+$/.test(words[i + 1] ?? next ?? '')) return; // not a slink's start: parseSlinkParams names the word
+    throw new TargetArgError(
+      `${who}: its parameter count says ${words.length}, but its ${ordinal(i + 1).replace(/^an? /, '')}, '${words[i]}', looks like the next slink's type (expected ${words.length} parameters, got ${i})`,
+    );
+  }
+  if (next === undefined || !looksLikeParameter(next)) return;
   throw new TargetArgError(
     `${who}: its parameter count says ${words.length}, but ${ordinal(words.length + 1)}, '${next}', follows where the next slink's type or the end of the line was expected`,
   );

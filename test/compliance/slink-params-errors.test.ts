@@ -3,8 +3,8 @@
  * <slink_params…>`), through the real table loader: a list longer than its count names the
  * count and the first word past it (not `missing slink parameters of 'retest=2' count`, as
  * when that word was read as the next slink's type), wherever it stands; a list shorter
- * than its count says how many it got; a word that is neither a parameter nor a known type
- * stays an unknown slink type. Every case as line 1 or 2, nothing left open afterwards.
+ * than its count says how many it got, also when the count swallowed the next slink's type;
+ * a word that is neither a parameter nor a known type stays an unknown slink type. Every case as line 1 or 2, nothing left open afterwards.
  * checkSlinkCount (src/slink/params.ts) on its own: test/unit/slink-params.test.ts.
  */
 import fs from 'node:fs';
@@ -27,8 +27,11 @@ const CASES: Array<[args: string, message: string]> = [
   [`${LOG} blockdev 2 1 async ios 5 blockdev 1 0`, `slink 1 ('blockdev'): its parameter count says 2, but a 3rd, 'ios', ${LATE}`],
   [`${LOG} local 1 0 0 blockdev 2 1 async`, `slink 0 ('local'): its parameter count says 1, but a 2nd, '0', ${LATE}`],
   [`${LOG} blockdev 1 0 tcp 9 1 async ${TCP} io-timeout=5 integrity=crc32c retest=2 tls-ca=x`, `slink 1 ('tcp'): its parameter count says 9, but a 10th, 'tls-ca=x', ${LATE}`],
-  // too few: unchanged
+  // too few: at the end of the line, unchanged; before another slink, which it swallows
   [`${LOG} blockdev 1 0 tcp 6 1 ${TCP}`, "not enough arguments for slink parameters of 'tcp' (expected 6, got 5)"],
+  [`${LOG} tcp 6 1 ${TCP} blockdev 1 0`, "slink 1 ('tcp'): its parameter count says 6, but its 6th, 'blockdev', looks like the next slink's type (expected 6 parameters, got 5)"],
+  // a word that is no parameter and starts no slink: the slink's own parser names it
+  [`${LOG} blockdev 1 0 blockdev 2 1 fast`, "slink 1: unknown policy 'fast' (expected sync|synchronous|async|asynchronous, optionally +stall or +pull-ahead)"],
   // a word that is no parameter stays a slink type, known or not
   [`${LOG} blockdev 1 0 frob 1 1`, "unknown slink type 'frob' (expected one of $SLINKS)"],
 ];

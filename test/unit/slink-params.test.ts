@@ -267,6 +267,17 @@ describe('checkSlinkCount: what follows a slink\'s counted parameters', () => {
     expect(failure(() => checkSlinkCount('tcp', words(n), next))).toBe(message);
   });
 
+  it('a count too large swallows the next slink\'s type and count: said so; any other odd word is left to parseSlinkParams', () => {
+    const five = ['1', 'peer=a:1', 'secret=/s', 'tls=on', 'compress=lz4'];
+    expect(failure(() => checkSlinkCount('tcp', [...five, 'blockdev'], '1')))
+      .toBe("slink 1 ('tcp'): its parameter count says 6, but its 6th, 'blockdev', looks like the next slink's type (expected 6 parameters, got 5)");
+    expect(failure(() => checkSlinkCount('tcp', ['1', 'async', 'local', '1', '0'], 'blockdev')))
+      .toBe("slink 1 ('tcp'): its parameter count says 5, but its 3rd, 'local', looks like the next slink's type (expected 5 parameters, got 2)");
+    for (const [words, next] of [[['1', 'fast'], undefined], [['1', 'fast'], 'blockdev'], [['1', 'fast', 'x=1'], undefined], [[...five, 'frob'], 'blockdev']] as const) {
+      expect(() => checkSlinkCount('tcp', words, next)).not.toThrow();
+    }
+  });
+
   it('names the slink by its number as written, or by its type alone when the number is not one', () => {
     expect(failure(() => checkSlinkCount('local', ['007'], 'sync'))).toBe(`slink 7 ('local'): its parameter count says 1, but a 2nd, 'sync', ${late}`);
     expect(failure(() => checkSlinkCount('local', ['x'], 'sync'))).toBe(`slink 'local': its parameter count says 1, but a 2nd, 'sync', ${late}`);
