@@ -17,6 +17,7 @@ import {
   type FrameHeader, type IoRequest,
 } from './protocol.ts';
 import type { ReplicationReceiver } from './receiver.ts';
+import { receivingHolder } from './handshake.ts';
 import { DEMOTED, ROLE, replicatedDevice, roleOf, type ReplicatedDevice } from './roles.ts';
 import type { GenIds } from '../targets/replicator-role.ts';
 import type { Stream } from './stream.ts';
@@ -192,7 +193,7 @@ export class Session {
     // a device may be open twice (a table reload at the sender attaches again before the old
     // table detaches): each handle holds its own open, and CLOSE releases one
     const handle = this.#nextHandle++;
-    dev.open();
+    dev.open(receivingHolder(this.#frames));
     this.#handles.set(handle, { name, dev, writer });
     stream.devices.set(name, writer);
     this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, sectors: dev.sectors, ...judged })]);
@@ -276,7 +277,7 @@ export class Session {
     if (!o) throw new DmError('EBADF', `CLOSE: no open handle ${handle}`);
     this.#handles.delete(handle);
     await this.#stream?.idle();
-    o.dev.close();
+    o.dev.close(receivingHolder(this.#frames));
     if (![...this.#handles.values()].some((x) => x.dev === o.dev)) {
       await o.dev.clearSecondary();
       this.#rx.setRole(o.name, null);
@@ -436,6 +437,6 @@ export class Session {
     this.#held = [];
     this.#heldBytes = 0;
     this.#resending.clear();
-    void (s?.idle() ?? Promise.resolve()).then(() => { for (const o of handles) o.dev.close(); });
+    void (s?.idle() ?? Promise.resolve()).then(() => { for (const o of handles) o.dev.close(receivingHolder(this.#frames)); });
   }
 }

@@ -9,7 +9,7 @@ import { TargetArgError } from '../core/errors.ts';
 import type { Target, TargetContext, TargetType } from '../core/types.ts';
 import { createReplog } from '../replog/registry.ts';
 import type { Replog, ReplogContext } from '../replog/types.ts';
-import { parseSlinkParams } from '../slink/params.ts';
+import { checkSlinkCount, parseSlinkParams } from '../slink/params.ts';
 import { createSlink } from '../slink/registry.ts';
 import type { SiteLink, SlinkContext, SlinkParams, SlinkRoles } from '../slink/types.ts';
 import { ReplicatorGroup } from './replicator-group.ts';
@@ -48,6 +48,7 @@ async function parseSlinks(ctx: TargetContext, r: ArgReader, log: Replog, made: 
   while (!r.atEnd()) {
     const type = r.next('slink type');
     const words = r.group(`slink parameters of '${type}'`, { min: 1 });
+    checkSlinkCount(type, words, r.peek());
     const params = parseSlinkParams(words, MAX_SLINK);
     if (out.some((x) => x.params.slink === params.slink)) r.fail(`slink ${params.slink} is given twice`);
     if (params.slink === 0 && (params.policyText !== null || params.fallBehind !== null)) {

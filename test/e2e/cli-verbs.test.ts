@@ -140,7 +140,7 @@ describe('dmkit verbs', () => {
     expect(list.map((d) => [d.name, d.major, d.minor, d.openCount])).toEqual([['pipe2', 253, 2, 0], ['top', 253, 3, 0], ['vol', 253, 0, 1], ['z', 253, 1, 0]]);
     expect(list[1]).toMatchObject({ name: 'top', major: 253, minor: 3, state: 'ACTIVE', deps: ['dm:vol'], types: ['linear', 'linear'] });
     const [remove, rename] = await Promise.all([dmkit(sb, ['remove', 'vol']), dmkit(sb, ['rename', 'vol', 'vol2'])]);
-    expect(remove).toMatchObject({ code: 1, stdout: '', stderr: 'dmkit: vol: device is busy (open count 1)\n' });
+    expect(remove).toMatchObject({ code: 1, stdout: '', stderr: 'dmkit: vol: device is busy (open count 1: used by dm:top)\n' });
     expect(rename).toMatchObject({ code: 1, stdout: '', stderr: 'dmkit: vol: cannot rename: the table of top refers to it as dm:vol\n' });
   });
 

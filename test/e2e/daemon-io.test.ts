@@ -61,8 +61,8 @@ describe('I/O through the daemon', () => {
       'top (253:2)\n └─mid (253:1)\n    └─stripe (253:0)\n       ├─ (' + s0 + ')\n       └─ (' + s1 + ')\n');
     expect(await ok(sb, ['info', '-c', '--noheadings'])).toMatch(/^mid +253 +1 L--w +1 .*\nstripe +253 +0 L--w +1 .*\ntop +253 +2 L--w +0 /);
     const [busyStripe, busyMid] = await Promise.all([dmkit(sb, ['remove', 'stripe']), dmkit(sb, ['remove', 'mid', 'stripe'])]);
-    expect(busyStripe).toMatchObject({ code: 1, stdout: '', stderr: 'dmkit: stripe: device is busy (open count 1)\n' });
-    expect(busyMid.stderr).toBe('dmkit: mid: device is busy (open count 1)\ndmkit: stripe: device is busy (open count 1)\n');
+    expect(busyStripe).toMatchObject({ code: 1, stdout: '', stderr: 'dmkit: stripe: device is busy (open count 1: used by dm:mid)\n' });
+    expect(busyMid.stderr).toBe('dmkit: mid: device is busy (open count 1: used by dm:top)\ndmkit: stripe: device is busy (open count 1: used by dm:mid)\n');
 
     const data = pattern(96 * 1024, 11);
     await write('top', 3 * 512, data);

@@ -150,6 +150,6 @@ while not done and n < 300:
     } finally {
       await s2.close();
     }
-    expect((await dmkit(sb, ['remove', 'base'])).stderr).toBe('dmkit: base: device is busy (open count 1)\n');
+    expect((await dmkit(sb, ['remove', 'base'])).stderr).toBe('dmkit: base: device is busy (open count 1: used by dm:w)\n');
   });
 });
