@@ -175,13 +175,13 @@ export async function clientHandshake(
  * Who holds a device the receiver opened for a stream, as the busy message of `dmkit
  * remove` names it (MappedDevice.open and close, with the same text): the sending group as
  * its HELLO named it (a tcp slink's name is `<group> slink <N>`), e.g.
- * `receiving replication stream of group 'repl'; demote/stop the receiver first`.
+ * `receiving replication stream of group 'repl', held while that sender is connected`.
  */
 export function receivingHolder(frames: { readonly peerName: string | null }): string {
   const name = frames.peerName;
   const group = name === null ? null : /^(.+) slink [0-9]+$/s.exec(name)?.[1] ?? null;
   const what = group !== null ? `of group '${group}'` : name !== null ? `from '${name}'` : 'from a sender';
-  return `receiving replication stream ${what}; demote/stop the receiver first`;
+  return `receiving replication stream ${what}, held while that sender is connected`;
 }
 
 /** What the receiver's side needs. */

@@ -4,7 +4,7 @@
  * however many of its tables hold it), an opener that does not say who it is only counted
  * (an NBD client: `open count 1`, as before), and the replication receiver holding a
  * device that receives a stream by the sending group (`receiving replication stream of
- * group 'repl'; demote/stop the receiver first`), over a real tcp slink in one process.
+ * group 'repl', held while that sender is connected`), over a real tcp slink in one process.
  * Once the holders are gone the device is removed.
  */
 import fs from 'node:fs';
@@ -78,7 +78,7 @@ describe('remove: who holds a busy device', () => {
 
       expect(await busy(site, 'vol')).toEqual({
         code: 'EBUSY',
-        message: "vol: device is busy (open count 1: receiving replication stream of group 'repl'; demote/stop the receiver first)",
+        message: "vol: device is busy (open count 1: receiving replication stream of group 'repl', held while that sender is connected)",
       });
 
       // the sender lets go (its replicator-dev removed: CLOSE): the site's device goes
@@ -94,9 +94,9 @@ describe('remove: who holds a busy device', () => {
   });
 
   it('receivingHolder names the group from the sender\'s HELLO name, or the name, or no one', () => {
-    expect(receivingHolder({ peerName: 'repl slink 1' })).toBe("receiving replication stream of group 'repl'; demote/stop the receiver first");
-    expect(receivingHolder({ peerName: 'my group slink 12' })).toBe("receiving replication stream of group 'my group'; demote/stop the receiver first");
-    expect(receivingHolder({ peerName: 'tool' })).toBe("receiving replication stream from 'tool'; demote/stop the receiver first");
-    expect(receivingHolder({ peerName: null })).toBe('receiving replication stream from a sender; demote/stop the receiver first');
+    expect(receivingHolder({ peerName: 'repl slink 1' })).toBe("receiving replication stream of group 'repl', held while that sender is connected");
+    expect(receivingHolder({ peerName: 'my group slink 12' })).toBe("receiving replication stream of group 'my group', held while that sender is connected");
+    expect(receivingHolder({ peerName: 'tool' })).toBe("receiving replication stream from 'tool', held while that sender is connected");
+    expect(receivingHolder({ peerName: null })).toBe('receiving replication stream from a sender, held while that sender is connected');
   });
 });
