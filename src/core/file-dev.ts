@@ -72,16 +72,24 @@ export const SYNC_SLOW_RUN = 2;
  * device, not per process: with one budget for all, the devices that ask first in a turn
  * took all of it, and a replicator's site device, written after the log and the local
  * device of the same writes, went to the pool for every write behind the writers' queue
- * there, shipped a third as fast as they wrote and overflowed the ring (R1 at 1 MiB).
+ * there, shipped a third as fast as they wrote and overflowed the ring (R1 at 1 MiB). All
+ * devices together still stop at SYNC_TURN_DEVICES bursts' worth in a turn (many devices
+ * busy at once: a group with several sites), so a turn stays around ten milliseconds.
  */
 export const SYNC_BURST = 128;
 export const SYNC_BURST_BYTES = 8 * 1024 * 1024;
+export const SYNC_TURN_DEVICES = 4;
 /** turns of the event loop in which synchronous I/O ran; a device's burst counts within one */
 let syncTurn = 0;
 let turnEnding = false;
+/** all devices' synchronous requests and bytes in this turn */
+let turnRequests = 0;
+let turnBytes = 0;
 const endTurn = (): void => {
   turnEnding = false;
   syncTurn++;
+  turnRequests = 0;
+  turnBytes = 0;
 };
 /** the current turn (its end is scheduled once a device counts in it) */
 function currentTurn(): number {
@@ -281,7 +289,10 @@ export class FileDev implements BlockDev {
     }
     this.#burst += requests;
     this.#burstBytes += bytes;
-    return this.#burst <= SYNC_BURST && this.#burstBytes <= SYNC_BURST_BYTES;
+    turnRequests += requests;
+    turnBytes += bytes;
+    return this.#burst <= SYNC_BURST && this.#burstBytes <= SYNC_BURST_BYTES &&
+      turnRequests <= SYNC_TURN_DEVICES * SYNC_BURST && turnBytes <= SYNC_TURN_DEVICES * SYNC_BURST_BYTES;
   }
 
   /**

@@ -10,7 +10,7 @@ import os from 'node:os';
 import path from 'node:path';
 import { afterEach, beforeEach, describe, expect, it, vi } from 'vitest';
 import type { Bio } from '../../src/core/bio.ts';
-import { FileDev, SYNC_BURST_BYTES, type FileDevOptions } from '../../src/core/file-dev.ts';
+import { FileDev, SYNC_BURST_BYTES, SYNC_TURN_DEVICES, type FileDevOptions } from '../../src/core/file-dev.ts';
 import { prng } from '../compliance/helpers.ts';
 
 const SECTORS = 4096; // 2 MiB
@@ -186,6 +186,24 @@ describe('FileDev I/O paths', () => {
     expect(await settledAtOnce(fromB.p)).toBe(true);
     await Promise.all([...fromA.map((x) => x.p), fromB.p]);
     expect(fromB.bio.data.equals(fs.readFileSync(other).subarray(512 * 512, 512 * 512 + 256 * 1024))).toBe(true);
+  });
+
+  it('all devices together stop at SYNC_TURN_DEVICES bursts in a turn', async () => {
+    const opts = { syncIoMax: 256 * 1024, syncSlowMs: 1000 };
+    const many = Array.from({ length: SYNC_TURN_DEVICES + 1 }, (_, i) => {
+      const f = path.join(dir, `many${i}`);
+      fs.writeFileSync(f, prng(20 + i).fill(Buffer.alloc(SECTORS * 512)));
+      const d = FileDev.open(f, f, opts);
+      devs.push(d);
+      return d;
+    });
+    await new Promise((r) => setImmediate(r)); // a fresh turn
+    const perTurn = SYNC_BURST_BYTES / (256 * 1024);
+    const reads = many.map((d) => Array.from({ length: perTurn }, (_, i) => read(d, (i % 8) * 512, 256 * 1024)));
+    const settled = await Promise.all(reads.map((rs) => Promise.all(rs.map((x) => settledAtOnce(x.p)))));
+    for (let i = 0; i < SYNC_TURN_DEVICES; i++) expect(settled[i]!.every(Boolean)).toBe(true);
+    expect(settled[SYNC_TURN_DEVICES]!.some(Boolean)).toBe(false);
+    await Promise.all(reads.flat().map((x) => x.p));
   });
 
   it.each([
