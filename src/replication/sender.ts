@@ -21,7 +21,7 @@
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
 import type { Bio } from '../core/bio.ts';
-import { BlockError, DmError, toBlockError } from '../core/errors.ts';
+import { BlockError, DmError, toBlockError, type ErrnoCode } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { PayloadCrc } from '../replog/types.ts';
 import { compress } from './compress.ts';
@@ -140,11 +140,22 @@ const OPS: Record<Bio['op'], IoOp> = { write: IoOp.WRITE, discard: IoOp.DISCARD,
 export class Peer {
   readonly opts: PeerOptions;
   state: PeerState = 'down';
+  /**
+   * why the last connection attempt failed or the connection was lost, naming the slink and
+   * the site once (`repl slink 1: 10.0.0.2:7788: …`); '' once connected, and when the group's
+   * role changes (#setLastError)
+   */
   lastError = '';
   /** the site refused the stream for its role (peer-primary, split-brain, unrelated); null when it took it */
   refusal: string | null = null;
   /** what the group last told the site (re-sent after every connect) */
   #announced: Announcement | null = null;
+  /**
+   * writes (write, discard, write-zeroes) submitted, settled (answered or failed), and settled
+   * before a FLUSH the receiver acknowledged: a FLUSH with nothing written since is answered
+   * here (#vacuousFlush)
+   */
+  readonly #writes = { submitted: 0, settled: 0, durable: 0 };
   readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, frames: { sent: 0, received: 0 }, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0, digests: 0 };
   #connects = 0;
   readonly #devs = new Map<number, Dev>();
@@ -196,7 +207,7 @@ export class Peer {
     // attaches (each would wait up to io-timeout): they attach down, the retest reconnects
     const recent = this.state !== 'connected' && Date.now() - this.#failedAt < this.opts.ioTimeoutMs;
     const opened = this.state === 'connected' ? this.#openDevice(key)
-      : recent ? Promise.reject(new BlockError('ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError}`))
+      : recent ? Promise.reject(this.#linkError('ECONNRESET'))
       : this.connect();
     return { key, opened };
   }
@@ -216,13 +227,31 @@ export class Peer {
     await this.#control(FrameType.CLOSE, { handle: d.handle }).catch(() => undefined);
   }
 
-  /** connect (or wait for the attempt running); rejects with why it failed */
+  /**
+   * connect (or wait for the attempt running); rejects with why it failed. A failed attempt
+   * outside the reconnect loop fails every request waiting for it (submitted while it ran):
+   * nobody would send them.
+   */
   connect(): Promise<void> {
     if (this.state === 'connected') return Promise.resolve();
     return this.#attempt().catch((err: DmError) => {
-      if (!this.#reconnecting) this.#setState(err.code === 'EACCES' ? 'auth-failed' : 'down');
+      if (!this.#reconnecting && this.state !== 'connected') {
+        const code: ErrnoCode = err.code === 'EACCES' ? 'EACCES' : 'ECONNRESET';
+        this.#setState(code === 'EACCES' ? 'auth-failed' : 'down');
+        if (this.#reqs.size > 0) this.#failAll(this.#linkError(code));
+      }
       throw toBlockError(err);
     });
+  }
+
+  /** the error of a request that cannot go: the link's last error (it names the slink and the site) */
+  #linkError(code: ErrnoCode): BlockError {
+    return new BlockError(code, this.lastError || `${this.opts.name}: ${this.address}: not connected`);
+  }
+
+  /** `why`, naming the slink and the site once */
+  #setLastError(why: string): void {
+    this.lastError = why.startsWith(`${this.opts.name}: `) ? why : `${this.opts.name}: ${this.address}: ${why}`;
   }
 
   /** one connection attempt (or the one running) */
@@ -263,7 +292,7 @@ export class Peer {
    */
   submit(key: number, bio: Bio, seq: number, epoch: number, payloadCrc?: PayloadCrc): Promise<void> {
     const refused = this.#refusal(key);
-    if (refused) return Promise.reject(refused);
+    if (refused) return refused.code !== 'ESHUTDOWN' && bio.op === 'flush' && seq === 0 && this.#vacuousFlush() ? Promise.resolve() : Promise.reject(refused);
     const max = MAX_DATA / 512;
     if ((bio.op === 'write' || bio.op === 'read') && bio.sectors > max) {
       const parts: Promise<void>[] = [];
@@ -276,7 +305,7 @@ export class Peer {
     let flags = bio.flags.fua ? IO_FUA : 0;
     if (bio.flags.noUnmap) flags |= IO_NOUNMAP;
     const isWrite = bio.op === 'write';
-    return new Promise<void>((resolve, reject) => {
+    return this.#countWrites(bio.op, new Promise<void>((resolve, reject) => {
       const req: Req = {
         id: this.#nextId++, dev: key, io: { op: OPS[bio.op], flags, seq, epoch, sector: bio.sector, sectors: bio.sectors },
         data: isWrite ? bio.data : EMPTY_BUF, codec: Codec.NONE, rawBytes: isWrite ? bio.data.length : 0,
@@ -302,7 +331,32 @@ export class Peer {
       } else {
         go();
       }
-    });
+    }));
+  }
+
+  /**
+   * Nothing written since the receiver acknowledged a FLUSH (every write submitted was
+   * answered before one was sent): a FLUSH while the link is down has nothing to make
+   * durable, and succeeds without it — a dirty log recording regions in sync (a promotion
+   * starting the bitmaps afresh) does not depend on a site that is not connected. A log
+   * entry's flush always goes (it takes its place in the stream).
+   */
+  #vacuousFlush(): boolean {
+    return this.#writes.durable === this.#writes.submitted;
+  }
+
+  /** `p`, one IO of op `op`, counted in #writes (a FLUSH marks what settled before it durable once answered) */
+  #countWrites(op: Bio['op'], p: Promise<void>): Promise<void> {
+    const w = this.#writes;
+    if (op === 'flush') {
+      const upTo = w.settled === w.submitted ? w.submitted : -1; // a write in flight: not covered
+      if (upTo >= 0) void p.then(() => (w.durable = Math.max(w.durable, upTo)), () => undefined);
+    } else if (op !== 'read') {
+      w.submitted++;
+      const settle = (): void => void w.settled++;
+      void p.then(settle, settle);
+    }
+    return p;
   }
 
   /**
@@ -329,7 +383,7 @@ export class Peer {
     if (this.#closed) return new BlockError('ESHUTDOWN', `${this.opts.name}: slink closed`);
     if (!this.#devs.has(key)) return new BlockError('ESHUTDOWN', `${this.opts.name}: device detached from the slink`);
     if (this.state === 'down' || this.state === 'auth-failed') {
-      return new BlockError(this.state === 'auth-failed' ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError || 'not connected'}`);
+      return this.#linkError(this.state === 'auth-failed' ? 'EACCES' : 'ECONNRESET');
     }
     return null;
   }
@@ -352,9 +406,17 @@ export class Peer {
     });
   }
 
-  /** tell the site the group's generation and role (STATE); again after every connect */
+  /**
+   * tell the site the group's generation and role (STATE); again after every connect. A
+   * demoted group sends nothing: a refusal of its stream (it was primary) and the link's
+   * last error are no longer the case.
+   */
   announce(a: Announcement): void {
     this.#announced = a;
+    if (a.role === 'secondary') {
+      this.refusal = null;
+      this.lastError = '';
+    }
     if (this.state === 'connected' && this.#frames && this.#features.includes('roles')) this.#frames.send(FrameType.STATE, 0, [encodeJson(a)]);
   }
 
@@ -422,13 +484,13 @@ export class Peer {
   async #connectOnce(): Promise<void> {
     const o = this.opts;
     const where = `${o.name}: ${this.address}`;
-    if (o.roles?.secondary()) {
-      this.lastError = 'the group is secondary: it sends nothing until promoted';
-      throw new DmError('EAGAIN', `${where}: ${this.lastError}`);
-    }
-    // a link refused for its secret stays `auth-failed` while the retest tries again (it
-    // does not flap through `connecting` every retest); it says `connected` once let in
-    if (this.state !== 'auth-failed') this.#setState('connecting');
+    // not a failure of the link (lastError stays): a secondary connects to nobody
+    if (o.roles?.secondary()) throw new DmError('EAGAIN', `${where}: the group is secondary: it sends nothing until promoted`);
+    // a link refused for its secret stays `auth-failed` while the retest tries again, and one
+    // whose stream the site refused for its role stays `down` (neither flaps through
+    // `connecting` every retest); it says `connected` once let in
+    const refused = this.state === 'down' && this.refusal !== null;
+    if (this.state !== 'auth-failed' && !refused) this.#setState('connecting');
     const sock = net.connect({ host: o.host, port: o.port, noDelay: true }); // small frames wait for replies: no Nagle
     let answered = false; // the handshake succeeded: a failure after it is the receiver refusing a device
     sock.on('error', () => {});
@@ -452,10 +514,13 @@ export class Peer {
           this.#lost(err, a.frames);
         },
       });
-      this.#setState('connected'); // opening devices needs the connection up; requests wait for their handle
+      // opening devices needs the connection up; requests wait for their handle (a refused
+      // link: sent once the devices are let in)
+      if (!refused) this.#setState('connected');
       this.#reopening = true; // log entries wait until every device is open again, then go in log order
       for (const key of this.#devs.keys()) await this.#openDevice(key);
       this.#reopening = false;
+      this.#setState('connected');
       if (this.#announced && a.features.includes('roles')) a.frames.send(FrameType.STATE, 0, [encodeJson(this.#announced)]);
       this.#startTimer();
       if (this.#connects++ > 0) this.stats.reconnects++;
@@ -481,7 +546,7 @@ export class Peer {
       const e = err as DmError;
       if (!answered) this.#failedAt = Date.now();
       if (e.code === 'EPROTO') this.stats.badReplies++; // a handshake frame damaged one way or the other
-      this.lastError = e.message;
+      this.#setLastError(e.message);
       if (this.state === 'connected') this.#setState('connecting');
       this.opts.log.limited(`tcp-connect:${where}`, e.message.startsWith(where) ? e.message : `${where}: ${e.message}`);
       throw e;
@@ -625,7 +690,7 @@ export class Peer {
     for (const r of this.#reqs.values()) r.sentAt = 0;
     this.#unsent = []; // rebuilt in log order once connected again
     if (this.#restart) this.#restart.sent = false; // first again on the next connection, if still valid
-    this.lastError = err.message;
+    this.#setLastError(err.message);
     this.opts.log.limited(`tcp-lost:${this.address}`, `${this.opts.name}: ${this.address}: connection lost: ${err.message}`);
     this.#setState('connecting');
     void this.#reconnect();
@@ -643,7 +708,8 @@ export class Peer {
           return;
         } catch (err) {
           refused = (err as DmError).code === 'EACCES';
-          if (refused || Date.now() + delay > deadline) break;
+          // answered and refused (its secret, or our stream for its role): the retest tries again
+          if (refused || (err as { verdict?: string }).verdict || Date.now() + delay > deadline) break;
           await sleep(delay);
         }
       }
@@ -652,7 +718,7 @@ export class Peer {
     }
     if (this.#closed) return;
     this.#setState(refused ? 'auth-failed' : 'down');
-    this.#failAll(new BlockError(refused ? 'EACCES' : 'ECONNRESET', `${this.opts.name}: ${this.address}: ${this.lastError}`));
+    this.#failAll(this.#linkError(refused ? 'EACCES' : 'ECONNRESET'));
   }
 
   /**

@@ -112,6 +112,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       this.#applyOpened(slink, devNr);
     },
     refused: (slink, verdict, why) => {
+      this.siteOf(slink)?.refused(new BlockError('EPERM', why));
       if (verdict === 'split-brain') {
         this.role.noteSplitBrain(`slink ${slink}: ${why}`);
         this.event(`slink ${slink} split-brain: ${why}`);

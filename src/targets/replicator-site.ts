@@ -47,6 +47,7 @@ export class Site {
   fallBehind: FallBehind | null;
   fallBehindText: string | null;
   readonly stats: SiteStats = { shippedIos: 0, shippedBytes: 0, resyncedBytes: 0, comparedBytes: 0, errors: 0 };
+  /** why the site is down (or its dirty log could not be flushed); '' once it is back, and at a role change */
   lastError = '';
 
   readonly #host: SiteHost;
@@ -173,6 +174,7 @@ export class Site {
   /** go (first resume, or resume after suspend) */
   start(): void {
     this.#active = true;
+    if (!this.#up) this.#scheduleRetest(); // went down (refused) while not active
     this.#checkDirty();
     this.#shipper.run();
   }
@@ -371,14 +373,27 @@ export class Site {
     this.#retest.unref?.();
   }
 
-  /** test every device at the site; up again if all work */
+  /**
+   * The site refused our stream for its role (tcp: it is primary too, a split brain,
+   * unrelated data): it is down until a retest gets in, whether or not anything was shipped.
+   */
+  refused(err: unknown): void {
+    if (this.#up && !this.#host.role.secondary) this.#down(err);
+  }
+
+  /** test every device at the site (a link that is not connected connects first) */
+  async #test(): Promise<void> {
+    for (const b of this.#host.bindings()) {
+      const r = b.remotes.get(this.slink);
+      if (r) await r.dev.test();
+    }
+  }
+
+  /** test every device at the site; up again if all work. A secondary tests nothing (it connects to nobody; `activate` tests) */
   async retest(): Promise<boolean> {
-    if (this.#up || !this.#active) return this.#up;
+    if (this.#up || !this.#active || this.#host.role.secondary) return this.#up;
     try {
-      for (const b of this.#host.bindings()) {
-        const r = b.remotes.get(this.slink);
-        if (r) await r.dev.test();
-      }
+      await this.#test();
     } catch (err) {
       this.lastError = toBlockError(err).message;
       this.#scheduleRetest();
@@ -386,6 +401,7 @@ export class Site {
     }
     if (this.#up || !this.#active) return this.#up;
     this.#up = true;
+    this.lastError = '';
     this.#log.warn(`slink ${this.slink} (${this.link.type}) is back`);
     this.event(`slink ${this.slink} up`);
     this.#shipper.restart();
@@ -468,7 +484,10 @@ export class Site {
     if (this.#host.role.secondary) return;
     const gen = this.#host.role.current;
     const consistent = this.#mode === 'ship';
-    if (consistent && this.#up) this.#host.role.peerHas(this.slink, gen);
+    // recorded before the site is told (the state file before the change it records), whether
+    // or not a retest has marked it up yet (its OPEN, which led here, ran inside the retest):
+    // once the site may hold `gen`, a write while it is away must start a new generation
+    if (consistent) this.#host.role.peerHas(this.slink, gen);
     this.link.announce?.({ gen, consistent, role: 'primary' });
   }
 
@@ -481,6 +500,12 @@ export class Site {
     this.#enterLog('demoted');
     await this.waitPosition(this.#host.head).catch(() => undefined);
     for (const b of this.#host.bindings()) await b.remotes.get(this.slink)?.dlog.flush();
+    // a secondary connects to nobody and tests no site: not down, no error (a refusal of our
+    // stream, for one, ends with our primary role); `activate` tests the site again
+    if (this.#retest) clearTimeout(this.#retest);
+    this.#retest = null;
+    this.#up = true;
+    this.lastError = '';
   }
 
   /** after every site passivated: tell the site the group is secondary, and whether every site holds all it wrote */
@@ -495,8 +520,14 @@ export class Site {
    */
   async activate(): Promise<void> {
     await this.#logs.stopResync();
+    this.lastError = '';
     await this.#logs.clearBitmap(false);
+    // a secondary's link connected to nobody: reach the site now (its OPEN is judged), not
+    // at the first entry shipped, which would find the link down and fail
     if (!this.#up) void this.retest();
+    else void this.#test().catch((err: unknown) => {
+      if (this.#up && this.#active && !this.#host.role.secondary) this.#down(err);
+    });
   }
 
   /** a resync runs while the site is active, up, not suspended and in log mode (SiteLogs), and the group is primary */

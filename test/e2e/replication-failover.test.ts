@@ -19,138 +19,30 @@
  *    resynced whole by checksum and ends equal to B (without that, a partial resync would
  *    leave A's extra writes at C).
  */
-import crypto from 'node:crypto';
-import fs from 'node:fs';
-import path from 'node:path';
 import { afterAll, describe, expect, it } from 'vitest';
 import { dmkit, ok } from '../helpers/daemon.ts';
 import { FaultProxy } from '../support/fault-proxy.ts';
-import { SiteDaemon, writeSecret } from '../helpers/site-daemon.ts';
+import { BYTES, REGION_BYTES, closeAll, newSecret, newSite, pair, proxies, put, sameAs, sleep, splitBrain, until } from './failover-sites.ts';
 
-const SECTORS = 4096; // 2 MiB
-const BYTES = SECTORS * 512;
-const REGION = 64; // sectors: 32 KiB dirty-log regions
-const REGION_BYTES = REGION * 512;
-const sleep = (ms: number): Promise<void> => new Promise((r) => setTimeout(r, ms));
-
-interface SiteJson {
-  slink: number; stateChar: string; mode: string; resyncedBytes: number; lastError: string | null;
-  lag: { ios: number };
-  link: { connection: string; refusal: string | null } | null;
-}
-interface GroupJson { role: string; generation: string; consistent: boolean; splitBrain: string | null; sites: SiteJson[] }
-
-const daemons: SiteDaemon[] = [];
-const proxies: FaultProxy[] = [];
-afterAll(async () => {
-  for (const p of proxies) await p.close();
-  for (const d of daemons) await d.close();
-});
-
-function blank(dir: string, name: string, bytes: number): string {
-  const f = path.join(dir, name);
-  fs.writeFileSync(f, '');
-  fs.truncateSync(f, bytes);
-  return f;
-}
-
-/** one site: its daemon, its image, and the stack (repl + vol) with a tcp slink per peer */
-class Site {
-  readonly d: SiteDaemon;
-  readonly img: string;
-  constructor(d: SiteDaemon) {
-    this.d = d;
-    this.img = blank(d.sb.dir, 'local.img', BYTES);
-  }
-
-  /**
-   * `peers`: slink number → address (HOST:PORT). `standby`: the group is demoted before its
-   * device exists (the howto's order: a secondary connects to nobody, so the other sites'
-   * devices need not exist yet).
-   */
-  async stack(peers: Array<[number, string]>, secret: string, standby = false): Promise<void> {
-    const dir = this.d.sb.dir;
-    const slinks = peers.map(([n, addr]) => {
-      const w = [String(n), 'async', 'retest=1', 'io-timeout=30', `peer=${addr}`, `secret=${secret}`];
-      return `tcp ${w.length} ${w.join(' ')}`;
-    }).join(' ');
-    await ok(this.d.sb, ['create', 'repl', '--table', `0 1 replicator ringbuffer 4 ${blank(dir, 'rlog', 8 << 20)} 0 auto 16384 blockdev 1 0 ${slinks}`]);
-    if (standby) await ok(this.d.sb, ['demote', 'repl']);
-    const tuples = peers.map(([n]) => `${n} 1 vol disk 3 ${blank(dir, `vol.${n}.log`, 1 << 20)} ${REGION} nosync`).join(' ');
-    await ok(this.d.sb, ['create', 'vol', '--table', `0 ${SECTORS} replicator-dev dm:repl 0 0 1 ${this.img} nolog 0 ${tuples}`]);
-  }
-
-  async group(): Promise<GroupJson> {
-    const out = JSON.parse(await ok(this.d.sb, ['status', '--json', 'repl'])) as Array<{ lines: Array<{ detail: GroupJson }> }>;
-    return out[0]!.lines[0]!.detail;
-  }
-
-  async site(slink: number): Promise<SiteJson> {
-    return (await this.group()).sites.find((s) => s.slink === slink)!;
-  }
-
-  async write(offset: number, data: Buffer): Promise<void> {
-    const f = path.join(this.d.sb.dir, `w-${crypto.randomBytes(4).toString('hex')}`);
-    fs.writeFileSync(f, data);
-    await ok(this.d.sb, ['io', 'write', 'vol', String(offset), f]);
-    fs.rmSync(f);
-  }
-
-  image(): Buffer {
-    return fs.readFileSync(this.img);
-  }
-}
-
-async function until<T>(what: string, probe: () => Promise<T>, cond: (v: T) => boolean, limitMs = 30_000): Promise<T> {
-  for (const end = Date.now() + limitMs; ; await sleep(100)) {
-    const v = await probe();
-    if (cond(v)) return v;
-    if (Date.now() > end) throw new Error(`timed out waiting for ${what}: ${JSON.stringify(v)}`);
-  }
-}
-
-/** wait until `site`'s image equals `ref` */
-async function sameAs(site: Site, ref: Buffer, what: string): Promise<void> {
-  await until(what, async () => site.image().equals(ref), (v) => v);
-}
-
-/** write `bytes` at `offset` into the reference too */
-async function put(site: Site, ref: Buffer | null, offset: number, bytes: number): Promise<Buffer> {
-  const data = crypto.randomBytes(bytes);
-  await site.write(offset, data);
-  if (ref) data.copy(ref, offset);
-  return data;
-}
-
-async function newSite(secret: string): Promise<Site> {
-  const d = await SiteDaemon.start({ secretFile: secret });
-  daemons.push(d);
-  return new Site(d);
-}
+afterAll(closeAll);
 
 describe('roles over tcp', () => {
   it('failover to B after A dies with unshipped writes; A is demoted and resynced from B (the union only); failback copies nothing', async () => {
-    const secretDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? '/tmp', 'dmkit-keys-'));
-    const secret = writeSecret(secretDir);
-    const a = await newSite(secret);
-    const b = await newSite(secret);
-    const proxy = await FaultProxy.start({ target: { host: '127.0.0.1', port: b.d.port } });
-    proxies.push(proxy);
-    await b.stack([[1, a.d.address]], secret, true); // a new second site: secondary before anything is written
-    await a.stack([[1, proxy.address]], secret);
+    let proxy!: FaultProxy;
+    // P1: the whole device at A, shipped to B (a new second site: secondary before anything is written)
+    const { a, b, ref } = await pair('a', async (port) => {
+      proxy = await FaultProxy.start({ target: { host: '127.0.0.1', port } });
+      proxies.push(proxy);
+      return proxy.address;
+    });
     expect((await b.group()).role).toBe('secondary');
-
-    // P1: the whole device at A, shipped to B
-    const ref = crypto.randomBytes(BYTES);
-    await a.write(0, ref);
-    await sameAs(b, ref, 'B to hold P1');
     const w = await dmkit(b.d.sb, ['io', 'write', 'vol', '0', a.img]);
     expect(w.code).not.toBe(0);
     expect(w.stderr).toMatch(/EROFS|secondary/);
     await until('A to note that B holds its generation', () => a.group(), (g) => g.sites[1]!.lag.ios === 0);
     const genA = (await a.group()).generation;
     await until('B to take A\'s generation', () => b.group(), (g) => g.generation === genA && g.consistent).catch((e: Error) => {
-      throw new Error(`${e.message}\nB log: ${fs.readFileSync(path.join(b.d.sb.dir, 'daemon.log'), 'utf8').slice(-3000)}\nA log: ${fs.readFileSync(path.join(a.d.sb.dir, 'daemon.log'), 'utf8').slice(-3000)}`);
+      throw new Error(`${e.message}\nB log: ${b.d.logTail()}\nA log: ${a.d.logTail()}`);
     });
     await sleep(1000); // a checkpoint records that B has it all
 
@@ -173,13 +65,19 @@ describe('roles over tcp', () => {
     // A returns primary (its role file): B refuses it, A refuses B; nothing is copied
     await a.d.restart();
     expect((await a.group()).role).toBe('primary');
-    await until('A to be refused by B', () => a.site(1), (s) => s.link?.refusal === 'peer-primary');
+    // with its backlog (its 3 writes) it shows its slink down (D), consistently everywhere
+    const refused = await until('A to be refused by B', () => a.site(1), (s) => s.link?.refusal === 'peer-primary' && s.stateChar === 'D');
+    expect([refused.state, refused.link!.connection]).toEqual(['down', 'down']);
+    expect(refused.lag.ios).toBeGreaterThan(0);
+    expect(await ok(a.d.sb, ['status', 'repl'])).toMatch(/ 1:D,[1-9]\d*,/);
     expect(a.image().equals(ref)).toBe(false);
 
     // A is demoted: B resyncs the union of {1, 5, 40} (A) and {5, 20, 21} (B): 5 regions
     await ok(a.d.sb, ['demote', 'repl']);
+    const demoted = await a.site(1);
+    expect([demoted.stateChar, demoted.link!.refusal, demoted.link!.lastError, demoted.lastError]).toEqual(['R', null, null, null]);
     await sameAs(a, ref, 'A to equal B after the resync').catch(async (e: Error) => {
-      throw new Error(`${e.message}\nB: ${JSON.stringify(await b.group())}\nA: ${JSON.stringify(await a.group())}\nA log: ${fs.readFileSync(path.join(a.d.sb.dir, "daemon.log"), "utf8").slice(-3000)}`);
+      throw new Error(`${e.message}\nB: ${JSON.stringify(await b.group())}\nA: ${JSON.stringify(await a.group())}\nA log: ${a.d.logTail()}`);
     });
     const bs = await until('B to ship to A in order', () => b.site(1), (s) => s.mode === 'in-order' && s.stateChar === 'A');
     expect(bs.resyncedBytes).toBe(5 * REGION_BYTES);
@@ -200,43 +98,18 @@ describe('roles over tcp', () => {
     await sameAs(b, ref, 'B to get A\'s writes after failback');
     const as = await until('A to ship in order', () => a.site(1), (s) => s.mode === 'in-order' && s.lag.ios === 0);
     expect(as.resyncedBytes).toBe(0);
+    // nothing left from A's refused era: its promotion did not find the link down and mark every region dirty
+    expect(a.d.log()).not.toMatch(/data flush failed/);
     expect(a.image().equals(ref)).toBe(true);
   }, 180_000);
 
   it('split brain: detected on both sides from the generation ids, nothing copied, until one side is demoted with --discard-my-data', async () => {
-    const secretDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? '/tmp', 'dmkit-keys-'));
-    const secret = writeSecret(secretDir);
-    const a = await newSite(secret);
-    const b = await newSite(secret);
-    await b.stack([[1, a.d.address]], secret, true);
-    await a.stack([[1, b.d.address]], secret);
-    const ref = crypto.randomBytes(BYTES);
-    await a.write(0, ref);
-    await sameAs(b, ref, 'B to hold P1');
+    const { a, b, ref } = await pair('a');
     await until('B to be consistent', () => b.group(), (x) => x.consistent && x.role === 'secondary');
 
-    // A writes while its slink is suspended: A starts a new generation
-    const gen0 = (await a.group()).generation;
-    await ok(a.d.sb, ['message', 'repl', '0', 'slink', 'suspend', '1']);
-    const aRef = Buffer.from(ref);
-    for (const r of [7, 8]) await put(a, aRef, r * REGION_BYTES, REGION_BYTES);
-    expect((await a.group()).generation).not.toBe(gen0);
-
-    // B cannot be promoted while A is connected and primary, unless forced
-    const refused = await dmkit(b.d.sb, ['promote', 'repl']);
-    expect(refused.code).not.toBe(0);
-    expect(refused.stderr).toMatch(/EBUSY|connected and primary/);
-    await ok(b.d.sb, ['promote', 'repl', '--force']);
-    for (const r of [8, 50]) await put(b, ref, r * REGION_BYTES, REGION_BYTES);
-
-    // A's slink comes back: both sides say split-brain; neither image changes
-    await ok(a.d.sb, ['message', 'repl', '0', 'slink', 'resume', '1']);
-    await until('A to see the split brain', () => a.group(), (x) => x.splitBrain !== null);
-    await until('B to see the split brain', () => b.group(), (x) => x.splitBrain !== null);
-    await sleep(1500);
-    expect(a.image().equals(aRef)).toBe(true);
-    expect(b.image().equals(ref)).toBe(true);
-    expect((await b.site(1)).resyncedBytes).toBe(0);
+    // A writes while its slink is suspended (a new generation), B is promoted (--force: A is
+    // connected) and written; at reconnect both sides say split-brain; neither image changes
+    await splitBrain(a, b, ref);
 
     // the operator discards A's changes: B resyncs A's {7, 8} and its own {8, 50}
     await ok(a.d.sb, ['demote', 'repl', '--discard-my-data']);
@@ -247,8 +120,7 @@ describe('roles over tcp', () => {
   }, 180_000);
 
   it('unplanned failover with three sites: a third site that got more of the old primary than the new one is resynced whole (checksum) and equals it', async () => {
-    const secretDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? '/tmp', 'dmkit-keys-'));
-    const secret = writeSecret(secretDir);
+    const secret = newSecret();
     const [a, b, c] = [await newSite(secret), await newSite(secret), await newSite(secret)];
     const sites = [a, b, c];
     for (const i of [1, 2, 0]) await sites[i]!.stack(sites.flatMap((o, j) => (j === i ? [] : [[j + 1, o.d.address] as [number, string]])), secret, i !== 0);
@@ -277,8 +149,7 @@ describe('roles over tcp', () => {
   }, 240_000);
 
   it('follow the sun: the primary role goes A → B → C → A; every site equals the reference after each era and nothing is resynced', async () => {
-    const secretDir = fs.mkdtempSync(path.join(process.env.TMPDIR ?? '/tmp', 'dmkit-keys-'));
-    const secret = writeSecret(secretDir);
+    const secret = newSecret();
     const sites = [await newSite(secret), await newSite(secret), await newSite(secret)];
     // slink numbers: site i reaches site j as slink j+1 (1, 2, 3; never its own)
     for (const i of [1, 2, 0]) await sites[i]!.stack(sites.flatMap((o, j) => (j === i ? [] : [[j + 1, o.d.address] as [number, string]])), secret, i !== 0);

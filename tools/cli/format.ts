@@ -101,12 +101,14 @@ interface ReplicationJson {
 /** a network transport's `statusJson` (tcp: connection, peer, bytes; nbd: state) */
 interface LinkJson {
   connection?: string; peer?: string; state?: string; bytesOnWire?: number; compress?: string; compressionRatio?: number | null;
+  refusal?: string | null;
 }
 
 function linkText(l: LinkJson): string {
   const parts: string[] = [];
   if (l.connection) parts.push(`${l.connection}${l.peer ? ` to ${l.peer}` : ''}`);
   else if (l.state) parts.push(l.state);
+  if (l.refusal) parts.push(`refused: ${l.refusal}`);
   if (l.bytesOnWire !== undefined) parts.push(`${l.bytesOnWire} bytes on the wire`);
   if (l.compress && l.compress !== 'none' && l.compressionRatio) parts.push(`${l.compress} ratio ${l.compressionRatio}`);
   return parts.join(', ');
