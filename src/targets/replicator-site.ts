@@ -127,6 +127,15 @@ export class Site {
     return this.#active && this.#up && !this.#paused && this.#mode === 'ship' && (this.policy.mode === 'sync' || this.#forced);
   }
 
+  /**
+   * Does a ship to this site take a network round trip (every transport but `blockdev`,
+   * whose cached file writes complete on the spot)? A write waiting for such a site lets
+   * the entry go out before its own local write (replicator-group.ts write).
+   */
+  get overNetwork(): boolean {
+    return this.link.type !== 'blockdev';
+  }
+
   /** status character (REPLICATION.md "Status") */
   get state(): SiteState {
     if (!this.#up || this.#paused) return 'D';
