@@ -4,7 +4,8 @@
  * write-order checker. 10 rounds, one of each kind and two more, with the seed printed so
  * a failure reproduces (`DMKIT_TCP_SEED=… npx vitest run test/e2e/replication-tcp-rounds`);
  * `npm run soak -- --tcp` runs 100. Then 3 rounds of big writes (TCP_BIG_RIG: log entries over
- * 64 KiB, whose memory the log reuses) through a reset, a corruption and a receiver kill.
+ * 64 KiB, whose memory the log reuses) through a reset, a corruption and a receiver kill,
+ * and 3 rounds with the site synchronous.
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { roundSeed } from '../helpers/replication-rounds.ts';
@@ -70,7 +71,30 @@ describe(`tcp slink: rounds with big writes (seed ${SEED})`, () => {
   }
 });
 
-async function reopen(old: TcpRig, opts = TCP_RIG): Promise<TcpRig> {
+describe(`tcp slink: rounds with a synchronous site (seed ${SEED})`, () => {
+  // a write waiting for a synchronous site across a network sends its entry before its own
+  // local write (replicator-group.ts): a reset, a corruption and a receiver kill under it
+  const kinds: readonly TcpKind[] = ['reset', 'corrupt-down', 'receiver-kill'];
+  const words = ['sync', 'retest=1', 'io-timeout=2'];
+  let t: TcpRig;
+  beforeAll(async () => {
+    t = await TcpRig.open(TCP_RIG, words);
+  }, 120_000);
+  afterAll(async () => {
+    await t?.close();
+  }, 60_000);
+
+  for (let i = 0; i < kinds.length; i++) {
+    it(`round ${i}: ${kinds[i]}, sync`, async () => {
+      if (!t.rig.healthy) t = await reopen(t, TCP_RIG, words);
+      const r = await runTcpRound(t, planTcpRound(i, roundSeed(SEED + 2, i), TCP_RIG, kinds));
+      expect(r.failures, `seed ${SEED + 2}, round ${i}; evidence ${r.evidence ?? '-'}`).toEqual([]);
+      expect(r.remoteAtCut.ok || r.resyncedBytes > 0).toBe(true);
+    }, 180_000);
+  }
+});
+
+async function reopen(old: TcpRig, opts = TCP_RIG, words?: string[]): Promise<TcpRig> {
   await old.close();
-  return TcpRig.open(opts);
+  return TcpRig.open(opts, words);
 }
