@@ -129,7 +129,7 @@ export function checkSlinkCount(type: string, words: readonly string[], next: st
 
 /** a word no slink type is written as, but a slink's parameter is */
 function looksLikeParameter(word: string): boolean {
-  return word.includes('=') || /^[0-9]+$/.test(word) || FALL_WORD.test(word) || VALID_POLICY.test(word);
+  return word.includes('=') || /^[0-9]+([.][0-9]+)?[A-Za-z]*$/.test(word) || FALL_WORD.test(word) || VALID_POLICY.test(word);
 }
 
 /** with its article: a 1st, a 2nd, a 7th, an 8th, an 11th, a 12th, an 18th, a 21st, an 80th … */

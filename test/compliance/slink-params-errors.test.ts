@@ -25,6 +25,9 @@ const CASES: Array<[args: string, message: string]> = [
   // one too many, with more slinks after it
   [`${LOG} blockdev 1 0 blockdev 1 1 sync blockdev 1 2`, `slink 1 ('blockdev'): its parameter count says 1, but a 2nd, 'sync', ${LATE}`],
   [`${LOG} blockdev 2 1 async ios 5 blockdev 1 0`, `slink 1 ('blockdev'): its parameter count says 2, but a 3rd, 'ios', ${LATE}`],
+  // the last counted word a fall-behind value with a unit
+  [`${LOG} blockdev 1 0 blockdev 4 1 async size 64m retest=2`, `slink 1 ('blockdev'): its parameter count says 4, but a 5th, 'retest=2', ${LATE}`],
+  [`${LOG} blockdev 1 0 blockdev 5 1 async timeout 10s ios=8 retest=2`, `slink 1 ('blockdev'): its parameter count says 5, but a 6th, 'retest=2', ${LATE}`],
   [`${LOG} local 1 0 0 blockdev 2 1 async`, `slink 0 ('local'): its parameter count says 1, but a 2nd, '0', ${LATE}`],
   [`${LOG} blockdev 1 0 tcp 9 1 async ${TCP} io-timeout=5 integrity=crc32c retest=2 tls-ca=x`, `slink 1 ('tcp'): its parameter count says 9, but a 10th, 'tls-ca=x', ${LATE}`],
   // too few: at the end of the line, unchanged; before another slink, which it swallows
