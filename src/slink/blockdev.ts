@@ -62,6 +62,7 @@ class BlockdevRemote implements RemoteDevice {
 }
 
 class BlockdevSlink implements SiteLink {
+  readonly overNetwork = false;
   readonly type = 'blockdev';
   readonly slink: number;
   readonly retestMs: number;

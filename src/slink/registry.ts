@@ -112,6 +112,9 @@ class CountedSlink implements SiteLink {
   get retestMs(): number {
     return this.#link.retestMs;
   }
+  get overNetwork(): boolean | undefined {
+    return this.#link.overNetwork;
+  }
   attach(ctx: SlinkDeviceContext, devNr: number, params: readonly string[]): Promise<RemoteDevice> {
     return this.#link.attach(ctx, devNr, params);
   }

@@ -166,6 +166,12 @@ export interface SiteLink {
   readonly type: string;
   /** the slink number: 0 local, 1 … N remote */
   readonly slink: number;
+  /**
+   * false when a ship completes without a network round trip (`blockdev`: cached file
+   * writes complete on the spot); absent or true otherwise. A write waiting for a synchronous
+   * site across a network lets the entry go out before its own local write.
+   */
+  readonly overNetwork?: boolean;
   /** how long after a failure the replicator calls `test()` again, in milliseconds */
   readonly retestMs: number;
   /**

@@ -128,12 +128,12 @@ export class Site {
   }
 
   /**
-   * Does a ship to this site take a network round trip (every transport but `blockdev`,
-   * whose cached file writes complete on the spot)? A write waiting for such a site lets
-   * the entry go out before its own local write (replicator-group.ts write).
+   * Does a ship to this site take a network round trip (every transport but `blockdev`, or
+   * its alias `local`, whose cached file writes complete on the spot)? A write waiting for
+   * such a site lets the entry go out before its own local write (replicator-group.ts write).
    */
   get overNetwork(): boolean {
-    return this.link.type !== 'blockdev';
+    return this.link.overNetwork !== false;
   }
 
   /** status character (REPLICATION.md "Status") */

@@ -149,6 +149,9 @@ describe.each(SLINK_CASES)('slink compliance: $name', (c) => {
     expect(link.retestMs).toBe(15_000);
     expect(link.options()).toEqual(site.options);
     expect(typeof link.status('info')).toBe('string');
+    // through its registered name or an alias (`local`), a file site says it needs no round
+    // trip (a synchronous write then does not wait a turn before its local write)
+    expect(link.overNetwork !== false).toBe(site.slinkType === 'nbd' || site.slinkType === 'tcp');
   });
 
   it('attaches each device; params() gives the tuple back through a table', async () => {
