@@ -518,11 +518,13 @@ export class Peer {
       // link: sent once the devices are let in)
       if (!refused) this.#setState('connected');
       this.#reopening = true; // log entries wait until every device is open again, then go in log order
+      // liveness from here on: a receiver that answers no OPEN (nor a PING) is dropped after
+      // io-timeout like any silent one, failing the OPEN waited for (the attempt used to hang)
+      this.#startTimer();
       for (const key of this.#devs.keys()) await this.#openDevice(key);
       this.#reopening = false;
       this.#setState('connected');
       if (this.#announced && a.features.includes('roles')) a.frames.send(FrameType.STATE, 0, [encodeJson(this.#announced)]);
-      this.#startTimer();
       if (this.#connects++ > 0) this.stats.reconnects++;
       this.lastError = '';
       const unsent = [...this.#reqs.values()].filter((r) => r.sentAt === 0).sort((x, y) => x.id - y.id);

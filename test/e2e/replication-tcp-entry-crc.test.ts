@@ -21,7 +21,9 @@
  *    receiver with a proxy between them that damages every RESTART's payload: re-sent at
  *    most MAX_RESENDS times, then given up like an IO frame (the entries behind it fail with
  *    EIO, it is not sent again, the connection is re-made); the site applies nothing twice
- *    or out of order, and its image ends equal to the source's.
+ *    or out of order, and its image ends equal to the source's;
+ *  - a receiver that completes the handshake and then answers nothing, not even an OPEN:
+ *    the sender drops it after io-timeout and the write fails (the attempt used to hang).
  */
 import fs from 'node:fs';
 import net from 'node:net';
@@ -214,15 +216,19 @@ interface Seen {
 /**
  * A site speaking the real server handshake, offering `features`; it answers OPEN and every
  * IO (ACK, even for one that failed its CRC: it only watches) and keeps the IO frames seen.
+ * `silent`: it answers nothing after the handshake (and counts the OPENs it got).
  */
-async function fakeSite(features: readonly string[]): Promise<{ port: number; seen: Seen[] }> {
+async function fakeSite(features: readonly string[], silent = false): Promise<{ port: number; seen: Seen[]; opens: () => number }> {
   const seen: Seen[] = [];
+  let opens = 0;
   const server = net.createServer((sock) => {
     sock.on('error', () => {});
     void serverHandshake(sock, { secret: loadSecret(secretFile), requireTls: false, timeoutMs: 5000, features }, 'fake site').then((a) => {
       a.frames.maxPayload = MAX_PAYLOAD;
       a.frames.handle({
         frame: (f: Frame) => {
+          if (f.h.type === FrameType.OPEN) opens++;
+          if (silent) return;
           if (f.h.type === FrameType.OPEN) a.frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle: 1, applied: 0, sectors: SECTORS })]);
           if (f.h.type === FrameType.PING) a.frames.send(FrameType.PONG, f.h.id);
           if (f.h.type === FrameType.IO) {
@@ -240,7 +246,7 @@ async function fakeSite(features: readonly string[]): Promise<{ port: number; se
   });
   await new Promise<void>((r) => server.listen(0, '127.0.0.1', r));
   closers.push(() => new Promise<void>((r) => server.close(() => r())));
-  return { port: (server.address() as net.AddressInfo).port, seen };
+  return { port: (server.address() as net.AddressInfo).port, seen, opens: () => opens };
 }
 
 /** the sub-header the sender builds for a write of `data` at `sector` on handle 1 */
@@ -631,5 +637,18 @@ describe('tcp: a RESTART asked for again', { timeout: 60_000 }, () => {
     expect(proxy.restarts[1]).toEqual([]);
     expect(applied).toEqual([1, 2, 3]);
     expect(image().equals(source)).toBe(true);
+  });
+});
+
+describe('tcp: a receiver that answers no OPEN', { timeout: 60_000 }, () => {
+  it('is dropped after io-timeout like any silent one: the write fails, nothing hangs', async () => {
+    const site = await fakeSite(FEATURES, true);
+    const { link, dev } = await sender(site.port); // io-timeout=5
+    const err = await dev.submit(write(0, content('never answered'))).then(() => null, (e: unknown) => e);
+    expect(err).toBeInstanceOf(BlockError);
+    expect((err as Error).message).toMatch(/^repl slink 1: 127\.0\.0\.1:\d+: /);
+    expect(site.opens()).toBeGreaterThanOrEqual(1);
+    expect(site.seen).toEqual([]);
+    expect(stats(link).connection).toBe('down');
   });
 });
