@@ -156,6 +156,7 @@ export class Peer {
    * here (#vacuousFlush)
    */
   readonly #writes = { submitted: 0, settled: 0, durable: 0 };
+  readonly #settled = (): void => void this.#writes.settled++;
   readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, frames: { sent: 0, received: 0 }, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0, digests: 0 };
   #connects = 0;
   readonly #devs = new Map<number, Dev>();
@@ -353,8 +354,7 @@ export class Peer {
       if (upTo >= 0) void p.then(() => (w.durable = Math.max(w.durable, upTo)), () => undefined);
     } else if (op !== 'read') {
       w.submitted++;
-      const settle = (): void => void w.settled++;
-      void p.then(settle, settle);
+      void p.then(this.#settled, this.#settled);
     }
     return p;
   }
@@ -550,7 +550,7 @@ export class Peer {
       if (e.code === 'EPROTO') this.stats.badReplies++; // a handshake frame damaged one way or the other
       this.#setLastError(e.message);
       if (this.state === 'connected') this.#setState('connecting');
-      this.opts.log.limited(`tcp-connect:${where}`, e.message.startsWith(where) ? e.message : `${where}: ${e.message}`);
+      this.opts.log.limited(`tcp-connect:${where}`, this.lastError);
       throw e;
     }
   }

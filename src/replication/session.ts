@@ -37,6 +37,8 @@ interface Opened {
   readonly name: string;
   readonly dev: MappedDevice;
   readonly writer: BlockDev;
+  /** who holds `dev` open, for its busy message (receivingHolder): closed with the same text */
+  readonly holder: string;
 }
 
 /** a stream refused for the receiving group's role: EPERM, with the verdict for the sender */
@@ -193,8 +195,9 @@ export class Session {
     // a device may be open twice (a table reload at the sender attaches again before the old
     // table detaches): each handle holds its own open, and CLOSE releases one
     const handle = this.#nextHandle++;
-    dev.open(receivingHolder(this.#frames));
-    this.#handles.set(handle, { name, dev, writer });
+    const holder = receivingHolder(this.#frames);
+    dev.open(holder);
+    this.#handles.set(handle, { name, dev, writer, holder });
     stream.devices.set(name, writer);
     this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, sectors: dev.sectors, ...judged })]);
   }
@@ -277,7 +280,7 @@ export class Session {
     if (!o) throw new DmError('EBADF', `CLOSE: no open handle ${handle}`);
     this.#handles.delete(handle);
     await this.#stream?.idle();
-    o.dev.close(receivingHolder(this.#frames));
+    o.dev.close(o.holder);
     if (![...this.#handles.values()].some((x) => x.dev === o.dev)) {
       await o.dev.clearSecondary();
       this.#rx.setRole(o.name, null);
@@ -437,6 +440,6 @@ export class Session {
     this.#held = [];
     this.#heldBytes = 0;
     this.#resending.clear();
-    void (s?.idle() ?? Promise.resolve()).then(() => { for (const o of handles) o.dev.close(receivingHolder(this.#frames)); });
+    void (s?.idle() ?? Promise.resolve()).then(() => { for (const o of handles) o.dev.close(o.holder); });
   }
 }

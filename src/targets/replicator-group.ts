@@ -45,7 +45,6 @@ export interface GroupStats {
   overflows: number;
 }
 
-
 export class ReplicatorGroup implements Target, SiteHost {
   readonly log: Replog;
   readonly logger: Logger;
