@@ -9,9 +9,10 @@
  *     A larger image (a payload over 64 KiB) is a buffer of its own; the slab remembers the
  *     newest ones (`retain`), and once the replicator says nobody holds their entries any
  *     more and they are behind the ring's tail (`Replog.reclaim`), keeps them (up to
- *     SPARE_BYTES) for the next images of their size. Measured at 1 MiB writes: a fresh 512 KiB image per entry (a fresh mmap,
- *     its pages zeroed and faulted in, external memory driving V8 into Mark-Compacts) cost
- *     more CPU than the copy and the CRC of the payload together.
+ *     SPARE_BYTES) for the next images of their size. Measured at 1 MiB writes: a fresh
+ *     512 KiB image per entry (a fresh mmap, its pages zeroed and faulted in, external
+ *     memory driving V8 into Mark-Compacts) cost more CPU than the copy and the CRC of the
+ *     payload together.
  *   - `WriteQueue`: the ring writes of the appends made in one burst (until the running
  *     microtasks are done: process.nextTick) go out together, and consecutive entries whose
  *     images are neighbours in one slab and in the ring as one write. At 32 writers in
