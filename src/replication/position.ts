@@ -137,6 +137,18 @@ export class PositionFile implements Applied {
     return new Promise((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
   }
 
+  /**
+   * Set the position back to (`applied`, `epoch`) (REWIND: the sender's log lacks what this
+   * site applied past `applied`), durable at once: written, the durable fields lowered to it
+   * unless already lower, then fdatasync'd. A reboot must not bring the old position back,
+   * or entries the sender numbers anew would be skipped as applied.
+   */
+  rewind(applied: number, epoch: number): Promise<void> {
+    if (this.#durable.applied >= applied) this.#durable = { applied, epoch };
+    this.#write(applied, epoch);
+    return new Promise((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
+  }
+
   close(): void {
     if (this.#fd < 0) return;
     fs.closeSync(this.#fd);

@@ -38,7 +38,7 @@ export const MAX_CONTROL = 64 * 1024;
 export const enum FrameType {
   HELLO = 1, HELLO_REPLY = 2, AUTH_CHALLENGE = 3, AUTH_RESPONSE = 4, AUTH_PROOF = 5, AUTH_OK = 6,
   ERROR = 7, OPEN = 8, OPEN_OK = 9, CLOSE = 10, IO = 11, ACK = 12, DATA = 13, RESEND = 14,
-  PING = 15, PONG = 16, DIGEST = 17, STATE = 18, RESTART = 19,
+  PING = 15, PONG = 16, DIGEST = 17, STATE = 18, RESTART = 19, REWIND = 20,
 }
 
 /** frame flags: the payload carries no CRC (integrity=none) */
@@ -259,7 +259,7 @@ export function decodeRestart(p: Buffer): number {
 // --- DIGEST frames (feature 'digest', negotiated in HELLO) -------------------------------
 
 /** the feature names this build offers in HELLO / HELLO_REPLY */
-export const FEATURES: readonly string[] = ['digest', ENTRY_CRC, 'pipeline', 'roles'];
+export const FEATURES: readonly string[] = ['digest', ENTRY_CRC, 'pipeline', 'roles', 'rewind'];
 export const DIGEST_HEADER = 24;
 /** bytes of one block's digest in the DATA reply (xxh3-128) */
 export const DIGEST_SIZE = 16;

@@ -61,6 +61,11 @@ export interface PeerOptions {
   readonly changed: () => void;
   /** the group's roles: generation ids in OPEN, the site's verdict back (absent: none sent) */
   readonly roles?: SlinkRoles;
+  /**
+   * the group's judgement of the position the site gives at connect (SlinkContext.judge):
+   * null, or where to set it back (REWIND) because the site holds entries our log lost
+   */
+  readonly judge?: (applied: number, epoch: number) => Promise<{ seq: number; epoch: number } | null>;
 }
 
 interface Req {
@@ -124,6 +129,8 @@ export interface PeerStats {
   /** connections the receiver closed with an ERROR (a frame it could not frame or accept) */
   peerErrors: number;
   appliedAtConnect: number;
+  /** positions set back at the site (REWIND): it held entries our log lost */
+  rewinds: number;
   /** DIGEST requests the receiver answered */
   digests: number;
 }
@@ -157,7 +164,7 @@ export class Peer {
    */
   readonly #writes = { submitted: 0, settled: 0, durable: 0 };
   readonly #settled = (): void => void this.#writes.settled++;
-  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, frames: { sent: 0, received: 0 }, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0, digests: 0 };
+  readonly stats: PeerStats = { rawBytes: 0, wireBytes: 0, frames: { sent: 0, received: 0 }, resends: 0, badReplies: 0, reconnects: 0, peerErrors: 0, appliedAtConnect: 0, rewinds: 0, digests: 0 };
   #connects = 0;
   readonly #devs = new Map<number, Dev>();
   readonly #reqs = new Map<number, Req>();
@@ -178,6 +185,8 @@ export class Peer {
   #unsent: Req[] = [];
   /** a connection is opening its devices again: log entries wait for all of them */
   #reopening = false;
+  /** the site's position was judged on this connection (its first OPEN_OK) */
+  #judged = false;
   /**
    * The RESTART of the shipper's current generation (feature 'pipeline'): sent before the
    * next log entry, and again first on a new connection as long as no log entry sent after
@@ -521,6 +530,7 @@ export class Peer {
       // liveness from here on: a receiver that answers no OPEN (nor a PING) is dropped after
       // io-timeout like any silent one, failing the OPEN waited for (the attempt used to hang)
       this.#startTimer();
+      this.#judged = false;
       for (const key of this.#devs.keys()) await this.#openDevice(key);
       this.#reopening = false;
       this.#setState('connected');
@@ -579,8 +589,28 @@ export class Peer {
     this.stats.appliedAtConnect = uint(o, 'applied', 'OPEN_OK');
     this.refusal = null;
     if (roles) roles.opened(this.opts.slink, d.devNr, resyncOf(o), needsOf(o));
+    if (this.#reopening && !this.#judged) {
+      this.#judged = true;
+      await this.#judgePosition(o);
+    }
     for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0 && req.io.seq === 0) this.#send(req);
     this.#pump();
+  }
+
+  /**
+   * The first OPEN_OK of a connection, before any log entry goes out on it: the group judges
+   * the site's position (applied, epoch); if the site holds entries our log lost, its
+   * position is set back (REWIND) so that the entries numbered anew are applied, not skipped.
+   */
+  async #judgePosition(o: Record<string, unknown>): Promise<void> {
+    const judge = this.opts.judge;
+    if (!judge || !this.#features.includes('rewind') || o.epoch === undefined) return;
+    const applied = uint(o, 'applied', 'OPEN_OK');
+    const to = await judge(applied, uint(o, 'epoch', 'OPEN_OK'));
+    if (!to) return;
+    const r = decodeJson((await this.#control(FrameType.REWIND, to)).payload, 'REWIND');
+    this.stats.rewinds++;
+    this.opts.log.warn(`${this.opts.name}: ${this.address}: the site had applied up to entry ${applied}, which this log lost; its position is set back to ${uint(r, 'applied', 'REWIND')}`);
   }
 
   #control(type: FrameType, body: unknown): Promise<Frame> {

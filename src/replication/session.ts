@@ -70,6 +70,8 @@ export class Session {
   readonly #maxInflight: number;
   /** the sender pipelines epochs and says when it starts over (feature 'pipeline': RESTART) */
   readonly #pipelined: boolean;
+  /** the sender may set the stream's position back (feature 'rewind') */
+  readonly #rewinds: boolean;
   #stream: Stream | null = null;
   /** the replicated groups whose devices this connection took (STATE applies to them) */
   readonly #groups = new Set<ReplicatedDevice>();
@@ -95,6 +97,7 @@ export class Session {
   constructor(rx: ReplicationReceiver, frames: FrameSocket, peer: string, maxInflight: number, idleMs: number, features: readonly string[]) {
     this.#rx = rx;
     this.#pipelined = features.includes('pipeline');
+    this.#rewinds = features.includes('rewind');
     this.#frames = frames;
     this.peer = peer;
     this.#maxInflight = maxInflight;
@@ -127,6 +130,7 @@ export class Session {
         case FrameType.PING: return void this.#frames.send(FrameType.PONG, f.h.id);
         case FrameType.DIGEST: return this.#digest(f);
         case FrameType.STATE: return this.#state(f);
+        case FrameType.REWIND: return void this.#rewind(f).catch((err: Error) => this.#error(f.h.id, err));
         default: throw new ProtocolError(`unexpected frame type ${f.h.type} after the handshake`);
       }
     } catch (err) {
@@ -199,7 +203,7 @@ export class Session {
     dev.open(holder);
     this.#handles.set(handle, { name, dev, writer, holder });
     stream.devices.set(name, writer);
-    this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, sectors: dev.sectors, ...judged })]);
+    this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, epoch: stream.pos.epoch, sectors: dev.sectors, ...judged })]);
   }
 
   /**
@@ -287,6 +291,29 @@ export class Session {
       this.#stream?.devices.delete(o.name);
     }
     this.#frames.send(FrameType.ACK, f.h.id);
+  }
+
+  /**
+   * REWIND {seq, epoch} (feature 'rewind'): the sender found, from the position OPEN_OK
+   * gave it, that this site applied entries its log lost (a power loss there before they
+   * were flushed), and will number new entries from `seq + 1` again: the stream's position
+   * goes back to `seq`, durably (stream.ts). Answered with REWIND {applied, epoch}: the
+   * position now. The sender sends it before any log entry on the connection.
+   */
+  async #rewind(f: Frame): Promise<void> {
+    if (!this.#rewinds) throw new ProtocolError('REWIND on a connection without the feature rewind');
+    const o = decodeJson(f.payload, 'REWIND');
+    const seq = uint(o, 'seq', 'REWIND');
+    const epoch = uint(o, 'epoch', 'REWIND');
+    const stream = this.#stream;
+    if (!stream) throw new ProtocolError('REWIND before any OPEN');
+    await stream.idle();
+    if (this.#closed) return;
+    const was = await stream.rewind(seq, epoch);
+    if (was > seq) {
+      this.#rx.log.warn(`replication: stream ${stream.id}: the sender ${this.peer} lacks entries ${seq + 1} … ${was} that this site applied (lost there: a power loss before its log was flushed?); position set back to ${seq}, and the sender verifies this site`);
+    }
+    this.#frames.send(FrameType.REWIND, f.h.id, [encodeJson({ applied: stream.pos.applied, epoch: stream.pos.epoch })]);
   }
 
   /** an IO or RESTART frame, in the order the sender sent them */

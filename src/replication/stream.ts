@@ -127,6 +127,25 @@ export class Stream {
     return was;
   }
 
+  /**
+   * REWIND (feature 'rewind'): the sender's log holds no entry this site applied after `seq`
+   * (they were lost there: a power loss before its log was flushed), and it will number new
+   * entries from `seq + 1` again. Called with nothing in flight (after `idle`). The position
+   * moves back to (`seq`, `epoch`), durably, so those entries are applied when they come
+   * instead of skipped as duplicates; a position below `seq` is left alone. Resolves
+   * with the position it had.
+   */
+  async rewind(seq: number, epoch: number): Promise<number> {
+    const was = this.pos.applied;
+    if (seq > was || this.#inflight > 0 || this.#waiting.length > 0) return was;
+    this.#epoch = epoch;
+    this.#maxSeq = seq;
+    this.#failed.clear();
+    this.#broken = false;
+    await this.pos.rewind(seq, epoch);
+    return was;
+  }
+
   #brokenError(seq: number): DmError {
     return new DmError('EIO', `entry ${seq} not applied: an entry of epoch ${this.#epoch} failed at this site`);
   }

@@ -51,6 +51,16 @@ export interface SlinkContext {
    * sends none, and the site takes the stream as before roles existed).
    */
   readonly roles?: SlinkRoles;
+  /**
+   * For transports whose sites keep an applied position by seq (tcp). The site says it
+   * applied every entry up to `applied` and was at epoch `epoch`: resolves null when that
+   * agrees with the log, or, when the site holds entries this log lost (a power loss here
+   * before they were flushed; their seqs are given to new entries), with the position the
+   * site must go back to (`seq`, `epoch`: every later entry will be shipped to it). The
+   * group has then put every region of the slink's devices out of sync (checksum resync),
+   * durably, before resolving. Absent: sites are not judged.
+   */
+  judge?(slink: number, applied: number, epoch: number): Promise<{ seq: number; epoch: number } | null>;
 }
 
 /** The group's side of roles and generation ids, as a transport sees it. */

@@ -23,6 +23,7 @@ import type { Replog, ReplogOp } from '../replog/types.ts';
 import type { Needs } from '../replication/roles.ts';
 import type { DirtyLog } from '../dirtylog/types.ts';
 import type { SiteLink, SlinkRoles } from '../slink/types.ts';
+import { epochOf, holdsLostEntries } from './replicator-lost.ts';
 import type { GroupRole } from './replicator-role.ts';
 import { groupMessage } from './replicator-messages.ts';
 import { ResyncControl } from './resync-control.ts';
@@ -89,6 +90,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly role: GroupRole;
   /** what a site's OPEN answered for a device not bound yet (slink:devNr) */
   readonly #opened = new Map<string, { resync: 'none' | 'partial' | 'full'; needs: Needs | null }>();
+  /** slinks whose site held entries the log lost: a device bound later is verified whole there too */
+  readonly #verifyOnBind = new Set<number>();
 
   constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[], role: GroupRole) {
     this.ctx = ctx;
@@ -121,6 +124,31 @@ export class ReplicatorGroup implements Target, SiteHost {
       }
     },
   };
+
+  /**
+   * SlinkContext.judge: a site (tcp) gave its applied position at connect. If it holds
+   * entries this log lost (replicator-lost.ts), every region of the slink's devices goes out
+   * of sync (durably: the dirty logs are flushed first, or a crash after the site's position
+   * was set back would forget it), the site is resynced by checksum, and the site is told to
+   * go back to what the slink has made good: every later entry is shipped to it again.
+   */
+  async judgeApplied(slink: number, applied: number, epoch: number): Promise<{ seq: number; epoch: number } | null> {
+    const site = this.siteOf(slink);
+    if (!site || !this.#recovered) return null;
+    const head = Math.max(this.#head, this.log.head);
+    if (!(await holdsLostEntries(this.log, head, applied, epoch))) return null;
+    this.#verifyOnBind.add(slink);
+    for (const b of this.#bindings.values()) {
+      const r = b.remotes.get(slink);
+      if (!r) continue;
+      allOutOfSync(r.dlog);
+      await r.dlog.flush();
+    }
+    const seq = site.watermark;
+    this.event(`slink ${slink}: the site applied entries this log no longer has (up to ${applied}, head ${head}: lost here, a power loss before the log was flushed?); its position goes back to ${seq} and every region is verified (checksum resync)`);
+    site.requestResync(false, true);
+    return { seq, epoch: await epochOf(this.log, seq) };
+  }
 
   /** a site took device `devNr` (OPEN): resync what it asks for, or note that it holds our generation */
   #applyOpened(slink: number, devNr: number): void {
@@ -290,6 +318,12 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.#boundWaiters.delete(b.devNr);
     for (const s of this.sites) s.bound();
     for (const s of this.sites) this.#applyOpened(s.slink, b.devNr);
+    for (const slink of this.#verifyOnBind) {
+      const r = b.remotes.get(slink);
+      if (!r) continue;
+      allOutOfSync(r.dlog);
+      this.siteOf(slink)?.requestResync(false, true);
+    }
   }
 
   /**
@@ -584,6 +618,8 @@ export class ReplicatorGroup implements Target, SiteHost {
       }
     }
     this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
+    // epochs go on above the recovered head's even if the clock went back (replicator-lost.ts)
+    this.#epoch = Math.max(this.#epoch, (await epochOf(this.log, rec.head)) + 1);
     if (localDone < rec.head) {
       this.#replayFrom = localDone + 1;
       this.#replayTo = rec.head;

@@ -91,7 +91,7 @@ function expected(sector: number, sectors: number, block: number): Buffer {
 describe('DIGEST at the receiver', { timeout: 60_000 }, () => {
   test('negotiated in HELLO; answers the digests of the device as it is, a short last block hashed as it is', async () => {
     const { frames, handle, features } = await connected();
-    expect(features).toEqual(['digest', 'entry-crc', 'pipeline', 'roles']);
+    expect(features).toEqual(['digest', 'entry-crc', 'pipeline', 'roles', 'rewind']);
     const whole = await ask(frames, { handle, sector: 0, sectors: MAX_DIGEST_SECTORS, blockSectors: 8 });
     expect(whole.h.type).toBe(FrameType.DATA);
     expect(whole.payload.length).toBe((MAX_DIGEST_SECTORS / 8) * 16);

@@ -612,6 +612,57 @@ describe('replication receiver: pipelined epochs and RESTART', { timeout: 60_000
   });
 });
 
+describe('replication receiver: REWIND', { timeout: 60_000 }, () => {
+  const REWIND = ['pipeline', 'rewind'];
+  /** send REWIND {seq, epoch}; returns the answer's payload */
+  async function rewind(p: RawPeer, body: unknown): Promise<Record<string, unknown>> {
+    const id = nextId++;
+    p.send(FrameType.REWIND, id, [encodeJson(body)]);
+    const f = await p.reply(id);
+    if (f.h.type !== FrameType.REWIND) throw new Error(`REWIND: got type ${f.h.type}: ${f.payload.toString()}`);
+    return json(f);
+  }
+
+  test('sets the position back: an entry at a seq applied before is applied again, not skipped; it survives a receiver restart', async () => {
+    await startReceiver();
+    const { p, o: { handle } } = await connected(REWIND);
+    for (let seq = 1; seq <= 3; seq++) await acked(p, sendWrite(p, handle, 10 * seq, content(`old ${seq}`), seq, seq));
+    // epoch 3 began: entries 1 and 2 are applied as far as the position goes
+    await acked(p, sendWrite(p, handle, 20, content('dup 2'), 2, 2));
+    expect(sectorOf(image(), 20).equals(content('old 2'))).toBe(true); // skipped as applied
+    expect(await rewind(p, { seq: 1, epoch: 1 })).toEqual({ applied: 1, epoch: 1 });
+    // the sender numbers anew from 2, in a later epoch: applied now
+    await acked(p, sendWrite(p, handle, 20, content('new 2'), 2, 7));
+    expect(sectorOf(image(), 20).equals(content('new 2'))).toBe(true);
+    // a position below the REWIND's seq is left as it is
+    const { p: q } = await connected(REWIND);
+    expect(await rewind(q, { seq: 5, epoch: 9 })).toEqual({ applied: 1, epoch: 7 });
+    q.destroy();
+    await rx.close();
+    await startReceiver();
+    const again = await connected(REWIND);
+    expect(again.o.applied).toBe(1); // the rewound position, not the 2 it had before
+  });
+
+  test('without the feature, before OPEN, or malformed closes the connection with why; the device is untouched', async () => {
+    await startReceiver();
+    const { p } = await connected(['pipeline']);
+    p.send(FrameType.REWIND, nextId++, [encodeJson({ seq: 1, epoch: 1 })]);
+    await p.gone();
+    expect(json(p.frames.find((f) => f.h.type === FrameType.ERROR)!).message).toMatch(/REWIND on a connection without the feature rewind/);
+    const q = await peer();
+    await authenticate(q, Buffer.from(SECRET), REWIND);
+    q.send(FrameType.REWIND, nextId++, [encodeJson({ seq: 1, epoch: 1 })]);
+    await q.gone();
+    expect(json(q.frames.find((f) => f.h.type === FrameType.ERROR)!).message).toMatch(/REWIND before any OPEN/);
+    const { p: r } = await connected(REWIND);
+    r.send(FrameType.REWIND, nextId++, [encodeJson({ seq: 'one', epoch: 1 })]);
+    await r.gone();
+    expect(json(r.frames.find((f) => f.h.type === FrameType.ERROR)!).message).toMatch(/REWIND.*seq/);
+    expect(image().every((x) => x === 0)).toBe(true);
+  });
+});
+
 describe('replication receiver: hostile bytes', { timeout: 120_000 }, () => {
   /** seed the device with known data through a good client, and keep a copy */
   async function seed(): Promise<Buffer> {

@@ -176,6 +176,7 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
     index: plan.index, seed: plan.seed, kind: plan.kind, ok: false, failures, notes, submitted: 0, acked: 0,
     remoteAtCut: { check: '', ok: false }, resyncedBytes: 0, writtenRegionBytes: 0, link: null, corrupted: 0, detected: 0, linkDetected: 0, ms: 0,
   };
+  const logFrom = rig.logSize();
   const corruptedBefore = proxy.stats.corrupted;
   const detectedBefore = damageReports(t);
   const linkBefore = linkDamage(await rig.status('repl'));
@@ -254,6 +255,9 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
     else if (wentToDirtyLog) notes.push(`resynced ${res.resyncedBytes} B from the dirty logs`);
     rig.initial = local;
   }
+  // no power loss in a round: the sender never finds the site holding entries its log lost
+  // (a false verdict would set the site back and verify it whole: src/targets/replicator-lost.ts)
+  if (/no longer has/.test(rig.logTail(Math.max(1, rig.logSize() - logFrom)))) failures.push('the sender judged the site to hold entries its log lost, with no power loss in the round');
   res.ms = Date.now() - t0;
   res.ok = failures.length === 0;
   if (!res.ok) {
