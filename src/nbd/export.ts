@@ -62,11 +62,19 @@ export interface ExportBypass {
   start(ranges: FileRange[] | null): void;
 }
 
+/** where an NBD client connected from: its TCP address, or the Unix socket it came in on */
+export type NbdPeer =
+  | { kind: 'tcp'; host: string; port: number }
+  | { kind: 'unix'; path: string };
+
 export interface ExportProvider {
   /** active exports, for NBD_OPT_LIST */
   list(): ExportInfo[];
   /** info without opening (NBD_OPT_INFO); undefined if unknown */
   info(name: string): ExportInfo | undefined;
-  /** open for transmission (counts as an opener); throws DmError ENXIO if unknown */
-  open(name: string): ExportHandle;
+  /**
+   * open for transmission by the client at `peer` (counts as an opener, named after the
+   * client); throws DmError ENXIO if unknown
+   */
+  open(name: string, peer: NbdPeer): ExportHandle;
 }

@@ -6,7 +6,7 @@
  * with an option reply and the loop continues.
  */
 import type { Socket } from 'node:net';
-import type { ExportHandle, ExportInfo, ExportProvider } from './export.ts';
+import type { ExportHandle, ExportInfo, ExportProvider, NbdPeer } from './export.ts';
 import { ByteReader } from './byte-reader.ts';
 import * as C from './constants.ts';
 import { startTls, type TlsServerConfig } from './tls.ts';
@@ -38,6 +38,8 @@ export interface Negotiated {
 
 export interface HandshakeOptions {
   provider: ExportProvider;
+  /** the client, for whoever the export names as its opener */
+  peer: NbdPeer;
   tls?: TlsServerConfig;
   /** server is shutting down: options get ERR_SHUTDOWN */
   isClosing?: () => boolean;
@@ -167,7 +169,7 @@ function exportName(st: State, opts: HandshakeOptions, data: Buffer): OptionResu
   const name = data.toString('utf8');
   let handle: ExportHandle;
   try {
-    handle = opts.provider.open(name);
+    handle = opts.provider.open(name, opts.peer);
   } catch (err) {
     // EXPORT_NAME cannot fail on the wire: the only refusal is to disconnect
     throw new HandshakeError(`EXPORT_NAME ${JSON.stringify(name)}: ${(err as Error).message}`);
@@ -225,7 +227,7 @@ function infoOrGo(st: State, opts: HandshakeOptions, opt: number, data: Buffer):
   let info: ExportInfo | undefined;
   if (opt === C.OPT_GO) {
     try {
-      handle = opts.provider.open(name);
+      handle = opts.provider.open(name, opts.peer);
       info = handle.info;
     } catch (err) {
       return error(st, opt, C.REP_ERR_UNKNOWN, `export ${JSON.stringify(name)}: ${(err as Error).message}`);

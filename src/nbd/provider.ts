@@ -1,7 +1,8 @@
 /**
  * Adapts the device manager to the NBD server's ExportProvider: every active mapped device
- * is an export named after it. An open export counts as an opener of the device (EBUSY on
- * remove unless forced or deferred); removal ends the export (ESHUTDOWN on the wire).
+ * is an export named after it. An open export counts as an opener of the device, named
+ * after its client (EBUSY on remove unless forced or deferred: exportedTo); removal ends
+ * the export (ESHUTDOWN on the wire).
  */
 import type { Bio } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
@@ -10,16 +11,43 @@ import { DeviceError } from '../core/errors.ts';
 import type { Bypass, MappedDevice } from '../core/mapped-device.ts';
 import type { Table } from '../core/table.ts';
 import type { Extent } from '../core/types.ts';
-import type { ExportBypass, ExportHandle, ExportInfo, ExportProvider, FileRange } from './export.ts';
+import type { ExportBypass, ExportHandle, ExportInfo, ExportProvider, FileRange, NbdPeer } from './export.ts';
 import { closeRanges } from './file-ranges.ts';
 
 function infoOf(d: MappedDevice): ExportInfo {
   return { name: d.name, size: d.sectors * 512, readOnly: d.readOnly || d.secondary !== null, description: d.uuid || undefined };
 }
 
+/**
+ * Who holds a device through NBD, as `dmkit remove` names that holder: the export name the
+ * clients asked for and where they are, `exported over NBD as 'vol' to 127.0.0.1:41234`,
+ * `… to a client on /run/dmkit/nbd.sock`. The connections under one export name make one
+ * entry, counted, each TCP client by its address and the clients of a Unix socket together:
+ * `… to 3 clients: 127.0.0.1:41234, 2 clients on /run/dmkit/nbd.sock`.
+ */
+function exportedTo(name: string, peers: readonly NbdPeer[]): string {
+  const sockets = new Map<string, number>();
+  for (const p of peers) if (p.kind === 'unix') sockets.set(p.path, (sockets.get(p.path) ?? 0) + 1);
+  const parts = [
+    ...peers.flatMap((p) => (p.kind === 'tcp' ? [p.host.includes(':') ? `[${p.host}]:${p.port}` : `${p.host}:${p.port}`] : [])),
+    ...[...sockets].map(([path, n]) => `${n === 1 ? 'a client' : `${n} clients`} on ${path}`),
+  ];
+  return `exported over NBD as '${name}' to ${parts.length === 1 ? parts[0] : `${peers.length} clients: ${parts.join(', ')}`}`;
+}
+
 class DeviceExport implements ExportHandle {
   readonly #dev: MappedDevice;
   readonly #dm: DeviceMapper;
+  /** the export name the client asked for */
+  readonly #name: string;
+  readonly #peer: NbdPeer;
+  /** the provider's open exports (this one from open to close) */
+  readonly #open: Set<DeviceExport>;
+  /** this connection's opener of the device: its text covers every connection to the device by this name */
+  readonly #holder = (): string => {
+    const same = [...this.#open].filter((e) => e.#dev === this.#dev && e.#name === this.#name);
+    return exportedTo(this.#name, same.map((e) => e.#peer));
+  };
   #closed = false;
   #gone: Array<() => void> = [];
   readonly #onRemoved = (): void => {
@@ -28,10 +56,14 @@ class DeviceExport implements ExportHandle {
     for (const cb of cbs) cb();
   };
 
-  constructor(dm: DeviceMapper, dev: MappedDevice) {
+  constructor(dm: DeviceMapper, dev: MappedDevice, name: string, peer: NbdPeer, open: Set<DeviceExport>) {
     this.#dm = dm;
     this.#dev = dev;
-    dev.open();
+    this.#name = name;
+    this.#peer = peer;
+    this.#open = open;
+    dev.open(this.#holder);
+    open.add(this);
     dev.once('removed', this.#onRemoved);
   }
 
@@ -79,7 +111,8 @@ class DeviceExport implements ExportHandle {
     if (this.#closed) return;
     this.#closed = true;
     this.#dev.off('removed', this.#onRemoved);
-    if (this.#dev.close() && !this.#dev.removed) {
+    this.#open.delete(this);
+    if (this.#dev.close(this.#holder) && !this.#dev.removed) {
       // last opener of a device marked for deferred removal
       void this.#dm.remove(this.#dev.name).catch(() => undefined);
     }
@@ -121,16 +154,17 @@ const FLUSH: Bio = Object.freeze({ op: 'flush', sector: 0, sectors: 0, data: EMP
 
 export function deviceExports(dm: DeviceMapper): ExportProvider {
   const active = (d: MappedDevice): boolean => !!d.live && !d.deferredRemove;
+  const open = new Set<DeviceExport>();
   return {
     list: () => dm.list().filter(active).map(infoOf),
     info: (name) => {
       const d = dm.has(name) ? dm.get(name) : undefined;
       return d && active(d) ? infoOf(d) : undefined;
     },
-    open: (name) => {
+    open: (name, peer) => {
       const d = dm.has(name) ? dm.get(name) : undefined;
       if (!d || !active(d)) throw new DeviceError('ENXIO', `${name}: no such active device`);
-      return new DeviceExport(dm, d);
+      return new DeviceExport(dm, d, name, peer, open);
     },
   };
 }

@@ -13,7 +13,7 @@ import { log, type Logger } from '../core/log.ts';
 import { BufferPool } from './buffer-pool.ts';
 import { envCount } from '../core/env.ts';
 import { ConnThreads, defaultThreads, type HandedOff } from './conn-threads.ts';
-import type { ExportProvider } from './export.ts';
+import type { ExportProvider, NbdPeer } from './export.ts';
 import { handshake, type Negotiated } from './handshake.ts';
 import { loadTlsConfig, type TlsServerConfig } from './tls.ts';
 import { Transmission, type TransmissionOptions } from './transmission.ts';
@@ -71,13 +71,16 @@ export interface NbdServerStats {
 
 class Connection {
   readonly raw: Socket;
+  /** who the client is, taken at accept (a closed socket no longer says) */
+  readonly peer: NbdPeer;
   current: Socket;
   /** the transmission phase, here or on a connection thread */
   tx: HandedOff | null = null;
   finished: Promise<void> = Promise.resolve();
 
-  constructor(raw: Socket) {
+  constructor(raw: Socket, peer: NbdPeer) {
     this.raw = raw;
+    this.peer = peer;
     this.current = raw;
   }
 
@@ -144,7 +147,8 @@ export class NbdServer {
   async listenUnix(path: string): Promise<void> {
     this.#assertOpen();
     await removeStaleSocket(path);
-    const srv = this.#createServer();
+    const peer: NbdPeer = { kind: 'unix', path };
+    const srv = this.#createServer(() => peer);
     // create the socket 0600 from the start where the umask can be set (not in workers)
     const oldMask = isMainThread ? process.umask(0o177) : undefined;
     try {
@@ -159,7 +163,7 @@ export class NbdServer {
   /** listen on TCP (default 127.0.0.1:10809); port 0 picks a free port */
   async listenTcp(host = '127.0.0.1', port = 10809): Promise<{ port: number }> {
     this.#assertOpen();
-    const srv = this.#createServer();
+    const srv = this.#createServer((s) => ({ kind: 'tcp', host: s.remoteAddress ?? 'unknown', port: s.remotePort ?? 0 }));
     await listen(srv, (cb) => srv.listen(port, host, cb));
     this.#servers.push(srv);
     const addr = srv.address();
@@ -187,8 +191,9 @@ export class NbdServer {
     if (this.#closing) throw new DmError('ESHUTDOWN', 'NBD server is closed');
   }
 
-  #createServer(): Server {
-    const srv = createServer((socket) => this.#accept(socket));
+  /** a listener whose clients are `peerOf(socket)` */
+  #createServer(peerOf: (socket: Socket) => NbdPeer): Server {
+    const srv = createServer((socket) => this.#accept(socket, peerOf(socket)));
     srv.on('error', (err) => this.#log.error(`listener: ${err.message}`));
     return srv;
   }
@@ -198,7 +203,7 @@ export class NbdServer {
     socket.on('error', (err) => this.#log.debug(`${what} error: ${err.message}`));
   }
 
-  #accept(socket: Socket): void {
+  #accept(socket: Socket, peer: NbdPeer): void {
     this.#logErrors(socket);
     if (this.#closing) {
       socket.destroy();
@@ -206,7 +211,7 @@ export class NbdServer {
     }
     socket.setNoDelay(true);
     this.#stats.accepted++;
-    const conn = new Connection(socket);
+    const conn = new Connection(socket, peer);
     this.#conns.add(conn);
     conn.finished = this.#run(conn).finally(() => {
       conn.destroy();
@@ -224,6 +229,7 @@ export class NbdServer {
     try {
       session = await handshake(conn.raw, {
         provider: this.#provider,
+        peer: conn.peer,
         tls: this.#tls,
         isClosing: () => this.#closing,
         onSocket: (s) => {
@@ -249,15 +255,28 @@ export class NbdServer {
     }
     if (session.via === 'go') this.#stats.go++;
     else this.#stats.exportName++;
+    let tx: HandedOff;
+    try {
+      tx = this.#transmit(conn, session);
+    } catch (err) {
+      // nothing serves the connection: close its export here, or the device stays held
+      this.#log.error(`connection not served: ${(err as Error).message}`);
+      session.handle.close();
+      return;
+    }
+    conn.tx = tx;
+    if (this.#closing) tx.end('server closing');
+    await tx.done;
+  }
+
+  /** start the transmission phase: on a connection thread, or here; it closes the export handle when done */
+  #transmit(conn: Connection, session: Negotiated): HandedOff {
     const handed = this.#threads?.take(session) ?? null;
     if (handed) {
       this.#stats.threaded++;
-      conn.tx = handed;
-      if (this.#closing) handed.end('server closing');
-      await handed.done;
-      return;
+      return handed;
     }
-    const tx = new Transmission({
+    return new Transmission({
       ...session,
       onSocket: (s) => {
         conn.current = s;
@@ -265,9 +284,6 @@ export class NbdServer {
         this.#logErrors(s);
       },
     }, this.#txOpts);
-    conn.tx = tx;
-    if (this.#closing) tx.end('server closing');
-    await tx.done;
   }
 }
 
