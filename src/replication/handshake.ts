@@ -69,7 +69,16 @@ function peerError(f: Frame, where: string): DmError {
   return new DmError(code, `${where}: ${message}`);
 }
 
-/** OpenSSL's words for a record the other side sealed with a different key: what a TLS-PSK handshake between two different secrets fails with */
+/**
+ * A TLS handshake that failed, as describeTlsError words it. With EACCES (every failure the
+ * TLS layer reports) it may be a refusal — different secrets, a certificate not trusted — or
+ * a handshake damaged on the wire: a flipped bit in a random or a Finished fails with the
+ * same alerts (`bad record mac`, `decrypt error`) as two different secrets, at both ends. The
+ * sender tells them apart by trying again at once (sender.ts, #handshake).
+ */
+export class TlsHandshakeError extends DmError {}
+
+/** OpenSSL's words for a record the other side sealed with a different key: what a TLS-PSK handshake between two different secrets fails with (and one damaged on the way) */
 const KEY_MISMATCH = /bad[ _]record[ _]mac|decryption[ _]failed|decrypt[ _]error|cipher[ _]operation[ _]failed/i;
 
 /**
@@ -79,18 +88,19 @@ const KEY_MISMATCH = /bad[ _]record[ _]mac|decryption[ _]failed|decrypt[ _]error
  * alert), so that case says the secrets differ, as the HMAC check says without TLS, rather
  * than OpenSSL's text. Anything else stays `TLS handshake failed: …`, without OpenSSL's
  * trailing newline. `where` prefixes the message (unless it is there already). A mismatch
- * is EACCES (the sender's link is then `auth-failed`); anything else keeps its code.
+ * is EACCES (the sender's link is then `auth-failed`, once a second handshake made at once
+ * fails too: a damaged handshake looks the same); anything else keeps its code.
  */
-export function describeTlsError(err: unknown, where: string, mode: 'psk' | 'cert' = 'psk'): DmError {
+export function describeTlsError(err: unknown, where: string, mode: 'psk' | 'cert' = 'psk'): TlsHandshakeError {
   const e = err as Error & { code?: string; cause?: { code?: string; reason?: string; message?: string } };
   const cause = e.cause ?? {};
   const words = [cause.reason, cause.code, cause.message, e.message].filter((x): x is string => typeof x === 'string').join(' ');
   if (mode === 'psk' && KEY_MISMATCH.test(words)) {
-    return new DmError('EACCES', `${where}: authentication failed: the peer's replication secret does not match ours (TLS-PSK handshake failed: bad record mac)`, { cause: err });
+    return new TlsHandshakeError('EACCES', `${where}: authentication failed: the peer's replication secret does not match ours (TLS-PSK handshake failed: bad record mac)`, { cause: err });
   }
   const text = (e.message ?? String(err)).trimEnd();
   const code = typeof e.code === 'string' ? e.code : 'EACCES';
-  return new DmError(code, text.startsWith(where) ? text : `${where}: ${text}`, { cause: err });
+  return new TlsHandshakeError(code, text.startsWith(where) ? text : `${where}: ${text}`, { cause: err });
 }
 
 /** `p`, or ETIMEDOUT (and the socket destroyed) at `deadline` */

@@ -16,7 +16,9 @@
  *   EIO, and with it every log entry not yet answered; the connection is re-made. A RESTART
  *   asked for again more than MAX_RESENDS times is given up the same way (#giveUp).
  * - A refused authentication is not retried by itself: the link is `auth-failed` until
- *   a retest of the replicator gets in (it stays `auth-failed` while a retest tries).
+ *   a retest of the replicator gets in (it stays `auth-failed` while a retest tries). A
+ *   failed TLS handshake counts as refused only once a second one, made at once, fails too:
+ *   one damaged on the way fails with the same alerts as different secrets (#handshake).
  */
 import net from 'node:net';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -26,7 +28,7 @@ import type { Logger } from '../core/log.ts';
 import type { PayloadCrc } from '../replog/types.ts';
 import { compress } from './compress.ts';
 import type { Frame, FrameCounters, FrameSocket } from './frame-socket.ts';
-import { clientHandshake, type Secret } from './handshake.ts';
+import { TlsHandshakeError, clientHandshake, type Authenticated, type Secret } from './handshake.ts';
 import type { CertTls } from './tls-certs.ts';
 import type { Announcement, SlinkRoles } from '../slink/types.ts';
 import type { Needs } from './roles.ts';
@@ -122,7 +124,7 @@ export interface PeerStats {
   frames: FrameCounters;
   /** frames the receiver asked for again (their payload CRC failed there) */
   resends: number;
-  /** replies that failed their CRC or broke the framing here, and handshakes that did (the connection is re-made) */
+  /** replies that failed their CRC or broke the framing here, and handshakes that did (the connection is re-made), or whose TLS failed and the next got in (#handshake) */
   badReplies: number;
   /** connections made after the first */
   reconnects: number;
@@ -500,16 +502,11 @@ export class Peer {
     // `connecting` every retest); it says `connected` once let in
     const refused = this.state === 'down' && this.refusal !== null;
     if (this.state !== 'auth-failed' && !refused) this.#setState('connecting');
-    const sock = net.connect({ host: o.host, port: o.port, noDelay: true }); // small frames wait for replies: no Nagle
+    let sock: net.Socket | null = null;
     let answered = false; // the handshake succeeded: a failure after it is the receiver refusing a device
-    sock.on('error', () => {});
     try {
-      await new Promise<void>((resolve, reject) => {
-        const t = setTimeout(() => reject(new DmError('ETIMEDOUT', `${where}: connect timed out after ${o.ioTimeoutMs / 1000} s`)), o.ioTimeoutMs);
-        sock.once('connect', () => { clearTimeout(t); resolve(); });
-        sock.once('error', (e) => { clearTimeout(t); reject(new DmError((e as { code?: string }).code ?? 'ECONNREFUSED', `${where}: ${e.message}`)); });
-      });
-      const a = await clientHandshake(sock, { secret: o.secret, tls: o.tls, certs: o.certs, timeoutMs: o.ioTimeoutMs, name: o.name, where });
+      const a = await this.#handshake(where);
+      sock = a.sock;
       answered = true;
       a.frames.maxPayload = MAX_PAYLOAD;
       a.frames.counters = this.stats.frames;
@@ -551,7 +548,7 @@ export class Peer {
       this.#pump();
     } catch (err) {
       this.#reopening = false;
-      sock.destroy();
+      sock?.destroy();
       this.#frames?.destroy();
       this.#frames = null;
       this.#stopTimer();
@@ -562,6 +559,45 @@ export class Peer {
       if (this.state === 'connected') this.#setState('connecting');
       this.opts.log.limited(`tcp-connect:${where}`, this.lastError);
       throw e;
+    }
+  }
+
+  /**
+   * A TCP connection to the site and the handshake on it; made again at once, once, when its
+   * TLS handshake fails (EACCES): OpenSSL fails one damaged on the way (a flipped bit in a
+   * random or a Finished) exactly as it fails two different secrets, so only a second
+   * failure is taken as a refusal (its error is the attempt's). If the second gets in, the
+   * first was damage: counted in badReplies and logged as such, not as a wrong secret. A
+   * link already `auth-failed` (a retest) makes one handshake: its secrets are what they were.
+   */
+  async #handshake(where: string): Promise<Dialed> {
+    try {
+      return await this.#dial(where);
+    } catch (err) {
+      const tlsFailed = err instanceof TlsHandshakeError && err.code === 'EACCES';
+      if (!tlsFailed || this.state === 'auth-failed' || this.#closed) throw err;
+    }
+    const second = await this.#dial(where);
+    this.stats.badReplies++;
+    this.opts.log.limited(`tcp-damaged:${where}`, `${where}: a TLS handshake failed and the next one, made at once, got in: the first was damaged on the way (not a different secret)`);
+    return second;
+  }
+
+  /** connect and handshake (handshake.ts); on failure the socket is destroyed */
+  async #dial(where: string): Promise<Dialed> {
+    const o = this.opts;
+    const sock = net.connect({ host: o.host, port: o.port, noDelay: true }); // small frames wait for replies: no Nagle
+    sock.on('error', () => {});
+    try {
+      await new Promise<void>((resolve, reject) => {
+        const t = setTimeout(() => reject(new DmError('ETIMEDOUT', `${where}: connect timed out after ${o.ioTimeoutMs / 1000} s`)), o.ioTimeoutMs);
+        sock.once('connect', () => { clearTimeout(t); resolve(); });
+        sock.once('error', (e) => { clearTimeout(t); reject(new DmError((e as { code?: string }).code ?? 'ECONNREFUSED', `${where}: ${e.message}`)); });
+      });
+      return { ...(await clientHandshake(sock, { secret: o.secret, tls: o.tls, certs: o.certs, timeoutMs: o.ioTimeoutMs, name: o.name, where })), sock };
+    } catch (err) {
+      sock.destroy();
+      throw err;
     }
   }
 
@@ -796,6 +832,9 @@ export class Peer {
 }
 
 const EMPTY_BUF = Buffer.alloc(0);
+
+/** a handshake done, and the TCP socket under it */
+type Dialed = Authenticated & { readonly sock: net.Socket };
 
 /** OPEN_OK's `resync` (a receiver without roles sends none) */
 function resyncOf(o: Record<string, unknown>): 'none' | 'partial' | 'full' {
