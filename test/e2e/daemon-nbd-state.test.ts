@@ -82,7 +82,7 @@ describe('device state through NBD', { timeout: 60_000 }, () => {
     expect(await openCount('held')).toBe(1);
 
     const busy = await dmkit(sb, ['remove', 'held']);
-    expect(busy).toMatchObject({ code: 1, stdout: '', stderr: 'dmkit: held: device is busy (open count 1)\n' });
+    expect(busy).toMatchObject({ code: 1, stdout: '', stderr: `dmkit: held: device is busy (open count 1: exported over NBD as 'held' to a client on ${path.join(sb.runtimeDir, 'nbd.sock')})\n` });
     expect(await s1.ok('result = h.pread(512, 512).hex()')).toBe(fs.readFileSync(a).subarray(512, 1024).toString('hex'));
 
     await cli(sb, ['remove', '--deferred', 'held']);
