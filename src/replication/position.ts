@@ -20,6 +20,7 @@
 import fs from 'node:fs';
 import path from 'node:path';
 import { crc32c } from '@node-rs/crc32';
+import { BOOT_ID, HAS_BOOT_ID } from '../core/boot-id.ts';
 import { DmError } from '../core/errors.ts';
 import { readU64BE, writeU64BE } from '../core/u64.ts';
 
@@ -27,17 +28,7 @@ const MAGIC = 0x444d4b50; // 'DMKP'
 const VERSION = 1;
 const SLOT = 512;
 const CRC_AT = 84;
-const BOOT_ID_FILE = '/proc/sys/kernel/random/boot_id';
-
-/** this boot's id (16 bytes; zeroes where the system has none: then every open trusts only the durable position) */
-function bootId(): Buffer {
-  try {
-    const hex = fs.readFileSync(BOOT_ID_FILE, 'utf8').trim().replace(/-/g, '');
-    if (/^[0-9a-f]{32}$/.test(hex)) return Buffer.from(hex, 'hex');
-  } catch { /* no /proc */ }
-  return Buffer.alloc(16);
-}
-const BOOT = bootId();
+const BOOT = BOOT_ID;
 
 export interface Applied {
   readonly applied: number;
@@ -62,7 +53,7 @@ export class PositionFile implements Applied {
     this.#slink = slink;
     this.#gen = found.gen;
     // written in this boot: the page cache had it, so it holds; else only what was flushed
-    const sameBoot = BOOT.some((b) => b !== 0) && found.boot.equals(BOOT);
+    const sameBoot = HAS_BOOT_ID && found.boot.equals(BOOT);
     this.#applied = sameBoot ? found.applied : found.durableApplied;
     this.#epoch = sameBoot ? found.epoch : found.durableEpoch;
     this.#durable = { applied: found.durableApplied, epoch: found.durableEpoch };
@@ -130,6 +121,8 @@ export class PositionFile implements Applied {
    * then fdatasync'd.
    */
   sync(at: Applied = { applied: this.#applied, epoch: this.#epoch }): Promise<void> {
+    // taken before a rewind set the position back: what was flushed covers the position now
+    if (at.applied > this.#applied) at = { applied: this.#applied, epoch: this.#epoch };
     if (this.#durable.applied !== at.applied || this.#durable.epoch !== at.epoch) {
       this.#durable = { applied: at.applied, epoch: at.epoch };
       this.#write(this.#applied, this.#epoch);

@@ -30,7 +30,7 @@ import { compress } from './compress.ts';
 import type { Frame, FrameCounters, FrameSocket } from './frame-socket.ts';
 import { TlsHandshakeError, clientHandshake, type Authenticated, type Secret } from './handshake.ts';
 import type { CertTls } from './tls-certs.ts';
-import type { Announcement, SlinkRoles } from '../slink/types.ts';
+import type { Announcement, SitePosition, SlinkRoles } from '../slink/types.ts';
 import type { Needs } from './roles.ts';
 import {
   Codec, DIGEST_SIZE, ENTRY_CRC, FrameType, IO_FUA, IO_NOUNMAP, IoOp, MAX_DATA, MAX_DIGEST_SECTORS, MAX_PAYLOAD, decodeJson, encodeDigest, encodeIo,
@@ -67,7 +67,7 @@ export interface PeerOptions {
    * the group's judgement of the position the site gives at connect (SlinkContext.judge):
    * null, or where to set it back (REWIND) because the site holds entries our log lost
    */
-  readonly judge?: (applied: number, epoch: number) => Promise<{ seq: number; epoch: number } | null>;
+  readonly judge?: (site: SitePosition) => Promise<{ seq: number; epoch: number } | null>;
 }
 
 interface Req {
@@ -642,11 +642,13 @@ export class Peer {
     const judge = this.opts.judge;
     if (!judge || !this.#features.includes('rewind') || o.epoch === undefined) return;
     const applied = uint(o, 'applied', 'OPEN_OK');
-    const to = await judge(applied, uint(o, 'epoch', 'OPEN_OK'));
+    const started = o.started === undefined ? applied : uint(o, 'started', 'OPEN_OK');
+    const to = await judge({ applied, epoch: uint(o, 'epoch', 'OPEN_OK'), started });
     if (!to) return;
     const r = decodeJson((await this.#control(FrameType.REWIND, to)).payload, 'REWIND');
+    if (uint(r, 'applied', 'REWIND') !== to.seq) throw new ProtocolError(`REWIND: the site answered position ${String(r.applied)}, not ${to.seq}`);
     this.stats.rewinds++;
-    this.opts.log.warn(`${this.opts.name}: ${this.address}: the site had applied up to entry ${applied}, which this log lost; its position is set back to ${uint(r, 'applied', 'REWIND')}`);
+    this.opts.log.warn(`${this.opts.name}: ${this.address}: the site began entries up to ${started} (applied ${applied}) that this log lost; its position is set back to ${to.seq}`);
   }
 
   #control(type: FrameType, body: unknown): Promise<Frame> {

@@ -203,7 +203,7 @@ export class Session {
     dev.open(holder);
     this.#handles.set(handle, { name, dev, writer, holder });
     stream.devices.set(name, writer);
-    this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, epoch: stream.pos.epoch, sectors: dev.sectors, ...judged })]);
+    this.#frames.send(FrameType.OPEN_OK, f.h.id, [encodeJson({ handle, applied: stream.pos.applied, epoch: stream.pos.epoch, started: stream.started, sectors: dev.sectors, ...judged })]);
   }
 
   /**
@@ -310,8 +310,8 @@ export class Session {
     await stream.idle();
     if (this.#closed) return;
     const was = await stream.rewind(seq, epoch);
-    if (was > seq) {
-      this.#rx.log.warn(`replication: stream ${stream.id}: the sender ${this.peer} lacks entries ${seq + 1} … ${was} that this site applied (lost there: a power loss before its log was flushed?); position set back to ${seq}, and the sender verifies this site`);
+    if (was !== seq) {
+      this.#rx.log.warn(`replication: stream ${stream.id}: the sender ${this.peer} holds no entry this site began after entry ${seq} (lost there: a power loss before its log was flushed?); position set from ${was} to ${seq}, and the sender verifies this site`);
     }
     this.#frames.send(FrameType.REWIND, f.h.id, [encodeJson({ applied: stream.pos.applied, epoch: stream.pos.epoch })]);
   }

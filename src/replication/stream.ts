@@ -83,6 +83,15 @@ export class Stream {
     return this.#inflight;
   }
 
+  /**
+   * The highest seq started (applied or in flight, of the current epoch when above the
+   * position): the position moves to it when the epoch ends. OPEN_OK reports it, so that a
+   * sender can tell entries begun here that its log lost (src/targets/replicator-lost.ts).
+   */
+  get started(): number {
+    return this.#maxSeq;
+  }
+
   /** resolves once no write of any connection is in flight */
   idle(): Promise<void> {
     if (this.#inflight === 0) return Promise.resolve();
@@ -128,16 +137,17 @@ export class Stream {
   }
 
   /**
-   * REWIND (feature 'rewind'): the sender's log holds no entry this site applied after `seq`
-   * (they were lost there: a power loss before its log was flushed), and it will number new
-   * entries from `seq + 1` again. Called with nothing in flight (after `idle`). The position
-   * moves back to (`seq`, `epoch`), durably, so those entries are applied when they come
-   * instead of skipped as duplicates; a position below `seq` is left alone. Resolves
+   * REWIND (feature 'rewind'): the sender holds this site's acknowledgement of every entry
+   * up to `seq`, and no entry after it that this site began (they were lost there: a power
+   * loss before its log was flushed); it numbers new entries from `seq + 1` again. The
+   * position, and the highest seq started, become (`seq`, `epoch`), durably, so that those
+   * entries are applied when they come instead of skipped as duplicates. Rejects (EBUSY)
+   * while a write of the stream is in flight (the caller waits for `idle` first). Resolves
    * with the position it had.
    */
   async rewind(seq: number, epoch: number): Promise<number> {
     const was = this.pos.applied;
-    if (seq > was || this.#inflight > 0 || this.#waiting.length > 0) return was;
+    if (this.#inflight > 0 || this.#waiting.length > 0) throw new DmError('EBUSY', `REWIND while writes of stream ${this.id} are in flight`);
     this.#epoch = epoch;
     this.#maxSeq = seq;
     this.#failed.clear();

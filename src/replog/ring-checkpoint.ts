@@ -16,7 +16,7 @@
  * numbers make that harmless.
  */
 import { BlockError } from '../core/errors.ts';
-import { MAX_SLINKS, decodeCheckpoint } from './ring-format.ts';
+import { MAX_SLINKS, decodeCheckpoint, optional } from './ring-format.ts';
 import type { Checkpoint } from './ring-format.ts';
 import type { LogDevice } from './ring-io.ts';
 import type { Position } from './ring-index.ts';
@@ -65,12 +65,18 @@ export function checkState(state: CheckpointState, head: number): void {
     if (s.mode !== 'ship' && s.mode !== 'log') bad(`slink ${s.slink} mode '${String(s.mode)}'`);
     position(`slink ${s.slink} seq`, s.seq);
   }
+  if (state.epoch !== undefined && (!Number.isSafeInteger(state.epoch) || state.epoch < 0)) bad(`epoch ${state.epoch}`);
+  if (state.boot !== undefined && !/^[0-9a-f]{32}$/.test(state.boot)) bad(`boot id '${state.boot}' (32 lowercase hex digits)`);
+  for (const n of state.verify ?? []) {
+    if (!Number.isInteger(n) || n < 0 || n > 63) bad(`slink ${n} to verify (0 to 63)`);
+  }
 }
 
 /** A frozen copy of `state` (the caller may reuse its objects). */
 export function copyState(state: CheckpointState): CheckpointState {
   const slinks: SlinkPosition[] = state.slinks.map((s) => Object.freeze({ slink: s.slink, seq: s.seq, mode: s.mode }));
-  return Object.freeze({ localDone: state.localDone, slinks: Object.freeze(slinks) });
+  const verify = Object.freeze([...new Set(state.verify ?? [])].sort((a, b) => a - b));
+  return Object.freeze({ localDone: state.localDone, slinks: Object.freeze(slinks), ...optional(state.epoch ?? 0, verify, state.boot, !!state.quiesced) });
 }
 
 /** Writes checkpoints in generation order and remembers the last one written. */

@@ -47,6 +47,12 @@ const FLAG_FUA = 1;
 const CHECKPOINT_INITIAL = 1;
 const SLINKS_AT = 80;
 const SLINK_BYTES = 16;
+/** the replicator's epoch counter (u64) and the slinks to verify whole (a u64 bitmap, bit n = slink n) */
+const EPOCH_AT = 3072;
+const VERIFY_AT = 3080;
+/** the machine's boot id when written (16 bytes), and 1 when the group was quiesced */
+const BOOT_AT = 3088;
+const QUIESCED_AT = 3104;
 const TWO32 = 4294967296;
 
 const OP_CODES: Readonly<Record<ReplogOp, number>> = { write: 1, discard: 2, 'write-zeroes': 3, flush: 4 };
@@ -194,6 +200,10 @@ export function encodeCheckpoint(cp: Checkpoint, uuid: Buffer): Buffer {
     b[at + 4] = s.mode === 'log' ? 1 : 0;
     putU64(b, at + 8, s.seq);
   });
+  putU64(b, EPOCH_AT, cp.state.epoch ?? 0);
+  for (const n of cp.state.verify ?? []) b[VERIFY_AT + (n >> 3)]! |= 1 << (n & 7);
+  if (cp.state.boot) b.write(cp.state.boot, BOOT_AT, 16, 'hex');
+  b[QUIESCED_AT] = cp.state.quiesced ? 1 : 0;
   b.writeUInt32LE(crc32c(b.subarray(0, BLOCK_CRC_AT)), BLOCK_CRC_AT);
   return b;
 }
@@ -215,11 +225,31 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
   }
   const cp: Checkpoint = {
     generation: getU64(b, 32), initial: (b.readUInt32LE(8) & CHECKPOINT_INITIAL) !== 0,
-    state: { localDone: getU64(b, 40), slinks }, tailSeq: getU64(b, 48), tailOffset: getU64(b, 56),
+    state: {
+      localDone: getU64(b, 40), slinks,
+      ...optional(getU64(b, EPOCH_AT), bitsOf(b.subarray(VERIFY_AT, VERIFY_AT + 8)), b.subarray(BOOT_AT, BOOT_AT + 16), b[QUIESCED_AT] === 1),
+    },
+    tailSeq: getU64(b, 48), tailOffset: getU64(b, 56),
     tailPrevCrc: b.readUInt32LE(64), time: getU64(b, 72),
   };
-  if (cp.generation < 0 || cp.state.localDone < 0 || cp.tailSeq < 1 || cp.tailOffset < 0 || cp.tailOffset % 512 !== 0) return null;
+  if (cp.generation < 0 || (cp.state.epoch ?? 0) < 0 || cp.state.localDone < 0 || cp.tailSeq < 1 || cp.tailOffset < 0 || cp.tailOffset % 512 !== 0) return null;
   return cp;
+}
+
+/** a state's optional members, present only when set (as a caller that keeps none wrote it) */
+export function optional(epoch: number, verify: readonly number[], boot: Buffer | string | undefined, quiesced: boolean): Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced'> {
+  const hex = typeof boot === 'string' ? boot : boot?.toString('hex');
+  return {
+    ...(epoch ? { epoch } : {}), ...(verify.length ? { verify } : {}),
+    ...(hex && /[1-9a-f]/.test(hex) ? { boot: hex } : {}), ...(quiesced ? { quiesced } : {}),
+  };
+}
+
+/** the set bits of `b` (bit n: byte n >> 3, bit n & 7), in order */
+function bitsOf(b: Buffer): number[] {
+  const out: number[] = [];
+  for (let n = 0; n < b.length * 8; n++) if (b[n >> 3]! & (1 << (n & 7))) out.push(n);
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------

@@ -77,6 +77,24 @@ export interface CheckpointState {
   /** every entry with seq ≤ localDone has completed on its local device */
   readonly localDone: number;
   readonly slinks: readonly SlinkPosition[];
+  /**
+   * The replicator's epoch counter when it took the state (absent or 0: none kept, as in
+   * older logs): recovery starts its epochs above every epoch the lost tail could have used
+   */
+  readonly epoch?: number;
+  /**
+   * Slink numbers (0 … 63) whose sites are to be verified whole: they held entries the log
+   * lost (src/targets/replicator-lost.ts); absent: none
+   */
+  readonly verify?: readonly number[];
+  /**
+   * The machine's boot id when the state was taken (32 hex digits; absent: unknown), and
+   * whether the group was quiesced then (suspended: nothing in flight, everything flushed).
+   * A log whose newest checkpoint is of another boot and not quiesced was cut off by a
+   * power loss or a machine crash: its unflushed tail may be lost.
+   */
+  readonly boot?: string;
+  readonly quiesced?: boolean;
 }
 
 /** The outcome of opening a log's contents (`recover`). */

@@ -207,7 +207,7 @@ export const tcpSlink: SiteLinkType = {
     const p = new Peer({
       host: peer.host, port: peer.port, secret, tls, certs, crc, codec: CODECS[compress], ioTimeoutMs: timeoutMs, reconnectMs: timeoutMs,
       groupId: ctx.groupId, slink, name: `${ctx.device} slink ${slink}`, log: ctx.log, changed: () => ctx.event(), roles: ctx.roles,
-      judge: ctx.judge ? (applied, epoch) => ctx.judge!(slink, applied, epoch) : undefined,
+      judge: ctx.judge ? (site) => ctx.judge!(slink, site) : undefined,
     });
     return new TcpSlink(slink, retestMs, p, [...options], compress);
   },

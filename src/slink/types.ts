@@ -52,15 +52,25 @@ export interface SlinkContext {
    */
   readonly roles?: SlinkRoles;
   /**
-   * For transports whose sites keep an applied position by seq (tcp). The site says it
-   * applied every entry up to `applied` and was at epoch `epoch`: resolves null when that
-   * agrees with the log, or, when the site holds entries this log lost (a power loss here
-   * before they were flushed; their seqs are given to new entries), with the position the
-   * site must go back to (`seq`, `epoch`: every later entry will be shipped to it). The
-   * group has then put every region of the slink's devices out of sync (checksum resync),
-   * durably, before resolving. Absent: sites are not judged.
+   * For transports whose sites keep an applied position by seq (tcp), at connect: resolves
+   * null when the site's position agrees with the log, or, when the site began entries this
+   * log lost (a power loss here before they were flushed; recovery gives their seqs to new
+   * entries), with the position the site must take instead (`seq`, `epoch`: it acknowledged
+   * every entry up to `seq`, and every later one will be shipped to it). Before resolving,
+   * the group has recorded durably that the site is to be verified whole (checksum resync of
+   * every region). Absent: sites are not judged.
    */
-  judge?(slink: number, applied: number, epoch: number): Promise<{ seq: number; epoch: number } | null>;
+  judge?(slink: number, site: SitePosition): Promise<{ seq: number; epoch: number } | null>;
+}
+
+/** A site's position as it reports it at connect (receiver stream.ts). */
+export interface SitePosition {
+  /** every entry up to this seq is applied there */
+  readonly applied: number;
+  /** the epoch it recorded with `applied`: that of entry `applied`, or of the entry that began the next epoch */
+  readonly epoch: number;
+  /** the highest seq it began (≥ applied; entries above `applied` are of epoch `epoch`) */
+  readonly started: number;
 }
 
 /** The group's side of roles and generation ids, as a transport sees it. */

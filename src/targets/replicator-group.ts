@@ -14,15 +14,16 @@
  * holding the tail goes to its dirty logs (or, `+stall` and up, writers wait for it).
  */
 import { allOutOfSync, outOfSync } from './dirty-regions.ts';
+import { BOOT_ID, HAS_BOOT_ID } from '../core/boot-id.ts';
 import type { Bio } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
 import { BlockError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { EventDetail, Progress, StatusType, Target, TargetContext } from '../core/types.ts';
-import type { Replog, ReplogOp } from '../replog/types.ts';
+import type { CheckpointState, Replog, ReplogOp } from '../replog/types.ts';
 import type { Needs } from '../replication/roles.ts';
 import type { DirtyLog } from '../dirtylog/types.ts';
-import type { SiteLink, SlinkRoles } from '../slink/types.ts';
+import type { SiteLink, SitePosition, SlinkRoles } from '../slink/types.ts';
 import { epochOf, holdsLostEntries } from './replicator-lost.ts';
 import type { GroupRole } from './replicator-role.ts';
 import { groupMessage } from './replicator-messages.ts';
@@ -37,6 +38,8 @@ const TIMES = 1 << 16;
 /** how long `demote` waits for sites that are up to take what they have */
 const DEMOTE_WAIT_MS = 10_000;
 const FLUSH_ENTRY: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
+/** the boot id checkpoints carry (absent where the system has none) */
+const BOOT: { boot?: string } = HAS_BOOT_ID ? { boot: BOOT_ID.toString('hex') } : {};
 
 export interface GroupStats {
   enabled: boolean;
@@ -90,8 +93,17 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly role: GroupRole;
   /** what a site's OPEN answered for a device not bound yet (slink:devNr) */
   readonly #opened = new Map<string, { resync: 'none' | 'partial' | 'full'; needs: Needs | null }>();
-  /** slinks whose site held entries the log lost: a device bound later is verified whole there too */
-  readonly #verifyOnBind = new Set<number>();
+  /**
+   * Slinks whose sites began entries the log lost (replicator-lost.ts): every device bound
+   * there is verified whole, once per process (`#verified`: slink:devNr done). `#verifyPending`
+   * is what checkpoints keep: a slink leaves it once every device bound there was verified
+   * and the site is back in order; one that binds later in this process is still verified.
+   */
+  readonly #verifySlinks = new Set<number>();
+  readonly #verifyPending = new Set<number>();
+  readonly #verified = new Set<string>();
+  /** the state last handed to the log (or recovered): positions known durable */
+  #cpState: CheckpointState = { localDone: 0, slinks: [] };
 
   constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[], role: GroupRole) {
     this.ctx = ctx;
@@ -132,22 +144,54 @@ export class ReplicatorGroup implements Target, SiteHost {
    * was set back would forget it), the site is resynced by checksum, and the site is told to
    * go back to what the slink has made good: every later entry is shipped to it again.
    */
-  async judgeApplied(slink: number, applied: number, epoch: number): Promise<{ seq: number; epoch: number } | null> {
+  async judgeApplied(slink: number, pos: SitePosition): Promise<{ seq: number; epoch: number } | null> {
     const site = this.siteOf(slink);
     if (!site || !this.#recovered) return null;
     const head = Math.max(this.#head, this.log.head);
-    if (!(await holdsLostEntries(this.log, head, applied, epoch))) return null;
-    this.#verifyOnBind.add(slink);
-    for (const b of this.#bindings.values()) {
-      const r = b.remotes.get(slink);
-      if (!r) continue;
-      allOutOfSync(r.dlog);
-      await r.dlog.flush();
-    }
+    if (!(await holdsLostEntries(this.log, head, pos))) return null;
+    this.#verifySlinks.add(slink);
+    this.#verifyPending.add(slink);
+    let marked = 0;
+    for (const b of this.#bindings.values()) if (await this.#verifyWhole(slink, b)) marked++;
+    // durable before the site goes back: a crash after that must not forget the verification
+    await this.#persistFlags();
     const seq = site.watermark;
-    this.event(`slink ${slink}: the site applied entries this log no longer has (up to ${applied}, head ${head}: lost here, a power loss before the log was flushed?); its position goes back to ${seq} and every region is verified (checksum resync)`);
-    site.requestResync(false, true);
+    this.event(`slink ${slink}: the site applied entries this log no longer has (up to ${Math.max(pos.applied, pos.started)}, head ${head}: lost here, a power loss before the log was flushed?); its position goes back to ${seq} and every region is verified (checksum resync)`);
+    if (marked > 0) site.requestResync(false, true);
     return { seq, epoch: await epochOf(this.log, seq) };
+  }
+
+  /** every region of device `b` at `slink` out of sync, durably, once per process; whether it was done now */
+  async #verifyWhole(slink: number, b: DevBinding): Promise<boolean> {
+    const r = b.remotes.get(slink);
+    const key = `${slink}:${b.devNr}`;
+    if (!r || this.#verified.has(key)) return false;
+    allOutOfSync(r.dlog);
+    await r.dlog.flush();
+    this.#verified.add(key);
+    return true;
+  }
+
+  /**
+   * A checkpoint of the last positions (no site is flushed: one may be connecting) with this
+   * boot's id, not quiesced, the epoch counter and the slinks to verify: what must be on
+   * disk before a site is told to go back, and before the group takes writes in this boot.
+   */
+  async #persistFlags(): Promise<void> {
+    const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced: false };
+    await this.log.checkpoint(state);
+    this.#cpState = state;
+  }
+
+  /** slinks still to be verified, for a checkpoint: one leaves once every device bound there was, and the site is in order again */
+  #stillToVerify(): number[] {
+    for (const slink of this.#verifyPending) {
+      const site = this.siteOf(slink);
+      const bound = [...this.#bindings.values()].filter((b) => b.remotes.has(slink));
+      const done = bound.length > 0 && bound.every((b) => this.#verified.has(`${slink}:${b.devNr}`));
+      if (!site || (done && site.mode === 'ship' && site.outOfSync() === 0)) this.#verifyPending.delete(slink);
+    }
+    return [...this.#verifyPending];
   }
 
   /** a site took device `devNr` (OPEN): resync what it asks for, or note that it holds our generation */
@@ -313,17 +357,15 @@ export class ReplicatorGroup implements Target, SiteHost {
       await this.#replay(b);
       this.#replayPending.delete(b.devNr);
     }
+    // sites to verify whole: marked (and flushed) before the device's resyncs start, by checksum
+    let verify = false;
+    for (const slink of this.#verifySlinks) if (await this.#verifyWhole(slink, b)) verify = true;
     this.#bindings.set(b.devNr, b);
     for (const w of this.#boundWaiters.get(b.devNr) ?? []) w();
     this.#boundWaiters.delete(b.devNr);
-    for (const s of this.sites) s.bound();
+    if (verify) for (const slink of this.#verifySlinks) if (this.#verified.has(`${slink}:${b.devNr}`)) this.siteOf(slink)?.requestResync(false, true);
+    for (const s of this.sites) s.bound(b);
     for (const s of this.sites) this.#applyOpened(s.slink, b.devNr);
-    for (const slink of this.#verifyOnBind) {
-      const r = b.remotes.get(slink);
-      if (!r) continue;
-      allOutOfSync(r.dlog);
-      this.siteOf(slink)?.requestResync(false, true);
-    }
   }
 
   /**
@@ -474,11 +516,13 @@ export class ReplicatorGroup implements Target, SiteHost {
         this.#epochDone = false;
       }
       try {
-        const seq = await this.log.append({
+        const appended = this.log.append({
           devNr, op, sector: bio.sector, sectors: bio.sectors,
           data: op === 'write' ? bio.data : EMPTY, epoch: this.#epoch, fua: !!bio.flags.fua,
         });
-        if (op === 'flush') this.#epochDone = true; // a flush ends its epoch
+        // a flush ends its epoch: a write appended while the flush's append is written takes the next
+        if (op === 'flush') this.#epochDone = true;
+        const seq = await appended;
         if (seq > this.#head) this.#head = seq;
         this.#times[seq % TIMES] = Date.now();
         this.appendedSectors += bio.sectors;
@@ -536,9 +580,11 @@ export class ReplicatorGroup implements Target, SiteHost {
     return done;
   }
 
-  #checkpoint(): Promise<void> {
+  /** `quiesced`: the group is suspended with nothing in flight (the checkpoint says the log was left cleanly) */
+  #checkpoint(quiesced = false): Promise<void> {
     this.#cpRunning = true;
     const run = this.#cp.then(async () => {
+      const epoch = this.#epoch; // every entry appended so far has an epoch at most this
       const localDone = this.#localDone();
       // the ring may drop entries up to localDone only once their local writes are durable;
       // the flushes of the local devices, of each site (its position) and of the log's
@@ -549,7 +595,9 @@ export class ReplicatorGroup implements Target, SiteHost {
         ...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)),
         this.log.flush(),
       ]);
-      await this.log.checkpoint({ localDone, slinks });
+      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced };
+      this.#cpState = state;
+      await this.log.checkpoint(state);
       // entries behind the new tail that no ship still reads: the log may reuse their memory
       let held = Infinity;
       for (const s of this.sites) held = Math.min(held, s.oldestHeld);
@@ -586,6 +634,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   async resume(): Promise<void> {
     if (this.#state === 'active') return;
     if (!this.#recovered) await this.#recover();
+    // this boot's checkpoint, not quiesced, before any write: a power loss from here on is told apart from a clean stop
+    await this.#persistFlags();
     this.#state = 'active';
     for (const s of this.sites) s.start();
     this.#suspendHold?.();
@@ -618,8 +668,25 @@ export class ReplicatorGroup implements Target, SiteHost {
       }
     }
     this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
-    // epochs go on above the recovered head's even if the clock went back (replicator-lost.ts)
-    this.#epoch = Math.max(this.#epoch, (await epochOf(this.log, rec.head)) + 1);
+    this.#cpState = { localDone, slinks: positions };
+    const verify = new Set(rec.state?.verify ?? []);
+    const st = rec.state;
+    if (st?.boot && HAS_BOOT_ID && st.boot !== BOOT.boot && !st.quiesced) {
+      // cut off by a power loss or a machine crash (docs/formats/replog.md): the log's
+      // unflushed tail may be gone while sites got some of it, and the local devices may hold
+      // writes whose entries are gone: every site is verified whole
+      for (const s of this.sites) verify.add(s.slink);
+      this.event(`the replication log was not closed cleanly in an earlier boot (a power loss or a machine crash): writes since its last flush may be lost here or held by a site only; every site is verified whole (checksum resync)`);
+    }
+    for (const n of verify) {
+      this.#verifySlinks.add(n);
+      this.#verifyPending.add(n);
+    }
+    // epochs go on above any the lost tail of the log could have used, even if the clock went
+    // back: no more entries than the ring's sectors can follow the checkpoint's counter
+    // unrecorded, and each takes at most one new epoch (replicator-lost.ts)
+    const floor = Math.max((rec.state?.epoch ?? 0) + this.log.size + 1, (await epochOf(this.log, rec.head)) + 1);
+    if (floor > this.#epoch) this.#epoch = floor;
     if (localDone < rec.head) {
       this.#replayFrom = localDone + 1;
       this.#replayTo = rec.head;
@@ -644,7 +711,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     await this.#checkpoint();
     for (const s of this.sites) await s.stop(); // ends resyncs (and any hold they have) first
     this.#suspendHold = await this.hold();
-    await this.#checkpoint();
+    await this.#checkpoint(true);
     this.#state = 'suspended';
   }
 

@@ -209,10 +209,19 @@ export class Site {
     this.#checkFallBehind();
   }
 
-  /** a device was bound (maybe its dirty logs say it is out of sync here) */
-  bound(): void {
+  /** device `b` was bound (maybe its dirty logs say it is out of sync here) */
+  bound(b: DevBinding): void {
     this.#checkDirty();
     this.#shipper.wake();
+    // a site across a network that could not be reached when the device attached (its
+    // transport takes the device anyway: a daemon starting while the site is away) is found
+    // down now and retested, rather than at the first write
+    const r = b.remotes.get(this.slink);
+    if (r && this.overNetwork && this.#up && this.#active && !this.#host.role.secondary) {
+      void r.dev.test().catch((err: unknown) => {
+        if (this.#up && this.#active) this.#down(err);
+      });
+    }
   }
 
   /**

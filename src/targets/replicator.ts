@@ -44,7 +44,7 @@ async function parseReplog(ctx: TargetContext, r: ArgReader): Promise<Replog> {
 /** `(<slink_type> <#slink_params> <slink_params…>){1..N}`: slink 0 (local) exactly once */
 async function parseSlinks(ctx: TargetContext, r: ArgReader, log: Replog, made: SiteLink[], group: () => ReplicatorGroup | null): Promise<Array<{ link: SiteLink; params: SlinkParams }>> {
   const slinkCtx: SlinkContext = { device: ctx.device, groupId: log.uuid, event: () => ctx.event(), log: ctx.log, roles: rolesOf(() => group()),
-    judge: (slink, applied, epoch) => group()?.judgeApplied(slink, applied, epoch) ?? Promise.resolve(null),
+    judge: (slink, site) => group()?.judgeApplied(slink, site) ?? Promise.resolve(null),
   };
   const out: Array<{ link: SiteLink; params: SlinkParams }> = [];
   while (!r.atEnd()) {

@@ -368,7 +368,7 @@ describe('replication receiver: data', { timeout: 60_000 }, () => {
   test('an authenticated peer OPENs and writes; the device is secondary for everyone else', async () => {
     await startReceiver();
     const { p, o } = await connected();
-    expect(o).toEqual({ handle: 1, applied: 0, sectors: SECTORS });
+    expect(o).toEqual({ handle: 1, applied: 0, epoch: 0, started: 0, sectors: SECTORS });
     expect(dm.get('vol').secondary).toMatch(STREAM);
 
     const a = content('seq1', 8);
@@ -634,14 +634,15 @@ describe('replication receiver: REWIND', { timeout: 60_000 }, () => {
     // the sender numbers anew from 2, in a later epoch: applied now
     await acked(p, sendWrite(p, handle, 20, content('new 2'), 2, 7));
     expect(sectorOf(image(), 20).equals(content('new 2'))).toBe(true);
-    // a position below the REWIND's seq is left as it is
-    const { p: q } = await connected(REWIND);
-    expect(await rewind(q, { seq: 5, epoch: 9 })).toEqual({ applied: 1, epoch: 7 });
+    // OPEN_OK tells the highest seq begun too; a REWIND sets both (the sender holds the acks up to its seq)
+    const { p: q, o } = await connected(REWIND);
+    expect(o).toMatchObject({ applied: 1, epoch: 7, started: 2 });
+    expect(await rewind(q, { seq: 5, epoch: 9 })).toEqual({ applied: 5, epoch: 9 });
     q.destroy();
     await rx.close();
     await startReceiver();
     const again = await connected(REWIND);
-    expect(again.o.applied).toBe(1); // the rewound position, not the 2 it had before
+    expect(again.o).toMatchObject({ applied: 5, epoch: 9, started: 5 }); // the REWIND's position survives the restart
   });
 
   test('without the feature, before OPEN, or malformed closes the connection with why; the device is untouched', async () => {

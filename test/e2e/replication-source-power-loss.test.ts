@@ -1,27 +1,37 @@
 /**
  * A power loss of the source with a `tcp` site that had applied entries the source's log
- * then lost (docs/targets/replicator.md, "Power loss"; src/targets/replicator-lost.ts).
+ * then lost (docs/targets/replicator.md, "Power loss"; docs/formats/replog.md, "cut off";
+ * src/targets/replicator-lost.ts).
  *
  * A real primary daemon A (a replicator, a replicator-dev `vol` over local.img with a disk
  * dirty log, a tcp slink to B) and a real receiving daemon B (`vol`: a linear device over
- * its image). The power loss is made as the disks would show it: A's log and local image
- * are copied while the group is suspended (everything flushed and checkpointed), A writes
- * more (B applies it), A is SIGKILLed and its log and image are put back to the copies, so
- * the writes after the copy exist only at B. A restarts and recovers the older head: its
- * next entries take the lost entries' seqs.
+ * its image). The power loss is made as the disks would show it after a reboot: A's log and
+ * local image are copied while the group is suspended (everything flushed and
+ * checkpointed), A writes more (B applies it), A is SIGKILLed and its log and image are put
+ * back to the copies, whose checkpoints are made to carry another boot id (the copy was
+ * written before the "reboot"). A restarts and recovers the older head: its next entries
+ * take the lost entries' seqs.
  *
  * Before the fix, B skipped those new entries as already applied (its position was past
- * them), and kept the lost writes: both images differed for good, silently. Now A judges
- * B's position at connect, sets it back (REWIND), and verifies every region by checksum:
- * B ends equal to A, and A equals the independent reference (the copy plus the writes
- * made after the restart).
+ * them), and kept the lost writes: both images differed for good, silently. Now A finds its
+ * log cut off and verifies B whole (checksums), and judges B's position at connect and sets
+ * it back (REWIND), so that later entries are not skipped: B ends equal to A, and A equals
+ * the independent reference (the copy plus the writes made after the restart).
  *
  *  - B away while A writes after the restart (more entries than were lost: A's head passes
- *    B's position, which only the epochs tell apart);
- *  - B connected at once (B's position beyond A's head).
+ *    B's position; B's slink on its dirty logs meanwhile);
+ *  - B connected at once, and writes after A verified B whose seqs B had had from the lost
+ *    tail: only the REWIND keeps them from being skipped;
+ *  - the lost entries were one epoch B had begun (one write split into many entries) and B
+ *    restarted since: its position tells nothing, the cut-off log does;
+ *  - A SIGKILLed while it verifies B (the resync slowed to a crawl): same boot, B's position
+ *    agrees with A's log now; the verification goes on from what A recorded (dirty logs,
+ *    checkpoint) until B equals A;
+ *  - a SIGKILL alone (same boot, nothing lost): no verification, no REWIND.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import { crc32c } from '@node-rs/crc32';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ok } from '../helpers/daemon.ts';
 import { BYTES, REGION_BYTES, SECTORS, Site, blank, closeAll, newSecret, put, sameAs, until } from './failover-sites.ts';
@@ -32,6 +42,11 @@ afterAll(async () => {
   for (const d of extra.splice(0)) await d.close();
   await closeAll();
 });
+
+const CUT_OFF = /the replication log was not closed cleanly in an earlier boot/g;
+const VERDICT = /slink 1: the site applied entries this log no longer has/g;
+const SET_BACK = /position set from \d+ to \d+/;
+const count = (text: string, re: RegExp): number => (text.match(re) ?? []).length;
 
 /** A (primary, ref written whole and at B) and B (a plain receiving device `vol`) */
 async function setUp(): Promise<{ a: Site; b: SiteDaemon; bImg: string; ref: Buffer }> {
@@ -46,15 +61,34 @@ async function setUp(): Promise<{ a: Site; b: SiteDaemon; bImg: string; ref: Buf
   const ref = crypto.randomBytes(BYTES);
   await a.write(0, ref);
   await until('B to hold A\'s data', async () => fs.readFileSync(bImg).equals(ref), (v) => v);
-  await until('the site to be in order with nothing to ship', () => a.site(1), (s) => s.mode === 'in-order' && s.lag.ios === 0);
+  await inOrder(a);
   return { a, b, bImg, ref };
+}
+
+async function inOrder(a: Site): Promise<void> {
+  await until('the site to be in order with nothing to ship', () => a.site(1), (s) => s.mode === 'in-order' && s.lag.ios === 0 && (s as unknown as { resync: unknown }).resync === null);
+}
+
+/**
+ * The log's checkpoint slots (sectors 8–15 and 16–23) as written in another boot, and not
+ * quiesced: as the checkpoint A's resume wrote (the same positions) after the copy was taken
+ */
+function fromAnotherBoot(log: Buffer): void {
+  for (const at of [4096, 8192]) {
+    const slot = log.subarray(at, at + 4096);
+    if (slot.toString('latin1', 0, 8) !== 'DMKRCKP\0') continue;
+    slot.fill(0xee, 3088, 3104); // the boot id (docs/formats/replog.md)
+    slot[3104] = 0; // not quiesced
+    slot.writeUInt32LE(crc32c(slot.subarray(0, 4092)), 4092);
+  }
 }
 
 /**
  * The power loss: copy A's log and image with the group suspended (flushed, checkpointed),
- * write `lost` 4 KiB blocks at A that reach B, SIGKILL A and put the copies back.
+ * make the `lost` writes at A (B applies them), SIGKILL A and put the copies back, the
+ * log's as of another boot.
  */
-async function powerLoss(a: Site, bImg: string, lost: number): Promise<void> {
+async function powerLoss(a: Site, bImg: string, lost: Array<[number, number]>): Promise<void> {
   const log = `${a.d.sb.dir}/rlog`;
   await ok(a.d.sb, ['suspend', 'vol']);
   await ok(a.d.sb, ['suspend', 'repl']);
@@ -63,45 +97,112 @@ async function powerLoss(a: Site, bImg: string, lost: number): Promise<void> {
   await ok(a.d.sb, ['resume', 'repl']);
   await ok(a.d.sb, ['resume', 'vol']);
   const atB = Buffer.from(fs.readFileSync(bImg));
-  for (let i = 0; i < lost; i++) await put(a, atB, (3 + 5 * i) * REGION_BYTES + 4096, 4096);
+  for (const [offset, bytes] of lost) await put(a, atB, offset, bytes);
   await until('B to apply the writes the source will lose', async () => fs.readFileSync(bImg).equals(atB), (v) => v);
   await a.d.kill();
+  fromAnotherBoot(logCopy);
   fs.writeFileSync(log, logCopy);
   fs.writeFileSync(a.img, imgCopy);
 }
 
-/** after the restart: B verified whole and equal to A, which equals `ref` */
-async function converged(a: Site, bImg: string, ref: Buffer): Promise<void> {
+/** B verified and equal to A, which equals `ref`; returns the site's bytes compared by checksum */
+async function converged(a: Site, bImg: string, ref: Buffer): Promise<number> {
   await sameAs(a, ref, 'A to hold the reference');
   await until('B to equal A', async () => fs.readFileSync(bImg).equals(ref), (v) => v, 60_000);
-  const s = await until('the site verified and back in order', () => a.site(1), (x) => x.mode === 'in-order' && x.lag.ios === 0);
-  const full = s as unknown as { comparedBytes: number };
-  expect(full.comparedBytes).toBeGreaterThanOrEqual(BYTES); // every region compared by checksum
-  expect(a.d.log()).toMatch(/slink 1: the site applied entries this log no longer has/);
+  await inOrder(a);
+  return ((await a.site(1)) as unknown as { comparedBytes: number }).comparedBytes;
 }
 
+/** run `fn`; a failure carries both daemons' log tails */
+async function logged(a: Site, b: SiteDaemon, fn: () => Promise<void>): Promise<void> {
+  try {
+    await fn();
+  } catch (err) {
+    throw new Error(`${(err as Error).message}\nA's log: ${a.d.logTail(6000)}\nB's log: ${b.logTail(3000)}`, { cause: err });
+  }
+}
+
+/** `n` 4 KiB writes in regions first, first + 5 … */
+const smallWrites = (n: number, first = 3): Array<[number, number]> => Array.from({ length: n }, (_, i) => [(first + 5 * i) * REGION_BYTES + 4096, 4096]);
+
 describe('a tcp site that applied entries the source lost in a power loss', { timeout: 180_000 }, () => {
-  it('B away while A writes more than was lost: B is set back, verified, and ends equal to A and the reference', async () => {
+  it('B away while A writes more than was lost: B is verified whole and ends equal to A and the reference', async () => {
     const { a, b, bImg, ref } = await setUp();
-    await powerLoss(a, bImg, 3);
-    await b.kill();
-    await a.d.restart();
-    // more entries than were lost, the first over a lost write's block, the rest elsewhere
-    await put(a, ref, 3 * REGION_BYTES + 4096, 4096);
-    for (let i = 0; i < 6; i++) await put(a, ref, (40 + i) * REGION_BYTES, 8192);
-    await b.restart();
-    await converged(a, bImg, ref);
-    expect(b.log()).toMatch(/position set back to/);
+    await logged(a, b, async () => {
+      await powerLoss(a, bImg, smallWrites(3));
+      await b.kill();
+      await a.d.restart();
+      expect(count(a.d.log(), CUT_OFF)).toBe(1);
+      // more entries than were lost, the first over a lost write's block, the rest elsewhere
+      await put(a, ref, 3 * REGION_BYTES + 4096, 4096);
+      for (let i = 0; i < 6; i++) await put(a, ref, (40 + i) * REGION_BYTES, 8192);
+      await b.restart();
+      // every region copied or compared (the writes while B was away put its slink on its dirty
+      // logs, past B's position: it ships from later entries, and its position is not judged)
+      const compared = await converged(a, bImg, ref);
+      const s = (await a.site(1)) as unknown as { resyncedBytes: number };
+      expect(compared + s.resyncedBytes).toBeGreaterThanOrEqual(BYTES);
+    });
   });
 
-  it('B connected at once (its position beyond the recovered head): the same', async () => {
+  it('B connected at once: writes after the verification, numbered as lost entries B had, reach B (REWIND)', async () => {
     const { a, b, bImg, ref } = await setUp();
-    await powerLoss(a, bImg, 4);
-    await a.d.restart();
-    await until('A to see the site ahead', async () => a.d.log(), (l) => /this log no longer has/.test(l));
-    await put(a, ref, 8 * REGION_BYTES, 4096);
-    await put(a, ref, 50 * REGION_BYTES, 4096);
-    await converged(a, bImg, ref);
-    expect(b.log()).toMatch(/position set back to/);
+    await logged(a, b, async () => {
+      await powerLoss(a, bImg, smallWrites(6));
+      await a.d.restart();
+      await until('A to see the site ahead', async () => a.d.log(), (l) => count(l, VERDICT) === 1);
+      expect(await converged(a, bImg, ref)).toBeGreaterThanOrEqual(BYTES);
+      // seqs 1 and 2 past the recovered head: B had applied entries with these numbers
+      await put(a, ref, 8 * REGION_BYTES, 4096);
+      await put(a, ref, 50 * REGION_BYTES, 4096);
+      await converged(a, bImg, ref);
+      expect(b.log()).toMatch(SET_BACK);
+    });
+  });
+
+  it('the lost entries were one epoch B had begun, and B restarted since: the cut-off log alone has A verify B whole', async () => {
+    const { a, b, bImg, ref } = await setUp();
+    await logged(a, b, async () => {
+      await powerLoss(a, bImg, [[0, 1 << 20]]); // one write: 32 entries (a region each) in flight together
+      await b.kill();
+      await a.d.restart();
+      for (let i = 0; i < 4; i++) await put(a, ref, (2 + 9 * i) * REGION_BYTES, 4096);
+      await b.restart();
+      expect(await converged(a, bImg, ref)).toBeGreaterThanOrEqual(BYTES);
+      expect(count(a.d.log(), CUT_OFF)).toBe(1);
+    });
+  });
+
+  it('A killed while it verifies B: after its restart (the same boot: not cut off) A goes on verifying B until B equals A', async () => {
+    const { a, b, bImg, ref } = await setUp();
+    await logged(a, b, async () => {
+      await powerLoss(a, bImg, smallWrites(3, 40)); // far from region 0, where the verification starts
+      await b.kill();
+      await a.d.restart();
+      await ok(a.d.sb, ['message', 'repl', '0', 'resync-rate', '4k']); // a crawl: 2 MiB would take minutes
+      await b.restart();
+      await until('B to be set back', async () => b.log(), (l) => SET_BACK.test(l));
+      await until('A to verify B', () => a.site(1), (s) => s.mode === 'dirty-log');
+      expect(fs.readFileSync(bImg).equals(ref)).toBe(false); // B still holds the lost writes
+      await a.d.kill();
+      await a.d.restart(); // the same boot: not cut off; a new table: resync-rate auto again
+      await converged(a, bImg, ref);
+      // B's position agrees with A's log now (no second verdict), and the log was not cut off again
+      expect([count(a.d.log(), VERDICT), count(a.d.log(), CUT_OFF)]).toEqual([1, 1]);
+    });
+  });
+
+  it('a SIGKILL alone (same boot, nothing lost): no verification, no REWIND, and later writes reach B', async () => {
+    const { a, b, bImg, ref } = await setUp();
+    await logged(a, b, async () => {
+      for (const [offset, bytes] of smallWrites(3)) await put(a, ref, offset, bytes);
+      await until('B to apply them', async () => fs.readFileSync(bImg).equals(ref), (v) => v);
+      await a.d.kill();
+      await a.d.restart();
+      await put(a, ref, 20 * REGION_BYTES, 4096);
+      expect(await converged(a, bImg, ref)).toBe(0);
+      expect([count(a.d.log(), VERDICT), count(a.d.log(), CUT_OFF)]).toEqual([0, 0]);
+      expect(b.log()).not.toMatch(SET_BACK);
+    });
   });
 });

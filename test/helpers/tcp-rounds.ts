@@ -257,7 +257,9 @@ async function tcpRound(t: TcpRig, plan: TcpPlan): Promise<TcpRoundResult> {
   }
   // no power loss in a round: the sender never finds the site holding entries its log lost
   // (a false verdict would set the site back and verify it whole: src/targets/replicator-lost.ts)
-  if (/no longer has/.test(rig.logTail(Math.max(1, rig.logSize() - logFrom)))) failures.push('the sender judged the site to hold entries its log lost, with no power loss in the round');
+  const said = rig.logTail(Math.max(1, rig.logSize() - logFrom));
+  if (/no longer has/.test(said)) failures.push('the sender judged the site to hold entries its log lost, with no power loss in the round');
+  if (/not closed cleanly/.test(said)) failures.push('after a SIGKILL the log was taken for cut off by a power loss (every site verified whole)');
   res.ms = Date.now() - t0;
   res.ok = failures.length === 0;
   if (!res.ok) {

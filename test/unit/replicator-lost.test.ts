@@ -57,7 +57,7 @@ describe('holdsLostEntries: a site position (applied A, epoch P) against the log
       [4, 30], [5, 30], [5, 40], [6, 40],
       [2, 30], // A held below a failed entry 3 given up by the sender; P is the epoch after it
     ];
-    for (const [a, p] of legit) expect(await holdsLostEntries(rl, 6, a, p), `(${a}, ${p})`).toBe(false);
+    for (const [a, p] of legit) expect(await holdsLostEntries(rl, 6, { applied: a, epoch: p, started: a }), `(${a}, ${p})`).toBe(false);
   });
 
   it('positions only a lost entry or a lost epoch gives are judged lost', async () => {
@@ -70,15 +70,31 @@ describe('holdsLostEntries: a site position (applied A, epoch P) against the log
       [5, 35], // between 30 (entry 5) and 40 (entry 6): the same
       [6, 41], // the head, and the site began a later epoch
     ];
-    for (const [a, p] of lost) expect(await holdsLostEntries(rl, 6, a, p), `(${a}, ${p})`).toBe(true);
+    for (const [a, p] of lost) expect(await holdsLostEntries(rl, 6, { applied: a, epoch: p, started: a }), `(${a}, ${p})`).toBe(true);
+  });
+
+  it('the highest seq a site began: beyond the head, or of another epoch than its position\'s, is lost; one of this log\'s is not', async () => {
+    const rl = await sixEntries();
+    const at = (applied: number, epoch: number, started: number): Promise<boolean> => holdsLostEntries(rl, 6, { applied, epoch, started });
+    expect(await at(3, 30, 5)).toBe(false); // entries 4 and 5 of epoch 30 begun
+    expect(await at(5, 40, 6)).toBe(false);
+    expect(await at(6, 40, 8)).toBe(true); // began entries 7 and 8: the log has none
+    expect(await at(3, 30, 6)).toBe(true); // entry 6 is of epoch 40 here, not the 30 the site was in
+    expect(await at(3, 25, 5)).toBe(true);
+    await rl.checkpoint({ localDone: 6, slinks: [{ slink: 1, seq: 6, mode: 'ship' }] });
+    expect(rl.tail).toBe(7); // the ring is empty: A = 6 cannot be read
+    expect(await at(6, 40, 6)).toBe(false);
+    expect(await at(6, 45, 6)).toBe(false); // not judged: nothing to read
+    expect(await at(6, 45, 9)).toBe(true); // but the entries it began are beyond the head
+    await rl.destroy();
   });
 
   it('a position before the tail is not judged; epochOf reads what the ring has, 0 elsewhere', async () => {
     const rl = await sixEntries();
     await rl.checkpoint({ localDone: 4, slinks: [{ slink: 1, seq: 4, mode: 'ship' }] });
     expect(rl.tail).toBe(5);
-    expect(await holdsLostEntries(rl, 6, 3, 10)).toBe(false); // entry 3 is gone: cannot tell
-    expect(await holdsLostEntries(rl, 6, 5, 20)).toBe(true); // entry 5 is kept: judged
+    expect(await holdsLostEntries(rl, 6, { applied: 3, epoch: 10, started: 3 })).toBe(false); // entry 3 is gone: cannot tell
+    expect(await holdsLostEntries(rl, 6, { applied: 5, epoch: 20, started: 5 })).toBe(true); // entry 5 is kept: judged
     expect([await epochOf(rl, 4), await epochOf(rl, 5), await epochOf(rl, 6), await epochOf(rl, 7)]).toEqual([0, 30, 40, 0]);
     await rl.destroy();
   });

@@ -84,6 +84,19 @@ describe('ringbuffer format: checkpoints', () => {
     expect(encodeCheckpoint(first, UUID).readUInt32LE(8)).toBe(1); // the initial flag
   });
 
+  it('keeps the replicator\'s epoch counter, the slinks to verify, the boot id and quiesced at bytes 3072 … 3104; zeroes read as none', () => {
+    const boot = '0123456789abcdef0123456789abcdef';
+    const withMore: Checkpoint = { ...cp, state: { ...cp.state, epoch: 1_765_000_000_123_456, verify: [0, 9, 63], boot, quiesced: true } };
+    const b = encodeCheckpoint(withMore, UUID);
+    expect(u64(b, 3072)).toBe(1_765_000_000_123_456);
+    expect([...b.subarray(3080, 3088)]).toEqual([0x01, 0x02, 0, 0, 0, 0, 0, 0x80]);
+    expect([b.toString('hex', 3088, 3104), b[3104]]).toEqual([boot, 1]);
+    expect(decodeCheckpoint(b, UUID)).toEqual(withMore);
+    const plain = encodeCheckpoint(cp, UUID);
+    expect(plain.subarray(3072, 3105).every((x) => x === 0)).toBe(true);
+    expect(decodeCheckpoint(plain, UUID)!.state).toEqual(cp.state); // no epoch, no verify: as an older log
+  });
+
   it('refuses a flipped byte, an empty slot, another log\'s slot and too many slinks', () => {
     const b = encodeCheckpoint(cp, UUID);
     for (const at of [0, 9, 20, 33, 50, 64, 90, 1103, 2000, 4093]) {
