@@ -2,7 +2,8 @@
  * Who holds a device open, as `remove` says when it refuses (`device is busy (open count
  * N…)`): a device stacked on it by its name (`used by dm:top`, the name it has now, once
  * however many of its tables hold it), an opener that does not say who it is only counted
- * (an NBD client: `open count 1`, as before), and the replication receiver holding a
+ * (a library user's `open()`: `open count 1`; NBD clients name themselves: test/e2e/nbd-holders),
+ * and the replication receiver holding a
  * device that receives a stream by the sending group (`receiving replication stream of
  * group 'repl', held while that sender is connected`), over a real tcp slink in one process.
  * Once the holders are gone the device is removed.
@@ -53,7 +54,7 @@ describe('remove: who holds a busy device', () => {
 
     await dm.create('side', { table: `0 8 linear dm:base 8` });
     const base = dm.get('base');
-    base.open(); // an opener that does not say who it is (an NBD client)
+    base.open(); // an opener that does not say who it is (a library user)
     expect((await busy(dm, 'base')).message).toBe('base: device is busy (open count 3: used by dm:upper, used by dm:side, and 1 other opener)');
 
     await dm.remove('upper');
