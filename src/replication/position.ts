@@ -45,6 +45,7 @@ export class PositionFile implements Applied {
   readonly #uuid: Buffer;
   readonly #slink: number;
   readonly #buf = Buffer.alloc(SLOT);
+  #rewinds = 0;
 
   private constructor(file: string, fd: number, uuid: Buffer, slink: number, found: Slot) {
     this.path = file;
@@ -84,6 +85,11 @@ export class PositionFile implements Applied {
   }
 
   /** the position as of the last `sync` */
+  /** REWINDs taken (a `sync` begun before one does not raise the durable position) */
+  get rewinds(): number {
+    return this.#rewinds;
+  }
+
   get durable(): { readonly applied: number; readonly epoch: number } {
     return this.#durable;
   }
@@ -120,9 +126,10 @@ export class PositionFile implements Applied {
    * default the one recorded now) is durable. Written with the durable fields set to it,
    * then fdatasync'd.
    */
-  sync(at: Applied = { applied: this.#applied, epoch: this.#epoch }): Promise<void> {
-    // taken before a rewind set the position back: what was flushed covers the position now
-    if (at.applied > this.#applied) at = { applied: this.#applied, epoch: this.#epoch };
+  sync(at: Applied = { applied: this.#applied, epoch: this.#epoch }, rewinds = this.#rewinds): Promise<void> {
+    // a position taken before a rewind is not made durable: the entries now below it may be
+    // newer than that flush (only the fdatasync is done)
+    if (rewinds !== this.#rewinds) at = this.#durable;
     if (this.#durable.applied !== at.applied || this.#durable.epoch !== at.epoch) {
       this.#durable = { applied: at.applied, epoch: at.epoch };
       this.#write(this.#applied, this.#epoch);
@@ -137,6 +144,7 @@ export class PositionFile implements Applied {
    * or entries the sender numbers anew would be skipped as applied.
    */
   rewind(applied: number, epoch: number): Promise<void> {
+    this.#rewinds++;
     if (this.#durable.applied >= applied) this.#durable = { applied, epoch };
     this.#write(applied, epoch);
     return new Promise((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));

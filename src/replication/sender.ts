@@ -624,11 +624,12 @@ export class Peer {
     d.handle = uint(o, 'handle', 'OPEN_OK');
     this.stats.appliedAtConnect = uint(o, 'applied', 'OPEN_OK');
     this.refusal = null;
-    if (roles) roles.opened(this.opts.slink, d.devNr, resyncOf(o), needsOf(o));
+    // judged before the group hears of the site (it may announce it consistent then)
     if (this.#reopening && !this.#judged) {
       this.#judged = true;
       await this.#judgePosition(o);
     }
+    if (roles) roles.opened(this.opts.slink, d.devNr, resyncOf(o), needsOf(o));
     for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0 && req.io.seq === 0) this.#send(req);
     this.#pump();
   }

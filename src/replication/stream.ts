@@ -189,11 +189,12 @@ export class Stream {
    */
   async sync(): Promise<void> {
     const at = { applied: this.pos.applied, epoch: this.pos.epoch }; // only what was applied before the flush began
+    const rewinds = this.pos.rewinds;
     await Promise.all([...this.devices].map(([name, w]) => w.submit(FLUSH).catch((err: { code?: string }) => {
       if (err.code !== 'ENXIO') throw err;
       this.devices.delete(name); // removed at this site since: nothing of it to make durable
     })));
-    await this.pos.sync(at);
+    await this.pos.sync(at, rewinds);
   }
 
   #run(seq: number, epoch: number, apply: () => Promise<void>): Promise<'applied'> {

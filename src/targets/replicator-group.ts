@@ -78,6 +78,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   #holdP: Promise<void> | null = null;
   #holdRelease: (() => void) | null = null;
   #appending = 0;
+  /** writers that came before the first resume */
+  #activeWaiters: Array<() => void> = [];
   #appendWaiters: Array<() => void> = [];
   #overflowing: Promise<void> | null = null;
   /** the hold taken at suspend, released at resume */
@@ -146,9 +148,10 @@ export class ReplicatorGroup implements Target, SiteHost {
    */
   async judgeApplied(slink: number, pos: SitePosition): Promise<{ seq: number; epoch: number } | null> {
     const site = this.siteOf(slink);
-    if (!site || !this.#recovered) return null;
+    if (!site || !this.#recovered || this.#state !== 'active') return null;
     const head = Math.max(this.#head, this.log.head);
     if (!(await holdsLostEntries(this.log, head, pos))) return null;
+    for (const b of this.#bindings.values()) this.#verified.delete(`${slink}:${b.devNr}`); // a new verdict: all of it again
     this.#verifySlinks.add(slink);
     this.#verifyPending.add(slink);
     let marked = 0;
@@ -177,10 +180,15 @@ export class ReplicatorGroup implements Target, SiteHost {
    * boot's id, not quiesced, the epoch counter and the slinks to verify: what must be on
    * disk before a site is told to go back, and before the group takes writes in this boot.
    */
-  async #persistFlags(): Promise<void> {
-    const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced: false };
-    await this.log.checkpoint(state);
-    this.#cpState = state;
+  #persistFlags(): Promise<void> {
+    // in turn with the checkpoints (each one's positions are at least those before it)
+    const run = this.#cp.then(async () => {
+      const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced: false };
+      this.#cpState = state;
+      await this.log.checkpoint(state);
+    });
+    this.#cp = run.catch(() => undefined);
+    return run;
   }
 
   /** slinks still to be verified, for a checkpoint: one leaves once every device bound there was, and the site is in order again */
@@ -410,7 +418,9 @@ export class ReplicatorGroup implements Target, SiteHost {
   async write(b: DevBinding, bio: Bio): Promise<void> {
     const max = this.maxEntrySectors;
     if (bio.sectors > max && bio.op !== 'flush') return this.#writeSplit(b, bio, max);
-    await this.#admit();
+    // the hold is checked again after the wait: hold() may have begun between #admit's
+    // return and this continuation, and must see this write counted or not started
+    do await this.#admit(); while (this.#holdP);
     this.#noteWrite();
     const appStarted = this.resyncControl.appStart(); // after admit: writers held by a resync are not counted
     this.#appending++;
@@ -488,6 +498,10 @@ export class ReplicatorGroup implements Target, SiteHost {
   async #admit(): Promise<void> {
     for (;;) {
       if (this.#state === 'destroyed') throw new BlockError('ENXIO', `${this.ctx.device}: replicator removed`);
+      if (this.#state === 'new') { // not resumed yet (or its first resume failed): nothing may be logged before this boot's checkpoint
+        await new Promise<void>((r) => this.#activeWaiters.push(r));
+        continue;
+      }
       if (this.#holdP) {
         await this.#holdP;
         continue;
@@ -581,7 +595,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   }
 
   /** `quiesced`: the group is suspended with nothing in flight (the checkpoint says the log was left cleanly) */
-  #checkpoint(quiesced = false): Promise<void> {
+  #checkpoint(quiesced = this.#state === 'suspended'): Promise<void> {
     this.#cpRunning = true;
     const run = this.#cp.then(async () => {
       const epoch = this.#epoch; // every entry appended so far has an epoch at most this
@@ -637,6 +651,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     // this boot's checkpoint, not quiesced, before any write: a power loss from here on is told apart from a clean stop
     await this.#persistFlags();
     this.#state = 'active';
+    for (const w of this.#activeWaiters.splice(0)) w();
     for (const s of this.sites) s.start();
     this.#suspendHold?.();
     this.#suspendHold = null;
@@ -646,7 +661,6 @@ export class ReplicatorGroup implements Target, SiteHost {
 
   async #recover(): Promise<void> {
     const rec = await this.log.recover();
-    this.#recovered = true;
     this.#head = rec.head;
     // no checkpoint yet (a crash before the first one): every entry in the ring is to be replayed and shipped
     const base = this.log.tail - 1;
@@ -668,7 +682,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       }
     }
     this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
-    this.#cpState = { localDone, slinks: positions };
+    this.#cpState = { localDone, slinks: positions.map((p) => ({ ...p, seq: Math.min(p.seq, rec.head) })) };
     const verify = new Set(rec.state?.verify ?? []);
     const st = rec.state;
     if (st?.boot && HAS_BOOT_ID && st.boot !== BOOT.boot && !st.quiesced) {
@@ -693,6 +707,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     if (rec.tornTail) this.event('replication log: a torn entry at the head was discarded (never acknowledged)');
     if (rec.entries > 0) this.logger.info(`${this.ctx.device}: recovered ${rec.entries} log entries, head ${rec.head}`);
+    this.#recovered = true;
   }
 
   async presuspend(): Promise<void> {
@@ -721,6 +736,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       await this.postsuspend().catch(() => undefined);
     }
     this.#state = 'destroyed';
+    for (const w of this.#activeWaiters.splice(0)) w(); // they fail: removed
     this.#suspendHold?.();
     this.#holdRelease?.();
     for (const s of this.sites) await s.stop().catch(() => undefined);
