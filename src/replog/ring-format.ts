@@ -53,6 +53,8 @@ const VERIFY_AT = 3080;
 /** the machine's boot id when written (16 bytes), and 1 when the group was quiesced */
 const BOOT_AT = 3088;
 const QUIESCED_AT = 3104;
+/** the group's device numbers (a 256-bit bitmap, bit n = device n) */
+const DEVICES_AT = 3112;
 const TWO32 = 4294967296;
 
 const OP_CODES: Readonly<Record<ReplogOp, number>> = { write: 1, discard: 2, 'write-zeroes': 3, flush: 4 };
@@ -204,6 +206,7 @@ export function encodeCheckpoint(cp: Checkpoint, uuid: Buffer): Buffer {
   for (const n of cp.state.verify ?? []) b[VERIFY_AT + (n >> 3)]! |= 1 << (n & 7);
   if (cp.state.boot) b.write(cp.state.boot, BOOT_AT, 16, 'hex');
   b[QUIESCED_AT] = cp.state.quiesced ? 1 : 0;
+  for (const n of cp.state.devices ?? []) b[DEVICES_AT + (n >> 3)]! |= 1 << (n & 7);
   b.writeUInt32LE(crc32c(b.subarray(0, BLOCK_CRC_AT)), BLOCK_CRC_AT);
   return b;
 }
@@ -227,7 +230,7 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
     generation: getU64(b, 32), initial: (b.readUInt32LE(8) & CHECKPOINT_INITIAL) !== 0,
     state: {
       localDone: getU64(b, 40), slinks,
-      ...optional(getU64(b, EPOCH_AT), bitsOf(b.subarray(VERIFY_AT, VERIFY_AT + 8)), b.subarray(BOOT_AT, BOOT_AT + 16), b[QUIESCED_AT] === 1),
+      ...optional(getU64(b, EPOCH_AT), bitsOf(b.subarray(VERIFY_AT, VERIFY_AT + 8)), b.subarray(BOOT_AT, BOOT_AT + 16), b[QUIESCED_AT] === 1, bitsOf(b.subarray(DEVICES_AT, DEVICES_AT + 32))),
     },
     tailSeq: getU64(b, 48), tailOffset: getU64(b, 56),
     tailPrevCrc: b.readUInt32LE(64), time: getU64(b, 72),
@@ -237,11 +240,13 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
 }
 
 /** a state's optional members, present only when set (as a caller that keeps none wrote it) */
-export function optional(epoch: number, verify: readonly number[], boot: Buffer | string | undefined, quiesced: boolean): Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced'> {
+export function optional(
+  epoch: number, verify: readonly number[], boot: Buffer | string | undefined, quiesced: boolean, devices: readonly number[],
+): Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced' | 'devices'> {
   const hex = typeof boot === 'string' ? boot : boot?.toString('hex');
   return {
     ...(epoch ? { epoch } : {}), ...(verify.length ? { verify } : {}),
-    ...(hex && /[1-9a-f]/.test(hex) ? { boot: hex } : {}), ...(quiesced ? { quiesced } : {}),
+    ...(hex && /[1-9a-f]/.test(hex) ? { boot: hex } : {}), ...(quiesced ? { quiesced } : {}), ...(devices.length ? { devices } : {}),
   };
 }
 

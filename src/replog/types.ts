@@ -95,6 +95,8 @@ export interface CheckpointState {
    */
   readonly boot?: string;
   readonly quiesced?: boolean;
+  /** device numbers (0 … 255) of the group's replicator-devs, bound now or not yet after a restart; absent: not kept */
+  readonly devices?: readonly number[];
 }
 
 /** The outcome of opening a log's contents (`recover`). */

@@ -104,6 +104,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly #verifySlinks = new Set<number>();
   readonly #verifyPending = new Set<number>();
   readonly #verified = new Set<string>();
+  /** the group's device numbers, bound or (after a restart) not yet: checkpoints keep them */
+  readonly #knownDevs = new Set<number>();
   /** the state last handed to the log (or recovered): positions known durable */
   #cpState: CheckpointState = { localDone: 0, slinks: [] };
 
@@ -183,7 +185,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   #persistFlags(): Promise<void> {
     // in turn with the checkpoints (each one's positions are at least those before it)
     const run = this.#cp.then(async () => {
-      const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced: false };
+      const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced: false, devices: [...this.#knownDevs] };
       this.#cpState = state;
       await this.log.checkpoint(state);
     });
@@ -191,12 +193,18 @@ export class ReplicatorGroup implements Target, SiteHost {
     return run;
   }
 
-  /** slinks still to be verified, for a checkpoint: one leaves once every device bound there was, and the site is in order again */
+  /**
+   * Slinks still to be verified, for a checkpoint: one leaves once every device of the
+   * group was verified there in this process (one not bound since the restart keeps it:
+   * it is verified when it binds) and the site is in order again.
+   */
   #stillToVerify(): number[] {
     for (const slink of this.#verifyPending) {
       const site = this.siteOf(slink);
-      const bound = [...this.#bindings.values()].filter((b) => b.remotes.has(slink));
-      const done = bound.length > 0 && bound.every((b) => this.#verified.has(`${slink}:${b.devNr}`));
+      const done = this.#knownDevs.size > 0 && [...this.#knownDevs].every((d) => {
+        const b = this.#bindings.get(d);
+        return this.#verified.has(`${slink}:${d}`) || (b !== undefined && !b.remotes.has(slink));
+      });
       if (!site || (done && site.mode === 'ship' && site.outOfSync() === 0)) this.#verifyPending.delete(slink);
     }
     return [...this.#verifyPending];
@@ -251,7 +259,8 @@ export class ReplicatorGroup implements Target, SiteHost {
       for (const s of this.sites) await s.passivate();
       this.role.demote(discard); // only now is what a new primary must overwrite all in the dirty logs
       // a site promoted next knows whether that is a planned move (every site holds all we wrote)
-      const allInSync = this.sites.every((s) => s.outOfSync() === 0);
+      // (a site still to be verified whole, with a device not bound yet, is not known in sync)
+      const allInSync = this.#verifyPending.size === 0 && this.sites.every((s) => s.outOfSync() === 0);
       for (const s of this.sites) s.announceDemoted(allInSync);
     } finally {
       release();
@@ -369,6 +378,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     let verify = false;
     for (const slink of this.#verifySlinks) if (await this.#verifyWhole(slink, b)) verify = true;
     this.#bindings.set(b.devNr, b);
+    this.#knownDevs.add(b.devNr);
     for (const w of this.#boundWaiters.get(b.devNr) ?? []) w();
     this.#boundWaiters.delete(b.devNr);
     if (verify) for (const slink of this.#verifySlinks) if (this.#verified.has(`${slink}:${b.devNr}`)) this.siteOf(slink)?.requestResync(false, true);
@@ -384,6 +394,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   async unbind(b: DevBinding): Promise<void> {
     if (this.#bindings.get(b.devNr) !== b) return;
     this.#bindings.delete(b.devNr);
+    this.#knownDevs.delete(b.devNr); // it leaves the group
     for (const s of this.sites) {
       await s.release(b).catch((err: Error) => this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}`));
     }
@@ -609,7 +620,7 @@ export class ReplicatorGroup implements Target, SiteHost {
         ...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)),
         this.log.flush(),
       ]);
-      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced };
+      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced, devices: [...this.#knownDevs] };
       this.#cpState = state;
       await this.log.checkpoint(state);
       // entries behind the new tail that no ship still reads: the log may reuse their memory
@@ -683,6 +694,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
     this.#cpState = { localDone, slinks: positions.map((p) => ({ ...p, seq: Math.min(p.seq, rec.head) })) };
+    for (const d of rec.state?.devices ?? []) this.#knownDevs.add(d);
     const verify = new Set(rec.state?.verify ?? []);
     const st = rec.state;
     if (st?.boot && HAS_BOOT_ID && st.boot !== BOOT.boot && !st.quiesced) {

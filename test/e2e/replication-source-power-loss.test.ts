@@ -27,6 +27,9 @@
  *  - A SIGKILLed while it verifies B (the resync slowed to a crawl): same boot, B's position
  *    agrees with A's log now; the verification goes on from what A recorded (dirty logs,
  *    checkpoint) until B equals A;
+ *  - a device whose table does not load after the power loss (its image away): the other is
+ *    verified, and the pending verification stays in the checkpoints until the device binds
+ *    after a later restart, and is verified then;
  *  - a SIGKILL alone (same boot, nothing lost): no verification, no REWIND.
  */
 import crypto from 'node:crypto';
@@ -189,6 +192,51 @@ describe('a tcp site that applied entries the source lost in a power loss', { ti
       await converged(a, bImg, ref);
       // B's position agrees with A's log now (no second verdict), and the log was not cut off again
       expect([count(a.d.log(), VERDICT), count(a.d.log(), CUT_OFF)]).toEqual([1, 1]);
+    });
+  });
+
+  it('a device whose table does not load after the power loss keeps the verification pending: verified when it binds after a later restart', async () => {
+    const { a, b, bImg, ref } = await setUp();
+    // a second device in the group: vol1 (device 1) at A, shipped to vol1 at B
+    const b1Img = blank(b.sb.dir, 'site1.img', BYTES);
+    await ok(b.sb, ['create', 'vol1', '--table', `0 ${SECTORS} linear ${b1Img} 0`]);
+    const a1Img = blank(a.d.sb.dir, 'local1.img', BYTES);
+    const dlog1 = blank(a.d.sb.dir, 'vol1.1.log', 1 << 20);
+    await ok(a.d.sb, ['create', 'vol1', '--table', `0 ${SECTORS} replicator-dev dm:repl 1 0 1 ${a1Img} nolog 0 1 1 vol1 disk 3 ${dlog1} 64 nosync`]);
+    const ref1 = crypto.randomBytes(BYTES);
+    const f = `${a.d.sb.dir}/ref1`;
+    fs.writeFileSync(f, ref1);
+    await ok(a.d.sb, ['io', 'write', 'vol1', '0', f]);
+    await until('B to hold vol1', async () => fs.readFileSync(b1Img).equals(ref1), (v) => v);
+    await logged(a, b, async () => {
+      // the power loss, with lost writes on vol1 only
+      const log = `${a.d.sb.dir}/rlog`;
+      for (const dev of ['vol', 'vol1', 'repl']) await ok(a.d.sb, ['suspend', dev]);
+      const copies = [log, a.img, a1Img].map((file) => fs.readFileSync(file));
+      for (const dev of ['repl', 'vol', 'vol1']) await ok(a.d.sb, ['resume', dev]);
+      const atB = Buffer.from(ref1);
+      for (const [offset, bytes] of smallWrites(3, 20)) {
+        const data = crypto.randomBytes(bytes);
+        fs.writeFileSync(f, data);
+        await ok(a.d.sb, ['io', 'write', 'vol1', String(offset), f]);
+        data.copy(atB, offset);
+      }
+      await until('B to apply the writes the source will lose', async () => fs.readFileSync(b1Img).equals(atB), (v) => v);
+      await a.d.kill();
+      fromAnotherBoot(copies[0]!);
+      [log, a.img, a1Img].forEach((file, i) => fs.writeFileSync(file, copies[i]!));
+      // vol1's image is away at the restart: its table does not load, vol1 does not bind
+      fs.renameSync(a1Img, `${a1Img}.away`);
+      await a.d.restart();
+      expect(count(a.d.log(), CUT_OFF)).toBe(1);
+      await converged(a, bImg, ref); // vol verified
+      await new Promise((r) => setTimeout(r, 1000)); // a few checkpoints: the pending verification must stay in them
+      await a.d.kill();
+      fs.renameSync(`${a1Img}.away`, a1Img);
+      await a.d.restart(); // the same boot: not cut off again; vol1 binds now
+      await until('B\'s vol1 to equal A\'s', async () => fs.readFileSync(b1Img).equals(ref1), (v) => v, 60_000);
+      expect(fs.readFileSync(a1Img).equals(ref1)).toBe(true);
+      expect(count(a.d.log(), CUT_OFF)).toBe(1);
     });
   });
 
