@@ -10,6 +10,9 @@
  *      not received when the engine closed): at recovery that entry and every later one
  *      are discarded as a torn tail and never reach the site, whose image equals the
  *      writes before it; the local devices keep every write they acknowledged.
+ *  (c) a damaged entry that one site had already taken while another site held the ring:
+ *      the first site's checkpointed position lies beyond the head the scan finds; the
+ *      group still loads (the position is taken at the head) and ships a new write to both.
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
@@ -100,6 +103,65 @@ describe('a corrupted replication log', () => {
     pokeFile(rlog, 0, header);
     dm2 = await reopen(g, replTable, [devTable]);
     expect(dm2.status('repl')[0]!.params).toMatch(/^0:S,0,0 1:A,0,0 \d+\/8192$/);
+  });
+
+  it('(c) a damaged entry that one site had taken while the other held the ring: the group still loads, and ships on', async () => {
+    const dir = tmpDir();
+    const file = (name: string, sectors: number): string => {
+      const f = path.join(dir, name);
+      fs.writeFileSync(f, '');
+      fs.truncateSync(f, sectors * SECTOR);
+      return f;
+    };
+    const rlog = file('rlog', RING + 64);
+    const local = file('local.img', LEN);
+    const remotes = [file('remote1.img', LEN), file('remote2.img', LEN)];
+    const dlogs = [file('dlog1', 64), file('dlog2', 64)];
+    const replTable = `ringbuffer 4 ${rlog} 0 auto ${RING} blockdev 1 0 blockdev 3 1 async retest=1 blockdev 3 2 async retest=1`;
+    const devTable = `dm:repl 0 0 1 ${local} nolog 0 1 1 dm:site1 disk 3 ${dlogs[0]} 64 nosync 2 1 dm:site2 disk 3 ${dlogs[1]} 64 nosync`;
+    const build = async (): Promise<DeviceMapper> => {
+      const dm = new DeviceMapper();
+      for (const [i, r] of remotes.entries()) await dm.create(`site${i + 1}`, { table: `0 ${LEN} linear ${r} 0` });
+      await dm.create('repl', { table: `0 1 replicator ${replTable}` });
+      await dm.create('vol0', { table: `0 ${LEN} replicator-dev ${devTable}` });
+      return dm;
+    };
+    const model = new Model(LEN);
+    const shipAll = (dm: DeviceMapper): Promise<void> => waitFor(() => /^0:S,0,0 1:A,0,0 2:A,0,0 /.test(dm.status('repl')[0]!.params), 'both sites caught up');
+    let dm = await build();
+    try {
+      for (let k = 0; k < 4; k++) {
+        const data = crypto.randomBytes(4096);
+        await dm.write('vol0', k * 4096, data);
+        model.write(k * 4096, data);
+      }
+      await shipAll(dm);
+      await dm.message('repl', 0, ['slink', 'suspend', '2']); // site 2 holds the ring from here
+      const head0 = replJson(dm).replog.head;
+      for (let k = 0; k < 10; k++) {
+        const data = Buffer.alloc(4096, `<held ${k}>`);
+        await dm.write('vol0', (20 + k) * 4096, data);
+        model.write((20 + k) * 4096, data);
+      }
+      await waitFor(() => /1:A,0,0/.test(dm.status('repl')[0]!.params), 'site 1 caught up');
+      await new Promise((r) => setTimeout(r, 500)); // checkpoints record site 1 at the head
+      await dm.close();
+      // the fourth held entry damaged: the scan ends before site 1's checkpointed position
+      const e = findEntry(fs.readFileSync(rlog), head0 + 4);
+      pokeFile(rlog, e.at + 512 + 100, Buffer.from('DAMAGED', 'latin1'));
+      dm = await build(); // loads: the position beyond the head is taken at it (it was EINVAL at resume)
+      expect(replJson(dm).replog.head).toBe(head0 + 3);
+      await dm.message('repl', 0, ['slink', 'resume', '2']);
+      const after = crypto.randomBytes(4096);
+      await dm.write('vol0', 60 * 4096, after);
+      model.write(60 * 4096, after);
+      await shipAll(dm);
+      for (const r of remotes) expectSameBytes(readFileRange(r, 60 * 4096, 4096), after, `${path.basename(r)}: the write after the reload`);
+      expectSameBytes(fs.readFileSync(local), model.bytes, 'the local image: every acknowledged write');
+    } finally {
+      await dm.close();
+      fs.rmSync(dir, { recursive: true, force: true });
+    }
   });
 
   it('(b) a flipped payload byte in a backlog entry: it and every later entry are discarded at recovery, never shipped', async () => {
