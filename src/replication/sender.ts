@@ -571,15 +571,20 @@ export class Peer {
    * link already `auth-failed` (a retest) makes one handshake: its secrets are what they were.
    */
   async #handshake(where: string): Promise<Dialed> {
+    let first: DmError;
     try {
       return await this.#dial(where);
     } catch (err) {
-      const tlsFailed = err instanceof TlsHandshakeError && err.code === 'EACCES';
-      if (!tlsFailed || this.state === 'auth-failed' || this.#closed) throw err;
+      first = err as DmError;
+      // a TLS failure looks like another secret; a handshake frame that failed its CRC (EPROTO)
+      // is damage too: either is tried again at once, once, before the link is said to fail
+      const tlsFailed = err instanceof TlsHandshakeError && first.code === 'EACCES';
+      if ((!tlsFailed && first.code !== 'EPROTO') || this.state === 'auth-failed' || this.#closed) throw err;
     }
     const second = await this.#dial(where);
     this.stats.badReplies++;
-    this.opts.log.limited(`tcp-damaged:${where}`, `${where}: a TLS handshake failed and the next one, made at once, got in: the first was damaged on the way (not a different secret)`);
+    const what = first instanceof TlsHandshakeError ? 'a TLS handshake failed' : `a handshake failed (${first.message.replace(`${where}: `, '')})`;
+    this.opts.log.limited(`tcp-damaged:${where}`, `${where}: ${what} and the next one, made at once, got in: the first was damaged on the way${first instanceof TlsHandshakeError ? ' (not a different secret)' : ''}`);
     return second;
   }
 

@@ -12,6 +12,8 @@
  *    an authenticated one; what is written crosses byte for byte;
  *  - a bit of the ServerHello's random flipped while a lost connection is re-made: the same,
  *    and the writes made meanwhile arrive;
+ *  - without TLS, a HELLO whose payload fails its CRC at the receiver (refused with EPROTO):
+ *    the sender tries again at once too, and is connected without waiting for a retest;
  *  - a wrong secret with `tls=on` still ends `auth-failed` at once, "secret does not match"
  *    at both ends (the receiver refuses both handshakes), the write fails with EACCES and
  *    nothing is written; a retest of the refused link makes one handshake, not two.
@@ -86,14 +88,14 @@ function secretFile(name: string, text: string): string {
 }
 
 /** a receiving site in-process requiring TLS: `vol` over an empty image file, a real receiver, and the proxy in front of it */
-async function receivingSite(): Promise<{ img: string; rxLog: ReturnType<typeof keeping>; proxy: FaultProxy }> {
+async function receivingSite(requireTls = true): Promise<{ img: string; rxLog: ReturnType<typeof keeping>; proxy: FaultProxy }> {
   const img = path.join(tmp, 'vol.img');
   fs.writeFileSync(img, Buffer.alloc(0));
   fs.truncateSync(img, SECTORS * 512);
   await dm.create('vol', { table: `0 ${SECTORS} linear ${img} 0` });
   const rxLog = keeping();
   const secret = loadSecret(secretFile('site.key', SECRET));
-  const rx = new ReplicationReceiver(dm, { host: '127.0.0.1', port: 0, secret, requireTls: true, stateDir: path.join(tmp, 'state') }, rxLog);
+  const rx = new ReplicationReceiver(dm, { host: '127.0.0.1', port: 0, secret, requireTls, stateDir: path.join(tmp, 'state') }, rxLog);
   const port = (await rx.listen()).port;
   closers.push(() => rx.close());
   const proxy = await FaultProxy.start({ target: { host: '127.0.0.1', port } });
@@ -110,13 +112,13 @@ interface Sender {
 }
 
 /** a tcp slink with tls=on through `proxy`, holding `secret`, its device `vol` attached */
-async function sender(proxy: FaultProxy, secret = SECRET): Promise<Sender> {
+async function sender(proxy: FaultProxy, secret = SECRET, tls = 'on'): Promise<Sender> {
   const log = keeping();
   const states: string[] = [];
   let link: SiteLink | null = null;
   const event = (): void => void (link && states.push(stats(link).connection as string));
   const file = secretFile('sender.key', secret);
-  link = await createSlink('tcp', { device: 'repl', groupId: STREAM, event, log }, 1, [`peer=${proxy.address}`, `secret=${file}`, 'tls=on', 'io-timeout=5']);
+  link = await createSlink('tcp', { device: 'repl', groupId: STREAM, event, log }, 1, [`peer=${proxy.address}`, `secret=${file}`, `tls=${tls}`, 'io-timeout=5', 'retest=600']);
   const l = link;
   closers.push(() => l.destroy());
   const dev = await link.attach({ device: 'vol', open: () => Promise.reject(new Error('not used')), length: SECTORS }, 0, ['vol']);
@@ -141,7 +143,7 @@ async function ship(dev: RemoteDevice, ref: Buffer, from: number, writes: Array<
   await dev.submit(flush, { seq, epoch: seq });
 }
 
-describe('tcp slink, tls=on: a TLS handshake damaged on the way', { timeout: 60_000 }, () => {
+describe('tcp slink: a handshake damaged on the way', { timeout: 60_000 }, () => {
   it('a flipped bit in the ClientHello on the first connect: connected, never auth-failed, counted as damage; data crosses byte for byte', async () => {
     const { img, rxLog, proxy } = await receivingSite();
     proxy.corrupt('up', { afterBytes: HELLO + IN_RANDOM, count: 1 });
@@ -184,6 +186,21 @@ describe('tcp slink, tls=on: a TLS handshake damaged on the way', { timeout: 60_
     expect(refusals(rxLog)).toHaveLength(1);
     expect(refusals(rxLog)[0]).toMatch(/TLS-PSK handshake failed/);
     expect(s.log.lines.join('\n')).not.toMatch(/does not match|authentication failed/);
+    expect(fs.readFileSync(img).equals(ref)).toBe(true);
+  });
+
+  it('tls=off: a HELLO damaged on the first connect (its CRC fails at the receiver): connected at once, never down', async () => {
+    const { img, rxLog, proxy } = await receivingSite(false);
+    proxy.corrupt('up', { afterBytes: HEADER_SIZE + 4, count: 1 }); // a byte of the HELLO's JSON
+    const s = await sender(proxy, SECRET, 'off'); // retest=600: only the retry at once can connect within the wait
+    await eventually(() => expect(stats(s.link).connection).toBe('connected'));
+    expect(proxy.stats.corrupted).toBe(1);
+    expect(s.states).not.toContain('down');
+    expect(stats(s.link)).toMatchObject({ connection: 'connected', lastError: null, badReplies: 1, tls: false });
+    expect(s.log.lines.filter((l) => /a handshake failed \(.*\) and the next one, made at once, got in/.test(l))).toHaveLength(1);
+    expect(rxLog.lines.join('\n')).toMatch(/CRC/);
+    const ref = Buffer.alloc(SECTORS * 512);
+    await ship(s.dev, ref, 1, [[0, data()], [2000, data(16)]]);
     expect(fs.readFileSync(img).equals(ref)).toBe(true);
   });
 
