@@ -84,12 +84,12 @@ export class PositionFile implements Applied {
     return this.#epoch;
   }
 
-  /** the position as of the last `sync` */
   /** REWINDs taken (a `sync` begun before one does not raise the durable position) */
   get rewinds(): number {
     return this.#rewinds;
   }
 
+  /** the position as of the last `sync` */
   get durable(): { readonly applied: number; readonly epoch: number } {
     return this.#durable;
   }

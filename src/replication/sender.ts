@@ -626,14 +626,18 @@ export class Peer {
       throw err;
     }
     if (this.#devs.get(key) !== d) return this.#pump();
-    d.handle = uint(o, 'handle', 'OPEN_OK');
+    const handle = uint(o, 'handle', 'OPEN_OK');
     this.stats.appliedAtConnect = uint(o, 'applied', 'OPEN_OK');
     this.refusal = null;
-    // judged before the group hears of the site (it may announce it consistent then)
-    if (this.#reopening && !this.#judged) {
+    // the connection's first OPEN_OK (in the reconnect loop or not): judged before any log
+    // entry goes on it (the handle is set only after: nothing is sent for the device
+    // meanwhile) and before the group hears of the site (it may announce it consistent then)
+    if (!this.#judged) {
       this.#judged = true;
       await this.#judgePosition(o);
+      if (this.#devs.get(key) !== d) return this.#pump();
     }
+    d.handle = handle;
     if (roles) roles.opened(this.opts.slink, d.devNr, resyncOf(o), needsOf(o));
     for (const req of this.#reqs.values()) if (req.dev === key && req.sentAt === 0 && req.io.seq === 0) this.#send(req);
     this.#pump();

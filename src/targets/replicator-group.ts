@@ -150,7 +150,9 @@ export class ReplicatorGroup implements Target, SiteHost {
    */
   async judgeApplied(slink: number, pos: SitePosition): Promise<{ seq: number; epoch: number } | null> {
     const site = this.siteOf(slink);
-    if (!site || !this.#recovered || this.#state !== 'active') return null;
+    if (!site || this.#state === 'destroyed') return null;
+    // not recovered yet: the connection fails and is made again (never skipped unjudged)
+    if (!this.#recovered) throw new BlockError('EAGAIN', `${this.ctx.device}: the replication log is not recovered yet`);
     const head = Math.max(this.#head, this.log.head);
     if (!(await holdsLostEntries(this.log, head, pos))) return null;
     for (const b of this.#bindings.values()) this.#verified.delete(`${slink}:${b.devNr}`); // a new verdict: all of it again
@@ -159,7 +161,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     let marked = 0;
     for (const b of this.#bindings.values()) if (await this.#verifyWhole(slink, b)) marked++;
     // durable before the site goes back: a crash after that must not forget the verification
-    await this.#persistFlags();
+    await this.#persistFlags(this.#state === 'suspended');
     const seq = site.watermark;
     this.event(`slink ${slink}: the site applied entries this log no longer has (up to ${Math.max(pos.applied, pos.started)}, head ${head}: lost here, a power loss before the log was flushed?); its position goes back to ${seq} and every region is verified (checksum resync)`);
     if (marked > 0) site.requestResync(false, true);
@@ -182,15 +184,14 @@ export class ReplicatorGroup implements Target, SiteHost {
    * boot's id, not quiesced, the epoch counter and the slinks to verify: what must be on
    * disk before a site is told to go back, and before the group takes writes in this boot.
    */
-  #persistFlags(): Promise<void> {
-    // in turn with the checkpoints (each one's positions are at least those before it)
-    const run = this.#cp.then(async () => {
-      const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced: false, devices: [...this.#knownDevs] };
-      this.#cpState = state;
-      await this.log.checkpoint(state);
-    });
-    this.#cp = run.catch(() => undefined);
-    return run;
+  /** `quiesced`: the group is suspended and stays so (a judgement while suspended); resume writes false */
+  async #persistFlags(quiesced = false): Promise<void> {
+    // not queued behind a running checkpoint (it may wait on a site that is connecting):
+    // the state is taken and handed to the log in one step, as #checkpoint does, so the log
+    // (which writes checkpoints in call order) never gets older positions after newer ones
+    const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced, devices: [...this.#knownDevs] };
+    this.#cpState = state;
+    await this.log.checkpoint(state);
   }
 
   /**
@@ -260,7 +261,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       this.role.demote(discard); // only now is what a new primary must overwrite all in the dirty logs
       // a site promoted next knows whether that is a planned move (every site holds all we wrote)
       // (a site still to be verified whole, with a device not bound yet, is not known in sync)
-      const allInSync = this.#verifyPending.size === 0 && this.sites.every((s) => s.outOfSync() === 0);
+      const allInSync = this.#stillToVerify().length === 0 && this.sites.every((s) => s.outOfSync() === 0);
       for (const s of this.sites) s.announceDemoted(allInSync);
     } finally {
       release();
@@ -366,6 +367,11 @@ export class ReplicatorGroup implements Target, SiteHost {
 
   /** a replicator-dev resumes: replay what recovery found for it, then ship for it */
   async bind(b: DevBinding): Promise<void> {
+    // a device resumed before the group's first resume recovered the log waits for it (its replay and verification come from there)
+    while (!this.#recovered) {
+      if (this.#state === 'destroyed') throw new BlockError('ENXIO', `${this.ctx.device}: replicator removed`);
+      await new Promise<void>((r) => this.#activeWaiters.push(r));
+    }
     const other = this.#bindings.get(b.devNr);
     if (other && other.name !== b.name) {
       throw new BlockError('EBUSY', `${this.ctx.device}: device number ${b.devNr} is already bound by ${other.name}`);
@@ -606,7 +612,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   }
 
   /** `quiesced`: the group is suspended with nothing in flight (the checkpoint says the log was left cleanly) */
-  #checkpoint(quiesced = this.#state === 'suspended'): Promise<void> {
+  #checkpoint(quiesced?: boolean): Promise<void> {
     this.#cpRunning = true;
     const run = this.#cp.then(async () => {
       const epoch = this.#epoch; // every entry appended so far has an epoch at most this
@@ -620,7 +626,8 @@ export class ReplicatorGroup implements Target, SiteHost {
         ...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)),
         this.log.flush(),
       ]);
-      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced, devices: [...this.#knownDevs] };
+      // quiesced as the group is when the state is taken (postsuspend says so before it is suspended)
+      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced: quiesced ?? this.#state === 'suspended', devices: [...this.#knownDevs] };
       this.#cpState = state;
       await this.log.checkpoint(state);
       // entries behind the new tail that no ship still reads: the log may reuse their memory

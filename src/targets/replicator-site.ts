@@ -217,9 +217,11 @@ export class Site {
     // transport takes the device anyway: a daemon starting while the site is away) is found
     // down now and retested, rather than at the first write
     const r = b.remotes.get(this.slink);
-    if (r && this.overNetwork && this.#up && this.#canRun() && !this.#host.role.secondary) {
+    if (r && this.overNetwork && this.#up && this.#active && !this.#paused && !this.#host.role.secondary) {
       void r.dev.test().catch((err: unknown) => {
-        if (this.#up && this.#canRun() && !this.#host.role.secondary) this.#down(err);
+        // not for a device gone meanwhile (removed, reloaded: its requests end ESHUTDOWN)
+        if (this.#host.binding(b.devNr) !== b || (err as { code?: string }).code === 'ESHUTDOWN') return;
+        if (this.#up && this.#active && !this.#paused && !this.#host.role.secondary) this.#down(err);
       });
     }
   }
