@@ -773,6 +773,10 @@ export class ReplicatorGroup implements Target, SiteHost {
     return this.#checkpoint();
   }
 
+  checkpointSoon(): void {
+    if (this.#state === 'active') void this.#checkpoint();
+  }
+
   status(type: StatusType): string {
     return groupStatus(this, type);
   }

@@ -493,6 +493,7 @@ export class Site {
     this.event(`slink ${this.slink} in sync: shipping in order`);
     this.#shipper.restart();
     if (declared) this.announce();
+    this.#host.checkpointSoon(); // recorded now: a crash soon after restarts it in order, not on its dirty logs
   }
 
   /**

@@ -57,4 +57,10 @@ export interface SiteHost {
   hold(): Promise<() => void>;
   /** a state change: logged and raised as a device event (`detail`: the site's slink and state, counts) */
   event(what: string, detail?: EventDetail): void;
+  /**
+   * A site changed mode: checkpoint now rather than at the next tick, so that a crash soon
+   * after does not restart it in the old mode (a site back in order after a resync would
+   * mark and resync again what it shipped meanwhile). Never waits, never throws.
+   */
+  checkpointSoon(): void;
 }
