@@ -124,7 +124,8 @@ function writeAt(fd: number, buf: Buffer, off: number, len: number, pos: number)
   });
 }
 
-function datasync(fd: number): Promise<void> {
+/** fdatasync(2) of `fd`, as a promise */
+export function datasync(fd: number): Promise<void> {
   return new Promise((resolve, reject) => fs.fdatasync(fd, (err) => (err ? reject(err) : resolve())));
 }
 

@@ -22,13 +22,13 @@ import path from 'node:path';
 import { crc32c } from '@node-rs/crc32';
 import { BOOT_ID, HAS_BOOT_ID } from '../core/boot-id.ts';
 import { DmError } from '../core/errors.ts';
+import { datasync } from '../core/file-dev.ts';
 import { readU64BE, writeU64BE } from '../core/u64.ts';
 
 const MAGIC = 0x444d4b50; // 'DMKP'
 const VERSION = 1;
 const SLOT = 512;
 const CRC_AT = 84;
-const BOOT = BOOT_ID;
 
 export interface Applied {
   readonly applied: number;
@@ -54,7 +54,7 @@ export class PositionFile implements Applied {
     this.#slink = slink;
     this.#gen = found.gen;
     // written in this boot: the page cache had it, so it holds; else only what was flushed
-    const sameBoot = HAS_BOOT_ID && found.boot.equals(BOOT);
+    const sameBoot = HAS_BOOT_ID && found.boot.equals(BOOT_ID);
     this.#applied = sameBoot ? found.applied : found.durableApplied;
     this.#epoch = sameBoot ? found.epoch : found.durableEpoch;
     this.#durable = { applied: found.durableApplied, epoch: found.durableEpoch };
@@ -69,7 +69,7 @@ export class PositionFile implements Applied {
     const uuid = Buffer.from(groupId, 'hex');
     const b = Buffer.alloc(SLOT * 2);
     fs.readSync(fd, b, 0, b.length, 0);
-    let best: Slot = { gen: 0, applied: 0, epoch: 0, durableApplied: 0, durableEpoch: 0, boot: BOOT };
+    let best: Slot = { gen: 0, applied: 0, epoch: 0, durableApplied: 0, durableEpoch: 0, boot: BOOT_ID };
     for (let i = 0; i < 2; i++) {
       const r = decode(b.subarray(i * SLOT, (i + 1) * SLOT), uuid, slink);
       if (r && r.gen > best.gen) best = r;
@@ -112,7 +112,7 @@ export class PositionFile implements Applied {
     writeU64BE(b, this.#durable.applied, 32);
     writeU64BE(b, this.#durable.epoch, 40);
     this.#uuid.copy(b, 48);
-    BOOT.copy(b, 64);
+    BOOT_ID.copy(b, 64);
     b.writeUInt32BE(this.#slink, 80);
     b.writeUInt32BE(crc32c(b.subarray(0, CRC_AT)) >>> 0, CRC_AT);
     fs.writeSync(this.#fd, b, 0, SLOT, (gen % 2) * SLOT);
@@ -134,7 +134,7 @@ export class PositionFile implements Applied {
       this.#durable = { applied: at.applied, epoch: at.epoch };
       this.#write(this.#applied, this.#epoch);
     }
-    return new Promise((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
+    return datasync(this.#fd);
   }
 
   /**
@@ -147,7 +147,7 @@ export class PositionFile implements Applied {
     this.#rewinds++;
     if (this.#durable.applied >= applied) this.#durable = { applied, epoch };
     this.#write(applied, epoch);
-    return new Promise((resolve, reject) => fs.fdatasync(this.#fd, (err) => (err ? reject(err) : resolve())));
+    return datasync(this.#fd);
   }
 
   close(): void {

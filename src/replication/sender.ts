@@ -583,8 +583,10 @@ export class Peer {
     }
     const second = await this.#dial(where);
     this.stats.badReplies++;
-    const what = first instanceof TlsHandshakeError ? 'a TLS handshake failed' : `a handshake failed (${first.message.replace(`${where}: `, '')})`;
-    this.opts.log.limited(`tcp-damaged:${where}`, `${where}: ${what} and the next one, made at once, got in: the first was damaged on the way${first instanceof TlsHandshakeError ? ' (not a different secret)' : ''}`);
+    const what = first instanceof TlsHandshakeError
+      ? 'a TLS handshake failed and the next one, made at once, got in: the first was damaged on the way (not a different secret)'
+      : `a handshake failed (${first.message.replace(`${where}: `, '')}) and the next one, made at once, got in: the first was damaged on the way`;
+    this.opts.log.limited(`tcp-damaged:${where}`, `${where}: ${what}`);
     return second;
   }
 

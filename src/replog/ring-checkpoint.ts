@@ -67,20 +67,21 @@ export function checkState(state: CheckpointState, head: number): void {
   }
   if (state.epoch !== undefined && (!Number.isSafeInteger(state.epoch) || state.epoch < 0)) bad(`epoch ${state.epoch}`);
   if (state.boot !== undefined && !/^[0-9a-f]{32}$/.test(state.boot)) bad(`boot id '${state.boot}' (32 lowercase hex digits)`);
-  for (const n of state.devices ?? []) {
-    if (!Number.isInteger(n) || n < 0 || n > 255) bad(`device number ${n} (0 to 255)`);
-  }
-  for (const n of state.verify ?? []) {
-    if (!Number.isInteger(n) || n < 0 || n > 63) bad(`slink ${n} to verify (0 to 63)`);
-  }
+  const inRange = (list: readonly number[] | undefined, max: number, what: string): void => {
+    for (const n of list ?? []) if (!Number.isInteger(n) || n < 0 || n > max) bad(`${what} ${n} (0 to ${max})`);
+  };
+  inRange(state.devices, 255, 'device number');
+  inRange(state.verify, 63, 'slink to verify');
 }
 
 /** A frozen copy of `state` (the caller may reuse its objects). */
 export function copyState(state: CheckpointState): CheckpointState {
   const slinks: SlinkPosition[] = state.slinks.map((s) => Object.freeze({ slink: s.slink, seq: s.seq, mode: s.mode }));
-  const verify = Object.freeze([...new Set(state.verify ?? [])].sort((a, b) => a - b));
-  const devices = Object.freeze([...new Set(state.devices ?? [])].sort((a, b) => a - b));
-  return Object.freeze({ localDone: state.localDone, slinks: Object.freeze(slinks), ...optional(state.epoch ?? 0, verify, state.boot, !!state.quiesced, devices) });
+  const sorted = (list: readonly number[] | undefined): readonly number[] => Object.freeze([...new Set(list ?? [])].sort((a, b) => a - b));
+  return Object.freeze({
+    localDone: state.localDone, slinks: Object.freeze(slinks),
+    ...optional({ epoch: state.epoch, verify: sorted(state.verify), boot: state.boot, quiesced: state.quiesced, devices: sorted(state.devices) }),
+  });
 }
 
 /** Writes checkpoints in generation order and remembers the last one written. */

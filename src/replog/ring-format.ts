@@ -203,10 +203,10 @@ export function encodeCheckpoint(cp: Checkpoint, uuid: Buffer): Buffer {
     putU64(b, at + 8, s.seq);
   });
   putU64(b, EPOCH_AT, cp.state.epoch ?? 0);
-  for (const n of cp.state.verify ?? []) b[VERIFY_AT + (n >> 3)]! |= 1 << (n & 7);
+  setBits(b, VERIFY_AT, cp.state.verify ?? []);
   if (cp.state.boot) b.write(cp.state.boot, BOOT_AT, 16, 'hex');
   b[QUIESCED_AT] = cp.state.quiesced ? 1 : 0;
-  for (const n of cp.state.devices ?? []) b[DEVICES_AT + (n >> 3)]! |= 1 << (n & 7);
+  setBits(b, DEVICES_AT, cp.state.devices ?? []);
   b.writeUInt32LE(crc32c(b.subarray(0, BLOCK_CRC_AT)), BLOCK_CRC_AT);
   return b;
 }
@@ -230,7 +230,10 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
     generation: getU64(b, 32), initial: (b.readUInt32LE(8) & CHECKPOINT_INITIAL) !== 0,
     state: {
       localDone: getU64(b, 40), slinks,
-      ...optional(getU64(b, EPOCH_AT), bitsOf(b.subarray(VERIFY_AT, VERIFY_AT + 8)), b.subarray(BOOT_AT, BOOT_AT + 16), b[QUIESCED_AT] === 1, bitsOf(b.subarray(DEVICES_AT, DEVICES_AT + 32))),
+      ...optional({
+        epoch: getU64(b, EPOCH_AT), verify: bitsOf(b.subarray(VERIFY_AT, VERIFY_AT + 8)), boot: b.toString('hex', BOOT_AT, BOOT_AT + 16),
+        quiesced: b[QUIESCED_AT] === 1, devices: bitsOf(b.subarray(DEVICES_AT, DEVICES_AT + 32)),
+      }),
     },
     tailSeq: getU64(b, 48), tailOffset: getU64(b, 56),
     tailPrevCrc: b.readUInt32LE(64), time: getU64(b, 72),
@@ -239,15 +242,19 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
   return cp;
 }
 
-/** a state's optional members, present only when set (as a caller that keeps none wrote it) */
-export function optional(
-  epoch: number, verify: readonly number[], boot: Buffer | string | undefined, quiesced: boolean, devices: readonly number[],
-): Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced' | 'devices'> {
-  const hex = typeof boot === 'string' ? boot : boot?.toString('hex');
+type Optional = Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced' | 'devices'>;
+
+/** a state's optional members, only those set (0, empty, a boot id of zeroes and false leave theirs out, as a caller that keeps none wrote it) */
+export function optional(o: Optional): Optional {
   return {
-    ...(epoch ? { epoch } : {}), ...(verify.length ? { verify } : {}),
-    ...(hex && /[1-9a-f]/.test(hex) ? { boot: hex } : {}), ...(quiesced ? { quiesced } : {}), ...(devices.length ? { devices } : {}),
+    ...(o.epoch ? { epoch: o.epoch } : {}), ...(o.verify?.length ? { verify: o.verify } : {}),
+    ...(o.boot && /[1-9a-f]/.test(o.boot) ? { boot: o.boot } : {}), ...(o.quiesced ? { quiesced: true } : {}), ...(o.devices?.length ? { devices: o.devices } : {}),
   };
+}
+
+/** set bit n (byte at + n >> 3, bit n & 7) for each n of `list` */
+function setBits(b: Buffer, at: number, list: readonly number[]): void {
+  for (const n of list) b[at + (n >> 3)]! |= 1 << (n & 7);
 }
 
 /** the set bits of `b` (bit n: byte n >> 3, bit n & 7), in order */

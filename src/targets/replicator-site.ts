@@ -217,11 +217,12 @@ export class Site {
     // transport takes the device anyway: a daemon starting while the site is away) is found
     // down now and retested, rather than at the first write
     const r = b.remotes.get(this.slink);
-    if (r && this.overNetwork && this.#up && this.#active && !this.#paused && !this.#host.role.secondary) {
+    const probing = (): boolean => this.#up && this.#active && !this.#paused && !this.#host.role.secondary;
+    if (r && this.overNetwork && probing()) {
       void r.dev.test().catch((err: unknown) => {
         // not for a device gone meanwhile (removed, reloaded: its requests end ESHUTDOWN)
         if (this.#host.binding(b.devNr) !== b || (err as { code?: string }).code === 'ESHUTDOWN') return;
-        if (this.#up && this.#active && !this.#paused && !this.#host.role.secondary) this.#down(err);
+        if (probing()) this.#down(err);
       });
     }
   }
