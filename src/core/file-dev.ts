@@ -1,7 +1,9 @@
 /**
  * Backing device over an image file or a block device: positional I/O on one shared fd,
  * an exclusive advisory lock (flock) so a second engine cannot open it, fdatasync-based
- * flush of what was written since the last flush, SEEK_DATA/SEEK_HOLE allocation map.
+ * flush of what was written since the last flush, FUA writes through a second descriptor
+ * of the same file opened O_DSYNC (only that write's range is made durable, as a FUA bio
+ * in the kernel: not every dirty page of the file), SEEK_DATA/SEEK_HOLE allocation map.
  */
 import fs from 'node:fs';
 import { createRequire } from 'node:module';
@@ -140,6 +142,8 @@ export class FileDev implements BlockDev {
   readonly sectors: number;
   readonly readOnly: boolean;
   #fd: number;
+  /** the same open file reopened O_DSYNC for FUA writes: -1 not yet, -2 not possible (fdatasync instead) */
+  #fuaFd = -1;
   /**
    * [DIRTY, SYNCING] in shared memory: written since the last flush, fdatasyncs running. Shared
    * with the FileDevs that adopt a duplicate of this fd on other threads, so a flush on any
@@ -377,6 +381,7 @@ export class FileDev implements BlockDev {
   #write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
     if (this.readOnly) return Promise.reject(new BlockError('EROFS', `${this.path} is open read-only`));
     const len = buf.length;
+    if (fua && this.#durableFd() >= 0) return this.#writeFrom(buf, 0, pos, false, this.#fuaFd);
     if (len <= this.#syncWriteMax && this.#syncOk(len)) return this.#writeSync(buf, pos, fua);
     return new Promise((resolve, reject) => {
       fs.write(this.#fd, buf, 0, len, pos, (err, n) => {
@@ -391,10 +396,29 @@ export class FileDev implements BlockDev {
     });
   }
 
-  /** the rest of a short write */
-  async #writeFrom(buf: Buffer, done: number, pos: number, fua: boolean): Promise<void> {
+  /**
+   * A descriptor whose writes are durable when they complete, for FUA: this open file
+   * reopened through /proc/self/fd with O_DSYNC, so that the kernel writes back and flushes
+   * only the written range (fdatasync would write back every dirty page of the file: at a
+   * checkpoint slot of the replication log, the whole ring written since the last flush).
+   * -2 (and fdatasync after the write) where that cannot be had: no /proc, no O_DSYNC.
+   */
+  #durableFd(): number {
+    if (this.#fuaFd !== -1) return this.#fuaFd;
     try {
-      while (done < buf.length) done += await writeAt(this.#fd, buf, done, buf.length - done, pos + done);
+      if (!fs.constants.O_DSYNC) throw new Error('no O_DSYNC');
+      this.#fuaFd = fs.openSync(`/proc/self/fd/${this.#fd}`, fs.constants.O_WRONLY | fs.constants.O_DSYNC);
+    } catch {
+      this.#fuaFd = -2;
+    }
+    return this.#fuaFd;
+  }
+
+  /** the rest of a short write, or a whole one on `fd` (the O_DSYNC descriptor: durable, the file not made dirty) */
+  async #writeFrom(buf: Buffer, done: number, pos: number, fua: boolean, fd = this.#fd): Promise<void> {
+    try {
+      while (done < buf.length) done += await writeAt(fd, buf, done, buf.length - done, pos + done);
+      if (fd !== this.#fd) return;
       Atomics.store(this.#state, DIRTY, 1);
       if (fua) await datasync(this.#fd);
     } catch (err) {
@@ -472,12 +496,14 @@ export class FileDev implements BlockDev {
    */
   detach(): number {
     this.#closed = true;
+    this.#closeFua();
     return this.#fd;
   }
 
   close(): void {
     if (this.#closed) return;
     this.#closed = true;
+    this.#closeFua();
     if (this.#locked) {
       try {
         fsx().flockSync(this.#fd, 'un');
@@ -486,5 +512,10 @@ export class FileDev implements BlockDev {
       }
     }
     fs.closeSync(this.#fd);
+  }
+
+  #closeFua(): void {
+    if (this.#fuaFd >= 0) fs.closeSync(this.#fuaFd);
+    this.#fuaFd = -2;
   }
 }

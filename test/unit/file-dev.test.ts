@@ -257,6 +257,41 @@ describe('FileDev I/O paths', () => {
   });
 });
 
+describe('FileDev FUA writes', () => {
+  /** this process's descriptors open on `f`, with their open flags (octal, /proc/self/fdinfo) */
+  function descriptorsOn(f: string): number[] {
+    const flags: number[] = [];
+    for (const fd of fs.readdirSync('/proc/self/fd')) {
+      try {
+        if (fs.readlinkSync(`/proc/self/fd/${fd}`) !== f) continue;
+        const m = /^flags:\s+([0-7]+)$/m.exec(fs.readFileSync(`/proc/self/fdinfo/${fd}`, 'utf8'));
+        if (m) flags.push(parseInt(m[1]!, 8));
+      } catch { /* closed meanwhile */ }
+    }
+    return flags;
+  }
+
+  it('go through a descriptor of the same file opened O_DSYNC (that write durable, not every dirty page), closed with the device', async () => {
+    const O_DSYNC = fs.constants.O_DSYNC;
+    for (const syncIoMax of [0, 1 << 20]) {
+      const d = open({ syncIoMax });
+      const data = Buffer.alloc(8192, 0x5a);
+      await write(d, 0, 4096, 0x11).p; // a dirty page the FUA write leaves for the next flush
+      expect(descriptorsOn(file).filter((f) => (f & O_DSYNC) !== 0)).toHaveLength(0);
+      await d.submit({ op: 'write', sector: 64, sectors: 16, data, flags: { fua: true } });
+      expect(descriptorsOn(file).filter((f) => (f & O_DSYNC) !== 0)).toHaveLength(1);
+      const { bio, p } = read(d, 64, 8192);
+      await p;
+      expect(bio.data.equals(data)).toBe(true);
+      expect(fs.readFileSync(file).subarray(0, 4096).equals(Buffer.alloc(4096, 0x11))).toBe(true);
+      await d.flush();
+      d.close();
+      devs.pop();
+      expect(descriptorsOn(file)).toHaveLength(0);
+    }
+  });
+});
+
 describe('FileDev shared with another thread (adopt)', () => {
   it('a flush through either covers writes through the other; the adopted one never drops the lock', async () => {
     const d = open();
