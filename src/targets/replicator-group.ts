@@ -266,7 +266,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     } finally {
       release();
     }
-    await this.checkpointNow();
+    await this.checkpointNow(); // what this side wrote is durable here before another side takes over
     this.event(`demoted: secondary${discard ? ' (its changes will be discarded)' : ''}, generation ${this.role.current}`);
   }
 
@@ -611,23 +611,34 @@ export class ReplicatorGroup implements Target, SiteHost {
     return done;
   }
 
-  /** `quiesced`: the group is suspended with nothing in flight (the checkpoint says the log was left cleanly) */
-  #checkpoint(quiesced?: boolean): Promise<void> {
+  /**
+   * `quiesced`: the group is suspended with nothing in flight (the checkpoint says the log
+   * was left cleanly). `durable`: the local devices and the log's entries are flushed first,
+   * as they always are for a quiesced checkpoint and where the system has no boot id.
+   *
+   * The others (the 200 ms tick, a full ring, a site's change of state) flush only each
+   * site (its position: a site may lose power alone) and write the slot with FUA. Neither
+   * the local devices nor the log's entries need be durable for the ring to drop an entry:
+   * a process crash keeps them (the page cache), and a power loss or machine crash is told
+   * by the boot id (the log was cut off), after which the kept entries are replayed from the
+   * tail and every site is verified whole against the local devices. A write acknowledged
+   * without FUA or flush may then be lost, everywhere alike, as a volatile cache allows; one
+   * made durable by a flush is on the local device, or in the log and replayed.
+   */
+  #checkpoint(quiesced?: boolean, durable = quiesced === true || !HAS_BOOT_ID): Promise<void> {
     this.#cpRunning = true;
     const run = this.#cp.then(async () => {
       const epoch = this.#epoch; // every entry appended so far has an epoch at most this
       const localDone = this.#localDone();
-      // the ring may drop entries up to localDone only once their local writes are durable;
-      // the flushes of the local devices, of each site (its position) and of the log's
-      // entries run together (measured at 1 MiB writes: one after the other they took
+      // quiesced as the group is when the state is taken (postsuspend says so before it is suspended)
+      const clean = quiesced ?? this.#state === 'suspended';
+      // the flushes run together (measured at 1 MiB writes: one after the other they took
       // ~20 ms each, and writers waited for ring space), then the checkpoint is written
       const [slinks] = await Promise.all([
         Promise.all(this.sites.map((s) => s.position())),
-        ...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)),
-        this.log.flush(),
+        ...(durable || clean ? [...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)), this.log.flush()] : []),
       ]);
-      // quiesced as the group is when the state is taken (postsuspend says so before it is suspended)
-      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced: quiesced ?? this.#state === 'suspended', devices: [...this.#knownDevs] };
+      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced: clean, devices: [...this.#knownDevs] };
       this.#cpState = state;
       await this.log.checkpoint(state);
       // entries behind the new tail that no ship still reads: the log may reuse their memory
@@ -683,28 +694,32 @@ export class ReplicatorGroup implements Target, SiteHost {
     // no checkpoint yet (a crash before the first one): every entry in the ring is to be replayed and shipped
     const base = this.log.tail - 1;
     const localDone = Math.min(rec.state?.localDone ?? base, rec.head);
+    const st = rec.state;
+    const cutOff = !!st?.boot && HAS_BOOT_ID && st.boot !== BOOT.boot && !st.quiesced;
+    // cut off: the local devices were not flushed at every checkpoint, so every entry kept is
+    // written to them again, oldest first (what survived of the log, the newest of each block)
+    const replayAfter = cutOff ? Math.min(base, localDone) : localDone;
     // a slink the last checkpoint does not know (added to the table since) starts on its dirty logs
     const positions = this.sites.map((s) => (rec.state
       ? rec.state.slinks.find((p) => p.slink === s.slink) ?? { slink: s.slink, seq: localDone, mode: 'log' as const }
       : { slink: s.slink, seq: base, mode: 'ship' as const }));
     // one pass over what is kept: the devices to replay, and each site's backlog in sectors (its lag)
     const backlog = this.sites.map(() => 0);
-    const from = Math.min(localDone, ...positions.map((p) => p.seq)) + 1;
+    const from = Math.min(replayAfter, ...positions.map((p) => p.seq)) + 1;
     if (from <= rec.head) {
       const reader = this.log.reader(from);
       for (let e = await reader.next(); e && e.seq <= rec.head; e = await reader.next()) {
-        if (e.seq > localDone) this.#replayPending.add(e.devNr);
+        if (e.seq > replayAfter) this.#replayPending.add(e.devNr);
         positions.forEach((p, i) => {
           if (e!.seq > p.seq) backlog[i]! += e!.sectors;
         });
       }
     }
     this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
-    this.#cpState = { localDone, slinks: positions.map((p) => ({ ...p, seq: Math.min(p.seq, rec.head) })) };
+    this.#cpState = { localDone: replayAfter, slinks: positions.map((p) => ({ ...p, seq: Math.min(p.seq, rec.head) })) };
     for (const d of rec.state?.devices ?? []) this.#knownDevs.add(d);
     const verify = new Set(rec.state?.verify ?? []);
-    const st = rec.state;
-    if (st?.boot && HAS_BOOT_ID && st.boot !== BOOT.boot && !st.quiesced) {
+    if (cutOff) {
       // cut off by a power loss or a machine crash (docs/formats/replog.md): the log's
       // unflushed tail may be gone while sites got some of it, and the local devices may hold
       // writes whose entries are gone: every site is verified whole
@@ -720,8 +735,8 @@ export class ReplicatorGroup implements Target, SiteHost {
     // unrecorded, and each takes at most one new epoch (replicator-lost.ts)
     const floor = Math.max((rec.state?.epoch ?? 0) + this.log.size + 1, (await epochOf(this.log, rec.head)) + 1);
     if (floor > this.#epoch) this.#epoch = floor;
-    if (localDone < rec.head) {
-      this.#replayFrom = localDone + 1;
+    if (replayAfter < rec.head) {
+      this.#replayFrom = replayAfter + 1;
       this.#replayTo = rec.head;
     }
     if (rec.tornTail) this.event('replication log: a torn entry at the head was discarded (never acknowledged)');
@@ -768,9 +783,9 @@ export class ReplicatorGroup implements Target, SiteHost {
     return groupMessage(this, args);
   }
 
-  /** for `replog resize` and messages that need a checkpoint first */
+  /** for `replog resize`, `demote` and messages that need a checkpoint first: everything made durable */
   checkpointNow(): Promise<void> {
-    return this.#checkpoint();
+    return this.#checkpoint(undefined, true);
   }
 
   checkpointSoon(): void {

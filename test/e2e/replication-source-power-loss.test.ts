@@ -30,6 +30,8 @@
  *  - a device whose table does not load after the power loss (its image away): the other is
  *    verified, and the pending verification stays in the checkpoints until the device binds
  *    after a later restart, and is verified then;
+ *  - writes the local image lost but the log kept (checkpoints do not flush the local
+ *    devices): written to it again from the log, oldest first, then B verified against it;
  *  - a SIGKILL alone (same boot, nothing lost): no verification, no REWIND.
  */
 import crypto from 'node:crypto';
@@ -237,6 +239,39 @@ describe('a tcp site that applied entries the source lost in a power loss', { ti
       await until('B\'s vol1 to equal A\'s', async () => fs.readFileSync(b1Img).equals(ref1), (v) => v, 60_000);
       expect(fs.readFileSync(a1Img).equals(ref1)).toBe(true);
       expect(count(a.d.log(), CUT_OFF)).toBe(1);
+    });
+  });
+
+  it('writes the local image lost but the log kept (B away: still in the ring) are written to it again from the log', async () => {
+    const { a, b, bImg, ref } = await setUp();
+    await logged(a, b, async () => {
+      await b.kill(); // the ring keeps what B has not taken
+      const log = `${a.d.sb.dir}/rlog`;
+      const durable = async (): Promise<void> => {
+        await ok(a.d.sb, ['suspend', 'vol']);
+        await ok(a.d.sb, ['suspend', 'repl']);
+      };
+      const resume = async (): Promise<void> => {
+        await ok(a.d.sb, ['resume', 'repl']);
+        await ok(a.d.sb, ['resume', 'vol']);
+      };
+      await durable();
+      const imgCopy = fs.readFileSync(a.img); // the image as the disk kept it: without the writes below
+      await resume();
+      for (const [offset, bytes] of smallWrites(4)) await put(a, ref, offset, bytes);
+      await durable(); // the checkpoint now says the local device has them (localDone past them)
+      const logCopy = fs.readFileSync(log);
+      await resume();
+      await a.d.kill();
+      fromAnotherBoot(logCopy);
+      fs.writeFileSync(log, logCopy);
+      fs.writeFileSync(a.img, imgCopy);
+      await a.d.restart();
+      expect(count(a.d.log(), CUT_OFF)).toBe(1);
+      // checkpoints do not flush the local devices: after a cut-off every entry kept is written again
+      await sameAs(a, ref, 'A to hold every write its log kept');
+      await b.restart();
+      await converged(a, bImg, ref);
     });
   });
 
