@@ -136,6 +136,16 @@ export function dupFd(fd: number): number {
   return fsx().fcntlSync(fd, F_DUPFD_CLOEXEC, 0);
 }
 
+/**
+ * Whether every write `dev` completed stays held by this machine (its page cache, a disk
+ * attached to it) until flushed: a file or block device opened here. A `dm:` or `nbd://`
+ * device says no (what is under it, or the server's cache, may be elsewhere): callers that
+ * skip flushes on the strength of this (the replicator's checkpoints) keep them for it.
+ */
+export function heldHere(dev: BlockDev): boolean {
+  return dev instanceof FileDev;
+}
+
 export class FileDev implements BlockDev {
   readonly ref: string;
   readonly path: string;
@@ -381,7 +391,7 @@ export class FileDev implements BlockDev {
   #write(buf: Buffer, pos: number, fua: boolean): Promise<void> {
     if (this.readOnly) return Promise.reject(new BlockError('EROFS', `${this.path} is open read-only`));
     const len = buf.length;
-    if (fua && this.#durableFd() >= 0) return this.#writeFrom(buf, 0, pos, false, this.#fuaFd);
+    if (fua && this.#locked && this.#durableFd() >= 0) return this.#writeFrom(buf, 0, pos, false, this.#fuaFd);
     if (len <= this.#syncWriteMax && this.#syncOk(len)) return this.#writeSync(buf, pos, fua);
     return new Promise((resolve, reject) => {
       fs.write(this.#fd, buf, 0, len, pos, (err, n) => {
@@ -402,6 +412,8 @@ export class FileDev implements BlockDev {
    * only the written range (fdatasync would write back every dirty page of the file: at a
    * checkpoint slot of the replication log, the whole ring written since the last flush).
    * -2 (and fdatasync after the write) where that cannot be had: no /proc, no O_DSYNC.
+   * Only the FileDev that opened the file has one (an adopted FileDev on a connection thread
+   * fdatasyncs instead: a descriptor it opened would outlive a thread that dies).
    */
   #durableFd(): number {
     if (this.#fuaFd !== -1) return this.#fuaFd;

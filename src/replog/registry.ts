@@ -84,6 +84,9 @@ class CountedReplog implements Replog {
   flush(): Promise<void> {
     return this.#log.flush();
   }
+  heldHere(): boolean {
+    return this.#log.heldHere?.() ?? false;
+  }
   reader(fromSeq: number): ReplogReader {
     return this.#log.reader(fromSeq);
   }

@@ -11,6 +11,7 @@
  * log: that append and every later one reject with EIO (recovery would stop at the hole).
  */
 import { BlockError, toBlockError } from '../core/errors.ts';
+import { heldHere } from '../core/file-dev.ts';
 import { ioBuffer } from '../core/io-buffer.ts';
 import { escapeArg } from '../core/table-parse.ts';
 import type { StatusType } from '../core/types.ts';
@@ -307,6 +308,10 @@ export class RingLog implements Replog {
       this.#ctx.log.warn(`${this.#ctx.device}: ringbuffer: ${this.#io.ref}: flush failed: ${e.message}`);
       throw e;
     });
+  }
+
+  heldHere(): boolean {
+    return heldHere(this.#io.dev);
   }
 
   reader(fromSeq: number): ReplogReader {

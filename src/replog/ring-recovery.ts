@@ -9,9 +9,10 @@
  *      and its back link (the CRC of entry seq − 1 it stores) matches the previous entry's
  *      CRC (the checkpoint's `tailPrevCrc` for the first).
  *
- * The first position that fails ends the scan: everything from there on is discarded (it
- * was never acknowledged: appends complete in order, so no acknowledged entry sits after an
- * invalid one). The back link rejects an old entry of this same log that happens to sit
+ * The first position that fails ends the scan: everything from there on is discarded. After
+ * a process crash it was never acknowledged (appends complete in order, so no acknowledged
+ * entry sits after an invalid one, and the page cache kept every completed write); after a
+ * power loss it may have been acknowledged without a flush, and never reached the disk. The back link rejects an old entry of this same log that happens to sit
  * where the next entry would (an unacknowledged entry written concurrently with a torn one
  * before an earlier crash, with the right seq at the right place); the uuid rejects entries
  * of an older log made at the same place.

@@ -107,7 +107,7 @@ export interface Recovered {
   readonly head: number;
   /** entries after the checkpoint's oldest position that the scan found valid */
   readonly entries: number;
-  /** true when the scan stopped at a torn or corrupt entry (discarded: it was never acknowledged) */
+  /** true when the scan stopped at a torn or corrupt entry (discarded: never acknowledged, or written after the last flush before a power loss) */
   readonly tornTail: boolean;
 }
 
@@ -177,6 +177,15 @@ export interface Replog {
   flush(): Promise<void>;
 
   /**
+   * Optional. Whether every write the log completed stays held by this machine (its page
+   * cache, a disk attached to it) until flushed, so that only a power loss or crash of this
+   * machine can lose it: the replicator then detects the loss by the boot id and may
+   * checkpoint without flushing the entries first. Asked at each checkpoint; never waits.
+   * Absent or false (a log on a remote device): every checkpoint flushes the log first.
+   */
+  heldHere?(): boolean;
+
+  /**
    * A reader whose first entry is `fromSeq` (tail ≤ fromSeq ≤ head + 1). Throws a
    * `BlockError` EOVERFLOW at once when `fromSeq` is no longer in the ring.
    */
@@ -184,8 +193,8 @@ export interface Replog {
 
   /**
    * Persist `state` (positions the caller has made good: shipped entries flushed on their
-   * site, marked entries flushed in the dirty logs, local writes flushed up to
-   * `localDone`) and then free the ring space before the oldest position. Checkpoints go
+   * site, marked entries flushed in the dirty logs, local writes completed up to
+   * `localDone`, and flushed unless the log and those devices are held here) and then free the ring space before the oldest position. Checkpoints go
    * to alternating slots, so a torn checkpoint leaves the previous one. Concurrent calls
    * are serialised. May wait. Rejects with EIO (the previous checkpoint still holds;
    * nothing is freed), or EINVAL for a position beyond the head or more than 64 slinks

@@ -161,7 +161,7 @@ class ReplicatorDev implements Target {
 
   async destroy(): Promise<void> {
     // the engine stopping: the device stays in the group (restored at the next start), its sites keep their positions
-    if (this.#ctx.closing) this.#group.detach(this.#binding);
+    if (this.#ctx.closing) await this.#group.detach(this.#binding);
     else await this.#group.unbind(this.#binding);
     for (const t of this.#tuples) {
       await t.dlog?.flush().catch(() => undefined);

@@ -15,6 +15,7 @@
  */
 import { allOutOfSync, outOfSync } from './dirty-regions.ts';
 import { BOOT_ID, HAS_BOOT_ID } from '../core/boot-id.ts';
+import { heldHere } from '../core/file-dev.ts';
 import type { Bio } from '../core/bio.ts';
 import { EMPTY } from '../core/bio.ts';
 import { BlockError } from '../core/errors.ts';
@@ -400,6 +401,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   async unbind(b: DevBinding): Promise<void> {
     if (this.#bindings.get(b.devNr) !== b) return;
     this.#bindings.delete(b.devNr);
+    await this.#flushLeaving(b);
     this.#knownDevs.delete(b.devNr); // it leaves the group
     for (const s of this.sites) {
       await s.release(b).catch((err: Error) => this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}`));
@@ -407,8 +409,21 @@ export class ReplicatorGroup implements Target, SiteHost {
   }
 
   /** the engine stops: the device goes without leaving the group (the sites keep waiting for it) */
-  detach(b: DevBinding): void {
-    if (this.#bindings.get(b.devNr) === b) this.#bindings.delete(b.devNr);
+  async detach(b: DevBinding): Promise<void> {
+    if (this.#bindings.get(b.devNr) !== b) return;
+    this.#bindings.delete(b.devNr);
+    await this.#flushLeaving(b);
+  }
+
+  /**
+   * A device leaving: checkpoints no longer flush it, and they may not have (#checkpoint), so
+   * it is flushed now; a later clean stop's checkpoint then vouches for it. (One not held
+   * here was flushed by every checkpoint while it was bound, as before; flushing it here
+   * could wait for a suspended device under it.)
+   */
+  async #flushLeaving(b: DevBinding): Promise<void> {
+    if (!heldHere(b.local)) return;
+    await b.local.submit(FLUSH_ENTRY).catch((err: Error) => this.logger.warn(`${b.name}: flush of the local device as it leaves the group failed: ${err.message}`));
   }
 
   /** name of the device bound as `devNr`, if any */
@@ -617,15 +632,17 @@ export class ReplicatorGroup implements Target, SiteHost {
    * as they always are for a quiesced checkpoint and where the system has no boot id.
    *
    * The others (the 200 ms tick, a full ring, a site's change of state) flush only each
-   * site (its position: a site may lose power alone) and write the slot with FUA. Neither
-   * the local devices nor the log's entries need be durable for the ring to drop an entry:
-   * a process crash keeps them (the page cache), and a power loss or machine crash is told
-   * by the boot id (the log was cut off), after which the kept entries are replayed from the
-   * tail and every site is verified whole against the local devices. A write acknowledged
-   * without FUA or flush may then be lost, everywhere alike, as a volatile cache allows; one
-   * made durable by a flush is on the local device, or in the log and replayed.
+   * site (its position: a site may lose power alone) and write the slot with FUA, when the
+   * log and every local device are held here (heldHere: files and block devices of this
+   * machine). Neither the local devices nor the log's entries need then be durable for the
+   * ring to drop an entry: a process crash keeps them (the page cache), and a power loss or
+   * machine crash is told by the boot id (the log was cut off), after which every site is
+   * verified whole against the local devices. A write acknowledged without FUA or flush may
+   * then be lost, everywhere alike, as a volatile cache allows. A `dm:` or `nbd://` local
+   * device or log may lose writes without this machine losing power: for those every
+   * checkpoint flushes everything first, as where the system has no boot id.
    */
-  #checkpoint(quiesced?: boolean, durable = quiesced === true || !HAS_BOOT_ID): Promise<void> {
+  #checkpoint(quiesced?: boolean, durable = false): Promise<void> {
     this.#cpRunning = true;
     const run = this.#cp.then(async () => {
       const epoch = this.#epoch; // every entry appended so far has an epoch at most this
@@ -636,7 +653,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       // ~20 ms each, and writers waited for ring space), then the checkpoint is written
       const [slinks] = await Promise.all([
         Promise.all(this.sites.map((s) => s.position())),
-        ...(durable || clean ? [...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)), this.log.flush()] : []),
+        ...(durable || clean || !this.#heldHere() ? [...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)), this.log.flush()] : []),
       ]);
       const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced: clean, devices: [...this.#knownDevs] };
       this.#cpState = state;
@@ -653,6 +670,13 @@ export class ReplicatorGroup implements Target, SiteHost {
       });
     this.#cp = cp;
     return cp;
+  }
+
+  /** may a checkpoint leave the log and the local devices unflushed? (#checkpoint) */
+  #heldHere(): boolean {
+    if (!HAS_BOOT_ID || this.log.heldHere?.() !== true) return false;
+    for (const b of this.#bindings.values()) if (!heldHere(b.local)) return false;
+    return true;
   }
 
   #tick(): void {
@@ -696,27 +720,24 @@ export class ReplicatorGroup implements Target, SiteHost {
     const localDone = Math.min(rec.state?.localDone ?? base, rec.head);
     const st = rec.state;
     const cutOff = !!st?.boot && HAS_BOOT_ID && st.boot !== BOOT.boot && !st.quiesced;
-    // cut off: the local devices were not flushed at every checkpoint, so every entry kept is
-    // written to them again, oldest first (what survived of the log, the newest of each block)
-    const replayAfter = cutOff ? Math.min(base, localDone) : localDone;
     // a slink the last checkpoint does not know (added to the table since) starts on its dirty logs
     const positions = this.sites.map((s) => (rec.state
       ? rec.state.slinks.find((p) => p.slink === s.slink) ?? { slink: s.slink, seq: localDone, mode: 'log' as const }
       : { slink: s.slink, seq: base, mode: 'ship' as const }));
     // one pass over what is kept: the devices to replay, and each site's backlog in sectors (its lag)
     const backlog = this.sites.map(() => 0);
-    const from = Math.min(replayAfter, ...positions.map((p) => p.seq)) + 1;
+    const from = Math.min(localDone, ...positions.map((p) => p.seq)) + 1;
     if (from <= rec.head) {
       const reader = this.log.reader(from);
       for (let e = await reader.next(); e && e.seq <= rec.head; e = await reader.next()) {
-        if (e.seq > replayAfter) this.#replayPending.add(e.devNr);
+        if (e.seq > localDone) this.#replayPending.add(e.devNr);
         positions.forEach((p, i) => {
           if (e!.seq > p.seq) backlog[i]! += e!.sectors;
         });
       }
     }
     this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
-    this.#cpState = { localDone: replayAfter, slinks: positions.map((p) => ({ ...p, seq: Math.min(p.seq, rec.head) })) };
+    this.#cpState = { localDone, slinks: positions.map((p) => ({ ...p, seq: Math.min(p.seq, rec.head) })) };
     for (const d of rec.state?.devices ?? []) this.#knownDevs.add(d);
     const verify = new Set(rec.state?.verify ?? []);
     if (cutOff) {
@@ -735,11 +756,11 @@ export class ReplicatorGroup implements Target, SiteHost {
     // unrecorded, and each takes at most one new epoch (replicator-lost.ts)
     const floor = Math.max((rec.state?.epoch ?? 0) + this.log.size + 1, (await epochOf(this.log, rec.head)) + 1);
     if (floor > this.#epoch) this.#epoch = floor;
-    if (replayAfter < rec.head) {
-      this.#replayFrom = replayAfter + 1;
+    if (localDone < rec.head) {
+      this.#replayFrom = localDone + 1;
       this.#replayTo = rec.head;
     }
-    if (rec.tornTail) this.event('replication log: a torn entry at the head was discarded (never acknowledged)');
+    if (rec.tornTail) this.event(`replication log: a torn entry at the head was discarded (${cutOff ? 'written after the log\'s last flush' : 'never acknowledged'})`);
     if (rec.entries > 0) this.logger.info(`${this.ctx.device}: recovered ${rec.entries} log entries, head ${rec.head}`);
     this.#recovered = true;
   }

@@ -2,8 +2,8 @@
  * Entries a site began that this log lost.
  *
  * A process crash loses nothing of the log (the page cache keeps it), but a power loss of
- * the source machine loses what was appended after the log's last flush (checkpoints every
- * 200 ms, FUA, flush), while a site across the network may already have applied some of
+ * the source machine loses what was appended after the log's last flush (FUA, flush, suspend;
+ * the 200 ms checkpoints flush only the sites), while a site across the network may already have applied some of
  * it. Recovery then gives the next entries the lost entries' seqs. A `tcp` site keeps an
  * applied position by seq and skips what it thinks it has, so without a check it would
  * skip those new entries, acknowledged writes, for good, and silently.

@@ -175,4 +175,19 @@ describe('replicator (library)', () => {
     expectSame(g, models);
     expect(g.dm.status('vol0')[0]!.params).toBe('A,1/1 A,32/32'); // shipped in order: no region went out of sync
   });
+
+  it('checkpoints flush a local device that is not a file of this machine (`dm:`), though no write asked for a flush', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 2048 });
+    // vol0 again, over dm:loc0 (linear over its image) instead of the image itself
+    await g.dm.remove('vol0');
+    await g.dm.create('loc0', { table: `0 2048 linear ${g.local(0)} 0` });
+    await g.dm.create('vol0', { table: g.devTable(0).replace(` ${g.local(0)} `, ' dm:loc0 ') });
+    expect(g.dm.table('vol0')[0]!.params).toContain(' dm:loc0 ');
+    const data = crypto.randomBytes(4096);
+    await g.dm.write('vol0', 8192, data);
+    // the group's checkpoints (every 200 ms once something moved) flush loc0: its cache may be
+    // elsewhere than this machine's, where a power loss would not be told by the boot id
+    await waitFor(() => g!.dm.ioStats('loc0').ops.flush.count > 0, 'a checkpoint to flush loc0');
+    expect(fs.readFileSync(g.local(0)).subarray(8192, 8192 + 4096).equals(data)).toBe(true);
+  });
 });
