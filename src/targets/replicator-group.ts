@@ -74,6 +74,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly #localInflight = new Set<number>();
   /** local devices still to replay after recovery: localDone cannot pass recoveredLocalDone until done */
   readonly #replayPending = new Set<number>();
+  /** #heldForReplay raised its event */
+  #replayHoldSaid = false;
   #replayFrom = 0;
   #replayTo = 0;
   #holdP: Promise<void> | null = null;
@@ -594,6 +596,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     const tail = this.log.tail;
     const used = this.log.used();
     await this.#checkpoint();
+    if (this.#replayPending.size > 0 && this.log.tail >= this.#replayFrom) this.#heldForReplay();
     const freed = this.log.tail !== tail;
     // a site that shipped an eighth of the ring since the last checkpoint is keeping up, near enough
     if (freed && (this.log.used() * 2 <= this.log.size || (used - this.log.used()) * 8 >= this.log.size)) return;
@@ -615,6 +618,21 @@ export class ReplicatorGroup implements Target, SiteHost {
       return;
     }
     await this.#checkpoint();
+  }
+
+  /**
+   * The ring is full and its tail is held by entries logged before a crash for devices not
+   * bound since (their replicator-devs not loaded): those writes reach their local devices
+   * only by the replay at bind, so the ring keeps them and writers wait. Said once (event)
+   * and in the log (at most once a second), so that a stalled group says why.
+   */
+  #heldForReplay(): void {
+    const devs = [...this.#replayPending].sort((a, b) => a - b).join(', ');
+    const msg = `${this.ctx.device}: the replication log is full: it keeps the writes logged before the crash for device ${devs} until its replicator-dev is loaded (they are written to its local device then); writers wait`;
+    this.logger.limited('replay-hold', msg);
+    if (this.#replayHoldSaid) return;
+    this.#replayHoldSaid = true;
+    this.event(`replication log full: device ${devs} not loaded since the crash holds it (its logged writes are replayed when it binds); writers wait`);
   }
 
   // ---- checkpoints ----

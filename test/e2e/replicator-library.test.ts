@@ -176,6 +176,51 @@ describe('replicator (library)', () => {
     expect(g.dm.status('vol0')[0]!.params).toBe('A,1/1 A,32/32'); // shipped in order: no region went out of sync
   });
 
+  it('a device not loaded since a crash holds the full ring for its logged writes: the group says so, and they are replayed when it binds', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 2048, ring: 4096 });
+    // vol1's local device slow: its write is logged (the entry in the ring) but not yet on vol1's image
+    await g.dm.remove('vol1');
+    await g.dm.create('loc1', { table: `0 2048 delay ${g.local(1)} 0 3000` });
+    await g.dm.create('vol1', { table: g.devTable(1).replace(` ${g.local(1)} `, ' dm:loc1 ') });
+    const lost = crypto.randomBytes(8192);
+    const inflight = g.dm.write('vol1', 4096, lost);
+    await waitFor(() => /^0:S,0,0 1:\S+ [1-9]\d*\/\d+$/.test(g!.status()), 'the entry in the ring');
+    // the crash: the files as a SIGKILL now leaves them (the page cache), opened by a new engine
+    const dir2 = tmpDir();
+    for (const f of fs.readdirSync(g.dir)) fs.copyFileSync(`${g.dir}/${f}`, `${dir2}/${f}`);
+    const dir1 = g.dir;
+    const moved = (t: string): string => t.split(dir1).join(dir2);
+    const replTable = moved(g.dm.table('repl')[0]!.params);
+    await inflight;
+    await g.dm.close();
+    fs.rmSync(dir1, { recursive: true, force: true });
+    const dm = new DeviceMapper();
+    g = { ...g, dm, dir: dir2, local: (i) => `${dir2}/local${i}.img`, remote: (i) => `${dir2}/remote${i}.img`, status: () => dm.status('repl')[0]!.params };
+    const events: string[] = [];
+    dm.on('device-event', (e: { name: string; text?: string }) => { if (e.name === 'repl' && e.text) events.push(e.text); });
+    for (let i = 0; i < 2; i++) await dm.create(`site${i}`, { table: `0 2048 linear ${g.remote(i)} 0` });
+    await dm.create('repl', { table: `0 1 replicator ${replTable}` });
+    await dm.create('vol0', { table: moved(g.devTable(0)) });
+    // vol0 writes more than the ring holds: it fills, and the tail is vol1's unreplayed entry
+    const model0 = new Model(2048);
+    const writes = (async () => {
+      for (let k = 0; k < 48; k++) {
+        const data = crypto.randomBytes(65536);
+        await dm.write('vol0', (k % 16) * 65536, data);
+        model0.write((k % 16) * 65536, data);
+      }
+    })();
+    await waitFor(() => events.some((t) => t.includes('device 1 not loaded since the crash holds it')), 'the group to say what holds the ring');
+    let done = false;
+    void writes.then(() => { done = true; });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(done).toBe(false); // writers wait: the entry is the only copy of vol1's write
+    await dm.create('vol1', { table: moved(g.devTable(1)) }); // over its image now
+    await writes;
+    expect(fs.readFileSync(g.local(1)).subarray(4096, 4096 + 8192).equals(lost)).toBe(true);
+    expect(fs.readFileSync(g.local(0)).equals(model0.bytes)).toBe(true);
+  });
+
   it('checkpoints flush a local device that is not a file of this machine (`dm:`), though no write asked for a flush', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 2048 });
     // vol0 again, over dm:loc0 (linear over its image) instead of the image itself
