@@ -138,12 +138,13 @@ export function dupFd(fd: number): number {
 
 /**
  * Whether every write `dev` completed stays held by this machine (its page cache, a disk
- * attached to it) until flushed: a file or block device opened here. A `dm:` or `nbd://`
- * device says no (what is under it, or the server's cache, may be elsewhere): callers that
- * skip flushes on the strength of this (the replicator's checkpoints) keep them for it.
+ * attached to it) until flushed: a file or block device opened here (FileDev), or a wrapper
+ * that forwards to one and says so. A `dm:` or `nbd://` device says no (what is under it, or
+ * the server's cache, may be elsewhere): callers that skip flushes on the strength of this
+ * (the replicator's checkpoints) keep them for it.
  */
 export function heldHere(dev: BlockDev): boolean {
-  return dev instanceof FileDev;
+  return dev.heldHere?.() === true;
 }
 
 export class FileDev implements BlockDev {
@@ -238,6 +239,11 @@ export class FileDev implements BlockDev {
   share(): SharedFile {
     if (this.#closed) throw new DmError('EBADF', `${this.path} is closed`);
     return { fd: dupFd(this.#fd), state: this.#state };
+  }
+
+  /** a file or block device of this machine (BlockDev.heldHere) */
+  heldHere(): boolean {
+    return true;
   }
 
   /** read `buf.length` bytes at byte `pos` (no Bio: the connection threads' hot path) */

@@ -36,6 +36,13 @@ export interface BlockDev {
    * its limit per turn as if each had been a call (file-dev.ts SYNC_BURST)
    */
   chargeSyncTurn?(requests: number): void;
+  /**
+   * optional: every write this device completed stays held by this machine (its page cache,
+   * a disk attached to it) until flushed, so that only a power loss or crash of this machine
+   * loses it (file-dev.ts heldHere). Absent: false (a `dm:` or `nbd://` device, a wrapper
+   * that does not say).
+   */
+  heldHere?(): boolean;
 }
 
 /** A descriptor for an open image file, and its flush state shared across threads. */

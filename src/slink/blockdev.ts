@@ -12,6 +12,7 @@
 import type { Bio } from '../core/bio.ts';
 import { BlockError, TargetArgError } from '../core/errors.ts';
 import { escapeArg } from '../core/table-parse.ts';
+import { heldHere } from '../core/file-dev.ts';
 import type { BlockDev, Extent, StatusType } from '../core/types.ts';
 import { optionsTable, readDeviceParam, testDevice, tooSmall } from './common.ts';
 import { readOptions, readRetest } from './options.ts';
@@ -38,6 +39,11 @@ class BlockdevRemote implements RemoteDevice {
   /** the site device's current size */
   get sectors(): number {
     return this.#dev.sectors;
+  }
+
+  /** as the opened device says (BlockDev.heldHere) */
+  heldHere(): boolean {
+    return heldHere(this.#dev);
   }
 
   submit(bio: Bio): Promise<void> {

@@ -74,8 +74,10 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly #localInflight = new Set<number>();
   /** local devices still to replay after recovery: localDone cannot pass recoveredLocalDone until done */
   readonly #replayPending = new Set<number>();
-  /** #heldForReplay raised its event */
+  /** #heldForReplay raised its event (again once the devices holding the ring change) */
   #replayHoldSaid = false;
+  /** a device left the group and its flush failed: no checkpoint of this run is quiesced */
+  #unflushedLeft = false;
   #replayFrom = 0;
   #replayTo = 0;
   #holdP: Promise<void> | null = null;
@@ -286,6 +288,8 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     this.role.promote(this.sites.map((s) => s.slink), planned);
     for (const s of this.sites) await s.activate();
+    // what the receiver applied is durable here before this side's own writes and light checkpoints begin
+    await this.checkpointNow();
     this.event(`promoted: primary, generation ${this.role.current}`);
   }
 
@@ -382,6 +386,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     if (this.#replayPending.has(b.devNr)) {
       await this.#replay(b);
       this.#replayPending.delete(b.devNr);
+      this.#replayHoldSaid = false;
     }
     // sites to verify whole: marked (and flushed) before the device's resyncs start, by checksum
     let verify = false;
@@ -425,7 +430,11 @@ export class ReplicatorGroup implements Target, SiteHost {
    */
   async #flushLeaving(b: DevBinding): Promise<void> {
     if (!heldHere(b.local)) return;
-    await b.local.submit(FLUSH_ENTRY).catch((err: Error) => this.logger.warn(`${b.name}: flush of the local device as it leaves the group failed: ${err.message}`));
+    await b.local.submit(FLUSH_ENTRY).catch((err: Error) => {
+      // its writes may not be on the disk: no later checkpoint of this run says the log was left cleanly
+      this.#unflushedLeft = true;
+      this.logger.warn(`${b.name}: flush of the local device as it leaves the group failed: ${err.message}`);
+    });
   }
 
   /** name of the device bound as `devNr`, if any */
@@ -666,7 +675,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       const epoch = this.#epoch; // every entry appended so far has an epoch at most this
       const localDone = this.#localDone();
       // quiesced as the group is when the state is taken (postsuspend says so before it is suspended)
-      const clean = quiesced ?? this.#state === 'suspended';
+      const clean = (quiesced ?? this.#state === 'suspended') && !this.#unflushedLeft;
       // the flushes run together (measured at 1 MiB writes: one after the other they took
       // ~20 ms each, and writers waited for ring space), then the checkpoint is written
       const [slinks] = await Promise.all([

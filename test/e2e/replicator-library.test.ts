@@ -5,8 +5,9 @@
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { afterEach, describe, expect, it } from 'vitest';
+import { afterEach, describe, expect, it, vi } from 'vitest';
 import { DeviceMapper } from '../../src/index.ts';
+import { FileDev } from '../../src/core/file-dev.ts';
 import { caughtUp, makeGroup, Model, SECTOR, tmpDir, waitFor, type Group } from '../helpers/replication.ts';
 
 let g: Group | null = null;
@@ -219,6 +220,28 @@ describe('replicator (library)', () => {
     await writes;
     expect(fs.readFileSync(g.local(1)).subarray(4096, 4096 + 8192).equals(lost)).toBe(true);
     expect(fs.readFileSync(g.local(0)).equals(model0.bytes)).toBe(true);
+  });
+
+  it('checkpoints flush the site, not the local image file nor the log file (this machine\'s: a power loss of it is detected)', async () => {
+    const flush = vi.spyOn(FileDev.prototype, 'flush');
+    try {
+      g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 2048 });
+      flush.mockClear();
+      const model = new Model(2048);
+      await randomWrites(g, [model], 40);
+      // shipped and checkpointed: the ring empty again, so a checkpoint recorded the site's position
+      await waitFor(() => / 1:A,0,0 0\/8192$/.test(g!.status()), 'shipped and checkpointed');
+      const flushed = (f: string): number => flush.mock.contexts.filter((d) => (d as FileDev).path === f).length;
+      expect(flushed(g.remote(0)), 'the site flushed before its position was recorded').toBeGreaterThan(0);
+      expect(flushed(g.local(0)), 'the local image').toBe(0);
+      expect(flushed(`${g.dir}/rlog`), 'the log').toBe(0);
+      expectSame(g, [model]);
+      // a device leaving the group is flushed: checkpoints did not
+      await g.dm.remove('vol0');
+      expect(flushed(g.local(0)), 'the local image as it left the group').toBe(1);
+    } finally {
+      flush.mockRestore();
+    }
   });
 
   it('checkpoints flush a local device that is not a file of this machine (`dm:`), though no write asked for a flush', async () => {
