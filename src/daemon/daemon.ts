@@ -294,17 +294,11 @@ async function closeEngine(dm: DeviceMapper, l: Logger): Promise<void> {
     await withTimeout(dm.flush(d.name), FLUSH_TIMEOUT_MS, `flush of ${d.name}`)
       .catch((err: Error) => l.error(`shutdown: ${d.name}: flush failed: ${err.message}`));
   }
-  let stuck = dm.list().filter((d) => dm.onSuspended(d.name));
-  for (let progress = true; progress && stuck.length; ) {
-    progress = false;
-    for (const d of stuck) {
-      if (d.openCount > 0) continue;
-      l.warn(`shutdown: ${d.name}: ${d.suspended ? 'suspended' : 'stacked on a suspended device'}; closing without flush`);
-      await dm.remove(d.name).catch((err: Error) => l.error(`shutdown: ${d.name}: ${err.message}`));
-    }
-    const left = stuck.filter((d) => dm.has(d.name));
-    progress = left.length < stuck.length;
-    stuck = left;
+  // the engine tears the suspended ones down itself (its queued I/O fails with ENXIO, as at
+  // remove), knowing it is closing: a replicator-dev then stays in its group (its site keeps
+  // its position in the log) instead of leaving it as at `dmkit remove`
+  for (const d of dm.list()) {
+    if (dm.onSuspended(d.name)) l.warn(`shutdown: ${d.name}: ${d.suspended ? 'suspended' : 'stacked on a suspended device'}; closing without flush`);
   }
   await withTimeout(dm.close(), FLUSH_TIMEOUT_MS, 'closing the engine');
 }

@@ -92,13 +92,14 @@ export class SiteDaemon {
     return this.#ctl.request<T>(op, args);
   }
 
-  async kill(): Promise<void> {
+  /** SIGKILL (default), or another signal (SIGTERM: a clean stop), and wait until the daemon is gone */
+  async kill(signal: NodeJS.Signals = 'SIGKILL'): Promise<void> {
     const child = this.#child;
     this.#ctl?.close();
     this.#ctl = null;
     if (!child || child.exitCode !== null || child.signalCode !== null) return;
     const gone = new Promise<void>((r) => child.once('exit', () => r()));
-    child.kill('SIGKILL');
+    child.kill(signal);
     await gone;
   }
 
