@@ -176,3 +176,22 @@ export async function splitBrain(a: Site, b: Site, ref: Buffer): Promise<Buffer>
   expect((await b.site(1)).resyncedBytes).toBe(0);
   return aRef;
 }
+
+/**
+ * A (primary: `repl` and `vol` with a tcp slink 1 to B) and B (a plain receiving device
+ * `vol`, linear over `bImg`), with `ref` written at A and held by B. Both daemons are closed
+ * by closeAll.
+ */
+export async function primaryAndReceiver(): Promise<{ a: Site; b: SiteDaemon; bImg: string; ref: Buffer }> {
+  const secret = newSecret();
+  const b = await SiteDaemon.start({ secretFile: secret });
+  daemons.push(b);
+  const bImg = blank(b.sb.dir, 'site.img', BYTES);
+  await ok(b.sb, ['create', 'vol', '--table', `0 ${SECTORS} linear ${bImg} 0`]);
+  const a = await newSite(secret);
+  await a.stack([[1, b.address]], secret);
+  const ref = crypto.randomBytes(BYTES);
+  await a.write(0, ref);
+  await until('B to hold A\'s data', async () => fs.readFileSync(bImg).equals(ref), (v) => v);
+  return { a, b, bImg, ref };
+}

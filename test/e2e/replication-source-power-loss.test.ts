@@ -39,7 +39,7 @@ import fs from 'node:fs';
 import { crc32c } from '@node-rs/crc32';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ok } from '../helpers/daemon.ts';
-import { BYTES, REGION_BYTES, SECTORS, Site, blank, closeAll, newSecret, put, sameAs, until } from './failover-sites.ts';
+import { BYTES, REGION_BYTES, SECTORS, Site, blank, closeAll, primaryAndReceiver, put, sameAs, until } from './failover-sites.ts';
 import { SiteDaemon } from '../helpers/site-daemon.ts';
 
 const extra: SiteDaemon[] = [];
@@ -55,19 +55,9 @@ const count = (text: string, re: RegExp): number => (text.match(re) ?? []).lengt
 
 /** A (primary, ref written whole and at B) and B (a plain receiving device `vol`) */
 async function setUp(): Promise<{ a: Site; b: SiteDaemon; bImg: string; ref: Buffer }> {
-  const secret = newSecret();
-  const b = await SiteDaemon.start({ secretFile: secret });
-  extra.push(b);
-  const bImg = blank(b.sb.dir, 'site.img', BYTES);
-  await ok(b.sb, ['create', 'vol', '--table', `0 ${SECTORS} linear ${bImg} 0`]);
-  const a = new Site(await SiteDaemon.start({ secretFile: secret }));
-  extra.push(a.d);
-  await a.stack([[1, b.address]], secret);
-  const ref = crypto.randomBytes(BYTES);
-  await a.write(0, ref);
-  await until('B to hold A\'s data', async () => fs.readFileSync(bImg).equals(ref), (v) => v);
-  await inOrder(a);
-  return { a, b, bImg, ref };
+  const sites = await primaryAndReceiver();
+  await inOrder(sites.a);
+  return sites;
 }
 
 async function inOrder(a: Site): Promise<void> {

@@ -7,31 +7,15 @@
  * group, its site's backlog went to the dirty logs, and the restart resynced it.
  */
 import fs from 'node:fs';
-import crypto from 'node:crypto';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ok } from '../helpers/daemon.ts';
-import { SiteDaemon } from '../helpers/site-daemon.ts';
-import { BYTES, REGION_BYTES, SECTORS, Site, blank, closeAll, newSecret, put, until } from './failover-sites.ts';
+import { REGION_BYTES, closeAll, primaryAndReceiver, put, until } from './failover-sites.ts';
 
-const extra: SiteDaemon[] = [];
-afterAll(async () => {
-  for (const d of extra.splice(0)) await d.close();
-  await closeAll();
-});
+afterAll(closeAll);
 
 describe('daemon stop with a suspended replicator-dev', { timeout: 120_000 }, () => {
   it('the device stays in its group: after the restart its site is sent the kept backlog in order, no resync', async () => {
-    const secret = newSecret();
-    const b = await SiteDaemon.start({ secretFile: secret });
-    extra.push(b);
-    const bImg = blank(b.sb.dir, 'site.img', BYTES);
-    await ok(b.sb, ['create', 'vol', '--table', `0 ${SECTORS} linear ${bImg} 0`]);
-    const a = new Site(await SiteDaemon.start({ secretFile: secret }));
-    extra.push(a.d);
-    await a.stack([[1, b.address]], secret);
-    const ref = crypto.randomBytes(BYTES);
-    await a.write(0, ref);
-    await until('B to hold A\'s data', async () => fs.readFileSync(bImg).equals(ref), (v) => v);
+    const { a, b, bImg, ref } = await primaryAndReceiver();
     try {
       await b.kill(); // B away: what A writes now stays in A's log for it
       for (let i = 0; i < 5; i++) await put(a, ref, (3 + 7 * i) * REGION_BYTES + 4096, 4096);
