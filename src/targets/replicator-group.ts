@@ -406,35 +406,30 @@ export class ReplicatorGroup implements Target, SiteHost {
    * to its dirty logs (Site.release) before they are closed.
    */
   async unbind(b: DevBinding): Promise<void> {
-    if (this.#bindings.get(b.devNr) !== b) return;
-    this.#bindings.delete(b.devNr);
-    await this.#flushLeaving(b);
+    if (!(await this.detach(b))) return;
     this.#knownDevs.delete(b.devNr); // it leaves the group
     for (const s of this.sites) {
       await s.release(b).catch((err: Error) => this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}`));
     }
   }
 
-  /** the engine stops: the device goes without leaving the group (the sites keep waiting for it) */
-  async detach(b: DevBinding): Promise<void> {
-    if (this.#bindings.get(b.devNr) !== b) return;
-    this.#bindings.delete(b.devNr);
-    await this.#flushLeaving(b);
-  }
-
   /**
-   * A device leaving: checkpoints no longer flush it, and they may not have (#checkpoint), so
-   * it is flushed now; a later clean stop's checkpoint then vouches for it. (One not held
-   * here was flushed by every checkpoint while it was bound, as before; flushing it here
-   * could wait for a suspended device under it.)
+   * The engine stops: the device goes without leaving the group (the sites keep waiting for
+   * it). False when `b` is not the binding (replaced by a reload). Checkpoints may not have
+   * flushed its local device (#checkpoint), so it is flushed now, and a later clean stop's
+   * checkpoint then vouches for it. (One not held here was flushed by every checkpoint while
+   * it was bound, as before; flushing it here could wait for a suspended device under it.)
    */
-  async #flushLeaving(b: DevBinding): Promise<void> {
-    if (!heldHere(b.local)) return;
+  async detach(b: DevBinding): Promise<boolean> {
+    if (this.#bindings.get(b.devNr) !== b) return false;
+    this.#bindings.delete(b.devNr);
+    if (!heldHere(b.local)) return true;
     await b.local.submit(FLUSH_ENTRY).catch((err: Error) => {
       // its writes may not be on the disk: no later checkpoint of this run says the log was left cleanly
       this.#unflushedLeft = true;
       this.logger.warn(`${b.name}: flush of the local device as it leaves the group failed: ${err.message}`);
     });
+    return true;
   }
 
   /** name of the device bound as `devNr`, if any */
@@ -680,7 +675,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       // ~20 ms each, and writers waited for ring space), then the checkpoint is written
       const [slinks] = await Promise.all([
         Promise.all(this.sites.map((s) => s.position())),
-        ...(durable || clean || !this.#heldHere() ? [...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)), this.log.flush()] : []),
+        durable || clean || !this.#heldHere() ? this.#flushLocalAndLog() : null,
       ]);
       const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced: clean, devices: [...this.#knownDevs] };
       this.#cpState = state;
@@ -697,6 +692,11 @@ export class ReplicatorGroup implements Target, SiteHost {
       });
     this.#cp = cp;
     return cp;
+  }
+
+  /** the local devices and the log's entries, flushed together */
+  #flushLocalAndLog(): Promise<unknown> {
+    return Promise.all([...[...this.#bindings.values()].map((b) => b.local.submit(FLUSH_ENTRY)), this.log.flush()]);
   }
 
   /** may a checkpoint leave the log and the local devices unflushed? (#checkpoint) */
