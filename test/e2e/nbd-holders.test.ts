@@ -72,14 +72,16 @@ function tcpPortsOf(pid: number): number[] {
     const m = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(path.join(fdDir, fd)));
     if (m) inodes.add(m[1]!);
   }
-  const ports: number[] = [];
+  // by inode: the kernel's seq_file may list a socket twice when the table changes between
+  // two read() calls of a long file (other tests open and close connections meanwhile)
+  const ports = new Map<string, number>();
   for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
     for (const line of fs.readFileSync(table, 'utf8').split('\n').slice(1)) {
       const f = line.trim().split(/\s+/);
-      if (f.length > 9 && inodes.has(f[9]!)) ports.push(parseInt(f[1]!.split(':')[1]!, 16));
+      if (f.length > 9 && inodes.has(f[9]!)) ports.set(f[9]!, parseInt(f[1]!.split(':')[1]!, 16));
     }
   }
-  return ports;
+  return [...ports.values()];
 }
 
 /** the client address the daemon must name for an nbdsh connected over TCP */
