@@ -71,6 +71,8 @@ export function checkState(state: CheckpointState, head: number): void {
     for (const n of list ?? []) if (!Number.isInteger(n) || n < 0 || n > max) bad(`${what} ${n} (0 to ${max})`);
   };
   inRange(state.devices, 255, 'device number');
+  inRange(state.left, 255, 'device number (left)');
+  inRange(state.forgotten, 255, 'device number (forgotten)');
   inRange(state.verify, 63, 'slink to verify');
 }
 
@@ -80,7 +82,9 @@ export function copyState(state: CheckpointState): CheckpointState {
   const sorted = (list: readonly number[] | undefined): readonly number[] => Object.freeze([...new Set(list ?? [])].sort((a, b) => a - b));
   return Object.freeze({
     localDone: state.localDone, slinks: Object.freeze(slinks),
-    ...optional({ epoch: state.epoch, verify: sorted(state.verify), boot: state.boot, quiesced: state.quiesced, devices: sorted(state.devices) }),
+    ...optional({ epoch: state.epoch, verify: sorted(state.verify), boot: state.boot, quiesced: state.quiesced, devices: sorted(state.devices),
+      left: sorted(state.left), forgotten: sorted(state.forgotten),
+    }),
   });
 }
 

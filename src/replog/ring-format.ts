@@ -55,6 +55,9 @@ const BOOT_AT = 3088;
 const QUIESCED_AT = 3104;
 /** the group's device numbers (a 256-bit bitmap, bit n = device n) */
 const DEVICES_AT = 3112;
+/** devices that left the group (their kept entries are skipped by every site), and devices forgotten (bitmaps like DEVICES_AT) */
+const LEFT_AT = 3144;
+const FORGOTTEN_AT = 3176;
 const TWO32 = 4294967296;
 
 const OP_CODES: Readonly<Record<ReplogOp, number>> = { write: 1, discard: 2, 'write-zeroes': 3, flush: 4 };
@@ -207,6 +210,8 @@ export function encodeCheckpoint(cp: Checkpoint, uuid: Buffer): Buffer {
   if (cp.state.boot) b.write(cp.state.boot, BOOT_AT, 16, 'hex');
   b[QUIESCED_AT] = cp.state.quiesced ? 1 : 0;
   setBits(b, DEVICES_AT, cp.state.devices ?? []);
+  setBits(b, LEFT_AT, cp.state.left ?? []);
+  setBits(b, FORGOTTEN_AT, cp.state.forgotten ?? []);
   b.writeUInt32LE(crc32c(b.subarray(0, BLOCK_CRC_AT)), BLOCK_CRC_AT);
   return b;
 }
@@ -233,6 +238,7 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
       ...optional({
         epoch: getU64(b, EPOCH_AT), verify: bitsOf(b.subarray(VERIFY_AT, VERIFY_AT + 8)), boot: b.toString('hex', BOOT_AT, BOOT_AT + 16),
         quiesced: b[QUIESCED_AT] === 1, devices: bitsOf(b.subarray(DEVICES_AT, DEVICES_AT + 32)),
+        left: bitsOf(b.subarray(LEFT_AT, LEFT_AT + 32)), forgotten: bitsOf(b.subarray(FORGOTTEN_AT, FORGOTTEN_AT + 32)),
       }),
     },
     tailSeq: getU64(b, 48), tailOffset: getU64(b, 56),
@@ -242,13 +248,14 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
   return cp;
 }
 
-type Optional = Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced' | 'devices'>;
+type Optional = Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced' | 'devices' | 'left' | 'forgotten'>;
 
 /** a state's optional members, only those set (0, empty, a boot id of zeroes and false leave theirs out, as a caller that keeps none wrote it) */
 export function optional(o: Optional): Optional {
   return {
     ...(o.epoch ? { epoch: o.epoch } : {}), ...(o.verify?.length ? { verify: o.verify } : {}),
     ...(o.boot && /[1-9a-f]/.test(o.boot) ? { boot: o.boot } : {}), ...(o.quiesced ? { quiesced: true } : {}), ...(o.devices?.length ? { devices: o.devices } : {}),
+    ...(o.left?.length ? { left: o.left } : {}), ...(o.forgotten?.length ? { forgotten: o.forgotten } : {}),
   };
 }
 

@@ -97,6 +97,17 @@ export interface CheckpointState {
   readonly quiesced?: boolean;
   /** device numbers (0 … 255) of the group's replicator-devs, bound now or not yet after a restart; absent: not kept */
   readonly devices?: readonly number[];
+  /**
+   * Device numbers that left the group (removed, or forgotten) while the ring still kept
+   * entries of theirs: no site ships those entries (a removed device's dirty logs have
+   * them). A device leaves this set when it binds again. Absent: none
+   */
+  readonly left?: readonly number[];
+  /**
+   * Device numbers forgotten (the replicator's `forget` message): their sites were not told
+   * of their writes since, so when one binds again every site of it is verified whole. Absent: none
+   */
+  readonly forgotten?: readonly number[];
 }
 
 /** The outcome of opening a log's contents (`recover`). */

@@ -74,8 +74,6 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly #localInflight = new Set<number>();
   /** local devices still to replay after recovery: localDone cannot pass recoveredLocalDone until done */
   readonly #replayPending = new Set<number>();
-  /** #heldForReplay raised its event (again once the devices holding the ring change) */
-  #replayHoldSaid = false;
   /** a device left the group and its flush failed: no checkpoint of this run is quiesced */
   #unflushedLeft = false;
   #replayFrom = 0;
@@ -111,6 +109,16 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly #verified = new Set<string>();
   /** the group's device numbers, bound or (after a restart) not yet: checkpoints keep them */
   readonly #knownDevs = new Set<number>();
+  /**
+   * Devices that left the group (removed, or forgotten) → the head when they left: the ring
+   * may keep entries of theirs up to it, which no site ships (checkpoints keep the set, so a
+   * restart does not wait for them); dropped once the ring's tail is past.
+   */
+  readonly #left = new Map<number, number>();
+  /** devices forgotten (`forget`): their sites were not sent their writes, so they are verified whole if they bind again */
+  readonly #forgotten = new Set<number>();
+  /** the devices holding the full ring that #heldBy last said */
+  #heldSaid = '';
   /** the state last handed to the log (or recovered): positions known durable */
   #cpState: CheckpointState = { localDone: 0, slinks: [] };
 
@@ -194,9 +202,15 @@ export class ReplicatorGroup implements Target, SiteHost {
     // not queued behind a running checkpoint (it may wait on a site that is connecting):
     // the state is taken and handed to the log in one step, as #checkpoint does, so the log
     // (which writes checkpoints in call order) never gets older positions after newer ones
-    const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced, devices: [...this.#knownDevs] };
+    const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced, ...this.#members() };
     this.#cpState = state;
     await this.log.checkpoint(state);
+  }
+
+  /** the group's devices, those that left with entries perhaps still kept, and those forgotten: for a checkpoint */
+  #members(): Pick<CheckpointState, 'devices' | 'left' | 'forgotten'> {
+    for (const [d, head] of this.#left) if (head < this.log.tail) this.#left.delete(d);
+    return { devices: [...this.#knownDevs], left: [...this.#left.keys()], forgotten: [...this.#forgotten] };
   }
 
   /**
@@ -386,16 +400,30 @@ export class ReplicatorGroup implements Target, SiteHost {
     if (this.#replayPending.has(b.devNr)) {
       await this.#replay(b);
       this.#replayPending.delete(b.devNr);
-      this.#replayHoldSaid = false;
     }
     // sites to verify whole: marked (and flushed) before the device's resyncs start, by checksum
     let verify = false;
     for (const slink of this.#verifySlinks) if (await this.#verifyWhole(slink, b)) verify = true;
+    // a device forgotten: no site was sent its writes since, so every site of it is verified whole
+    const forgotten = this.#forgotten.has(b.devNr);
+    if (forgotten) {
+      for (const r of b.remotes.values()) {
+        allOutOfSync(r.dlog);
+        await r.dlog.flush();
+      }
+    }
     this.#bindings.set(b.devNr, b);
     this.#knownDevs.add(b.devNr);
+    this.#left.delete(b.devNr);
+    this.#forgotten.delete(b.devNr);
     for (const w of this.#boundWaiters.get(b.devNr) ?? []) w();
     this.#boundWaiters.delete(b.devNr);
     if (verify) for (const slink of this.#verifySlinks) if (this.#verified.has(`${slink}:${b.devNr}`)) this.siteOf(slink)?.requestResync(false, true);
+    if (forgotten) {
+      this.event(`device ${b.devNr} (${b.name}) was forgotten: every site verifies it whole (checksum resync)`);
+      for (const slink of b.remotes.keys()) this.siteOf(slink)?.requestResync(false, true);
+      this.checkpointSoon();
+    }
     for (const s of this.sites) s.bound(b);
     for (const s of this.sites) this.#applyOpened(s.slink, b.devNr);
   }
@@ -408,9 +436,11 @@ export class ReplicatorGroup implements Target, SiteHost {
   async unbind(b: DevBinding): Promise<void> {
     if (!(await this.detach(b))) return;
     this.#knownDevs.delete(b.devNr); // it leaves the group
+    this.#left.set(b.devNr, this.#head);
     for (const s of this.sites) {
       await s.release(b).catch((err: Error) => this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}`));
     }
+    this.checkpointSoon(); // a restart does not wait for its entries
   }
 
   /**
@@ -600,13 +630,17 @@ export class ReplicatorGroup implements Target, SiteHost {
     const tail = this.log.tail;
     const used = this.log.used();
     await this.#checkpoint();
-    if (this.#replayPending.size > 0 && this.log.tail >= this.#replayFrom) this.#heldForReplay();
+    this.#heldBy();
     const freed = this.log.tail !== tail;
     // a site that shipped an eighth of the ring since the last checkpoint is keeping up, near enough
     if (freed && (this.log.used() * 2 <= this.log.size || (used - this.log.used()) * 8 >= this.log.size)) return;
     const holder = this.sites.filter((s) => s.mode === 'ship').sort((a, b) => a.watermark - b.watermark)[0];
     if (!holder || holder.watermark >= this.#localDone()) {
       if (!freed) await sleep(2); // local writes in flight hold the tail
+      return;
+    }
+    if (holder.waitingFor !== null) {
+      if (!freed) await sleep(5); // its next entry is of a device not loaded, whose dirty logs are unknown: writers wait (#heldBy)
       return;
     }
     if (holder.policy.onFallBehind === 'stall' && holder.up && !holder.paused) {
@@ -625,18 +659,56 @@ export class ReplicatorGroup implements Target, SiteHost {
   }
 
   /**
-   * The ring is full and its tail is held by entries logged before a crash for devices not
-   * bound since (their replicator-devs not loaded): those writes reach their local devices
-   * only by the replay at bind, so the ring keeps them and writers wait. Said once (event)
-   * and in the log (at most once a second), so that a stalled group says why.
+   * The ring is full: is its tail held by devices not loaded since a restart? Entries logged
+   * before a crash are replayed onto their local device when it binds, and a site ships a
+   * device's entries (or marks them in its dirty logs) only once it is bound: for those the
+   * ring keeps them and writers wait. Said once per change of those devices (event) and in
+   * the daemon's log (at most once a second), so that a stalled group says why and what
+   * ends it (`forget`).
    */
-  #heldForReplay(): void {
-    const devs = [...this.#replayPending].sort((a, b) => a - b).join(', ');
-    const msg = `${this.ctx.device}: the replication log is full: it keeps the writes logged before the crash for device ${devs} until its replicator-dev is loaded (they are written to its local device then); writers wait`;
+  #heldBy(): void {
+    const devs = new Set<number>();
+    if (this.#replayPending.size > 0 && this.log.tail >= this.#replayFrom) for (const d of this.#replayPending) devs.add(d);
+    for (const s of this.sites) if (s.waitingFor !== null && !this.#bindings.has(s.waitingFor)) devs.add(s.waitingFor);
+    const list = [...devs].sort((a, b) => a - b).join(', ');
+    if (list === '') {
+      this.#heldSaid = '';
+      return;
+    }
+    const n = devs.size === 1 ? `device ${list}` : `devices ${list}`;
+    const msg = `${this.ctx.device}: the replication log is full: it keeps logged writes of ${n}, not loaded since the restart, until its replicator-dev is loaded (or \`forget <dev#>\` gives them up); writers wait`;
     this.logger.limited('replay-hold', msg);
-    if (this.#replayHoldSaid) return;
-    this.#replayHoldSaid = true;
-    this.event(`replication log full: device ${devs} not loaded since the crash holds it (its logged writes are replayed when it binds); writers wait`);
+    if (this.#heldSaid === list) return;
+    this.#heldSaid = list;
+    this.event(`replication log full: ${n} not loaded since the restart holds it (its logged writes wait for its replicator-dev; 'forget <dev#>' gives them up); writers wait`);
+  }
+
+  /**
+   * `forget <dev#>`: a device of the group not loaded since the restart (its replicator-dev
+   * will not come back) leaves the group without its logged writes: those not yet on its
+   * local device are not replayed there, and no site is sent them (nor marks them: its dirty
+   * logs are in the table that is not loaded). Recorded durably; if the device binds again,
+   * every site of it is verified whole against its local device.
+   */
+  async forget(devNr: number): Promise<void> {
+    const replay = this.#replayPending.delete(devNr);
+    this.#knownDevs.delete(devNr);
+    this.#left.set(devNr, this.#head);
+    this.#forgotten.add(devNr);
+    for (const s of this.sites) s.skip(devNr, this.#head);
+    await this.checkpointNow();
+    this.event(`device ${devNr} forgotten: ${replay ? 'its logged writes not yet on its local device are dropped, and ' : ''}no site is sent its logged writes; if it is loaded again, every site verifies it whole (checksum resync)`);
+  }
+
+  /** `forget`'s check: null when `devNr` may be forgotten, else why not */
+  forgetRefusal(devNr: number): string | null {
+    const b = this.#bindings.get(devNr);
+    if (b) return `device ${devNr} is loaded (${b.name}): \`dmkit remove ${b.name}\` takes it out of the group`;
+    if (!this.#knownDevs.has(devNr)) {
+      const known = [...this.#knownDevs].sort((x, y) => x - y).join(', ') || 'none';
+      return `device ${devNr} is not in the group (its devices: ${known})`;
+    }
+    return null;
   }
 
   // ---- checkpoints ----
@@ -677,7 +749,7 @@ export class ReplicatorGroup implements Target, SiteHost {
         Promise.all(this.sites.map((s) => s.position())),
         durable || clean || !this.#heldHere() ? this.#flushLocalAndLog() : null,
       ]);
-      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced: clean, devices: [...this.#knownDevs] };
+      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced: clean, ...this.#members() };
       this.#cpState = state;
       await this.log.checkpoint(state);
       // entries behind the new tail that no ship still reads: the log may reuse their memory
@@ -765,7 +837,18 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
     this.#cpState = { localDone, slinks: positions.map((p) => ({ ...p, seq: Math.min(p.seq, rec.head) })) };
+    // the group's devices: those the checkpoint names, and any with entries after localDone
+    // (bound in the last run, perhaps since its last checkpoint); those that left are not
+    // waited for, by the sites nor by the replay
     for (const d of rec.state?.devices ?? []) this.#knownDevs.add(d);
+    for (const d of rec.state?.forgotten ?? []) this.#forgotten.add(d);
+    for (const d of rec.state?.left ?? []) {
+      if (this.#knownDevs.has(d)) continue;
+      this.#left.set(d, rec.head);
+      this.#replayPending.delete(d);
+      for (const s of this.sites) s.skip(d, rec.head);
+    }
+    for (const d of this.#replayPending) this.#knownDevs.add(d);
     const verify = new Set(rec.state?.verify ?? []);
     if (cutOff) {
       // cut off by a power loss or a machine crash (docs/formats/replog.md): the log's

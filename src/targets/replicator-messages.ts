@@ -7,7 +7,7 @@ import { parseFallBehind, parsePolicy } from '../slink/params.ts';
 import type { ReplicatorGroup } from './replicator-group.ts';
 import type { Site } from './replicator-site.ts';
 
-const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full] [checksum], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate auto|<bytes/s>[k|m|g]';
+const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full] [checksum], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate auto|<bytes/s>[k|m|g], forget <dev#>';
 
 function remote(g: ReplicatorGroup, r: ArgReader): Site {
   const n = r.uint('slink number');
@@ -93,6 +93,14 @@ export async function groupMessage(g: ReplicatorGroup, args: string[]): Promise<
       } catch (err) {
         r.fail((err as Error).message);
       }
+      return;
+    }
+    case 'forget': {
+      const devNr = r.uint('device number', { max: 255 });
+      r.expectEnd();
+      const why = g.forgetRefusal(devNr);
+      if (why) r.fail(why);
+      await g.forget(devNr);
       return;
     }
     default:

@@ -78,8 +78,10 @@ export class Shipper {
   #posWaiters: Array<{ seq: number; resolve: () => void; reject: (err: Error) => void }> = [];
   /** sectors shipped or marked since start (outstanding = appended − this) */
   #doneSectors = 0;
-  /** per device that left the group: its entries up to this seq are in its dirty logs (skipped) */
+  /** per device that left the group: its entries up to this seq are in its dirty logs, or forgotten (skipped) */
   readonly #skip = new Map<number, number>();
+  /** the device not bound whose entry the loop waits for (null: none) */
+  #waitingFor: number | null = null;
 
   constructor(host: SiteHost, site: ShipperSite) {
     this.#host = host;
@@ -111,6 +113,10 @@ export class Shipper {
     const first = this.#inflightSeqs.keys().next();
     return first.done ? 0 : first.value;
   }
+  /** the device, not bound, whose next entry the loop waits for (null: none) */
+  get waitingFor(): number | null {
+    return this.#waitingFor;
+  }
   get doneSectors(): number {
     return this.#doneSectors;
   }
@@ -127,7 +133,7 @@ export class Shipper {
     this.#doneSectors = -backlogSectors;
   }
 
-  /** a device left the group: its entries up to `seq` are in its dirty logs, skip them */
+  /** a device left the group: its entries up to `seq` are in its dirty logs (or were forgotten), skip them */
   skip(devNr: number, seq: number): void {
     this.#skip.set(devNr, seq);
     this.wake();
@@ -178,17 +184,21 @@ export class Shipper {
         await new Promise<void>((r) => (this.#wake = r));
         continue;
       }
+      // a device not bound (after a restart, until its replicator-dev is loaded) is waited
+      // for, unless it left the group (its dirty logs have its entries) or was forgotten
       let b = this.#host.binding(e.devNr);
-      if (!b && e.seq <= (this.#skip.get(e.devNr) ?? 0)) { // its device left the group; its dirty logs have it
+      while (!b && e.seq > (this.#skip.get(e.devNr) ?? 0) && gen === this.#gen) {
+        this.#waitingFor = e.devNr;
+        await Promise.race([this.#host.whenBound(e.devNr), new Promise<void>((r) => (this.#wake = r))]);
+        b = this.#host.binding(e.devNr);
+      }
+      this.#waitingFor = null;
+      if (gen !== this.#gen) return;
+      if (!b) {
         this.#issued = e.seq;
         this.#complete(e);
         continue;
       }
-      while (!b && gen === this.#gen) {
-        await Promise.race([this.#host.whenBound(e.devNr), new Promise<void>((r) => (this.#wake = r))]);
-        b = this.#host.binding(e.devNr);
-      }
-      if (gen !== this.#gen || !b) return;
       if (this.#site.mode() === 'log') {
         this.#site.mark(e, b);
         this.#issued = e.seq;

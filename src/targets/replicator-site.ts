@@ -258,6 +258,16 @@ export class Site {
     this.#shipper.skip(b.devNr, head);
   }
 
+  /** a device left the group with nothing recorded for this site (recovery, `forget`): its entries up to `seq` are skipped */
+  skip(devNr: number, seq: number): void {
+    this.#shipper.skip(devNr, seq);
+  }
+
+  /** the device, not bound, whose next entry this site waits for (null: none) */
+  get waitingFor(): number | null {
+    return this.#shipper.waitingFor;
+  }
+
   /** periodic: fall-behind by age */
   tick(): void {
     if (this.fallBehind?.kind === 'timeout') this.#checkFallBehind();

@@ -179,7 +179,7 @@ const msg = (grp: Group, ...words: string[]): Promise<string> => grp.dm.message(
 const replTable = (grp: Group): string => grp.dm.table('repl')[0]!.params;
 
 describe('message errors', () => {
-  const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full] [checksum], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate auto|<bytes/s>[k|m|g]';
+  const USAGE = 'policy <slink#> <policy>, fallbehind <slink#> <spec>|none, slink suspend|resume <slink#>, resync <slink#> [full] [checksum], verify <slink#>, clear-bitmap <slink#>, statistics on|off|reset, replog resize <sectors>, resync-rate auto|<bytes/s>[k|m|g], forget <dev#>';
   const CASES: Array<[words: string, message: string]> = [
     ['frob', `unknown message 'frob' (expected ${USAGE})`],
     ['policy', 'missing slink number'],
@@ -214,6 +214,12 @@ describe('message errors', () => {
     ['replog resize 100', 'ringbuffer: invalid size 100 (at least 4096 sectors: 2 MiB)'],
     ['replog resize 99999999', 'ringbuffer: device too small for replog: $RLOG has 8256 sectors, needs 99999999 (dev_start 0 + size 99999999)'],
     ['resync-rate fast', "invalid resync rate 'fast' (expected auto, or bytes per second: <N>[k|m|g])"],
+    ['forget', 'missing device number'],
+    ['forget x', "invalid device number 'x' (expected an integer from 0 to 255)"],
+    ['forget 256', "invalid device number '256' (expected an integer from 0 to 255)"],
+    ['forget 0', 'device 0 is loaded (vol0): `dmkit remove vol0` takes it out of the group'],
+    ['forget 7', 'device 7 is not in the group (its devices: 0)'],
+    ['forget 7 now', "too many arguments (unexpected 'now')"],
   ];
 
   it.each(CASES)('%s', async (words, message) => {

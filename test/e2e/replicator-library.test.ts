@@ -211,7 +211,7 @@ describe('replicator (library)', () => {
         model0.write((k % 16) * 65536, data);
       }
     })();
-    await waitFor(() => events.some((t) => t.includes('device 1 not loaded since the crash holds it')), 'the group to say what holds the ring');
+    await waitFor(() => events.some((t) => t.startsWith('replication log full: device 1 not loaded since the restart holds it')), 'the group to say what holds the ring');
     let done = false;
     void writes.then(() => { done = true; });
     await new Promise((r) => setTimeout(r, 300));
