@@ -16,7 +16,7 @@
  * numbers make that harmless.
  */
 import { BlockError } from '../core/errors.ts';
-import { MAX_SLINKS, decodeCheckpoint, optional } from './ring-format.ts';
+import { MAX_LEFT, MAX_SLINKS, decodeCheckpoint, optional } from './ring-format.ts';
 import type { Checkpoint } from './ring-format.ts';
 import type { LogDevice } from './ring-io.ts';
 import type { Position } from './ring-index.ts';
@@ -71,7 +71,10 @@ export function checkState(state: CheckpointState, head: number): void {
     for (const n of list ?? []) if (!Number.isInteger(n) || n < 0 || n > max) bad(`${what} ${n} (0 to ${max})`);
   };
   inRange(state.devices, 255, 'device number');
-  inRange(state.left, 255, 'device number (left)');
+  inRange(state.left?.map((l) => l.dev), 255, 'device number (left)');
+  for (const l of state.left ?? []) position(`device ${l.dev} left at seq`, l.seq);
+  if (new Set(state.left?.map((l) => l.dev)).size !== (state.left?.length ?? 0)) bad('a device that left appears twice');
+  if ((state.left?.length ?? 0) > MAX_LEFT) bad(`${state.left!.length} devices that left (at most ${MAX_LEFT})`);
   inRange(state.forgotten, 255, 'device number (forgotten)');
   inRange(state.verify, 63, 'slink to verify');
 }
@@ -83,7 +86,8 @@ export function copyState(state: CheckpointState): CheckpointState {
   return Object.freeze({
     localDone: state.localDone, slinks: Object.freeze(slinks),
     ...optional({ epoch: state.epoch, verify: sorted(state.verify), boot: state.boot, quiesced: state.quiesced, devices: sorted(state.devices),
-      left: sorted(state.left), forgotten: sorted(state.forgotten),
+      left: Object.freeze([...(state.left ?? [])].sort((a, b) => a.dev - b.dev).map((l) => Object.freeze({ dev: l.dev, seq: l.seq }))),
+      forgotten: sorted(state.forgotten),
     }),
   });
 }

@@ -17,7 +17,7 @@
  *   48 u64 sector            56 u64 sectors      64 u64 time ms 72 u32 CRC of entry seq − 1
  */
 import { crc32c } from '@node-rs/crc32';
-import type { CheckpointState, ReplogOp, SlinkPosition } from './types.ts';
+import { CHECKPOINT_MAX_LEFT, type CheckpointState, type ReplogOp, type SlinkPosition } from './types.ts';
 
 export const FORMAT_VERSION = 1;
 export const LOG_MAGIC = Buffer.from('DMKRLOG\0', 'latin1');
@@ -55,9 +55,14 @@ const BOOT_AT = 3088;
 const QUIESCED_AT = 3104;
 /** the group's device numbers (a 256-bit bitmap, bit n = device n) */
 const DEVICES_AT = 3112;
-/** devices that left the group (their kept entries are skipped by every site), and devices forgotten (bitmaps like DEVICES_AT) */
-const LEFT_AT = 3144;
-const FORGOTTEN_AT = 3176;
+/** devices forgotten (a bitmap like DEVICES_AT); devices that left: a u32 count, then records of u32 device number and u64 seq */
+const FORGOTTEN_AT = 3144;
+const LEFT_COUNT_AT = 3176;
+const LEFT_AT = 3184;
+const LEFT_BYTES = 12;
+/** the records of devices that left that a checkpoint holds (they fit before the CRC) */
+export const MAX_LEFT = CHECKPOINT_MAX_LEFT;
+if (LEFT_AT + MAX_LEFT * LEFT_BYTES > BLOCK_CRC_AT) throw new Error('checkpoint slot layout: the devices that left overlap the CRC');
 const TWO32 = 4294967296;
 
 const OP_CODES: Readonly<Record<ReplogOp, number>> = { write: 1, discard: 2, 'write-zeroes': 3, flush: 4 };
@@ -210,8 +215,14 @@ export function encodeCheckpoint(cp: Checkpoint, uuid: Buffer): Buffer {
   if (cp.state.boot) b.write(cp.state.boot, BOOT_AT, 16, 'hex');
   b[QUIESCED_AT] = cp.state.quiesced ? 1 : 0;
   setBits(b, DEVICES_AT, cp.state.devices ?? []);
-  setBits(b, LEFT_AT, cp.state.left ?? []);
   setBits(b, FORGOTTEN_AT, cp.state.forgotten ?? []);
+  const left = cp.state.left ?? [];
+  if (left.length > MAX_LEFT) throw new RangeError(`at most ${MAX_LEFT} devices that left fit in a checkpoint`);
+  b.writeUInt32LE(left.length, LEFT_COUNT_AT);
+  left.forEach((l, i) => {
+    b.writeUInt32LE(l.dev, LEFT_AT + i * LEFT_BYTES);
+    putU64(b, LEFT_AT + i * LEFT_BYTES + 4, l.seq);
+  });
   b.writeUInt32LE(crc32c(b.subarray(0, BLOCK_CRC_AT)), BLOCK_CRC_AT);
   return b;
 }
@@ -231,6 +242,15 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
     if ((mode !== 0 && mode !== 1) || seq < 0) return null;
     slinks.push({ slink: b.readUInt32LE(at), seq, mode: mode === 1 ? 'log' : 'ship' });
   }
+  const leftCount = b.readUInt32LE(LEFT_COUNT_AT);
+  if (leftCount > MAX_LEFT) return null;
+  const left: Array<{ dev: number; seq: number }> = [];
+  for (let i = 0; i < leftCount; i++) {
+    const dev = b.readUInt32LE(LEFT_AT + i * LEFT_BYTES);
+    const seq = getU64(b, LEFT_AT + i * LEFT_BYTES + 4);
+    if (dev > 255 || seq < 0) return null;
+    left.push({ dev, seq });
+  }
   const cp: Checkpoint = {
     generation: getU64(b, 32), initial: (b.readUInt32LE(8) & CHECKPOINT_INITIAL) !== 0,
     state: {
@@ -238,7 +258,7 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
       ...optional({
         epoch: getU64(b, EPOCH_AT), verify: bitsOf(b.subarray(VERIFY_AT, VERIFY_AT + 8)), boot: b.toString('hex', BOOT_AT, BOOT_AT + 16),
         quiesced: b[QUIESCED_AT] === 1, devices: bitsOf(b.subarray(DEVICES_AT, DEVICES_AT + 32)),
-        left: bitsOf(b.subarray(LEFT_AT, LEFT_AT + 32)), forgotten: bitsOf(b.subarray(FORGOTTEN_AT, FORGOTTEN_AT + 32)),
+        left, forgotten: bitsOf(b.subarray(FORGOTTEN_AT, FORGOTTEN_AT + 32)),
       }),
     },
     tailSeq: getU64(b, 48), tailOffset: getU64(b, 56),

@@ -72,6 +72,9 @@ export interface SlinkPosition {
   readonly mode: 'ship' | 'log';
 }
 
+/** The devices that left (CheckpointState.left) a checkpoint holds at most. */
+export const CHECKPOINT_MAX_LEFT = 75;
+
 /** What the replicator persists in a checkpoint, and gets back from `recover`. */
 export interface CheckpointState {
   /** every entry with seq ≤ localDone has completed on its local device */
@@ -98,11 +101,12 @@ export interface CheckpointState {
   /** device numbers (0 … 255) of the group's replicator-devs, bound now or not yet after a restart; absent: not kept */
   readonly devices?: readonly number[];
   /**
-   * Device numbers that left the group (removed, or forgotten) while the ring still kept
-   * entries of theirs: no site ships those entries (a removed device's dirty logs have
-   * them). A device leaves this set when it binds again. Absent: none
+   * Devices that left the group (removed, or forgotten) while the ring may still keep
+   * entries of theirs, each with the head when it left: no site ships, marks or replays
+   * their entries up to that seq (a removed device's dirty logs have them), bound again or
+   * not (a device number used again is another device). Absent: none
    */
-  readonly left?: readonly number[];
+  readonly left?: ReadonlyArray<{ readonly dev: number; readonly seq: number }>;
   /**
    * Device numbers forgotten (the replicator's `forget` message): their sites were not told
    * of their writes since, so when one binds again every site of it is verified whole. Absent: none

@@ -21,7 +21,7 @@ import { EMPTY } from '../core/bio.ts';
 import { BlockError } from '../core/errors.ts';
 import type { Logger } from '../core/log.ts';
 import type { EventDetail, Progress, StatusType, Target, TargetContext } from '../core/types.ts';
-import type { CheckpointState, Replog, ReplogOp } from '../replog/types.ts';
+import { CHECKPOINT_MAX_LEFT as MAX_LEFT, type CheckpointState, type Replog, type ReplogOp } from '../replog/types.ts';
 import type { Needs } from '../replication/roles.ts';
 import type { DirtyLog } from '../dirtylog/types.ts';
 import type { SiteLink, SitePosition, SlinkRoles } from '../slink/types.ts';
@@ -111,10 +111,21 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly #knownDevs = new Set<number>();
   /**
    * Devices that left the group (removed, or forgotten) → the head when they left: the ring
-   * may keep entries of theirs up to it, which no site ships (checkpoints keep the set, so a
-   * restart does not wait for them); dropped once the ring's tail is past.
+   * may keep entries of theirs up to it, which no site ships and recovery does not replay,
+   * whether that device number is bound again or not (checkpoints keep them, so a restart
+   * does not wait for them); dropped once the ring's tail is past.
    */
   readonly #left = new Map<number, number>();
+  /**
+   * After a restart, devices with entries in the ring (not of a device that left) → the seq
+   * of the last one, until they bind: a site behind that seq cannot ship, nor mark, past it
+   * before they do (#blockedBy)
+   */
+  readonly #unboundKept = new Map<number, number>();
+  /** devices whose bind runs (replay, verification): not to be forgotten meanwhile */
+  readonly #binding = new Set<number>();
+  /** #members dropped devices that left for want of room in the checkpoint (said once) */
+  #leftDroppedSaid = false;
   /** devices forgotten (`forget`): their sites were not sent their writes, so they are verified whole if they bind again */
   readonly #forgotten = new Set<number>();
   /** the devices holding the full ring that #heldBy last said */
@@ -209,8 +220,15 @@ export class ReplicatorGroup implements Target, SiteHost {
 
   /** the group's devices, those that left with entries perhaps still kept, and those forgotten: for a checkpoint */
   #members(): Pick<CheckpointState, 'devices' | 'left' | 'forgotten'> {
-    for (const [d, head] of this.#left) if (head < this.log.tail) this.#left.delete(d);
-    return { devices: [...this.#knownDevs], left: [...this.#left.keys()], forgotten: [...this.#forgotten] };
+    for (const [d, seq] of this.#left) if (seq < this.log.tail) this.#left.delete(d);
+    let left = [...this.#left].map(([dev, seq]) => ({ dev, seq }));
+    if (left.length > MAX_LEFT) {
+      // the latest to leave are kept: after a restart, a site waits for an older one's entries (`forget` ends it)
+      left = left.sort((a, b) => b.seq - a.seq).slice(0, MAX_LEFT);
+      if (!this.#leftDroppedSaid) this.logger.warn(`${this.ctx.device}: more than ${MAX_LEFT} devices left the group while the log keeps entries of theirs: a checkpoint keeps the latest ${MAX_LEFT}`);
+      this.#leftDroppedSaid = true;
+    }
+    return { devices: [...this.#knownDevs], left, forgotten: [...this.#forgotten] };
   }
 
   /**
@@ -397,6 +415,15 @@ export class ReplicatorGroup implements Target, SiteHost {
     if (other && other.name !== b.name) {
       throw new BlockError('EBUSY', `${this.ctx.device}: device number ${b.devNr} is already bound by ${other.name}`);
     }
+    this.#binding.add(b.devNr);
+    try {
+      await this.#bindNow(b);
+    } finally {
+      this.#binding.delete(b.devNr);
+    }
+  }
+
+  async #bindNow(b: DevBinding): Promise<void> {
     if (this.#replayPending.has(b.devNr)) {
       await this.#replay(b);
       this.#replayPending.delete(b.devNr);
@@ -414,7 +441,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     this.#bindings.set(b.devNr, b);
     this.#knownDevs.add(b.devNr);
-    this.#left.delete(b.devNr);
+    this.#unboundKept.delete(b.devNr);
     this.#forgotten.delete(b.devNr);
     for (const w of this.#boundWaiters.get(b.devNr) ?? []) w();
     this.#boundWaiters.delete(b.devNr);
@@ -435,12 +462,19 @@ export class ReplicatorGroup implements Target, SiteHost {
    */
   async unbind(b: DevBinding): Promise<void> {
     if (!(await this.detach(b))) return;
-    this.#knownDevs.delete(b.devNr); // it leaves the group
-    this.#left.set(b.devNr, this.#head);
+    let released = true;
     for (const s of this.sites) {
-      await s.release(b).catch((err: Error) => this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}`));
+      await s.release(b).catch((err: Error) => {
+        released = false;
+        this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}`);
+      });
     }
-    this.checkpointSoon(); // a restart does not wait for its entries
+    // it leaves the group once every site has its backlog (in order, or in its dirty logs):
+    // from the next checkpoint on a restart does not wait for its entries (until then, or if
+    // a site could not record them, it does: loaded again or forgotten, it goes on)
+    this.#knownDevs.delete(b.devNr);
+    if (released) this.#left.set(b.devNr, this.#head);
+    this.checkpointSoon();
   }
 
   /**
@@ -472,7 +506,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     const reader = this.log.reader(this.#replayFrom);
     let n = 0;
     for (let e = await reader.next(); e && e.seq <= this.#replayTo; e = await reader.next()) {
-      if (e.devNr !== b.devNr) continue;
+      if (e.devNr !== b.devNr || e.seq <= (this.#left.get(e.devNr) ?? 0)) continue; // another device's, or of one that left
       const bio: Bio = e.op === 'flush' ? FLUSH_ENTRY : { op: e.op, sector: e.sector, sectors: e.sectors, data: e.data, flags: {} };
       await b.local.submit(bio);
       n++;
@@ -639,8 +673,8 @@ export class ReplicatorGroup implements Target, SiteHost {
       if (!freed) await sleep(2); // local writes in flight hold the tail
       return;
     }
-    if (holder.waitingFor !== null) {
-      if (!freed) await sleep(5); // its next entry is of a device not loaded, whose dirty logs are unknown: writers wait (#heldBy)
+    if (this.#blockedBy(holder) !== null) {
+      if (!freed) await sleep(5); // it cannot go past an entry of a device not loaded (nor mark it): writers wait (#heldBy)
       return;
     }
     if (holder.policy.onFallBehind === 'stall' && holder.up && !holder.paused) {
@@ -669,7 +703,9 @@ export class ReplicatorGroup implements Target, SiteHost {
   #heldBy(): void {
     const devs = new Set<number>();
     if (this.#replayPending.size > 0 && this.log.tail >= this.#replayFrom) for (const d of this.#replayPending) devs.add(d);
-    for (const s of this.sites) if (s.waitingFor !== null && !this.#bindings.has(s.waitingFor)) devs.add(s.waitingFor);
+    for (const s of this.sites) {
+      for (const [d, last] of this.#unboundKept) if (last > s.watermark && !this.#bindings.has(d)) devs.add(d);
+    }
     const list = [...devs].sort((a, b) => a - b).join(', ');
     if (list === '') {
       this.#heldSaid = '';
@@ -681,6 +717,12 @@ export class ReplicatorGroup implements Target, SiteHost {
     if (this.#heldSaid === list) return;
     this.#heldSaid = list;
     this.event(`replication log full: ${n} not loaded since the restart holds it (its logged writes wait for its replicator-dev; 'forget <dev#>' gives them up); writers wait`);
+  }
+
+  /** a device not bound since the restart whose entries `site` has yet to ship or mark (null: none) */
+  #blockedBy(site: Site): number | null {
+    for (const [d, last] of this.#unboundKept) if (last > site.watermark && !this.#bindings.has(d)) return d;
+    return null;
   }
 
   /**
@@ -695,6 +737,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.#knownDevs.delete(devNr);
     this.#left.set(devNr, this.#head);
     this.#forgotten.add(devNr);
+    this.#unboundKept.delete(devNr);
     for (const s of this.sites) s.skip(devNr, this.#head);
     await this.checkpointNow();
     this.event(`device ${devNr} forgotten: ${replay ? 'its logged writes not yet on its local device are dropped, and ' : ''}no site is sent its logged writes; if it is loaded again, every site verifies it whole (checksum resync)`);
@@ -702,9 +745,10 @@ export class ReplicatorGroup implements Target, SiteHost {
 
   /** `forget`'s check: null when `devNr` may be forgotten, else why not */
   forgetRefusal(devNr: number): string | null {
+    if (this.#binding.has(devNr)) return `device ${devNr} is being loaded (its logged writes replayed, its sites judged): try again once it is`;
     const b = this.#bindings.get(devNr);
     if (b) return `device ${devNr} is loaded (${b.name}): \`dmkit remove ${b.name}\` takes it out of the group`;
-    if (!this.#knownDevs.has(devNr)) {
+    if (!this.#knownDevs.has(devNr) && !this.#unboundKept.has(devNr)) {
       const known = [...this.#knownDevs].sort((x, y) => x - y).join(', ') || 'none';
       return `device ${devNr} is not in the group (its devices: ${known})`;
     }
@@ -825,11 +869,15 @@ export class ReplicatorGroup implements Target, SiteHost {
       : { slink: s.slink, seq: base, mode: 'ship' as const }));
     // one pass over what is kept: the devices to replay, and each site's backlog in sectors (its lag)
     const backlog = this.sites.map(() => 0);
+    for (const l of rec.state?.left ?? []) this.#left.set(l.dev, l.seq);
     const from = Math.min(localDone, ...positions.map((p) => p.seq)) + 1;
     if (from <= rec.head) {
       const reader = this.log.reader(from);
       for (let e = await reader.next(); e && e.seq <= rec.head; e = await reader.next()) {
-        if (e.seq > localDone) this.#replayPending.add(e.devNr);
+        if (e.seq > (this.#left.get(e.devNr) ?? 0)) { // not of a device that left
+          if (e.seq > localDone) this.#replayPending.add(e.devNr);
+          this.#unboundKept.set(e.devNr, e.seq);
+        }
         positions.forEach((p, i) => {
           if (e!.seq > p.seq) backlog[i]! += e!.sectors;
         });
@@ -838,17 +886,12 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.sites.forEach((s, i) => s.init(positions[i]!, rec.head, backlog[i]!));
     this.#cpState = { localDone, slinks: positions.map((p) => ({ ...p, seq: Math.min(p.seq, rec.head) })) };
     // the group's devices: those the checkpoint names, and any with entries after localDone
-    // (bound in the last run, perhaps since its last checkpoint); those that left are not
-    // waited for, by the sites nor by the replay
+    // (bound in the last run, perhaps since its last checkpoint); the entries of devices that
+    // left are not waited for, by the sites nor by the replay (the scan above)
     for (const d of rec.state?.devices ?? []) this.#knownDevs.add(d);
-    for (const d of rec.state?.forgotten ?? []) this.#forgotten.add(d);
-    for (const d of rec.state?.left ?? []) {
-      if (this.#knownDevs.has(d)) continue;
-      this.#left.set(d, rec.head);
-      this.#replayPending.delete(d);
-      for (const s of this.sites) s.skip(d, rec.head);
-    }
     for (const d of this.#replayPending) this.#knownDevs.add(d);
+    for (const d of rec.state?.forgotten ?? []) this.#forgotten.add(d);
+    for (const [d, seq] of this.#left) for (const s of this.sites) s.skip(d, seq);
     const verify = new Set(rec.state?.verify ?? []);
     if (cutOff) {
       // cut off by a power loss or a machine crash (docs/formats/replog.md): the log's

@@ -80,8 +80,6 @@ export class Shipper {
   #doneSectors = 0;
   /** per device that left the group: its entries up to this seq are in its dirty logs, or forgotten (skipped) */
   readonly #skip = new Map<number, number>();
-  /** the device not bound whose entry the loop waits for (null: none) */
-  #waitingFor: number | null = null;
 
   constructor(host: SiteHost, site: ShipperSite) {
     this.#host = host;
@@ -112,10 +110,6 @@ export class Shipper {
     if (this.#allInflight === 0) return Infinity;
     const first = this.#inflightSeqs.keys().next();
     return first.done ? 0 : first.value;
-  }
-  /** the device, not bound, whose next entry the loop waits for (null: none) */
-  get waitingFor(): number | null {
-    return this.#waitingFor;
   }
   get doneSectors(): number {
     return this.#doneSectors;
@@ -184,17 +178,16 @@ export class Shipper {
         await new Promise<void>((r) => (this.#wake = r));
         continue;
       }
-      // a device not bound (after a restart, until its replicator-dev is loaded) is waited
-      // for, unless it left the group (its dirty logs have its entries) or was forgotten
+      // an entry of a device that left the group (its dirty logs have it, or it was
+      // forgotten) is skipped, even if its number is bound again (another device); a device
+      // not bound (after a restart, until its replicator-dev is loaded) is waited for
       let b = this.#host.binding(e.devNr);
       while (!b && e.seq > (this.#skip.get(e.devNr) ?? 0) && gen === this.#gen) {
-        this.#waitingFor = e.devNr;
         await Promise.race([this.#host.whenBound(e.devNr), new Promise<void>((r) => (this.#wake = r))]);
         b = this.#host.binding(e.devNr);
       }
-      this.#waitingFor = null;
       if (gen !== this.#gen) return;
-      if (!b) {
+      if (!b || e.seq <= (this.#skip.get(e.devNr) ?? 0)) {
         this.#issued = e.seq;
         this.#complete(e);
         continue;

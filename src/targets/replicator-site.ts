@@ -263,11 +263,6 @@ export class Site {
     this.#shipper.skip(devNr, seq);
   }
 
-  /** the device, not bound, whose next entry this site waits for (null: none) */
-  get waitingFor(): number | null {
-    return this.#shipper.waitingFor;
-  }
-
   /** periodic: fall-behind by age */
   tick(): void {
     if (this.fallBehind?.kind === 'timeout') this.#checkFallBehind();

@@ -9,6 +9,7 @@
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DeviceMapper } from '../../src/index.ts';
 import { caughtUp, makeGroup, Model, tmpDir, waitFor, type Group } from '../helpers/replication.ts';
@@ -20,16 +21,37 @@ afterEach(async () => {
   g = null;
 });
 
-/** the same files in a new engine: the sites, the replicator, and the replicator-devs `vols` */
-async function reopen(grp: Group, vols: number[], events?: string[]): Promise<Group> {
+/** every file of the group as it is now: what a SIGKILL leaves (the page cache is kept) */
+function snapshot(grp: Group): Map<string, Buffer> {
+  const m = new Map<string, Buffer>();
+  for (const f of fs.readdirSync(grp.dir)) m.set(path.join(grp.dir, f), fs.readFileSync(path.join(grp.dir, f)));
+  return m;
+}
+
+/**
+ * The same files in a new engine: the sites, the replicator, and the replicator-devs `vols`.
+ * With `killed`, the files are put back as they were then (the engine was SIGKILLed there).
+ */
+async function reopen(grp: Group, vols: number[], events?: string[], killed?: Map<string, Buffer>): Promise<Group> {
   const replTable = grp.dm.table('repl')[0]!.params;
   await grp.dm.close();
+  for (const [f, bytes] of killed ?? []) fs.writeFileSync(f, bytes);
   const dm = new DeviceMapper();
   if (events) dm.on('device-event', (e: { name: string; text?: string }) => { if (e.name === 'repl' && e.text) events.push(e.text); });
   for (let i = 0; i < grp.spec.devices; i++) await dm.create(`site${i}`, { table: `0 ${grp.spec.sectors} linear ${grp.remote(i)} 0` });
   await dm.create('repl', { table: `0 1 replicator ${replTable}` });
   for (const i of vols) await dm.create(`vol${i}`, { table: grp.devTable(i) });
-  return { ...grp, dm, status: () => dm.status('repl')[0]!.params };
+  const swap = async (table: (i: number) => string): Promise<void> => {
+    for (let i = 0; i < grp.spec.devices; i++) {
+      await dm.load(`site${i}`, table(i));
+      await dm.resume(`site${i}`);
+    }
+  };
+  return {
+    ...grp, dm, status: () => dm.status('repl')[0]!.params,
+    breakSite: () => swap(() => `0 ${grp.spec.sectors} error`),
+    healSite: () => swap((i) => `0 ${grp.spec.sectors} linear ${grp.remote(i)} 0`),
+  };
 }
 
 /** more 64 KiB writes to vol0 than the ring holds, recorded in `model` (not awaited) */
@@ -92,6 +114,25 @@ describe('replicator: devices not loaded after a restart', () => {
     expect(events3.filter((t) => t.includes('forgotten'))).toEqual([]);
   });
 
+  it('one not loaded while its site is down holds the full ring without sending the site to its dirty logs; the group says so, and `forget` lets the writers go', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096, ring: 4096 });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    await writeBlocks(g, 'vol1', 20);
+    const events: string[] = [];
+    g = await reopen(g, [0], events);
+    await g.breakSite(); // down: no shipping loop runs for it
+    const model0 = new Model(4096);
+    fs.readFileSync(g.local(0)).copy(model0.bytes);
+    const writes = fillRing(g, model0);
+    await waitFor(() => events.some((t) => t.startsWith('replication log full: device 1 not loaded since the restart holds it')), 'the group to say what holds the ring');
+    expect(events.filter((t) => t.includes('on its dirty logs'))).toEqual([]);
+    await g.dm.message('repl', 0, ['forget', '1']);
+    await writes;
+    await g.healSite();
+    await waitFor(() => caughtUp(g!), 'vol0 shipped once the site is back');
+    expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+  });
+
   it('a device removed while the site was behind is not waited for after a restart: the site ships the others\' writes', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
     await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
@@ -104,5 +145,70 @@ describe('replicator: devices not loaded after a restart', () => {
     await waitFor(() => caughtUp(g!), 'vol0 shipped past vol1\'s entries').catch((e) => { throw new Error(`${e.message}: ${g!.status()}`); });
     expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
     expect(g.dm.status('vol0')[0]!.params).toBe('A,1/1 A,64/64');
+  });
+
+  it('a device number removed and used again: the new device\'s writes reach the site after a SIGKILL, the old one\'s kept entries do not', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    const model0 = new Model(4096);
+    await writeBlocks(g, 'vol0', 3, model0); // the site stops at vol0's first entry until vol0 binds after the restart
+    await writeBlocks(g, 'vol1', 10); // the old vol1's, kept for the site (then in vol1's dirty log)
+    await g.dm.remove('vol1');
+    await new Promise((r) => setTimeout(r, 600)); // checkpointed: vol1 left
+    // the number used again, by a device over other files (zeroed images, their own dirty log)
+    for (const f of ['local9.img', 'remote9.img']) fs.writeFileSync(path.join(g.dir, f), Buffer.alloc(4096 * 512));
+    fs.writeFileSync(path.join(g.dir, 'dlog9'), Buffer.alloc(64 * 512));
+    await g.dm.create('site9', { table: `0 4096 linear ${path.join(g.dir, 'remote9.img')} 0` });
+    const table9 = g.devTable(1).replace(g.local(1), path.join(g.dir, 'local9.img')).replace('dm:site1', 'dm:site9').replace(path.join(g.dir, 'dlog1'), path.join(g.dir, 'dlog9'));
+    await g.dm.create('vol9', { table: table9 });
+    const model9 = new Model(4096);
+    await writeBlocks(g, 'vol9', 10, model9);
+    const killed = snapshot(g); // SIGKILL: no checkpoint since these writes
+    const replTable = g.dm.table('repl')[0]!.params;
+    await g.dm.close();
+    for (const [f, bytes] of killed) fs.writeFileSync(f, bytes);
+    // vol9 (device 1) bound before vol0, on whose first entry the site waits: it meets the old
+    // device 1's entries with device 1 bound
+    const dm = new DeviceMapper();
+    for (const n of [0, 1, 9]) await dm.create(`site${n}`, { table: `0 4096 linear ${path.join(g.dir, `remote${n}.img`)} 0` });
+    await dm.create('repl', { table: `0 1 replicator ${replTable}` });
+    await dm.create('vol9', { table: table9 });
+    await dm.create('vol0', { table: g.devTable(0) });
+    g = { ...g, dm, status: () => dm.status('repl')[0]!.params };
+    await waitFor(() => caughtUp(g!), 'caught up after the restart');
+    expect(file(path.join(g.dir, 'local9.img')).equals(model9.bytes)).toBe(true);
+    expect(file(path.join(g.dir, 'remote9.img')).equals(model9.bytes), 'the new device\'s site: its writes, none of the old one\'s').toBe(true);
+    expect(dm.status('vol9')[0]!.params).toBe('A,1/1 A,64/64');
+    expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+  });
+
+  it('a SIGKILL while `remove` waits for a slow site to take the device\'s backlog: after the restart the site gets it, from the ring', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    await g.slowSite(40);
+    await writeBlocks(g, 'vol1', 60);
+    const removing = g.dm.remove('vol1'); // a healthy site gets up to 2 s to take the rest in order
+    await new Promise((r) => setTimeout(r, 1000)); // checkpoints meanwhile
+    const killed = snapshot(g);
+    await removing;
+    g = await reopen(g, [0, 1], undefined, killed);
+    await waitFor(() => caughtUp(g!) && g!.dm.status('vol1')[0]!.params === 'A,1/1 A,64/64', 'caught up after the restart');
+    expect(file(g.remote(1)).equals(file(g.local(1)))).toBe(true);
+  });
+
+  it('forget is refused while the device is being loaded (its logged writes replayed), and the replay completes', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    const model1 = new Model(4096);
+    await new Promise((r) => setTimeout(r, 400)); // a checkpoint before the writes: they are after its localDone
+    await writeBlocks(g, 'vol1', 5, model1);
+    const killed = snapshot(g); // SIGKILL before the next checkpoint: vol1's writes are replayed at its bind
+    g = await reopen(g, [0], undefined, killed);
+    // vol1 over a slow local device: its replay takes a while
+    await g.dm.create('loc1', { table: `0 4096 delay ${g.local(1)} 0 500` });
+    const loading = g.dm.create('vol1', { table: g.devTable(1).replace(` ${g.local(1)} `, ' dm:loc1 ') });
+    await waitFor(() => g!.dm.get('loc1').inflight > 0, 'the replay under way');
+    const err = await g.dm.message('repl', 0, ['forget', '1']).then(() => null, (e: Error) => e);
+    expect(err?.message).toBe('device 1 is being loaded (its logged writes replayed, its sites judged): try again once it is');
+    await loading;
+    expect(file(g.local(1)).equals(model1.bytes)).toBe(true);
   });
 });

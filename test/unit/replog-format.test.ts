@@ -84,15 +84,16 @@ describe('ringbuffer format: checkpoints', () => {
     expect(encodeCheckpoint(first, UUID).readUInt32LE(8)).toBe(1); // the initial flag
   });
 
-  it('keeps the replicator\'s epoch counter, the slinks to verify, the boot id, quiesced, the devices, those that left and those forgotten at bytes 3072 … 3207; zeroes read as none', () => {
+  it('keeps the replicator\'s epoch counter, the slinks to verify, the boot id, quiesced, the devices, those that left and those forgotten at bytes 3072 … 4091; zeroes read as none', () => {
     const boot = '0123456789abcdef0123456789abcdef';
-    const withMore: Checkpoint = { ...cp, state: { ...cp.state, epoch: 1_765_000_000_123_456, verify: [0, 9, 63], boot, quiesced: true, devices: [0, 1, 255], left: [2, 254], forgotten: [3] } };
+    const withMore: Checkpoint = { ...cp, state: { ...cp.state, epoch: 1_765_000_000_123_456, verify: [0, 9, 63], boot, quiesced: true, devices: [0, 1, 255], left: [{ dev: 2, seq: 77 }, { dev: 254, seq: 2 ** 40 + 5 }], forgotten: [3] } };
     const b = encodeCheckpoint(withMore, UUID);
     expect(u64(b, 3072)).toBe(1_765_000_000_123_456);
     expect([...b.subarray(3080, 3088)]).toEqual([0x01, 0x02, 0, 0, 0, 0, 0, 0x80]);
     expect([b.toString('hex', 3088, 3104), b[3104]]).toEqual([boot, 1]);
     expect([b[3112], b[3143]]).toEqual([0x03, 0x80]); // devices 0, 1 and 255
-    expect([b[3144], b[3175], b[3176]]).toEqual([0x04, 0x40, 0x08]); // left 2 and 254, forgotten 3
+    expect(b[3144]).toBe(0x08); // forgotten 3
+    expect([b.readUInt32LE(3176), b.readUInt32LE(3184), u64(b, 3188), b.readUInt32LE(3196), u64(b, 3200)]).toEqual([2, 2, 77, 254, 2 ** 40 + 5]); // left: 2 at 77, 254 at 2^40 + 5
     expect(decodeCheckpoint(b, UUID)).toEqual(withMore);
     const plain = encodeCheckpoint(cp, UUID);
     expect(plain.subarray(3072, 4092).every((x) => x === 0)).toBe(true);
