@@ -91,6 +91,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   /** a checkpoint is queued or running */
   #cpRunning = false;
   #cpMark = '';
+  /** why the last checkpoint that ran failed (null: it was written) */
+  #cpError: Error | null = null;
   #timer: NodeJS.Timeout | null = null;
   #ticks = 0;
 
@@ -740,6 +742,10 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.#unboundKept.delete(devNr);
     for (const s of this.sites) s.skip(devNr, this.#head);
     await this.checkpointNow();
+    if (this.#cpError) {
+      // in effect in this run; after a restart its entries are waited for again (forget again then)
+      throw new BlockError('EIO', `${this.ctx.device}: device ${devNr} is forgotten until the daemon stops, not for good: the checkpoint recording it failed: ${this.#cpError.message}`);
+    }
     this.event(`device ${devNr} forgotten: ${replay ? 'its logged writes not yet on its local device are dropped, and ' : ''}no site is sent its logged writes; if it is loaded again, every site verifies it whole (checksum resync)`);
   }
 
@@ -801,8 +807,12 @@ export class ReplicatorGroup implements Target, SiteHost {
       for (const s of this.sites) held = Math.min(held, s.oldestHeld);
       this.log.reclaim?.(held);
       this.#cpMark = `${localDone}:${slinks.map((p) => `${p.seq}${p.mode}`).join(',')}`;
+      this.#cpError = null;
     });
-    const cp = run.catch((err: unknown) => this.logger.limited('checkpoint', `${this.ctx.device}: checkpoint failed: ${(err as Error).message}`))
+    const cp = run.catch((err: unknown) => {
+      this.#cpError = err as Error;
+      this.logger.limited('checkpoint', `${this.ctx.device}: checkpoint failed: ${(err as Error).message}`);
+    })
       .finally(() => {
         if (this.#cp === cp) this.#cpRunning = false;
       });
