@@ -476,7 +476,10 @@ export class ReplicatorGroup implements Target, SiteHost {
     // a site could not record them, it does: loaded again or forgotten, it goes on)
     this.#knownDevs.delete(b.devNr);
     if (released) this.#left.set(b.devNr, this.#head);
-    this.checkpointSoon();
+    // recorded now (no tick runs while the group is suspended: its last checkpoint is
+    // rewritten with the new members, quiesced as it was unless the leaving flush failed)
+    if (this.#state === 'active') this.checkpointSoon();
+    else if (this.#recovered && this.#state !== 'destroyed') await this.#persistFlags(this.#cpState.quiesced === true && !this.#unflushedLeft).catch(() => undefined);
   }
 
   /**

@@ -211,4 +211,19 @@ describe('replicator: devices not loaded after a restart', () => {
     await loading;
     expect(file(g.local(1)).equals(model1.bytes)).toBe(true);
   });
+
+  it('a device removed while its replicator is suspended is recorded as left at once: a SIGKILL before the resume does not make the restart wait for it', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    const model0 = new Model(4096);
+    await writeBlocks(g, 'vol1', 10);
+    await writeBlocks(g, 'vol0', 5, model0);
+    await g.dm.suspend('repl');
+    await g.dm.remove('vol1');
+    const killed = snapshot(g); // SIGKILL while the replicator is suspended
+    await g.dm.resume('repl');
+    g = await reopen(g, [0], undefined, killed);
+    await waitFor(() => caughtUp(g!), 'vol0 shipped past the removed vol1\'s entries');
+    expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+  });
 });
