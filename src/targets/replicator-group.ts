@@ -126,6 +126,8 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly #unboundKept = new Map<number, number>();
   /** devices whose bind runs (replay, verification): not to be forgotten meanwhile */
   readonly #binding = new Set<number>();
+  /** devices leaving the group (unbind: their backlog being recorded): their number is not bound again meanwhile */
+  readonly #unbinding = new Set<number>();
   /** #members dropped devices that left for want of room in the checkpoint (said once) */
   #leftDroppedSaid = false;
   /** devices forgotten (`forget`): their sites were not sent their writes, so they are verified whole if they bind again */
@@ -225,8 +227,12 @@ export class ReplicatorGroup implements Target, SiteHost {
     for (const [d, seq] of this.#left) if (seq < this.log.tail) this.#left.delete(d);
     let left = [...this.#left].map(([dev, seq]) => ({ dev, seq }));
     if (left.length > MAX_LEFT) {
-      // the latest to leave are kept: after a restart, a site waits for an older one's entries (`forget` ends it)
-      left = left.sort((a, b) => b.seq - a.seq).slice(0, MAX_LEFT);
+      // the latest to leave are kept. An older one's entries are waited for after a restart
+      // (`forget` ends it); its number bound again then is sent them, and so is verified
+      // whole at every site after (as forgotten)
+      left = left.sort((a, b) => b.seq - a.seq);
+      for (const l of left.slice(MAX_LEFT)) this.#forgotten.add(l.dev);
+      left = left.slice(0, MAX_LEFT);
       if (!this.#leftDroppedSaid) this.logger.warn(`${this.ctx.device}: more than ${MAX_LEFT} devices left the group while the log keeps entries of theirs: a checkpoint keeps the latest ${MAX_LEFT}`);
       this.#leftDroppedSaid = true;
     }
@@ -417,6 +423,9 @@ export class ReplicatorGroup implements Target, SiteHost {
     if (other && other.name !== b.name) {
       throw new BlockError('EBUSY', `${this.ctx.device}: device number ${b.devNr} is already bound by ${other.name}`);
     }
+    if (this.#unbinding.has(b.devNr)) {
+      throw new BlockError('EBUSY', `${this.ctx.device}: device number ${b.devNr} is still leaving the group (its backlog being recorded for the sites): try again once its remove is done`);
+    }
     this.#binding.add(b.devNr);
     try {
       await this.#bindNow(b);
@@ -464,18 +473,28 @@ export class ReplicatorGroup implements Target, SiteHost {
    */
   async unbind(b: DevBinding): Promise<void> {
     if (!(await this.detach(b))) return;
-    let released = true;
-    for (const s of this.sites) {
-      await s.release(b).catch((err: Error) => {
-        released = false;
-        this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}`);
-      });
+    this.#unbinding.add(b.devNr);
+    try {
+      const head = this.#head; // its last entry: it appends nothing once detached
+      let released = true;
+      for (const s of this.sites) {
+        await s.release(b).catch((err: Error) => {
+          released = false;
+          this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}; if device ${b.devNr} is loaded again, every site verifies it whole`);
+        });
+      }
+      // it leaves the group once every site has its backlog (in order, or in its dirty logs):
+      // every site skips its entries from now on (also one it had no remote at, and whatever
+      // device takes the number later), and from the next checkpoint on so does a restart. A
+      // site that could not record them has lost them: as after `forget`, a device loaded
+      // with that number later is verified whole at every site.
+      if (!released) this.#forgotten.add(b.devNr);
+      for (const s of this.sites) s.skip(b.devNr, head);
+      this.#knownDevs.delete(b.devNr);
+      this.#left.set(b.devNr, head);
+    } finally {
+      this.#unbinding.delete(b.devNr);
     }
-    // it leaves the group once every site has its backlog (in order, or in its dirty logs):
-    // from the next checkpoint on a restart does not wait for its entries (until then, or if
-    // a site could not record them, it does: loaded again or forgotten, it goes on)
-    this.#knownDevs.delete(b.devNr);
-    if (released) this.#left.set(b.devNr, this.#head);
     // recorded now (no tick runs while the group is suspended: its last checkpoint is
     // rewritten with the new members, quiesced as it was unless the leaving flush failed)
     if (this.#state === 'active') this.checkpointSoon();

@@ -77,6 +77,14 @@ async function writeBlocks(grp: Group, vol: string, n: number, model?: Model): P
 
 const file = (f: string): Buffer => fs.readFileSync(f);
 
+/** a group whose site is slow, 60 writes of vol1 behind at the site, and vol1's remove begun (not awaited) */
+async function removeBehindSlowSite(): Promise<{ grp: Group; removing: Promise<unknown> }> {
+  const grp = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+  await grp.slowSite(40);
+  await writeBlocks(grp, 'vol1', 60);
+  return { grp, removing: grp.dm.remove('vol1') }; // a healthy site gets up to 2 s to take the rest in order
+}
+
 describe('replicator: devices not loaded after a restart', () => {
   it('one that stays away holds the full ring and the group says so; `forget` lets the writers go, and if it comes back every site of it is verified whole', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096, ring: 4096 });
@@ -183,10 +191,8 @@ describe('replicator: devices not loaded after a restart', () => {
   });
 
   it('a SIGKILL while `remove` waits for a slow site to take the device\'s backlog: after the restart the site gets it, from the ring', async () => {
-    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
-    await g.slowSite(40);
-    await writeBlocks(g, 'vol1', 60);
-    const removing = g.dm.remove('vol1'); // a healthy site gets up to 2 s to take the rest in order
+    const { grp, removing } = await removeBehindSlowSite();
+    g = grp;
     await new Promise((r) => setTimeout(r, 1000)); // checkpoints meanwhile
     const killed = snapshot(g);
     await removing;
@@ -225,5 +231,50 @@ describe('replicator: devices not loaded after a restart', () => {
     g = await reopen(g, [0], undefined, killed);
     await waitFor(() => caughtUp(g!), 'vol0 shipped past the removed vol1\'s entries');
     expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+  });
+
+  it('a local-only device (no remote at the site) removed while the site is behind: the site goes past its entries, and a device that takes its number later is not sent them', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: 4096, ring: 4096 });
+    const blankImg = (name: string): string => {
+      fs.writeFileSync(path.join(g!.dir, name), Buffer.alloc(4096 * 512));
+      return path.join(g!.dir, name);
+    };
+    await g.dm.create('vol2', { table: `0 4096 replicator-dev dm:repl 2 0 1 ${blankImg('local2.img')} nolog 0` });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    const model0 = new Model(4096);
+    await writeBlocks(g, 'vol2', 5);
+    await writeBlocks(g, 'vol0', 5, model0);
+    await g.dm.remove('vol2');
+    // device number 2 again, replicated this time, before the site has gone past the old entries
+    const loc3 = blankImg('local3.img');
+    const rem3 = blankImg('remote3.img');
+    blankImg('dlog3');
+    await g.dm.create('site3', { table: `0 4096 linear ${rem3} 0` });
+    await g.dm.create('vol3', { table: `0 4096 replicator-dev dm:repl 2 0 1 ${loc3} nolog 0 1 1 dm:site3 disk 3 ${path.join(g.dir, 'dlog3')} 64 nosync` });
+    const model3 = new Model(4096);
+    await writeBlocks(g, 'vol3', 5, model3);
+    await g.dm.message('repl', 0, ['slink', 'resume', '1']);
+    await waitFor(() => caughtUp(g!), 'the site past the removed device\'s entries');
+    expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+    expect(file(rem3).equals(model3.bytes), 'the new device 2\'s site: its writes, none of the old one\'s').toBe(true);
+    // and the ring does not hold them: more than it holds goes through
+    await fillRing(g, model0);
+    await waitFor(() => caughtUp(g!), 'shipped');
+    expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+  });
+
+  it('a device number is not bound again while its device is still leaving (its backlog being recorded)', async () => {
+    const { grp, removing } = await removeBehindSlowSite();
+    g = grp;
+    await new Promise((r) => setTimeout(r, 300));
+    const err = await g.dm.create('vol1b', { table: g.devTable(1) }).then(() => null, (e: Error) => e);
+    expect(err?.message).toMatch(/device number 1 is still leaving the group \(its backlog being recorded for the sites\): try again once its remove is done/);
+    await removing;
+    await g.dm.remove('vol1b').catch(() => undefined);
+    // once it is done; its disk dirty log as it was left (without `nosync`, which would declare it in sync)
+    await g.dm.create('vol1', { table: g.devTable(1).replace(' disk 3 ', ' disk 2 ').replace(' nosync', '') });
+    await g.healSite();
+    await waitFor(() => caughtUp(g!) && g!.dm.status('vol1')[0]!.params === 'A,1/1 A,64/64', 'resynced');
+    expect(file(g.remote(1)).equals(file(g.local(1)))).toBe(true);
   });
 });
