@@ -65,7 +65,8 @@ describe('forget with the daemon', { timeout: 120_000 }, () => {
     expect(await writer.done).toMatchObject({ code: 0, stderr: '' });
     await until('vol0 at the site', async () => fs.readFileSync(f('remote0.img')).equals(ref0), (v) => v);
     expect(fs.readFileSync(f('local0.img')).equals(ref0)).toBe(true);
-    expect(d.log()).toContain('repl: device 1 forgotten: no site is sent its logged writes');
+    // (whether its last writes were also still to be replayed depends on the SIGKILL's moment against the 200 ms checkpoints)
+    expect(d.log()).toMatch(/repl: device 1 forgotten: (its logged writes not yet on its local device are dropped, and )?no site is sent its logged writes/);
 
     // a new (blank) disk for vol1: loaded, it is verified whole at the site, which ends equal to it
     blank(f('local1.img'), SECTORS * 512);
