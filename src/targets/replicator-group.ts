@@ -128,6 +128,11 @@ export class ReplicatorGroup implements Target, SiteHost {
   readonly #binding = new Set<number>();
   /** devices leaving the group (unbind: their backlog being recorded): their number is not bound again meanwhile */
   readonly #unbinding = new Set<number>();
+  /** devices leaving (unbind): their sites may still ship their backlog in order, through them, until released */
+  readonly #leaving = new Map<number, DevBinding>();
+  /** per device, its entries being appended (seq taken, not yet written): unbind waits for them (#append) */
+  readonly #appendsOf = new Map<number, number>();
+  #appendIdle: Array<() => void> = [];
   /** #members dropped devices that left for want of room in the checkpoint (said once) */
   #leftDroppedSaid = false;
   /** devices forgotten (`forget`): their sites were not sent their writes, so they are verified whole if they bind again */
@@ -357,8 +362,9 @@ export class ReplicatorGroup implements Target, SiteHost {
     return this.#times[seq % TIMES] || Date.now();
   }
 
+  /** the device bound as `devNr`, or the one leaving as it (its backlog shipped meanwhile: unbind) */
   binding(devNr: number): DevBinding | null {
-    return this.#bindings.get(devNr) ?? null;
+    return this.#bindings.get(devNr) ?? this.#leaving.get(devNr) ?? null;
   }
 
   bindings(): Iterable<DevBinding> {
@@ -475,13 +481,21 @@ export class ReplicatorGroup implements Target, SiteHost {
     if (!(await this.detach(b))) return;
     this.#unbinding.add(b.devNr);
     try {
-      const head = this.#head; // its last entry: it appends nothing once detached
+      // once detached it appends nothing (#append); those it began are written by now, and the head is past them
+      while (this.#appendsOf.has(b.devNr)) await new Promise<void>((r) => this.#appendIdle.push(r));
+      const head = this.#head;
       let released = true;
-      for (const s of this.sites) {
-        await s.release(b).catch((err: Error) => {
-          released = false;
-          this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}; if device ${b.devNr} is loaded again, every site verifies it whole`);
-        });
+      this.#leaving.set(b.devNr, b);
+      for (const s of this.sites) s.wake(); // a shipper waiting for the device goes on with it
+      try {
+        for (const s of this.sites) {
+          await s.release(b).catch((err: Error) => {
+            released = false;
+            this.logger.warn(`${b.name}: slink ${s.slink}: backlog not recorded in the dirty log: ${err.message}; if device ${b.devNr} is loaded again, every site verifies it whole`);
+          });
+        }
+      } finally {
+        this.#leaving.delete(b.devNr);
       }
       // it leaves the group once every site has its backlog (in order, or in its dirty logs):
       // every site skips its entries from now on (also one it had no remote at, and whatever
@@ -559,7 +573,7 @@ export class ReplicatorGroup implements Target, SiteHost {
         if (!gate!.tryEnter(region)) await gate!.enter(region);
         entered = true;
       }
-      seq = await this.#append(b.devNr, bio);
+      seq = await this.#append(b, bio);
       this.#localInflight.add(seq);
     } catch (err) {
       if (entered) gate!.leave(region);
@@ -647,14 +661,19 @@ export class ReplicatorGroup implements Target, SiteHost {
     for (const f of w) f();
   }
 
-  async #append(devNr: number, bio: Bio): Promise<number> {
+  async #append(b: DevBinding, bio: Bio): Promise<number> {
     const op = bio.op as ReplogOp;
+    const devNr = b.devNr;
     for (;;) {
       while (this.#overflowing) await this.#overflowing;
+      // a device removed while this write waited (admission, ring space) logs nothing more:
+      // its entries end where unbind took them to end (#appendsOf)
+      if (this.#bindings.get(devNr) !== b) throw new BlockError('ENXIO', `${b.name}: no longer in the group of ${this.ctx.device} (removed)`);
       if (op === 'flush' || this.#epochDone) {
         this.#epoch++;
         this.#epochDone = false;
       }
+      this.#appendsOf.set(devNr, (this.#appendsOf.get(devNr) ?? 0) + 1);
       try {
         const appended = this.log.append({
           devNr, op, sector: bio.sector, sectors: bio.sectors,
@@ -672,6 +691,13 @@ export class ReplicatorGroup implements Target, SiteHost {
       } catch (err) {
         if ((err as { code?: string }).code !== 'ENOSPC') throw err;
         this.#overflowing ??= this.#makeSpace().finally(() => (this.#overflowing = null));
+      } finally {
+        const n = this.#appendsOf.get(devNr)! - 1;
+        if (n > 0) this.#appendsOf.set(devNr, n);
+        else {
+          this.#appendsOf.delete(devNr);
+          for (const w of this.#appendIdle.splice(0)) w();
+        }
       }
     }
   }
@@ -774,6 +800,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   /** `forget`'s check: null when `devNr` may be forgotten, else why not */
   forgetRefusal(devNr: number): string | null {
     if (this.#binding.has(devNr)) return `device ${devNr} is being loaded (its logged writes replayed, its sites judged): try again once it is`;
+    if (this.#unbinding.has(devNr)) return `device ${devNr} is being removed (its backlog recorded for the sites): it leaves the group by itself`;
     const b = this.#bindings.get(devNr);
     if (b) return `device ${devNr} is loaded (${b.name}): \`dmkit remove ${b.name}\` takes it out of the group`;
     if (!this.#knownDevs.has(devNr) && !this.#unboundKept.has(devNr)) {

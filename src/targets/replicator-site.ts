@@ -258,6 +258,11 @@ export class Site {
     this.#shipper.skip(b.devNr, head);
   }
 
+  /** the shipper looks again at what it waits for (a device leaving is shipped through its binding until released) */
+  wake(): void {
+    this.#shipper.wake();
+  }
+
   /** a device left the group with nothing recorded for this site (recovery, `forget`): its entries up to `seq` are skipped */
   skip(devNr: number, seq: number): void {
     this.#shipper.skip(devNr, seq);

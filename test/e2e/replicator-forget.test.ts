@@ -277,4 +277,40 @@ describe('replicator: devices not loaded after a restart', () => {
     await waitFor(() => caughtUp(g!) && g!.dm.status('vol1')[0]!.params === 'A,1/1 A,64/64', 'resynced');
     expect(file(g.remote(1)).equals(file(g.local(1)))).toBe(true);
   });
+
+  it('a write of a device waiting to be logged when the device is removed fails (ENXIO) and logs nothing: the site goes on, and a device taking the number later is not sent it', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    const model0 = new Model(4096);
+    await writeBlocks(g, 'vol0', 4, model0);
+    await g.dm.suspend('repl'); // writers wait to be logged
+    const late = g.dm.write('vol1', 0, crypto.randomBytes(4096)).then(() => null, (e: Error) => e);
+    await new Promise((r) => setTimeout(r, 200));
+    await g.dm.remove('vol1');
+    await g.dm.resume('repl');
+    const err = await late;
+    expect(err).toMatchObject({ code: 'ENXIO' });
+    expect(err!.message).toMatch(/vol1: no longer in the group of repl \(removed\)/);
+    await g.dm.message('repl', 0, ['slink', 'resume', '1']);
+    await waitFor(() => caughtUp(g!), 'the site caught up');
+    // the number again, over blank files: nothing of the removed vol1 reaches its site
+    for (const f of ['local9.img', 'remote9.img']) fs.writeFileSync(path.join(g.dir, f), Buffer.alloc(4096 * 512));
+    await g.dm.create('site9', { table: `0 4096 linear ${path.join(g.dir, 'remote9.img')} 0` });
+    await g.dm.create('vol9', { table: `0 4096 replicator-dev dm:repl 1 0 1 ${path.join(g.dir, 'local9.img')} nolog 0 1 1 dm:site9 core 2 64 nosync` });
+    await writeBlocks(g, 'vol0', 2, model0);
+    await waitFor(() => caughtUp(g!), 'caught up');
+    expect(file(path.join(g.dir, 'remote9.img')).equals(Buffer.alloc(4096 * 512))).toBe(true);
+    expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+  });
+
+  it('a device removed while a healthy site is behind on it: the site is sent the rest in order before the remove returns', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    const model1 = new Model(4096);
+    await writeBlocks(g, 'vol1', 10, model1);
+    await g.dm.message('repl', 0, ['slink', 'resume', '1']);
+    await g.dm.remove('vol1');
+    expect(file(g.remote(1)).equals(model1.bytes), 'the site has the removed device\'s writes').toBe(true);
+    expect(file(g.local(1)).equals(model1.bytes)).toBe(true);
+  });
 });
