@@ -78,6 +78,9 @@ export class Shipper {
   #posWaiters: Array<{ seq: number; resolve: () => void; reject: (err: Error) => void }> = [];
   /** sectors shipped or marked since start (outstanding = appended − this) */
   #doneSectors = 0;
+  /** ships in flight per device (any generation), and who waits for a device's to settle */
+  readonly #inflightOf = new Map<number, number>();
+  #devWaiters: Array<{ devNr: number; resolve: () => void }> = [];
   /** per device that left the group: its entries up to this seq are in its dirty logs, or forgotten (skipped) */
   readonly #skip = new Map<number, number>();
 
@@ -231,10 +234,11 @@ export class Shipper {
     this.#inflightSeqs.set(e.seq, e.data.length);
     this.#inflightBytes += e.data.length;
     this.#allInflight++;
+    this.#inflightOf.set(e.devNr, (this.#inflightOf.get(e.devNr) ?? 0) + 1);
     const bio: Bio = e.op === 'flush' ? FLUSH : { op: e.op, sector: e.sector, sectors: e.sectors, data: e.data, flags: e.fua ? FUA : NONE };
     remote.dev.submit(bio, e).then(
       () => {
-        this.#settle();
+        this.#settle(e.devNr);
         if (gen !== this.#gen) return;
         this.#landed(e);
         this.#site.stats.shippedIos++;
@@ -243,7 +247,7 @@ export class Shipper {
         this.#wakeSlot();
       },
       (err: unknown) => {
-        this.#settle();
+        this.#settle(e.devNr);
         if (gen !== this.#gen) return;
         this.#landed(e);
         this.#site.down(err);
@@ -280,13 +284,27 @@ export class Shipper {
     })();
   }
 
-  #settle(): void {
+  #settle(devNr: number): void {
+    const n = this.#inflightOf.get(devNr)! - 1;
+    if (n > 0) this.#inflightOf.set(devNr, n);
+    else {
+      this.#inflightOf.delete(devNr);
+      const [done, rest] = [this.#devWaiters.filter((w) => w.devNr === devNr), this.#devWaiters.filter((w) => w.devNr !== devNr)];
+      this.#devWaiters = rest;
+      for (const w of done) w.resolve();
+    }
     if (--this.#allInflight === 0) {
       const w = this.#settledWaiters;
       this.#settledWaiters = [];
       for (const f of w) f();
     }
     this.#wakeSlot();
+  }
+
+  /** resolves once no ship of device `devNr` is in flight (a device leaving: its devices may then close) */
+  settledDev(devNr: number): Promise<void> {
+    if (!this.#inflightOf.has(devNr)) return Promise.resolve();
+    return new Promise((resolve) => this.#devWaiters.push({ devNr, resolve }));
   }
 
   /** resolves once no ship of any generation is in flight */

@@ -256,6 +256,8 @@ export class Site {
     }
     await r.dlog.flush();
     this.#shipper.skip(b.devNr, head);
+    // its writes still on their way to the site (marked too) land before its devices close
+    await this.#shipper.settledDev(b.devNr);
   }
 
   /** the shipper looks again at what it waits for (a device leaving is shipped through its binding until released) */

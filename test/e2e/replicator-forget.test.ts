@@ -313,4 +313,15 @@ describe('replicator: devices not loaded after a restart', () => {
     expect(file(g.remote(1)).equals(model1.bytes), 'the site has the removed device\'s writes').toBe(true);
     expect(file(g.local(1)).equals(model1.bytes)).toBe(true);
   });
+
+  it('a device removed behind a slow site: its writes in flight to the site land before its devices close (the site does not go down), the rest is in its dirty log', async () => {
+    const { grp, removing } = await removeBehindSlowSite();
+    g = grp;
+    const events: string[] = [];
+    g.dm.on('device-event', (e: { name: string; text?: string }) => { if (e.name === 'repl' && e.text) events.push(e.text); });
+    await removing;
+    await writeBlocks(g, 'vol0', 3);
+    await waitFor(() => caughtUp(g!), 'caught up');
+    expect(events.filter((t) => / down$/.test(t))).toEqual([]);
+  });
 });
