@@ -478,9 +478,11 @@ export class ReplicatorGroup implements Target, SiteHost {
    * to its dirty logs (Site.release) before they are closed.
    */
   async unbind(b: DevBinding): Promise<void> {
-    if (!(await this.detach(b))) return;
+    // leaving from now on (before detach awaits the local flush): the number is neither bound
+    // again nor forgotten meanwhile
     this.#unbinding.add(b.devNr);
     try {
+      if (!(await this.detach(b))) return; // replaced by a reload
       // once detached it appends nothing (#append); those it began are written by now, and the head is past them
       while (this.#appendsOf.has(b.devNr)) await new Promise<void>((r) => this.#appendIdle.push(r));
       const head = this.#head;

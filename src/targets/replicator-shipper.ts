@@ -168,18 +168,24 @@ export class Shipper {
     this.#inflightSeqs.clear();
     this.#inflightBytes = 0;
     let epoch = -1;
+    /** the entry read and not yet shipped, marked or skipped (kept across a wait for the previous epoch) */
+    let pending: ReplogEntry | null = null;
     while (gen === this.#gen) {
       if (this.#windowFull()) {
         await new Promise<void>((r) => (this.#slot = r));
         continue;
       }
-      // a run of cached entries is taken in one turn (the writers get one turn each too)
-      let e = reader.tryNext ? reader.tryNext() : undefined;
-      if (e === undefined) e = await reader.next();
-      if (gen !== this.#gen) return;
+      let e = pending;
       if (!e) {
-        await new Promise<void>((r) => (this.#wake = r));
-        continue;
+        // a run of cached entries is taken in one turn (the writers get one turn each too)
+        let next = reader.tryNext ? reader.tryNext() : undefined;
+        if (next === undefined) next = await reader.next();
+        if (gen !== this.#gen) return;
+        if (!next) {
+          await new Promise<void>((r) => (this.#wake = r));
+          continue;
+        }
+        e = pending = next;
       }
       // an entry of a device that left the group (its dirty logs have it, or it was
       // forgotten) is skipped, even if its number is bound again (another device); a device
@@ -191,24 +197,28 @@ export class Shipper {
       }
       if (gen !== this.#gen) return;
       if (!b || e.seq <= (this.#skip.get(e.devNr) ?? 0)) {
+        pending = null;
         this.#issued = e.seq;
         this.#complete(e);
         continue;
       }
       if (this.#site.mode() === 'log') {
+        pending = null;
         this.#site.mark(e, b);
         this.#issued = e.seq;
         this.#complete(e);
         continue;
       }
       // a new epoch waits for the previous one's acknowledgements, unless the site orders
-      // epochs itself (tcp): then its entries go out at once, behind the previous ones
+      // epochs itself (tcp): then its entries go out at once, behind the previous ones. The
+      // entry is looked at again after the wait (its device may have left meanwhile)
       const remote = b.remotes.get(this.#site.slink);
       if (remote) this.#pipelined = remote.dev.ordersEpochs === true;
       if (e.epoch !== epoch && this.#inflightSeqs.size > 0 && !this.#pipelined) {
         await this.#drainGen(gen);
-        if (gen !== this.#gen) return;
+        continue;
       }
+      pending = null;
       epoch = e.epoch;
       this.#ship(gen, e, b);
     }

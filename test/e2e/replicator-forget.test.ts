@@ -77,11 +77,14 @@ async function writeBlocks(grp: Group, vol: string, n: number, model?: Model): P
 
 const file = (f: string): Buffer => fs.readFileSync(f);
 
-/** a group whose site is slow, 60 writes of vol1 behind at the site, and vol1's remove begun (not awaited) */
+/** a group whose site is slow, 60 writes of vol1 (and 30 of vol0) behind at the site, and vol1's remove begun (not awaited) */
 async function removeBehindSlowSite(): Promise<{ grp: Group; removing: Promise<unknown> }> {
   const grp = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
   await grp.slowSite(40);
-  await writeBlocks(grp, 'vol1', 60);
+  for (let k = 0; k < 30; k++) { // one epoch each; vol0's among them, so entries of either may be in flight when the remove ends
+    await writeBlocks(grp, 'vol1', 2);
+    await writeBlocks(grp, 'vol0', 1);
+  }
   return { grp, removing: grp.dm.remove('vol1') }; // a healthy site gets up to 2 s to take the rest in order
 }
 
