@@ -698,7 +698,7 @@ export class ReplicatorGroup implements Target, SiteHost {
         if (n > 0) this.#appendsOf.set(devNr, n);
         else {
           this.#appendsOf.delete(devNr);
-          for (const w of this.#appendIdle.splice(0)) w();
+          if (this.#appendIdle.length > 0) for (const w of this.#appendIdle.splice(0)) w();
         }
       }
     }

@@ -299,9 +299,11 @@ export class Shipper {
     if (n > 0) this.#inflightOf.set(devNr, n);
     else {
       this.#inflightOf.delete(devNr);
-      const [done, rest] = [this.#devWaiters.filter((w) => w.devNr === devNr), this.#devWaiters.filter((w) => w.devNr !== devNr)];
-      this.#devWaiters = rest;
-      for (const w of done) w.resolve();
+      if (this.#devWaiters.length > 0) { // a device leaving (rare): no allocation on the shipping path otherwise
+        const done = this.#devWaiters.filter((w) => w.devNr === devNr);
+        this.#devWaiters = this.#devWaiters.filter((w) => w.devNr !== devNr);
+        for (const w of done) w.resolve();
+      }
     }
     if (--this.#allInflight === 0) {
       const w = this.#settledWaiters;
