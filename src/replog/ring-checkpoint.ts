@@ -16,11 +16,11 @@
  * numbers make that harmless.
  */
 import { BlockError } from '../core/errors.ts';
-import { MAX_LEFT, MAX_SLINKS, decodeCheckpoint, optional } from './ring-format.ts';
+import { MAX_SLINKS, decodeCheckpoint, optional } from './ring-format.ts';
 import type { Checkpoint } from './ring-format.ts';
 import type { LogDevice } from './ring-io.ts';
 import type { Position } from './ring-index.ts';
-import type { CheckpointState, SlinkPosition } from './types.ts';
+import { CHECKPOINT_MAX_LEFT, type CheckpointState, type SlinkPosition } from './types.ts';
 
 /** The newest valid checkpoint of the log `uuid` among `slots`, or null when none is valid. */
 export function newestCheckpoint(slots: readonly Buffer[], uuid: Buffer): Checkpoint | null {
@@ -74,7 +74,7 @@ export function checkState(state: CheckpointState, head: number): void {
   inRange(state.left?.map((l) => l.dev), 255, 'device number (left)');
   for (const l of state.left ?? []) position(`device ${l.dev} left at seq`, l.seq);
   if (new Set(state.left?.map((l) => l.dev)).size !== (state.left?.length ?? 0)) bad('a device that left appears twice');
-  if ((state.left?.length ?? 0) > MAX_LEFT) bad(`${state.left!.length} devices that left (at most ${MAX_LEFT})`);
+  if ((state.left?.length ?? 0) > CHECKPOINT_MAX_LEFT) bad(`${state.left!.length} devices that left (at most ${CHECKPOINT_MAX_LEFT})`);
   inRange(state.forgotten, 255, 'device number (forgotten)');
   inRange(state.verify, 63, 'slink to verify');
 }

@@ -61,7 +61,7 @@ const LEFT_COUNT_AT = 3176;
 const LEFT_AT = 3184;
 const LEFT_BYTES = 12;
 /** the records of devices that left that a checkpoint holds (they fit before the CRC) */
-export const MAX_LEFT = CHECKPOINT_MAX_LEFT;
+const MAX_LEFT = CHECKPOINT_MAX_LEFT;
 if (LEFT_AT + MAX_LEFT * LEFT_BYTES > BLOCK_CRC_AT) throw new Error('checkpoint slot layout: the devices that left overlap the CRC');
 const TWO32 = 4294967296;
 

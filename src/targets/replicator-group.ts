@@ -121,7 +121,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   /**
    * After a restart, devices with entries in the ring (not of a device that left) → the seq
    * of the last one, until they bind: a site behind that seq cannot ship, nor mark, past it
-   * before they do (#blockedBy)
+   * before they do (#unboundAhead)
    */
   readonly #unboundKept = new Map<number, number>();
   /** devices whose bind runs (replay, verification): not to be forgotten meanwhile */
@@ -206,8 +206,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     const r = b.remotes.get(slink);
     const key = `${slink}:${b.devNr}`;
     if (!r || this.#verified.has(key)) return false;
-    allOutOfSync(r.dlog);
-    await r.dlog.flush();
+    await allOutOfSyncDurably(r.dlog);
     this.#verified.add(key);
     return true;
   }
@@ -450,12 +449,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     for (const slink of this.#verifySlinks) if (await this.#verifyWhole(slink, b)) verify = true;
     // a device forgotten: no site was sent its writes since, so every site of it is verified whole
     const forgotten = this.#forgotten.has(b.devNr);
-    if (forgotten) {
-      for (const r of b.remotes.values()) {
-        allOutOfSync(r.dlog);
-        await r.dlog.flush();
-      }
-    }
+    if (forgotten) for (const r of b.remotes.values()) await allOutOfSyncDurably(r.dlog);
     this.#bindings.set(b.devNr, b);
     this.#knownDevs.add(b.devNr);
     this.#unboundKept.delete(b.devNr);
@@ -504,10 +498,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       // device takes the number later), and from the next checkpoint on so does a restart. A
       // site that could not record them has lost them: as after `forget`, a device loaded
       // with that number later is verified whole at every site.
-      if (!released) this.#forgotten.add(b.devNr);
-      for (const s of this.sites) s.skip(b.devNr, head);
-      this.#knownDevs.delete(b.devNr);
-      this.#left.set(b.devNr, head);
+      this.#leave(b.devNr, head, !released);
     } finally {
       this.#unbinding.delete(b.devNr);
     }
@@ -725,7 +716,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       if (!freed) await sleep(2); // local writes in flight hold the tail
       return;
     }
-    if (this.#blockedBy(holder) !== null) {
+    if (!this.#unboundAhead(holder).next().done) {
       if (!freed) await sleep(5); // it cannot go past an entry of a device not loaded (nor mark it): writers wait (#heldBy)
       return;
     }
@@ -755,9 +746,7 @@ export class ReplicatorGroup implements Target, SiteHost {
   #heldBy(): void {
     const devs = new Set<number>();
     if (this.#replayPending.size > 0 && this.log.tail >= this.#replayFrom) for (const d of this.#replayPending) devs.add(d);
-    for (const s of this.sites) {
-      for (const [d, last] of this.#unboundKept) if (last > s.watermark && !this.#bindings.has(d)) devs.add(d);
-    }
+    for (const s of this.sites) for (const d of this.#unboundAhead(s)) devs.add(d);
     const list = [...devs].sort((a, b) => a - b).join(', ');
     if (list === '') {
       this.#heldSaid = '';
@@ -771,10 +760,9 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.event(`replication log full: ${n} not loaded since the restart holds it (its logged writes wait for its replicator-dev; 'forget <dev#>' gives them up); writers wait`);
   }
 
-  /** a device not bound since the restart whose entries `site` has yet to ship or mark (null: none) */
-  #blockedBy(site: Site): number | null {
-    for (const [d, last] of this.#unboundKept) if (last > site.watermark && !this.#bindings.has(d)) return d;
-    return null;
+  /** the devices not bound since the restart whose entries `site` has yet to ship or mark */
+  *#unboundAhead(site: Site): Generator<number> {
+    for (const [d, last] of this.#unboundKept) if (last > site.watermark && !this.#bindings.has(d)) yield d;
   }
 
   /**
@@ -786,17 +774,26 @@ export class ReplicatorGroup implements Target, SiteHost {
    */
   async forget(devNr: number): Promise<void> {
     const replay = this.#replayPending.delete(devNr);
-    this.#knownDevs.delete(devNr);
-    this.#left.set(devNr, this.#head);
-    this.#forgotten.add(devNr);
     this.#unboundKept.delete(devNr);
-    for (const s of this.sites) s.skip(devNr, this.#head);
+    this.#leave(devNr, this.#head, true);
     await this.checkpointNow();
     if (this.#cpError) {
       // in effect in this run; after a restart its entries are waited for again (forget again then)
       throw new BlockError('EIO', `${this.ctx.device}: device ${devNr} is forgotten until the daemon stops, not for good: the checkpoint recording it failed: ${this.#cpError.message}`);
     }
     this.event(`device ${devNr} forgotten: ${replay ? 'its logged writes not yet on its local device are dropped, and ' : ''}no site is sent its logged writes; if it is loaded again, every site verifies it whole (checksum resync)`);
+  }
+
+  /**
+   * Device `devNr` leaves the group, its entries up to `head` with it: every site skips them
+   * from now on, and checkpoints keep that (#left). `forgotten`: no site was sent them (nor
+   * marked them), so a device bound with that number later is verified whole at every site.
+   */
+  #leave(devNr: number, head: number, forgotten: boolean): void {
+    for (const s of this.sites) s.skip(devNr, head);
+    this.#knownDevs.delete(devNr);
+    this.#left.set(devNr, head);
+    if (forgotten) this.#forgotten.add(devNr);
   }
 
   /** `forget`'s check: null when `devNr` may be forgotten, else why not */
@@ -1048,6 +1045,12 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     return total > 0 ? { work, doneSectors: done, totalSectors: total } : null;
   }
+}
+
+/** every region of `dlog` out of sync, flushed */
+async function allOutOfSyncDurably(dlog: DirtyLog): Promise<void> {
+  allOutOfSync(dlog);
+  await dlog.flush();
 }
 
 function sleep(ms: number): Promise<void> {

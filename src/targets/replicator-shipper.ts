@@ -191,12 +191,12 @@ export class Shipper {
       // forgotten) is skipped, even if its number is bound again (another device); a device
       // not bound (after a restart, until its replicator-dev is loaded) is waited for
       let b = this.#host.binding(e.devNr);
-      while (!b && e.seq > (this.#skip.get(e.devNr) ?? 0) && gen === this.#gen) {
+      while (!b && !this.#skipped(e) && gen === this.#gen) {
         await Promise.race([this.#host.whenBound(e.devNr), new Promise<void>((r) => (this.#wake = r))]);
         b = this.#host.binding(e.devNr);
       }
       if (gen !== this.#gen) return;
-      if (!b || e.seq <= (this.#skip.get(e.devNr) ?? 0)) {
+      if (!b || this.#skipped(e)) {
         pending = null;
         this.#issued = e.seq;
         this.#complete(e);
@@ -222,6 +222,11 @@ export class Shipper {
       epoch = e.epoch;
       this.#ship(gen, e, b);
     }
+  }
+
+  /** an entry of a device that left the group (Shipper.skip) */
+  #skipped(e: ReplogEntry): boolean {
+    return e.seq <= (this.#skip.get(e.devNr) ?? 0);
   }
 
   #ship(gen: number, e: ReplogEntry, b: DevBinding): void {

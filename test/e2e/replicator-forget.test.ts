@@ -77,6 +77,16 @@ async function writeBlocks(grp: Group, vol: string, n: number, model?: Model): P
 
 const file = (f: string): Buffer => fs.readFileSync(f);
 
+/** a group of two whose site has missed (slink suspended) 10 writes of vol1, then `vol0Writes` of vol0; with vol0's model */
+async function siteBehind(vol0Writes: number): Promise<{ grp: Group; model0: Model }> {
+  const grp = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+  await grp.dm.message('repl', 0, ['slink', 'suspend', '1']);
+  const model0 = new Model(4096);
+  await writeBlocks(grp, 'vol1', 10);
+  await writeBlocks(grp, 'vol0', vol0Writes, model0);
+  return { grp, model0 };
+}
+
 /** a group whose site is slow, 60 writes of vol1 (and 30 of vol0) behind at the site, and vol1's remove begun (not awaited) */
 async function removeBehindSlowSite(): Promise<{ grp: Group; removing: Promise<unknown> }> {
   const grp = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
@@ -145,11 +155,8 @@ describe('replicator: devices not loaded after a restart', () => {
   });
 
   it('a device removed while the site was behind is not waited for after a restart: the site ships the others\' writes', async () => {
-    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
-    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
-    const model0 = new Model(4096);
-    await writeBlocks(g, 'vol1', 10);
-    await writeBlocks(g, 'vol0', 10, model0);
+    const { grp, model0 } = await siteBehind(10);
+    g = grp;
     await g.dm.remove('vol1'); // its entries go to its dirty log; the site skips them
     await writeBlocks(g, 'vol0', 10, model0);
     g = await reopen(g, [0]);
@@ -222,11 +229,8 @@ describe('replicator: devices not loaded after a restart', () => {
   });
 
   it('a device removed while its replicator is suspended is recorded as left at once: a SIGKILL before the resume does not make the restart wait for it', async () => {
-    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
-    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
-    const model0 = new Model(4096);
-    await writeBlocks(g, 'vol1', 10);
-    await writeBlocks(g, 'vol0', 5, model0);
+    const { grp, model0 } = await siteBehind(5);
+    g = grp;
     await g.dm.suspend('repl');
     await g.dm.remove('vol1');
     const killed = snapshot(g); // SIGKILL while the replicator is suspended
