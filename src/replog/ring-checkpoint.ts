@@ -20,7 +20,7 @@ import { MAX_SLINKS, decodeCheckpoint, optional } from './ring-format.ts';
 import type { Checkpoint } from './ring-format.ts';
 import type { LogDevice } from './ring-io.ts';
 import type { Position } from './ring-index.ts';
-import { CHECKPOINT_MAX_LEFT, type CheckpointState, type SlinkPosition } from './types.ts';
+import { CHECKPOINT_MAX_ACTIVE, CHECKPOINT_MAX_LEFT, type CheckpointState, type SlinkPosition } from './types.ts';
 
 /** The newest valid checkpoint of the log `uuid` among `slots`, or null when none is valid. */
 export function newestCheckpoint(slots: readonly Buffer[], uuid: Buffer): Checkpoint | null {
@@ -77,6 +77,11 @@ export function checkState(state: CheckpointState, head: number): void {
   if ((state.left?.length ?? 0) > CHECKPOINT_MAX_LEFT) bad(`${state.left!.length} devices that left (at most ${CHECKPOINT_MAX_LEFT})`);
   inRange(state.forgotten, 255, 'device number (forgotten)');
   inRange(state.verify, 63, 'slink to verify');
+  const act = state.activity;
+  if (act) {
+    if (act.extents.length > CHECKPOINT_MAX_ACTIVE) bad(`${act.extents.length} activity-log extents (at most ${CHECKPOINT_MAX_ACTIVE})`);
+    inRange(act.extents, 0xffffffff, 'activity-log extent');
+  }
 }
 
 /** A frozen copy of `state` (the caller may reuse its objects). */
@@ -88,6 +93,7 @@ export function copyState(state: CheckpointState): CheckpointState {
     ...optional({ epoch: state.epoch, verify: sorted(state.verify), boot: state.boot, quiesced: state.quiesced, devices: sorted(state.devices),
       left: Object.freeze([...(state.left ?? [])].sort((a, b) => a.dev - b.dev).map((l) => Object.freeze({ dev: l.dev, seq: l.seq }))),
       forgotten: sorted(state.forgotten),
+      activity: state.activity ? Object.freeze({ extents: sorted(state.activity.extents), incomplete: state.activity.incomplete }) : undefined,
     }),
   });
 }

@@ -17,7 +17,7 @@
  *   48 u64 sector            56 u64 sectors      64 u64 time ms 72 u32 CRC of entry seq − 1
  */
 import { crc32c } from '@node-rs/crc32';
-import { CHECKPOINT_MAX_LEFT, type CheckpointState, type ReplogOp, type SlinkPosition } from './types.ts';
+import { CHECKPOINT_MAX_ACTIVE, CHECKPOINT_MAX_LEFT, type CheckpointState, type ReplogOp, type SlinkPosition } from './types.ts';
 
 export const FORMAT_VERSION = 1;
 export const LOG_MAGIC = Buffer.from('DMKRLOG\0', 'latin1');
@@ -63,6 +63,13 @@ const LEFT_BYTES = 12;
 /** the records of devices that left that a checkpoint holds (they fit before the CRC) */
 const MAX_LEFT = CHECKPOINT_MAX_LEFT;
 if (LEFT_AT + MAX_LEFT * LEFT_BYTES > BLOCK_CRC_AT) throw new Error('checkpoint slot layout: the devices that left overlap the CRC');
+/** the activity log: u32 count, u8 flags (bit 0 kept, bit 1 incomplete), 3 zero bytes, then u32 keys */
+const ACTIVE_COUNT_AT = 1104;
+const ACTIVE_FLAGS_AT = 1108;
+const ACTIVE_AT = 1112;
+const ACTIVE_KEPT = 1;
+const ACTIVE_INCOMPLETE = 2;
+if (SLINKS_AT + MAX_SLINKS * SLINK_BYTES > ACTIVE_COUNT_AT || ACTIVE_AT + CHECKPOINT_MAX_ACTIVE * 4 > EPOCH_AT) throw new Error('checkpoint slot layout: the activity log overlaps');
 const TWO32 = 4294967296;
 
 const OP_CODES: Readonly<Record<ReplogOp, number>> = { write: 1, discard: 2, 'write-zeroes': 3, flush: 4 };
@@ -223,6 +230,13 @@ export function encodeCheckpoint(cp: Checkpoint, uuid: Buffer): Buffer {
     b.writeUInt32LE(l.dev, LEFT_AT + i * LEFT_BYTES);
     putU64(b, LEFT_AT + i * LEFT_BYTES + 4, l.seq);
   });
+  const act = cp.state.activity;
+  if (act) {
+    if (act.extents.length > CHECKPOINT_MAX_ACTIVE) throw new RangeError(`at most ${CHECKPOINT_MAX_ACTIVE} activity-log extents fit in a checkpoint`);
+    b.writeUInt32LE(act.extents.length, ACTIVE_COUNT_AT);
+    b[ACTIVE_FLAGS_AT] = ACTIVE_KEPT | (act.incomplete ? ACTIVE_INCOMPLETE : 0);
+    act.extents.forEach((k, i) => b.writeUInt32LE(k, ACTIVE_AT + i * 4));
+  }
   b.writeUInt32LE(crc32c(b.subarray(0, BLOCK_CRC_AT)), BLOCK_CRC_AT);
   return b;
 }
@@ -251,6 +265,12 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
     if (dev > 255 || seq < 0) return null;
     left.push({ dev, seq });
   }
+  const activeCount = b.readUInt32LE(ACTIVE_COUNT_AT);
+  const activeFlags = b[ACTIVE_FLAGS_AT]!;
+  if (activeCount > CHECKPOINT_MAX_ACTIVE || activeFlags > (ACTIVE_KEPT | ACTIVE_INCOMPLETE) || (activeFlags === 0 && activeCount > 0)) return null;
+  const extents: number[] = [];
+  for (let i = 0; i < activeCount; i++) extents.push(b.readUInt32LE(ACTIVE_AT + i * 4));
+  const activity = activeFlags & ACTIVE_KEPT ? { extents, incomplete: (activeFlags & ACTIVE_INCOMPLETE) !== 0 } : undefined;
   const cp: Checkpoint = {
     generation: getU64(b, 32), initial: (b.readUInt32LE(8) & CHECKPOINT_INITIAL) !== 0,
     state: {
@@ -258,7 +278,7 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
       ...optional({
         epoch: getU64(b, EPOCH_AT), verify: bitsOf(b.subarray(VERIFY_AT, VERIFY_AT + 8)), boot: b.toString('hex', BOOT_AT, BOOT_AT + 16),
         quiesced: b[QUIESCED_AT] === 1, devices: bitsOf(b.subarray(DEVICES_AT, DEVICES_AT + 32)),
-        left, forgotten: bitsOf(b.subarray(FORGOTTEN_AT, FORGOTTEN_AT + 32)),
+        left, forgotten: bitsOf(b.subarray(FORGOTTEN_AT, FORGOTTEN_AT + 32)), activity,
       }),
     },
     tailSeq: getU64(b, 48), tailOffset: getU64(b, 56),
@@ -268,14 +288,15 @@ export function decodeCheckpoint(b: Buffer, uuid: Buffer): Checkpoint | null {
   return cp;
 }
 
-type Optional = Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced' | 'devices' | 'left' | 'forgotten'>;
+type Optional = Pick<CheckpointState, 'epoch' | 'verify' | 'boot' | 'quiesced' | 'devices' | 'left' | 'forgotten' | 'activity'>;
 
-/** a state's optional members, only those set (0, empty, a boot id of zeroes and false leave theirs out, as a caller that keeps none wrote it) */
+/** a state's optional members, only those set (0, empty, a boot id of zeroes and false leave theirs out, as a caller that keeps none wrote it; an activity log kept is kept, empty or not) */
 export function optional(o: Optional): Optional {
   return {
     ...(o.epoch ? { epoch: o.epoch } : {}), ...(o.verify?.length ? { verify: o.verify } : {}),
     ...(o.boot && /[1-9a-f]/.test(o.boot) ? { boot: o.boot } : {}), ...(o.quiesced ? { quiesced: true } : {}), ...(o.devices?.length ? { devices: o.devices } : {}),
     ...(o.left?.length ? { left: o.left } : {}), ...(o.forgotten?.length ? { forgotten: o.forgotten } : {}),
+    ...(o.activity ? { activity: o.activity } : {}),
   };
 }
 

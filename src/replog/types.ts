@@ -75,6 +75,9 @@ export interface SlinkPosition {
 /** The devices that left (CheckpointState.left) a checkpoint holds at most. */
 export const CHECKPOINT_MAX_LEFT = 75;
 
+/** The activity-log extents (CheckpointState.activity) a checkpoint holds at most. */
+export const CHECKPOINT_MAX_ACTIVE = 490;
+
 /** What the replicator persists in a checkpoint, and gets back from `recover`. */
 export interface CheckpointState {
   /** every entry with seq ≤ localDone has completed on its local device */
@@ -112,6 +115,15 @@ export interface CheckpointState {
    * of their writes since, so when one binds again every site of it is verified whole. Absent: none
    */
   readonly forgotten?: readonly number[];
+  /**
+   * The replicator's activity log (src/targets/replicator-activity.ts): the extents that may
+   * hold writes not yet durable on the local devices or in the log, as keys (device number
+   * × 2^24 + extent index), at most CHECKPOINT_MAX_ACTIVE; `incomplete`: writes outside them
+   * may be too. After a power loss only those extents are verified at the sites (all of
+   * them when incomplete). Absent: not kept (an older log, or the group keeps none): every
+   * site is then verified whole
+   */
+  readonly activity?: { readonly extents: readonly number[]; readonly incomplete: boolean };
 }
 
 /** The outcome of opening a log's contents (`recover`). */

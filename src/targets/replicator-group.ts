@@ -31,6 +31,7 @@ import { groupMessage } from './replicator-messages.ts';
 import { ResyncControl } from './resync-control.ts';
 import type { Site } from './replicator-site.ts';
 import { groupStatus, groupStatusJson } from './replicator-status.ts';
+import { ActivityLog, EXTENT_SECTORS, LAST_EXTENT, extentsByDevice } from './replicator-activity.ts';
 import type { DevBinding, SiteHost } from './replicator-types.ts';
 
 const TICK_MS = 100;
@@ -141,14 +142,23 @@ export class ReplicatorGroup implements Target, SiteHost {
   #heldSaid = '';
   /** the state last handed to the log (or recovered): positions known durable */
   #cpState: CheckpointState = { localDone: 0, slinks: [] };
+  /** the extents that may hold writes not yet durable here (replicator-activity.ts) */
+  readonly activity: ActivityLog;
+  /**
+   * What a pending verification compares, by device: the extents the activity log held when
+   * the log was cut off (they stay pinned meanwhile); null: every region
+   */
+  #verifyScope: Map<number, number[]> | null = null;
 
-  constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[], role: GroupRole) {
+  /** `activityExtents`: the activity log's size (0: none kept; after a power loss every site is verified whole) */
+  constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[], role: GroupRole, activityExtents: number) {
     this.ctx = ctx;
     this.log = log;
     this.logger = ctx.log;
     this.local = local;
     this.sites = sites;
     this.role = role;
+    this.activity = new ActivityLog({ persist: () => this.#persistActivity(), flushAll: () => this.#flushAll() }, activityExtents);
   }
 
   // ---- roles (failover; docs/howto/failover.md) ----
@@ -192,23 +202,36 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.#verifySlinks.add(slink);
     this.#verifyPending.add(slink);
     let marked = 0;
-    for (const b of this.#bindings.values()) if (await this.#verifyWhole(slink, b)) marked++;
+    for (const b of this.#bindings.values()) if (await this.#verifyMark(slink, b)) marked++;
     // durable before the site goes back: a crash after that must not forget the verification
     await this.#persistFlags(this.#state === 'suspended');
     const seq = site.watermark;
-    this.event(`slink ${slink}: the site applied entries this log no longer has (up to ${Math.max(pos.applied, pos.started)}, head ${head}: lost here, a power loss before the log was flushed?); its position goes back to ${seq} and every region is verified (checksum resync)`);
+    this.event(`slink ${slink}: the site applied entries this log no longer has (up to ${Math.max(pos.applied, pos.started)}, head ${head}: lost here, a power loss before the log was flushed?); its position goes back to ${seq} and ${this.#verifyWhat()} verified (checksum resync)`);
     if (marked > 0) site.requestResync(false, true);
     return { seq, epoch: await epochOf(this.log, seq) };
   }
 
-  /** every region of device `b` at `slink` out of sync, durably, once per process; whether it was done now */
-  async #verifyWhole(slink: number, b: DevBinding): Promise<boolean> {
+  /**
+   * The regions of device `b` a verification at `slink` compares out of sync, durably, once
+   * per process: every region, or those of the extents in #verifyScope; whether it was done now
+   */
+  async #verifyMark(slink: number, b: DevBinding): Promise<boolean> {
     const r = b.remotes.get(slink);
     const key = `${slink}:${b.devNr}`;
     if (!r || this.#verified.has(key)) return false;
-    await allOutOfSyncDurably(r.dlog);
+    if (this.#verifyScope === null) allOutOfSync(r.dlog);
+    else markExtents(r.dlog, this.#verifyScope.get(b.devNr) ?? []);
+    await r.dlog.flush();
     this.#verified.add(key);
     return true;
+  }
+
+  /** what a verification compares, for an event */
+  #verifyWhat(): string {
+    if (this.#verifyScope === null) return 'every region is';
+    let n = 0;
+    for (const list of this.#verifyScope.values()) n += list.length;
+    return `the ${n} extent(s) of 4 MiB the activity log held are`;
   }
 
   /**
@@ -221,9 +244,35 @@ export class ReplicatorGroup implements Target, SiteHost {
     // not queued behind a running checkpoint (it may wait on a site that is connecting):
     // the state is taken and handed to the log in one step, as #checkpoint does, so the log
     // (which writes checkpoints in call order) never gets older positions after newer ones
-    const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced, ...this.#members() };
+    const [activity, version] = this.#activityPart();
+    const state = { ...this.#cpState, epoch: this.#epoch, verify: [...this.#verifyPending], ...BOOT, quiesced, ...this.#members(), ...activity };
     this.#cpState = state;
     await this.log.checkpoint(state);
+    this.activity.persisted(version);
+  }
+
+  /** the activity log for a checkpoint taken now (absent when none is kept), and its version */
+  #activityPart(): [Pick<CheckpointState, 'activity'>, number] {
+    if (this.activity.capacity === 0) return [{}, 0];
+    // a pending verification of every region: recovery must not narrow it to the extents
+    const s = this.activity.snapshot(this.#verifyPending.size > 0 && this.#verifyScope === null);
+    return [{ activity: { extents: s.extents, incomplete: s.incomplete } }, s.version];
+  }
+
+  /** ActivityHost.persist: writes wait for a checkpoint that holds their extents */
+  #persistActivity(): Promise<void> {
+    if (this.#state === 'destroyed') return Promise.reject(new BlockError('ENXIO', `${this.ctx.device}: replicator removed`));
+    return this.#persistFlags(this.#state !== 'active' && this.#cpState.quiesced === true);
+  }
+
+  /** ActivityHost.flushAll: the local devices and the log flushed; every entry up to the seq returned is durable */
+  async #flushAll(): Promise<number> {
+    const done = this.#localDone();
+    await this.#flushLocalAndLog().catch((err: Error) => {
+      this.logger.limited('activity', `${this.ctx.device}: activity log: flush of the local devices and the log failed: ${err.message}`);
+      throw err;
+    });
+    return done;
   }
 
   /** the group's devices, those that left with entries perhaps still kept, and those forgotten: for a checkpoint */
@@ -256,6 +305,11 @@ export class ReplicatorGroup implements Target, SiteHost {
         return this.#verified.has(`${slink}:${d}`) || (b !== undefined && !b.remotes.has(slink));
       });
       if (!site || (done && site.mode === 'ship' && site.outOfSync() === 0)) this.#verifyPending.delete(slink);
+    }
+    if (this.#verifyPending.size === 0 && this.activity.pinned > 0) {
+      // verified: the extents recovered after the power loss may go, and a later verdict compares everything
+      this.activity.unpin();
+      this.#verifyScope = null;
     }
     return [...this.#verifyPending];
   }
@@ -446,7 +500,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     // sites to verify whole: marked (and flushed) before the device's resyncs start, by checksum
     let verify = false;
-    for (const slink of this.#verifySlinks) if (await this.#verifyWhole(slink, b)) verify = true;
+    for (const slink of this.#verifySlinks) if (await this.#verifyMark(slink, b)) verify = true;
     // a device forgotten: no site was sent its writes since, so every site of it is verified whole
     const forgotten = this.#forgotten.has(b.devNr);
     if (forgotten) for (const r of b.remotes.values()) await allOutOfSyncDurably(r.dlog);
@@ -554,6 +608,21 @@ export class ReplicatorGroup implements Target, SiteHost {
     // the hold is checked again after the wait: hold() may have begun between #admit's
     // return and this continuation, and must see this write counted or not started
     do await this.#admit(); while (this.#holdP);
+    // its extents in the activity log, durably, before it is logged or written anywhere
+    const act = this.activity.capacity > 0 && bio.op !== 'flush';
+    let held = true;
+    if (act) {
+      const entered = this.activity.enter(b.devNr, bio.sector, bio.sectors);
+      if (entered !== true) {
+        held = await entered;
+        try {
+          do await this.#admit(); while (this.#holdP); // (a hold may have begun meanwhile)
+        } catch (err) {
+          this.activity.leave(b.devNr, bio.sector, bio.sectors, this.#head, held);
+          throw err;
+        }
+      }
+    }
     this.#noteWrite();
     const appStarted = this.resyncControl.appStart(); // after admit: writers held by a resync are not counted
     this.#appending++;
@@ -571,6 +640,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     } catch (err) {
       if (entered) gate!.leave(region);
       this.resyncControl.appEnd(appStarted);
+      if (act) this.activity.leave(b.devNr, bio.sector, bio.sectors, this.#head, held);
       throw err;
     } finally {
       if (--this.#appending === 0) this.#wakeAppenders();
@@ -602,6 +672,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       if (waits.length) await Promise.all(waits);
     } finally {
       this.#localInflight.delete(seq);
+      if (act) this.activity.leave(b.devNr, bio.sector, bio.sectors, seq, held);
       if (entered) gate!.leave(region);
       this.#epochDone = true;
       this.resyncControl.appEnd(appStarted);
@@ -843,13 +914,17 @@ export class ReplicatorGroup implements Target, SiteHost {
       const clean = (quiesced ?? this.#state === 'suspended') && !this.#unflushedLeft;
       // the flushes run together (measured at 1 MiB writes: one after the other they took
       // ~20 ms each, and writers waited for ring space), then the checkpoint is written
-      const [slinks] = await Promise.all([
+      const [slinks, flushed] = await Promise.all([
         Promise.all(this.sites.map((s) => s.position())),
-        durable || clean || !this.#heldHere() ? this.#flushLocalAndLog() : null,
+        durable || clean || !this.#heldHere() ? this.#flushLocalAndLog().then(() => true) : false,
       ]);
-      const state = { localDone, slinks, epoch, verify: this.#stillToVerify(), ...BOOT, quiesced: clean, ...this.#members() };
+      if (flushed) this.activity.flushed(localDone);
+      const verify = this.#stillToVerify();
+      const [activity, version] = this.#activityPart();
+      const state = { localDone, slinks, epoch, verify, ...BOOT, quiesced: clean, ...this.#members(), ...activity };
       this.#cpState = state;
       await this.log.checkpoint(state);
+      this.activity.persisted(version);
       // entries behind the new tail that no ship still reads: the log may reuse their memory
       let held = Infinity;
       for (const s of this.sites) held = Math.min(held, s.oldestHeld);
@@ -951,12 +1026,21 @@ export class ReplicatorGroup implements Target, SiteHost {
     for (const d of rec.state?.forgotten ?? []) this.#forgotten.add(d);
     for (const [d, seq] of this.#left) for (const s of this.sites) s.skip(d, seq);
     const verify = new Set(rec.state?.verify ?? []);
+    // the activity log recovered: the extents that may hold writes not durable here when the
+    // checkpoint was written (null: none kept, or incomplete). They stay until a flush covers
+    // what was written to them; while a verification is pending they are what it compares,
+    // and stay until it is over
+    const act = st?.activity && !st.activity.incomplete ? st.activity.extents : null;
+    const pin = act !== null && (cutOff || verify.size > 0);
+    this.activity.restore(act, rec.head, pin);
+    if (pin) this.#verifyScope = extentsByDevice(act);
     if (cutOff) {
       // cut off by a power loss or a machine crash (docs/formats/replog.md): the log's
       // unflushed tail may be gone while sites got some of it, and the local devices may hold
-      // writes whose entries are gone: every site is verified whole
+      // writes whose entries are gone: every site is verified, in the extents of the activity
+      // log (every write since the last full flush went to one of them), or whole
       for (const s of this.sites) verify.add(s.slink);
-      this.event(`the replication log was not closed cleanly in an earlier boot (a power loss or a machine crash): writes since its last flush may be lost here or held by a site only; every site is verified whole (checksum resync)`);
+      this.event(`the replication log was not closed cleanly in an earlier boot (a power loss or a machine crash): writes since its last flush may be lost here or held by a site only; at every site ${this.#verifyWhat()} verified (checksum resync)`);
     }
     for (const n of verify) {
       this.#verifySlinks.add(n);
@@ -1055,6 +1139,17 @@ async function allOutOfSyncDurably(dlog: DirtyLog): Promise<void> {
 
 function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
+}
+
+/** mark the regions of `dlog` that overlap activity-log extents `extents` (LAST_EXTENT: it and the rest of the device); returns how many */
+function markExtents(dlog: DirtyLog, extents: readonly number[]): number {
+  let n = 0;
+  for (const x of extents) {
+    const first = Math.floor((x * EXTENT_SECTORS) / dlog.regionSize);
+    const end = x === LAST_EXTENT ? dlog.regionCount : Math.ceil(((x + 1) * EXTENT_SECTORS) / dlog.regionSize);
+    for (let r = first; r < Math.min(end, dlog.regionCount); r++) if (outOfSync(dlog, r)) n++;
+  }
+  return n;
 }
 
 /** mark the regions of `dlog` that overlap a set bit of `needs` (whose region size may differ); returns how many */

@@ -4,6 +4,7 @@
  */
 import type { StatusType } from '../core/types.ts';
 import { DEFAULT_POLICY, formatSlinkParams } from '../slink/params.ts';
+import { MAX_EXTENTS } from './replicator-activity.ts';
 import type { ReplicatorGroup } from './replicator-group.ts';
 import type { Site } from './replicator-site.ts';
 
@@ -16,7 +17,8 @@ export function groupStatus(g: ReplicatorGroup, type: StatusType): string {
   const replog = g.log.status('table');
   const words = [g.log.type, String(countWords(replog)), replog];
   words.push(slinkTable(g.local.type, formatSlinkParams({
-    slink: g.local.slink, policy: DEFAULT_POLICY, policyText: null, fallBehind: null, fallBehindText: null, options: g.local.options(),
+    slink: g.local.slink, policy: DEFAULT_POLICY, policyText: null, fallBehind: null, fallBehindText: null,
+    options: g.activity.capacity === MAX_EXTENTS ? g.local.options() : [...g.local.options(), `al-extents=${g.activity.capacity}`],
   })));
   for (const s of g.sites) words.push(slinkTable(s.link.type, siteParams(s)));
   return words.join(' ');
@@ -45,6 +47,7 @@ export function groupStatusJson(g: ReplicatorGroup): unknown {
     ...g.role.toJson(),
     statistics: g.stats,
     resyncControl: g.resyncControl.status(),
+    activityLog: { extents: g.activity.size, maxExtents: g.activity.capacity, pinned: g.activity.pinned, ...g.activity.stats },
     sites: [
       { slink: g.local.slink, type: g.local.type, state: 'local', stateChar: 'S' },
       ...g.sites.map((s) => ({

@@ -58,6 +58,9 @@ const REPLICATOR_CASES: Case[] = [
   [`${OK_LOG} blockdev 1 0 blockdev 4 1 async timeout 5y`, "slink 1: invalid fall-behind timeout '5y' (expected <N>[t|s|m|h|d])"],
   [`${OK_LOG} blockdev 1 0 blockdev 3 1 async ios=0`, "slink 1: invalid fall-behind ios '0' (expected a positive integer <N>)"],
   [`${OK_LOG} blockdev 1 0 blockdev 2 1 frob=1`, "slink 1: unknown blockdev option 'frob' (expected retest=…)"],
+  [`${OK_LOG} blockdev 2 0 al-extents=491 blockdev 1 1`, "slink 0: invalid al-extents '491' (expected 0 to 490: extents of 4 MiB in the activity log; 0 keeps none)"],
+  [`${OK_LOG} blockdev 2 0 al-extents=x blockdev 1 1`, "slink 0: invalid al-extents 'x' (expected 0 to 490: extents of 4 MiB in the activity log; 0 keeps none)"],
+  [`${OK_LOG} blockdev 1 0 blockdev 2 1 al-extents=8`, "slink 1: unknown blockdev option 'al-extents' (expected retest=…)"],
   [`${OK_LOG} blockdev 1 0 blockdev 2 1 retest=0`, "slink 1: invalid retest '0' (expected seconds, an integer from 1 to 2147483)"],
 ];
 

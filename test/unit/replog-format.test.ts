@@ -100,6 +100,37 @@ describe('ringbuffer format: checkpoints', () => {
     expect(decodeCheckpoint(plain, UUID)!.state).toEqual(cp.state); // no epoch, no verify: as an older log
   });
 
+  it('keeps the activity log at bytes 1104 … 3071: count, flags (kept, incomplete), u32 keys; none kept reads as absent, kept and empty as kept', () => {
+    const keys = [0, 5, 255 * 2 ** 24 + 0xffffff];
+    const withAl: Checkpoint = { ...cp, state: { ...cp.state, activity: { extents: keys, incomplete: false } } };
+    const b = encodeCheckpoint(withAl, UUID);
+    expect([b.readUInt32LE(1104), b[1108], b.readUInt32LE(1112), b.readUInt32LE(1116), b.readUInt32LE(1120)]).toEqual([3, 1, 0, 5, 0xffffffff]);
+    expect(decodeCheckpoint(b, UUID)).toEqual(withAl);
+    const incomplete: Checkpoint = { ...cp, state: { ...cp.state, activity: { extents: [], incomplete: true } } };
+    const bi = encodeCheckpoint(incomplete, UUID);
+    expect([bi.readUInt32LE(1104), bi[1108]]).toEqual([0, 3]);
+    expect(decodeCheckpoint(bi, UUID)).toEqual(incomplete);
+    const empty: Checkpoint = { ...cp, state: { ...cp.state, activity: { extents: [], incomplete: false } } };
+    expect(decodeCheckpoint(encodeCheckpoint(empty, UUID), UUID)!.state.activity).toEqual({ extents: [], incomplete: false });
+    expect(decodeCheckpoint(encodeCheckpoint(cp, UUID), UUID)!.state.activity).toBeUndefined(); // an older log: none kept
+    const full = Array.from({ length: 490 }, (_, i) => i);
+    const bf = encodeCheckpoint({ ...cp, state: { ...cp.state, activity: { extents: full, incomplete: false } } }, UUID);
+    expect(bf.readUInt32LE(3068)).toBe(489); // the last key ends where the epoch begins
+    expect(() => encodeCheckpoint({ ...cp, state: { ...cp.state, activity: { extents: [...full, 490], incomplete: false } } }, UUID)).toThrow(RangeError);
+    // impossible counts and flags are refused even with a matching CRC
+    for (const [at, value] of [[1104, 491], [1108, 4]] as const) {
+      const bad = Buffer.from(b);
+      bad.writeUInt32LE(value, at);
+      if (at === 1108) bad.writeUInt32LE(value, at);
+      bad.writeUInt32LE(crc32c(bad.subarray(0, 4092)), 4092);
+      expect(decodeCheckpoint(bad, UUID), `${at}=${value}`).toBeNull();
+    }
+    const keysWithoutKept = encodeCheckpoint(cp, UUID);
+    keysWithoutKept.writeUInt32LE(2, 1104);
+    keysWithoutKept.writeUInt32LE(crc32c(keysWithoutKept.subarray(0, 4092)), 4092);
+    expect(decodeCheckpoint(keysWithoutKept, UUID)).toBeNull();
+  });
+
   it('refuses a flipped byte, an empty slot, another log\'s slot and too many slinks', () => {
     const b = encodeCheckpoint(cp, UUID);
     for (const at of [0, 9, 20, 33, 50, 64, 90, 1103, 2000, 4093]) {
