@@ -75,6 +75,8 @@ export const r1: Suite = {
     const region = int(ctx, 'region', 1024);
     const refCrc = ctx.opts.refCrc === '1';
     const refFlushMs = int(ctx, 'refFlushMs', 0);
+    // slink 0's al-extents (the activity log; absent: the default)
+    const alExtents = ctx.opts.al === undefined ? null : int(ctx, 'al', 490);
     const solo = ctx.opts.solo !== '0';
     const sectors = Math.floor(ctx.size / 512);
     const span = sectors * 512;
@@ -92,7 +94,7 @@ export const r1: Suite = {
       zeroFile(files.dlog, 1 << 20);
     };
     const spec = (p: Pattern, sides: R1SideName[]): R1Spec => ({
-      mode: 'r1', sides, pattern: p, sectors, logSectors, region, files, refCrc, refFlushMs,
+      mode: 'r1', sides, pattern: p, sectors, logSectors, region, files, refCrc, refFlushMs, alExtents,
       warmupOps: Math.max(p.qd, Math.floor(warmBytes / p.bs)),
     });
     const rows: Row[] = [];
@@ -152,7 +154,7 @@ export const r1: Suite = {
         const trace = {
           rssSampledPeakKiB: median(got.dmkit.map((x) => x.r.rssPeakKiB)),
           site: got.dmkit.map((x) => x.r.site),
-          settings: { logSectors, region, bytesPerSample: ops * p.bs, refCrc, refFlushMs },
+          settings: { logSectors, region, bytesPerSample: ops * p.bs, refCrc, refFlushMs, alExtents },
         };
         const notes = `log ${logSectors} sectors, region ${region} sectors, ${ops} requests per sample`;
         rows.push(Object.assign(row({

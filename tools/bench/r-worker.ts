@@ -37,6 +37,8 @@ export interface R1Spec {
   warmupOps: number;
   refCrc: boolean;
   refFlushMs: number;
+  /** slink 0's al-extents (null: the default) */
+  alExtents: number | null;
 }
 
 export interface R1Command { side: R1SideName; ops: number; seed: number }
@@ -50,6 +52,8 @@ export interface SiteTrace {
   overflows: number;
   resyncedBytes: number;
   shippedBytes: number;
+  /** the activity log during the sample: writes that waited for a checkpoint naming their extent, full flushes run for room, writes outside */
+  activity: { misses: number; flushes: number; outside: number };
 }
 
 export interface R1Result extends RunResult<R1SideName> {
@@ -87,9 +91,10 @@ export interface R3Result {
   maxRssKiB: number;
 }
 
-function siteCounters(dm: DeviceMapper): { overflows: number; resyncedBytes: number; shippedBytes: number } {
+function siteCounters(dm: DeviceMapper): { overflows: number; resyncedBytes: number; shippedBytes: number; activity: { misses: number; flushes: number; outside: number } } {
   const { overflows, site: s } = slink1<{ slink: number; resyncedBytes?: number; shipped?: { bytes: number } }>(dm, 'repl');
-  return { overflows, resyncedBytes: s.resyncedBytes ?? 0, shippedBytes: s.shipped?.bytes ?? 0 };
+  const a = (dm.status('repl')[0]!.detail as { activityLog?: { misses: number; flushes: number; outside: number } }).activityLog;
+  return { overflows, resyncedBytes: s.resyncedBytes ?? 0, shippedBytes: s.shipped?.bytes ?? 0, activity: { misses: a?.misses ?? 0, flushes: a?.flushes ?? 0, outside: a?.outside ?? 0 } };
 }
 
 async function newEngine(): Promise<DeviceMapper> {
@@ -108,7 +113,8 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
   const files: string[] = [];
   let replica: Replica | null = null;
   if (spec.sides.includes('dmkit')) {
-    await dm.create('repl', { table: `0 1 replicator ringbuffer 4 ${f.rlog} 0 auto ${spec.logSectors} blockdev 1 0 blockdev 3 1 async retest=1` });
+    const slink0 = spec.alExtents === null ? 'blockdev 1 0' : `blockdev 2 0 al-extents=${spec.alExtents}`;
+    await dm.create('repl', { table: `0 1 replicator ringbuffer 4 ${f.rlog} 0 auto ${spec.logSectors} ${slink0} blockdev 3 1 async retest=1` });
     const vol: MappedDevice = await dm.create('vol0', {
       table: `0 ${spec.sectors} replicator-dev dm:repl 0 0 1 ${f.local} nolog 0 1 1 ${f.remote} disk 3 ${f.dlog} ${spec.region} nosync`,
     });
@@ -155,6 +161,11 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
         overflows: after.overflows - before!.overflows,
         resyncedBytes: after.resyncedBytes - before!.resyncedBytes,
         shippedBytes: after.shippedBytes - before!.shippedBytes,
+        activity: {
+          misses: after.activity.misses - before!.activity.misses,
+          flushes: after.activity.flushes - before!.activity.flushes,
+          outside: after.activity.outside - before!.activity.outside,
+        },
       };
     }
     return {
