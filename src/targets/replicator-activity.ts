@@ -67,6 +67,8 @@ export interface ActivityHost {
    * it had been appended and written to its local device before the flush began.
    */
   flushAll(): Promise<number>;
+  /** the seq `flushAll` would resolve with if called now (every entry up to it written locally) */
+  done(): number;
 }
 
 interface Extent {
@@ -111,8 +113,10 @@ export class ActivityLog {
   #outside: Outside | null = null;
   #writing: Promise<void> | null = null;
   #flushing: Promise<void> | null = null;
-  /** writes that found an extent not held (each waited for a checkpoint), full flushes run for room, writes outside */
-  readonly stats = { misses: 0, flushes: 0, outside: 0 };
+  /** per device, where its last write ended (-1: none): a write that starts there is sequential */
+  readonly #streamEnd = new Float64Array(256).fill(-1);
+  /** writes that found an extent not held (each waited for a checkpoint), full flushes run for room, writes outside, extents held ahead of a sequential stream */
+  readonly stats = { misses: 0, flushes: 0, outside: 0, prefetched: 0 };
 
   constructor(host: ActivityHost, capacity: number) {
     this.#host = host;
@@ -138,9 +142,13 @@ export class ActivityLog {
   enter(devNr: number, sector: number, sectors: number): true | Promise<boolean> {
     const first = extentKey(devNr, sector);
     const last = extentKey(devNr, sector + Math.max(sectors, 1) - 1);
+    // a sequential stream gets the extent after this one held before it gets there, so that
+    // it does not wait for a checkpoint every 4 MiB (random writes do not: no extra extents)
+    const stream = this.#streamEnd[devNr] === sector;
+    this.#streamEnd[devNr] = sector + sectors;
     for (let k = first; k <= last; k++) {
       const e = this.#extents.get(k);
-      if (e === undefined || e.version > this.#durable) return this.#enterSlow(first, last);
+      if (e === undefined || e.version > this.#durable) return this.#enterSlow(first, last, stream);
     }
     const tick = ++this.#tick;
     for (let k = first; k <= last; k++) {
@@ -148,6 +156,7 @@ export class ActivityLog {
       e.inflight++;
       e.tick = tick;
     }
+    if (stream) this.#ahead(last);
     return true;
   }
 
@@ -168,10 +177,21 @@ export class ActivityLog {
     }
   }
 
-  async #enterSlow(first: number, last: number): Promise<boolean> {
+  /** hold the extent after `key` ahead of a write to it, if there is room without a flush; its checkpoint is written in the background */
+  #ahead(key: number): void {
+    if (key % DEV_FACTOR >= LAST_EXTENT || this.#extents.has(++key)) return;
+    if (this.#extents.size >= this.#limit() && !this.#evictOne()) return;
+    const version = ++this.#version;
+    this.#extents.set(key, { last: 0, inflight: 0, tick: ++this.#tick, version, pinned: false });
+    this.stats.prefetched++;
+    this.#durableAt(version).catch(() => undefined); // (a write to it waits for, or retries, the checkpoint)
+  }
+
+  async #enterSlow(first: number, last: number, stream: boolean): Promise<boolean> {
     this.stats.misses++;
     for (let round = 0; ; round++) {
       if (this.#take(first, last)) {
+        if (stream) this.#ahead(last);
         let version = 0;
         for (let k = first; k <= last; k++) version = Math.max(version, this.#extents.get(k)!.version);
         try {
@@ -182,7 +202,10 @@ export class ActivityLog {
         }
         return true;
       }
-      if (round > 0) return this.#enterOutside(); // a flush begun after the miss made no room: all busy
+      // no room: a flush lets go the extents it would cover. When none would go (every one
+      // busy, pinned, or past what the local devices have done, as while a replay waits), or
+      // a flush begun after the miss made no room, the write goes outside them at once
+      if (round > 0 || this.#mayGo(1, this.#host.done()) === 0) return this.#enterOutside();
       await this.#flushAfterNow();
     }
   }
@@ -222,16 +245,19 @@ export class ActivityLog {
       e.inflight++;
       e.tick = tick;
     }
-    // three quarters full with few that may go: a flush now, so that later misses find room
-    if (!this.#flushing && this.#extents.size * 4 >= this.#limit() * 3 && this.#mayGo(this.#limit() >> 2) < this.#limit() >> 2) void this.#flushSoon();
+    // the extents not pinned three quarters of their room, with few that may go: a flush now,
+    // so that later misses find room
+    const room = this.#limit() - this.#pinned;
+    const quarter = room >> 2;
+    if (!this.#flushing && (this.#extents.size - this.#pinned) * 4 >= room * 3 && this.#mayGo(quarter, this.#flushed) < quarter) void this.#flushSoon();
     return true;
   }
 
-  /** how many extents may go now, counted up to `enough` */
-  #mayGo(enough: number): number {
+  /** how many extents not pinned, with nothing in flight, had their last write by `seq` (may go after a flush that covers it), counted up to `enough` */
+  #mayGo(enough: number, seq: number): number {
     let n = 0;
     for (const e of this.#extents.values()) {
-      if (!e.pinned && e.inflight === 0 && e.last <= this.#flushed && ++n >= enough) break;
+      if (!e.pinned && e.inflight === 0 && e.last <= seq && ++n >= enough) break;
     }
     return n;
   }

@@ -149,6 +149,13 @@ export class ReplicatorGroup implements Target, SiteHost {
    * the log was cut off (they stay pinned meanwhile); null: every region
    */
   #verifyScope: Map<number, number[]> | null = null;
+  /**
+   * Checkpoints say the activity log is incomplete: writes went to a local device past it
+   * (applied as secondary, until a full flush after promote: also while `role.secondary`)
+   */
+  #activityIncomplete = false;
+  /** a device left the group without its local device flushed: the activity log is incomplete for the rest of this process */
+  #leftUnflushed = false;
 
   /** `activityExtents`: the activity log's size (0: none kept; after a power loss every site is verified whole) */
   constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[], role: GroupRole, activityExtents: number) {
@@ -158,7 +165,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.local = local;
     this.sites = sites;
     this.role = role;
-    this.activity = new ActivityLog({ persist: () => this.#persistActivity(), flushAll: () => this.#flushAll() }, activityExtents);
+    this.activity = new ActivityLog({ persist: () => this.#persistActivity(), flushAll: () => this.#flushAll(), done: () => this.#localDone() }, activityExtents);
   }
 
   // ---- roles (failover; docs/howto/failover.md) ----
@@ -255,14 +262,24 @@ export class ReplicatorGroup implements Target, SiteHost {
   #activityPart(): [Pick<CheckpointState, 'activity'>, number] {
     if (this.activity.capacity === 0) return [{}, 0];
     // a pending verification of every region: recovery must not narrow it to the extents
-    const s = this.activity.snapshot(this.#verifyPending.size > 0 && this.#verifyScope === null);
+    const s = this.activity.snapshot((this.#verifyPending.size > 0 && this.#verifyScope === null) || this.role.secondary || this.#activityIncomplete || this.#leftUnflushed);
     return [{ activity: { extents: s.extents, incomplete: s.incomplete } }, s.version];
   }
 
-  /** ActivityHost.persist: writes wait for a checkpoint that holds their extents */
-  #persistActivity(): Promise<void> {
-    if (this.#state === 'destroyed') return Promise.reject(new BlockError('ENXIO', `${this.ctx.device}: replicator removed`));
-    return this.#persistFlags(this.#state !== 'active' && this.#cpState.quiesced === true);
+  /**
+   * ActivityHost.persist: writes wait for a checkpoint that holds their extents. While the
+   * group is not active (suspended, or replaced by a reload) no slot is written: the write
+   * goes on only after resume, whose own checkpoint holds the extents (the activity log asks
+   * again if it did not)
+   */
+  async #persistActivity(): Promise<void> {
+    if (this.#state !== 'active') {
+      if (this.#state === 'destroyed') throw new BlockError('ENXIO', `${this.ctx.device}: replicator removed`);
+      await new Promise<void>((r) => this.#activeWaiters.push(r));
+      return;
+    }
+    // a group quiesced meanwhile (postsuspend) stays so
+    await this.#persistFlags(this.#cpState.quiesced === true);
   }
 
   /** ActivityHost.flushAll: the local devices and the log flushed; every entry up to the seq returned is durable */
@@ -384,10 +401,13 @@ export class ReplicatorGroup implements Target, SiteHost {
     if (!this.role.consistent && !force) {
       throw new BlockError('EPERM', `${this.ctx.device}: not consistent (a resync into it did not finish): promoting it would serve a mix of old and new data; use --force to promote anyway`);
     }
+    // what the receiver applied went past the activity log: incomplete until it is flushed
+    this.#activityIncomplete = true;
     this.role.promote(this.sites.map((s) => s.slink), planned);
     for (const s of this.sites) await s.activate();
     // what the receiver applied is durable here before this side's own writes and light checkpoints begin
     await this.checkpointNow();
+    this.#activityIncomplete = false;
     this.event(`promoted: primary, generation ${this.role.current}`);
   }
 
@@ -572,10 +592,16 @@ export class ReplicatorGroup implements Target, SiteHost {
   async detach(b: DevBinding): Promise<boolean> {
     if (this.#bindings.get(b.devNr) !== b) return false;
     this.#bindings.delete(b.devNr);
-    if (!heldHere(b.local)) return true;
+    if (!heldHere(b.local)) {
+      // not flushed here: its extents may go with later flushes that no longer cover it
+      this.#leftUnflushed = true;
+      return true;
+    }
     await b.local.submit(FLUSH_ENTRY).catch((err: Error) => {
-      // its writes may not be on the disk: no later checkpoint of this run says the log was left cleanly
+      // its writes may not be on the disk: no later checkpoint of this run says the log was
+      // left cleanly, nor that the activity log is complete
       this.#unflushedLeft = true;
+      this.#leftUnflushed = true;
       this.logger.warn(`${b.name}: flush of the local device as it leaves the group failed: ${err.message}`);
     });
     return true;
@@ -635,8 +661,7 @@ export class ReplicatorGroup implements Target, SiteHost {
         if (!gate!.tryEnter(region)) await gate!.enter(region);
         entered = true;
       }
-      seq = await this.#append(b, bio);
-      this.#localInflight.add(seq);
+      seq = await this.#append(b, bio); // (counted in #localInflight by #append)
     } catch (err) {
       if (entered) gate!.leave(region);
       this.resyncControl.appEnd(appStarted);
@@ -746,6 +771,9 @@ export class ReplicatorGroup implements Target, SiteHost {
         // a flush ends its epoch: a write appended while the flush's append is written takes the next
         if (op === 'flush') this.#epochDone = true;
         const seq = await appended;
+        // in flight locally before the head moves: a checkpoint's localDone (and a full flush
+        // that lets activity-log extents go) never counts a write whose local write is not done
+        this.#localInflight.add(seq);
         if (seq > this.#head) this.#head = seq;
         this.#times[seq % TIMES] = Date.now();
         this.appendedSectors += bio.sectors;

@@ -36,10 +36,10 @@
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
-import { crc32c } from '@node-rs/crc32';
 import { afterAll, describe, expect, it } from 'vitest';
 import { ok } from '../helpers/daemon.ts';
 import { BYTES, REGION_BYTES, SECTORS, Site, blank, closeAll, primaryAndReceiver, put, sameAs, until } from './failover-sites.ts';
+import { fromAnotherBoot } from '../helpers/power-loss.ts';
 import { SiteDaemon } from '../helpers/site-daemon.ts';
 
 const extra: SiteDaemon[] = [];
@@ -64,19 +64,6 @@ async function inOrder(a: Site): Promise<void> {
   await until('the site to be in order with nothing to ship', () => a.site(1), (s) => s.mode === 'in-order' && s.lag.ios === 0 && (s as unknown as { resync: unknown }).resync === null);
 }
 
-/**
- * The log's checkpoint slots (sectors 8–15 and 16–23) as written in another boot, and not
- * quiesced: as the checkpoint A's resume wrote (the same positions) after the copy was taken
- */
-function fromAnotherBoot(log: Buffer): void {
-  for (const at of [4096, 8192]) {
-    const slot = log.subarray(at, at + 4096);
-    if (slot.toString('latin1', 0, 8) !== 'DMKRCKP\0') continue;
-    slot.fill(0xee, 3088, 3104); // the boot id (docs/formats/replog.md)
-    slot[3104] = 0; // not quiesced
-    slot.writeUInt32LE(crc32c(slot.subarray(0, 4092)), 4092);
-  }
-}
 
 /**
  * The power loss: copy A's log and image with the group suspended (flushed, checkpointed),

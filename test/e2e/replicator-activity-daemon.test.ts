@@ -20,9 +20,9 @@
 import crypto from 'node:crypto';
 import fs from 'node:fs';
 import path from 'node:path';
-import { crc32c } from '@node-rs/crc32';
 import { afterEach, describe, expect, it } from 'vitest';
 import { ok } from '../helpers/daemon.ts';
+import { fromAnotherBoot } from '../helpers/power-loss.ts';
 import { SiteDaemon } from '../helpers/site-daemon.ts';
 import { until } from './failover-sites.ts';
 
@@ -44,17 +44,6 @@ function blank(f: string, bytes: number): string {
   fs.writeFileSync(f, '');
   fs.truncateSync(f, bytes);
   return f;
-}
-
-/** the checkpoint slots as written in another boot, not quiesced (docs/formats/replog.md) */
-function fromAnotherBoot(log: Buffer): void {
-  for (const at of [4096, 8192]) {
-    const slot = log.subarray(at, at + 4096);
-    if (slot.toString('latin1', 0, 8) !== 'DMKRCKP\0') continue;
-    slot.fill(0xee, 3088, 3104);
-    slot[3104] = 0;
-    slot.writeUInt32LE(crc32c(slot.subarray(0, 4092)), 4092);
-  }
 }
 
 interface Group {
