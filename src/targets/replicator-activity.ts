@@ -17,8 +17,11 @@
  *  - when every extent is busy (in flight, or pinned below), a write goes on outside them and
  *    the checkpoint says the log is incomplete (a power loss then verifies everything) until a
  *    flush covers it;
- *  - after a power loss, the extents recovered are pinned while the sites are verified
- *    against them, so that checkpoints keep naming them until that is done.
+ *  - the extents recovered at a restart are pinned (they stay, named by every checkpoint)
+ *    until the group says so: after a power loss the sites are verified against them, and
+ *    a device not loaded again has not been flushed since; a device that leaves the group
+ *    keeps its extents until the next restart (its last writes are not flushed by later
+ *    flushes, which flush only the devices bound).
  *
  * The hot path (every extent held and durable) counts and allocates nothing but two numbers
  * per extent.
@@ -80,9 +83,12 @@ interface Extent {
   tick: number;
   /** the snapshot version that first holds it: writes wait until one that recent is durable */
   version: number;
-  /** recovered after a power loss and being verified: it stays */
-  pinned: boolean;
+  /** 0: may go; PIN_RESTORED: recovered, until `unpin`; PIN_LEFT: of a device that left, until a restart */
+  pin: number;
 }
+
+const PIN_RESTORED = 1;
+const PIN_LEFT = 2;
 
 /** writes admitted outside the extents (none had room) */
 interface Outside {
@@ -110,7 +116,12 @@ export class ActivityLog {
   /** every entry up to it is durable on the local devices and in the log */
   #flushed = 0;
   #pinned = 0;
+  /** the log's head when the extents were recovered */
+  #restoredHead = 0;
   #outside: Outside | null = null;
+  /** the extent a sequential stream could not have held ahead, and #flushed then (not tried again until one changes) */
+  #aheadFailed = -1;
+  #aheadFailedAt = -1;
   #writing: Promise<void> | null = null;
   #flushing: Promise<void> | null = null;
   /** per device, where its last write ended (-1: none): a write that starts there is sequential */
@@ -166,6 +177,9 @@ export class ActivityLog {
       const o = this.#outside!;
       o.inflight--;
       if (seq > o.last) o.last = seq;
+      // the last write outside is over and there is room again: a flush ends the incomplete
+      // state (no later miss may run one). Without room (all pinned, say) it stays, at no cost
+      if (o.inflight === 0 && o.last > this.#flushed && !this.#flushing && (this.#extents.size < this.#limit() || this.#mayGo(1, this.#host.done()) > 0)) void this.#flushSoon();
       return;
     }
     const first = extentKey(devNr, sector);
@@ -180,9 +194,14 @@ export class ActivityLog {
   /** hold the extent after `key` ahead of a write to it, if there is room without a flush; its checkpoint is written in the background */
   #ahead(key: number): void {
     if (key % DEV_FACTOR >= LAST_EXTENT || this.#extents.has(++key)) return;
-    if (this.#extents.size >= this.#limit() && !this.#evictOne()) return;
+    if (key === this.#aheadFailed && this.#flushed === this.#aheadFailedAt) return;
+    if (this.#extents.size >= this.#limit() && !this.#evictOne()) {
+      this.#aheadFailed = key;
+      this.#aheadFailedAt = this.#flushed;
+      return;
+    }
     const version = ++this.#version;
-    this.#extents.set(key, { last: 0, inflight: 0, tick: ++this.#tick, version, pinned: false });
+    this.#extents.set(key, { last: 0, inflight: 0, tick: ++this.#tick, version, pin: 0 });
     this.stats.prefetched++;
     this.#durableAt(version).catch(() => undefined); // (a write to it waits for, or retries, the checkpoint)
   }
@@ -231,16 +250,21 @@ export class ActivityLog {
    */
   #take(first: number, last: number): boolean {
     const tick = ++this.#tick;
+    let added = 0; // bit i: extent first + i was added here (a write spans at most a few)
     for (let k = first; k <= last; k++) {
       let e = this.#extents.get(k);
       if (e === undefined) {
         while (this.#extents.size >= this.#limit()) {
           if (this.#evictOne()) continue;
-          for (let j = first; j < k; j++) this.#extents.get(j)!.inflight--;
+          for (let j = first; j < k; j++) {
+            if (added & (1 << (j - first))) this.#extents.delete(j); // (nothing was written to it)
+            else this.#extents.get(j)!.inflight--;
+          }
           return false;
         }
-        e = { last: 0, inflight: 0, tick, version: ++this.#version, pinned: false };
+        e = { last: 0, inflight: 0, tick, version: ++this.#version, pin: 0 };
         this.#extents.set(k, e);
+        added |= 1 << (k - first);
       }
       e.inflight++;
       e.tick = tick;
@@ -257,7 +281,7 @@ export class ActivityLog {
   #mayGo(enough: number, seq: number): number {
     let n = 0;
     for (const e of this.#extents.values()) {
-      if (!e.pinned && e.inflight === 0 && e.last <= seq && ++n >= enough) break;
+      if (e.pin === 0 && e.inflight === 0 && e.last <= seq && ++n >= enough) break;
     }
     return n;
   }
@@ -267,7 +291,7 @@ export class ActivityLog {
     let victim = -1;
     let tick = Infinity;
     for (const [k, e] of this.#extents) {
-      if (e.pinned || e.inflight > 0 || e.last > this.#flushed || e.tick >= tick) continue;
+      if (e.pin !== 0 || e.inflight > 0 || e.last > this.#flushed || e.tick >= tick) continue;
       victim = k;
       tick = e.tick;
     }
@@ -322,23 +346,45 @@ export class ActivityLog {
 
   /**
    * The extents a recovered checkpoint held (`keys`; null when it kept none, or was
-   * incomplete: then every write of the last run may be unflushed) with the log's head:
-   * they stay until a flush covers the head; `pin`: also until `unpin` (being verified).
+   * incomplete: then every write of the last run may be unflushed, and checkpoints say
+   * incomplete) with the log's head: pinned until `unpin`, then they stay until a flush
+   * covers the head.
    */
-  restore(keys: readonly number[] | null, head: number, pin: boolean): void {
-    if (keys === null) this.#outside = { last: head, inflight: 0, version: 0 };
+  restore(keys: readonly number[] | null, head: number): void {
+    this.#restoredHead = head;
+    if (keys === null) this.#outside = { last: Infinity, inflight: 0, version: 0 };
     for (const k of keys ?? []) {
       if (this.#extents.has(k)) continue;
-      this.#extents.set(k, { last: head, inflight: 0, tick: 0, version: 0, pinned: pin });
-      if (pin) this.#pinned++;
+      this.#extents.set(k, { last: head, inflight: 0, tick: 0, version: 0, pin: PIN_RESTORED });
+      this.#pinned++;
     }
   }
 
-  /** the verification after a power loss is over: the extents recovered may go */
+  /** what the extents recovered were pinned for is over (the sites verified, every device flushed since) */
   unpin(): void {
-    if (this.#pinned === 0) return;
-    for (const e of this.#extents.values()) e.pinned = false;
-    this.#pinned = 0;
+    if (this.#outside?.last === Infinity) this.#outside.last = this.#restoredHead;
+    for (const e of this.#extents.values()) {
+      if (e.pin !== PIN_RESTORED) continue;
+      e.pin = 0;
+      this.#pinned--;
+    }
+  }
+
+  /** are extents recovered still pinned? */
+  get restoredPinned(): boolean {
+    if (this.#outside?.last === Infinity) return true;
+    for (const e of this.#extents.values()) if (e.pin === PIN_RESTORED) return true;
+    return false;
+  }
+
+  /** device `devNr` leaves the group: its extents stay until a restart */
+  keepDevice(devNr: number): void {
+    const from = devNr * DEV_FACTOR;
+    for (const [k, e] of this.#extents) {
+      if (k < from || k >= from + DEV_FACTOR || e.pin === PIN_LEFT) continue;
+      if (e.pin === 0) this.#pinned++;
+      e.pin = PIN_LEFT;
+    }
   }
 
   get pinned(): number {

@@ -154,8 +154,8 @@ export class ReplicatorGroup implements Target, SiteHost {
    * (applied as secondary, until a full flush after promote: also while `role.secondary`)
    */
   #activityIncomplete = false;
-  /** a device left the group without its local device flushed: the activity log is incomplete for the rest of this process */
-  #leftUnflushed = false;
+  /** devices of the group not flushed since recovery (not bound yet): the extents recovered stay pinned meanwhile */
+  readonly #unflushedSinceRecovery = new Set<number>();
 
   /** `activityExtents`: the activity log's size (0: none kept; after a power loss every site is verified whole) */
   constructor(ctx: TargetContext, log: Replog, local: SiteLink, sites: Site[], role: GroupRole, activityExtents: number) {
@@ -258,11 +258,21 @@ export class ReplicatorGroup implements Target, SiteHost {
     this.activity.persisted(version);
   }
 
+  /**
+   * The sites verified: a later verdict compares everything. And every device of the group
+   * flushed since recovery too: the extents recovered may go
+   */
+  #releaseRestored(): void {
+    if (this.#verifyPending.size > 0) return;
+    this.#verifyScope = null;
+    if (this.#unflushedSinceRecovery.size === 0 && this.activity.restoredPinned) this.activity.unpin();
+  }
+
   /** the activity log for a checkpoint taken now (absent when none is kept), and its version */
   #activityPart(): [Pick<CheckpointState, 'activity'>, number] {
     if (this.activity.capacity === 0) return [{}, 0];
     // a pending verification of every region: recovery must not narrow it to the extents
-    const s = this.activity.snapshot((this.#verifyPending.size > 0 && this.#verifyScope === null) || this.role.secondary || this.#activityIncomplete || this.#leftUnflushed);
+    const s = this.activity.snapshot((this.#verifyPending.size > 0 && this.#verifyScope === null) || this.role.secondary || this.#activityIncomplete);
     return [{ activity: { extents: s.extents, incomplete: s.incomplete } }, s.version];
   }
 
@@ -323,11 +333,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       });
       if (!site || (done && site.mode === 'ship' && site.outOfSync() === 0)) this.#verifyPending.delete(slink);
     }
-    if (this.#verifyPending.size === 0 && this.activity.pinned > 0) {
-      // verified: the extents recovered after the power loss may go, and a later verdict compares everything
-      this.activity.unpin();
-      this.#verifyScope = null;
-    }
+    this.#releaseRestored();
     return [...this.#verifyPending];
   }
 
@@ -407,7 +413,9 @@ export class ReplicatorGroup implements Target, SiteHost {
     for (const s of this.sites) await s.activate();
     // what the receiver applied is durable here before this side's own writes and light checkpoints begin
     await this.checkpointNow();
-    this.#activityIncomplete = false;
+    await this.#flushLocalAndLog().then(() => (this.#activityIncomplete = false), (err: Error) => {
+      this.logger.warn(`${this.ctx.device}: flush after promote failed: ${err.message}; the activity log stays incomplete (a power loss verifies every region)`);
+    });
     this.event(`promoted: primary, generation ${this.role.current}`);
   }
 
@@ -515,9 +523,14 @@ export class ReplicatorGroup implements Target, SiteHost {
 
   async #bindNow(b: DevBinding): Promise<void> {
     if (this.#replayPending.has(b.devNr)) {
-      await this.#replay(b);
+      await this.#replay(b); // (flushes its local device)
       this.#replayPending.delete(b.devNr);
+    } else if (this.#unflushedSinceRecovery.has(b.devNr)) {
+      // what the last run wrote to it, durable before the extents recovered may go
+      await b.local.submit(FLUSH_ENTRY);
     }
+    this.#unflushedSinceRecovery.delete(b.devNr);
+    this.#releaseRestored();
     // sites to verify whole: marked (and flushed) before the device's resyncs start, by checksum
     let verify = false;
     for (const slink of this.#verifySlinks) if (await this.#verifyMark(slink, b)) verify = true;
@@ -591,17 +604,14 @@ export class ReplicatorGroup implements Target, SiteHost {
    */
   async detach(b: DevBinding): Promise<boolean> {
     if (this.#bindings.get(b.devNr) !== b) return false;
+    // later full flushes no longer flush its local device (nor writes still in flight to it):
+    // its extents stay named by the checkpoints until a restart
+    this.activity.keepDevice(b.devNr);
     this.#bindings.delete(b.devNr);
-    if (!heldHere(b.local)) {
-      // not flushed here: its extents may go with later flushes that no longer cover it
-      this.#leftUnflushed = true;
-      return true;
-    }
+    if (!heldHere(b.local)) return true;
     await b.local.submit(FLUSH_ENTRY).catch((err: Error) => {
-      // its writes may not be on the disk: no later checkpoint of this run says the log was
-      // left cleanly, nor that the activity log is complete
+      // its writes may not be on the disk: no later checkpoint of this run says the log was left cleanly
       this.#unflushedLeft = true;
-      this.#leftUnflushed = true;
       this.logger.warn(`${b.name}: flush of the local device as it leaves the group failed: ${err.message}`);
     });
     return true;
@@ -875,6 +885,9 @@ export class ReplicatorGroup implements Target, SiteHost {
     const replay = this.#replayPending.delete(devNr);
     this.#unboundKept.delete(devNr);
     this.#leave(devNr, this.#head, true);
+    // loaded again, it is verified whole: the extents recovered need not wait for it
+    this.#unflushedSinceRecovery.delete(devNr);
+    this.#releaseRestored();
     await this.checkpointNow();
     if (this.#cpError) {
       // in effect in this run; after a restart its entries are waited for again (forget again then)
@@ -1052,16 +1065,19 @@ export class ReplicatorGroup implements Target, SiteHost {
     for (const d of rec.state?.devices ?? []) this.#knownDevs.add(d);
     for (const d of this.#replayPending) this.#knownDevs.add(d);
     for (const d of rec.state?.forgotten ?? []) this.#forgotten.add(d);
+    // the extents recovered stay until every device of the group was flushed in this run (a
+    // full flush covers only the devices bound)
+    for (const d of this.#knownDevs) this.#unflushedSinceRecovery.add(d);
     for (const [d, seq] of this.#left) for (const s of this.sites) s.skip(d, seq);
     const verify = new Set(rec.state?.verify ?? []);
     // the activity log recovered: the extents that may hold writes not durable here when the
     // checkpoint was written (null: none kept, or incomplete). They stay until a flush covers
     // what was written to them; while a verification is pending they are what it compares,
     // and stay until it is over
-    const act = st?.activity && !st.activity.incomplete ? st.activity.extents : null;
-    const pin = act !== null && (cutOff || verify.size > 0);
-    this.activity.restore(act, rec.head, pin);
-    if (pin) this.#verifyScope = extentsByDevice(act);
+    // (a log without a checkpoint of the replicator's was never written to: nothing to keep)
+    const act = !st ? [] : st.activity && !st.activity.incomplete ? st.activity.extents : null;
+    this.activity.restore(act, rec.head);
+    if (act !== null && (cutOff || verify.size > 0)) this.#verifyScope = extentsByDevice(act);
     if (cutOff) {
       // cut off by a power loss or a machine crash (docs/formats/replog.md): the log's
       // unflushed tail may be gone while sites got some of it, and the local devices may hold

@@ -185,7 +185,7 @@ describe('activity log', () => {
     const world = new World(2);
     world.head = 100;
     const keys = [extentKey(0, 0), extentKey(0, EXTENT_SECTORS), extentKey(1, 0)];
-    world.al.restore(keys, 100, true);
+    world.al.restore(keys, 100);
     expect(world.al.pinned).toBe(3);
     // two more fit beside the pinned ones; a flush does not let a pinned one go
     await world.write(3, 0, 8);
@@ -201,18 +201,24 @@ describe('activity log', () => {
     expect(world.al.size).toBeLessThanOrEqual(2);
     // a recovered checkpoint that kept none (or was incomplete): incomplete until a flush covers its head
     const other = new World(4);
-    other.al.restore(null, 50, false);
-    expect(other.al.snapshot().incomplete).toBe(true);
-    other.al.flushed(49);
-    expect(other.al.snapshot().incomplete).toBe(true);
-    other.al.flushed(50);
+    other.al.restore(null, 50);
+    other.al.flushed(60);
+    expect(other.al.snapshot().incomplete).toBe(true); // until unpinned (every device flushed since, the sites verified)
+    other.al.unpin();
     expect(other.al.snapshot().incomplete).toBe(false);
+    const third = new World(4);
+    third.al.restore(null, 50);
+    third.al.unpin();
+    third.al.flushed(49);
+    expect(third.al.snapshot().incomplete).toBe(true);
+    third.al.flushed(50);
+    expect(third.al.snapshot().incomplete).toBe(false);
   });
 
   it('a log full of extents pinned after a power loss: writes to others go outside at once (no flush, one checkpoint), and checkpoints say incomplete', async () => {
     const world = new World(490);
     world.head = 1000;
-    world.al.restore(Array.from({ length: 490 }, (_, i) => extentKey(0, i * EXTENT_SECTORS)), 1000, true);
+    world.al.restore(Array.from({ length: 490 }, (_, i) => extentKey(0, i * EXTENT_SECTORS)), 1000);
     const persists = world.persists;
     let outside = 0;
     for (let i = 0; i < 100; i++) if (!(await world.write(0, (1000 + (i % 5)) * EXTENT_SECTORS, 8))) outside++;
@@ -230,7 +236,8 @@ describe('activity log', () => {
   it('extents whose last write the local devices have not done yet (a replay waiting) are not flushed for: the write goes outside at once', async () => {
     const world = new World(2);
     world.head = 500;
-    world.al.restore([extentKey(0, 0), extentKey(0, EXTENT_SECTORS)], 500, false);
+    world.al.restore([extentKey(0, 0), extentKey(0, EXTENT_SECTORS)], 500);
+    world.al.unpin();
     world.writes.push({ dev: 1, sector: 2 * EXTENT_SECTORS, sectors: 8, seq: 400, held: true, over: false }); // not over: done() stays under 500
     const stuck = world.al.enter(1, 0, 8);
     expect(stuck).not.toBe(true);
@@ -249,6 +256,31 @@ describe('activity log', () => {
     for (const x of [7, 3, 11, 5, 9]) await random.write(1, x * EXTENT_SECTORS + 2048, 8);
     expect([random.al.stats.misses, random.al.stats.prefetched, random.al.size]).toEqual([5, 0, 5]);
     expect(world.violations).toEqual([]);
+  });
+
+  it('a device that leaves keeps its extents until a restart, whatever flushes come; room stays for the others', async () => {
+    const world = new World(3);
+    await world.write(4, 0, 8);
+    await world.write(4, 2 * EXTENT_SECTORS, 8);
+    world.al.keepDevice(4);
+    expect(world.al.pinned).toBe(2);
+    world.flushedAll();
+    for (const x of [1, 3, 5, 7, 9]) await world.write(0, x * EXTENT_SECTORS, 8);
+    const held = new Set(world.al.snapshot().extents);
+    expect(held.has(extentKey(4, 0)) && held.has(extentKey(4, 2 * EXTENT_SECTORS))).toBe(true);
+    expect(world.al.size).toBeLessThanOrEqual(5); // the kept two and the three of the log's size
+    world.al.unpin(); // (not for those: only a restart lets them go)
+    expect(world.al.pinned).toBe(2);
+  });
+
+  it('a write across two extents that finds room for one only holds neither', async () => {
+    const world = new World(1);
+    const busy = world.al.enter(0, 0, 8);
+    expect(await busy).toBe(true);
+    const held = await world.write(0, 2 * EXTENT_SECTORS - 8, 16); // extents 1 and 2: no room
+    expect(held).toBe(false);
+    expect(world.al.snapshot().extents).toEqual([extentKey(0, 0)]);
+    world.al.leave(0, 0, 8, ++world.head, true);
   });
 
   it('keys: 4 MiB extents per device, the last key standing for the rest of a huge device', () => {
