@@ -699,7 +699,7 @@ export class ReplicatorGroup implements Target, SiteHost {
           this.#shipFirstWaiting--;
         }
       }
-      await b.local.submit(bio);
+      await b.local.submit(bio).catch((err: unknown) => this.#localFailed(b, bio, err));
       this.#localInflight.delete(seq);
       const waits: Promise<void>[] = [];
       for (const s of this.sites) if (s.synchronous) waits.push(s.waitShipped(seq));
@@ -719,6 +719,27 @@ export class ReplicatorGroup implements Target, SiteHost {
         this.stats.writeBytes += bio.data.length;
       }
     }
+  }
+
+  /**
+   * The local write of a logged entry failed: the write fails, but its entry is in the log
+   * and the sites get it, so the sites' copy of those regions would hold data the local
+   * device may lack. The regions go out of sync at every site (flushed: before the write
+   * counts as done locally, so a crash cannot forget it) and each site is resynced from the
+   * local device, whose content wins, as after any resync. Rethrows the error.
+   */
+  async #localFailed(b: DevBinding, bio: Bio, err: unknown): Promise<never> {
+    if (bio.op !== 'flush') {
+      for (const [slink, r] of b.remotes) {
+        const dlog = r.dlog;
+        const last = Math.min(dlog.regionCount - 1, Math.floor((bio.sector + bio.sectors - 1) / dlog.regionSize));
+        for (let region = Math.floor(bio.sector / dlog.regionSize); region <= last; region++) outOfSync(dlog, region);
+        await dlog.flush().catch((e: Error) => this.logger.warn(`${b.name}: slink ${slink}: the regions of a failed local write could not be recorded in the dirty log: ${e.message}`));
+        this.siteOf(slink)?.requestResync(false);
+      }
+      this.event(`${b.name}: local write failed at sector ${bio.sector} (${bio.sectors} sectors): ${(err as Error).message}; its regions are resynced to every site from the local device`);
+    }
+    throw err;
   }
 
   /** a write larger than a log entry takes now (the ring was shrunk since the device was loaded), in pieces */
