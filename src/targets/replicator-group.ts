@@ -723,22 +723,48 @@ export class ReplicatorGroup implements Target, SiteHost {
 
   /**
    * The local write of a logged entry failed: the write fails, but its entry is in the log
-   * and the sites get it, so the sites' copy of those regions would hold data the local
-   * device may lack. The regions go out of sync at every site (flushed: before the write
-   * counts as done locally, so a crash cannot forget it) and each site is resynced from the
-   * local device, whose content wins, as after any resync. Rethrows the error.
+   * and the sites get it, so their copy of the range would hold data the local device may
+   * lack, for good. The range as the local device has it is read back and logged as a
+   * correcting entry in a later epoch (the write's region is still held, so nothing else
+   * writes it meanwhile): every site applies the failed write, then the correction, in order,
+   * as a replay after a crash does. If that cannot be logged (the group is being held), the
+   * range goes out of sync at every site (dirty logs flushed first) and the sites are
+   * resynced from the local device. If the local device cannot be read back either, the
+   * sites keep the failed write's data: the only copy of that range left. Rethrows the error.
    */
   async #localFailed(b: DevBinding, bio: Bio, err: unknown): Promise<never> {
-    if (bio.op !== 'flush') {
-      for (const [slink, r] of b.remotes) {
-        const dlog = r.dlog;
-        const last = Math.min(dlog.regionCount - 1, Math.floor((bio.sector + bio.sectors - 1) / dlog.regionSize));
-        for (let region = Math.floor(bio.sector / dlog.regionSize); region <= last; region++) outOfSync(dlog, region);
-        await dlog.flush().catch((e: Error) => this.logger.warn(`${b.name}: slink ${slink}: the regions of a failed local write could not be recorded in the dirty log: ${e.message}`));
-        this.siteOf(slink)?.requestResync(false);
-      }
-      this.event(`${b.name}: local write failed at sector ${bio.sector} (${bio.sectors} sectors): ${(err as Error).message}; its regions are resynced to every site from the local device`);
+    if (bio.op === 'flush') throw err;
+    const why = `${b.name}: local write failed at sector ${bio.sector} (${bio.sectors} sectors): ${(err as Error).message}`;
+    const data = Buffer.allocUnsafe(bio.sectors * 512);
+    try {
+      await b.local.submit({ op: 'read', sector: bio.sector, sectors: bio.sectors, data, flags: {} });
+    } catch (readErr) {
+      this.logger.limited('local-failed', `${why}; reading the range back failed too (${(readErr as Error).message}): the sites keep the failed write's data`);
+      throw err;
     }
+    if (!this.#holdP && this.#state === 'active') {
+      this.#appending++;
+      try {
+        this.#epochDone = true; // the correction in an epoch after the failed write's
+        const seq = await this.#append(b, { op: 'write', sector: bio.sector, sectors: bio.sectors, data, flags: {} });
+        this.#localInflight.delete(seq); // (its data is what the local device holds)
+        for (const s of this.sites) s.appended();
+        this.logger.limited('local-failed', `${why}; the range as the local device has it is logged after it (entry ${seq}), so the sites end equal to it`);
+        throw err;
+      } catch (e) {
+        if (e === err) throw err;
+      } finally {
+        if (--this.#appending === 0) this.#wakeAppenders();
+      }
+    }
+    for (const [slink, r] of b.remotes) {
+      const dlog = r.dlog;
+      const last = Math.min(dlog.regionCount - 1, Math.floor((bio.sector + bio.sectors - 1) / dlog.regionSize));
+      for (let region = Math.floor(bio.sector / dlog.regionSize); region <= last; region++) outOfSync(dlog, region);
+      await dlog.flush().catch((e: Error) => this.logger.warn(`${b.name}: slink ${slink}: the regions of a failed local write could not be recorded in the dirty log: ${e.message}`));
+      this.siteOf(slink)?.requestResync(false);
+    }
+    this.logger.limited('local-failed', `${why}; its regions are resynced to every site from the local device`);
     throw err;
   }
 
