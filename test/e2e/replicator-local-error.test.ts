@@ -27,70 +27,67 @@ async function until(what: string, cond: () => boolean, ms = 30_000): Promise<vo
   }
 }
 
+const S = 8192;
+
+/** a group whose replicator-dev vol0 has `dm:loc0` (linear over local0.img) as its local device and remote0.img as its site */
+async function setUp(): Promise<{ dir: string; f: (n: string) => string }> {
+  const dir = tmpDir();
+  const f = (n: string): string => path.join(dir, n);
+  image(dir, 'rlog', 4096 + 64);
+  image(dir, 'local0.img', S);
+  image(dir, 'remote0.img', S);
+  image(dir, 'dlog0', 64);
+  dm = new DeviceMapper();
+  await dm.create('loc0', { table: `0 ${S} linear ${f('local0.img')} 0` });
+  await dm.create('repl', { table: `0 1 replicator ringbuffer 4 ${f('rlog')} 0 auto 4096 blockdev 1 0 blockdev 3 1 async retest=1` });
+  await dm.create('vol0', { table: `0 ${S} replicator-dev dm:repl 0 0 1 dm:loc0 nolog 0 1 1 ${f('remote0.img')} disk 3 ${f('dlog0')} 64 nosync` });
+  return { dir, f };
+}
+
 describe('a local write that fails after it was logged', { timeout: 60_000 }, () => {
   it('fails, and the site ends equal to the local device, in order: it does not keep the data the local device lacks', async () => {
-    const dir = tmpDir();
-    const f = (n: string): string => path.join(dir, n);
-    const S = 8192;
-    image(dir, 'rlog', 4096 + 64);
-    image(dir, 'local0.img', S);
-    image(dir, 'remote0.img', S);
-    image(dir, 'dlog0', 64);
-    dm = new DeviceMapper();
-    const events: string[] = [];
-    await dm.create('loc0', { table: `0 ${S} linear ${f('local0.img')} 0` });
-    await dm.create('repl', { table: `0 1 replicator ringbuffer 4 ${f('rlog')} 0 auto 4096 blockdev 1 0 blockdev 3 1 async retest=1` });
-    await dm.create('vol0', { table: `0 ${S} replicator-dev dm:repl 0 0 1 dm:loc0 nolog 0 1 1 ${f('remote0.img')} disk 3 ${f('dlog0')} 64 nosync` });
-    dm.on('event', (e: { device: string; text?: string }) => events.push(String(e.text ?? '')));
+    const { dir, f } = await setUp();
+    const d = dm!;
     const at = 100 * 4096;
     const a = crypto.randomBytes(4096);
-    await dm.write('vol0', at, a);
+    await d.write('vol0', at, a);
     const remote = (): Buffer => fs.readFileSync(f('remote0.img')).subarray(at, at + 4096);
     await until('the site to hold the first write', () => remote().equals(a));
 
     // the local device fails writes (reads still work) for one write
-    await dm.load('loc0', `0 ${S} flakey ${f('local0.img')} 0 0 1 1 error_writes`);
-    await dm.resume('loc0');
+    await d.load('loc0', `0 ${S} flakey ${f('local0.img')} 0 0 1 1 error_writes`);
+    await d.resume('loc0');
     const b = crypto.randomBytes(4096);
-    await expect(dm.write('vol0', at, b)).rejects.toThrow(/flakey device is down/);
-    await dm.load('loc0', `0 ${S} linear ${f('local0.img')} 0`);
-    await dm.resume('loc0');
+    await expect(d.write('vol0', at, b)).rejects.toThrow(/flakey device is down/);
+    await d.load('loc0', `0 ${S} linear ${f('local0.img')} 0`);
+    await d.resume('loc0');
 
     // the site got the entry, then the correcting one: both hold a, and no resync ran
     await until('the site to equal the local device', () => fs.readFileSync(f('remote0.img')).equals(fs.readFileSync(f('local0.img'))));
     expect(fs.readFileSync(f('local0.img')).subarray(at, at + 4096).equals(a)).toBe(true);
-    await until('the site in order again', () => /^0:S,0,0 1:A,0,0 /.test(dm!.status('repl')[0]!.params));
+    await until('the site in order again', () => /^0:S,0,0 1:A,0,0 /.test(d.status('repl')[0]!.params));
     expect(remote().equals(a)).toBe(true);
-    const site = (dm.status('repl')[0]!.detail as { sites: Array<{ slink: number; resyncedBytes: number }> }).sites.find((s) => s.slink === 1)!;
+    const site = (d.status('repl')[0]!.detail as { sites: Array<{ slink: number; resyncedBytes: number }> }).sites.find((s) => s.slink === 1)!;
     expect(site.resyncedBytes).toBe(0);
     fs.rmSync(dir, { recursive: true, force: true });
   });
 
   it('when the range cannot be read back either, the site keeps the failed write\'s data (the only copy left) and stays in order', async () => {
-    const dir = tmpDir();
-    const f = (n: string): string => path.join(dir, n);
-    const S = 8192;
-    image(dir, 'rlog', 4096 + 64);
-    image(dir, 'local0.img', S);
-    image(dir, 'remote0.img', S);
-    image(dir, 'dlog0', 64);
-    dm = new DeviceMapper();
-    await dm.create('loc0', { table: `0 ${S} linear ${f('local0.img')} 0` });
-    await dm.create('repl', { table: `0 1 replicator ringbuffer 4 ${f('rlog')} 0 auto 4096 blockdev 1 0 blockdev 3 1 async retest=1` });
-    await dm.create('vol0', { table: `0 ${S} replicator-dev dm:repl 0 0 1 dm:loc0 nolog 0 1 1 ${f('remote0.img')} disk 3 ${f('dlog0')} 64 nosync` });
+    const { dir, f } = await setUp();
+    const d = dm!;
     const at = 200 * 4096;
     const remote = (): Buffer => fs.readFileSync(f('remote0.img')).subarray(at, at + 4096);
-    await dm.load('loc0', `0 ${S} flakey ${f('local0.img')} 0 0 1`); // every bio fails
-    await dm.resume('loc0');
+    await d.load('loc0', `0 ${S} flakey ${f('local0.img')} 0 0 1`); // every bio fails
+    await d.resume('loc0');
     const b = crypto.randomBytes(4096);
-    await expect(dm.write('vol0', at, b)).rejects.toThrow(/flakey device is down/);
+    await expect(d.write('vol0', at, b)).rejects.toThrow(/flakey device is down/);
     await until('the site to apply the failed write', () => remote().equals(b));
-    await dm.load('loc0', `0 ${S} linear ${f('local0.img')} 0`);
-    await dm.resume('loc0');
+    await d.load('loc0', `0 ${S} linear ${f('local0.img')} 0`);
+    await d.resume('loc0');
     await new Promise((r) => setTimeout(r, 1500)); // (a resync, had one started, would have run by now)
     expect(remote().equals(b)).toBe(true);
-    expect(dm.status('repl')[0]!.params).toMatch(/^0:S,0,0 1:A,0,0 /);
-    const site = (dm.status('repl')[0]!.detail as { sites: Array<{ slink: number; resyncedBytes: number }> }).sites.find((s) => s.slink === 1)!;
+    expect(d.status('repl')[0]!.params).toMatch(/^0:S,0,0 1:A,0,0 /);
+    const site = (d.status('repl')[0]!.detail as { sites: Array<{ slink: number; resyncedBytes: number }> }).sites.find((s) => s.slink === 1)!;
     expect(site.resyncedBytes).toBe(0);
     fs.rmSync(dir, { recursive: true, force: true });
   });
