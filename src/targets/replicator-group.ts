@@ -759,8 +759,7 @@ export class ReplicatorGroup implements Target, SiteHost {
     }
     for (const [slink, r] of b.remotes) {
       const dlog = r.dlog;
-      const last = Math.min(dlog.regionCount - 1, Math.floor((bio.sector + bio.sectors - 1) / dlog.regionSize));
-      for (let region = Math.floor(bio.sector / dlog.regionSize); region <= last; region++) outOfSync(dlog, region);
+      markRange(dlog, bio.sector, bio.sectors);
       await dlog.flush().catch((e: Error) => this.logger.warn(`${b.name}: slink ${slink}: the regions of a failed local write could not be recorded in the dirty log: ${e.message}`));
       this.siteOf(slink)?.requestResync(false);
     }
@@ -1232,14 +1231,18 @@ function sleep(ms: number): Promise<void> {
   return new Promise((r) => setTimeout(r, ms));
 }
 
+/** mark the regions of `dlog` that overlap sectors [sector, sector + sectors); returns how many */
+function markRange(dlog: DirtyLog, sector: number, sectors: number): number {
+  let n = 0;
+  const last = Math.min(dlog.regionCount - 1, Math.floor((sector + sectors - 1) / dlog.regionSize));
+  for (let r = Math.floor(sector / dlog.regionSize); r <= last; r++) if (outOfSync(dlog, r)) n++;
+  return n;
+}
+
 /** mark the regions of `dlog` that overlap activity-log extents `extents` (LAST_EXTENT: it and the rest of the device); returns how many */
 function markExtents(dlog: DirtyLog, extents: readonly number[]): number {
   let n = 0;
-  for (const x of extents) {
-    const first = Math.floor((x * EXTENT_SECTORS) / dlog.regionSize);
-    const end = x === LAST_EXTENT ? dlog.regionCount : Math.ceil(((x + 1) * EXTENT_SECTORS) / dlog.regionSize);
-    for (let r = first; r < Math.min(end, dlog.regionCount); r++) if (outOfSync(dlog, r)) n++;
-  }
+  for (const x of extents) n += markRange(dlog, x * EXTENT_SECTORS, x === LAST_EXTENT ? Infinity : EXTENT_SECTORS);
   return n;
 }
 
@@ -1249,11 +1252,7 @@ function markNeeds(dlog: DirtyLog, needs: Needs): number {
   const count = needs.bits.length * 8;
   for (let i = 0; i < count; i++) {
     if ((needs.bits[i >> 3]! & (1 << (i & 7))) === 0) continue;
-    const first = Math.floor((i * needs.regionSectors) / dlog.regionSize);
-    const last = Math.min(dlog.regionCount - 1, Math.floor(((i + 1) * needs.regionSectors - 1) / dlog.regionSize));
-    for (let r = first; r <= last; r++) {
-      if (outOfSync(dlog, r)) n++;
-    }
+    n += markRange(dlog, i * needs.regionSectors, needs.regionSectors);
   }
   return n;
 }
