@@ -7,10 +7,11 @@
  * promise): per request, append the payload behind a 512-byte header to a log file used as
  * a ring (one writev: header + payload, wrapping at the end of the ring), then write it to
  * the local file and to the remote file (both in parallel); the request completes when all
- * three are written. Options: `crc` (CRC32C of the payload in the header, as the engine's
- * log does) and `flushMs` (fdatasync the log and the remote file every N ms while it runs,
- * as the engine's checkpoints do): both off for the reported reference, for measuring where
- * the engine's time goes.
+ * three are written. Options: `checkpoints` (on for the reported reference since the ninth
+ * session: the engine's checkpoints and ring-space waits, r-ref-checkpoints.ts: the remote
+ * made durable before the ring is reused), `crc` (CRC32C of the payload in the header, as the engine's log does)
+ * and `flushMs` (fdatasync the log and the remote file every N ms while it runs): the last
+ * two off for the reported reference, for measuring where the engine's time goes.
  *
  * R3 reference (`copyRegions`): copy the given regions local → remote, `concurrency` at a
  * time in chunks of at most `chunk` bytes (fs.read then fs.write, callbacks), then fdatasync
@@ -18,6 +19,7 @@
  */
 import fs from 'node:fs';
 import { crc32c } from '@node-rs/crc32';
+import { RefCheckpoints } from './r-ref-checkpoints.ts';
 import type { DriveResult, IoFactory, Pattern, Slot } from './workload.ts';
 import { rng } from './workload.ts';
 
@@ -79,6 +81,8 @@ export interface ReplicaFiles {
   remote: string;
   crc: boolean;
   flushMs: number;
+  /** engine-like checkpoints (r-ref-checkpoints.ts): the remote fdatasync-ed, then a slot written `O_DSYNC` after the ring */
+  checkpoints: boolean;
 }
 
 export interface Replica {
@@ -87,6 +91,8 @@ export interface Replica {
   startRun(): void;
   stopRun(): Promise<void>;
   fds: number[];
+  /** checkpoints written since the worker started */
+  readonly checkpoints: number;
 }
 
 type Cb = (err: NodeJS.ErrnoException | null, n: number) => void;
@@ -100,6 +106,7 @@ export function replicaFactory(f: ReplicaFiles): Replica {
   let timer: NodeJS.Timeout | null = null;
   let syncing: Promise<void> = Promise.resolve();
   const datasync = (fd: number): Promise<void> => new Promise((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
+  const cps = f.checkpoints ? new RefCheckpoints({ ringBytes: f.logBytes, log: f.log, slotsAt: f.logBytes, flushRemote: () => datasync(remoteFd) }) : null;
   const factory: IoFactory = (buf) => {
     const hdr = Buffer.alloc(512);
     const iov = [hdr, buf];
@@ -111,7 +118,9 @@ export function replicaFactory(f: ReplicaFiles): Replica {
     const part: Cb = (err, n) => {
       if (err) failure ??= err;
       else if (n !== buf.length) failure ??= new Error(`short write: ${n} of ${buf.length}`);
-      if (--left === 0) done(failure);
+      if (--left > 0) return;
+      cps?.done(need);
+      done(failure);
     };
     const logged: Cb = (err, n) => {
       if (err || n !== need) {
@@ -122,25 +131,34 @@ export function replicaFactory(f: ReplicaFiles): Replica {
       fs.write(localFd, buf, 0, buf.length, pos, part);
       fs.write(remoteFd, buf, 0, buf.length, pos, part);
     };
+    const append = (): void => {
+      if (logPos + need > f.logBytes) logPos = 0;
+      const at = logPos;
+      logPos += need;
+      cps?.appended(need, ++seq);
+      hdr.writeUInt32LE(0x454b4d44, 0);
+      hdr.writeDoubleLE(seq, 8);
+      hdr.writeDoubleLE(pos, 16);
+      hdr.writeUInt32LE(buf.length, 24);
+      if (f.crc) hdr.writeUInt32LE(crc32c(buf), 28);
+      fs.writev(logFd, iov, at, logged);
+    };
     return (p, d) => {
       done = d;
       failure = undefined;
       pos = p;
-      if (logPos + need > f.logBytes) logPos = 0;
-      const at = logPos;
-      logPos += need;
-      hdr.writeUInt32LE(0x454b4d44, 0);
-      hdr.writeDoubleLE(++seq, 8);
-      hdr.writeDoubleLE(p, 16);
-      hdr.writeUInt32LE(buf.length, 24);
-      if (f.crc) hdr.writeUInt32LE(crc32c(buf), 28);
-      fs.writev(logFd, iov, at, logged);
+      if (cps) cps.reserve(need, append);
+      else append();
     };
   };
   return {
     factory,
     fds: [logFd, localFd, remoteFd],
+    get checkpoints() {
+      return cps?.count ?? 0;
+    },
     startRun() {
+      cps?.start();
       if (f.flushMs <= 0) return;
       timer = setInterval(() => {
         syncing = syncing.then(() => Promise.all([datasync(logFd), datasync(remoteFd)])).then(() => undefined);
@@ -150,6 +168,7 @@ export function replicaFactory(f: ReplicaFiles): Replica {
       if (timer) clearInterval(timer);
       timer = null;
       await syncing;
+      await cps?.stop();
     },
   };
 }

@@ -18,7 +18,9 @@
  *   region=1024       R1 dirty-log region in sectors (also the replicator-dev's largest bio:
  *                     1024 = 512 KiB, so a 1 MiB write is two log entries)
  *   refCrc=0|1        R1 reference computes CRC32C of each payload (as the engine's log does)
- *   refFlushMs=0      R1 reference fdatasyncs log and remote every N ms (as checkpoints do)
+ *   refCp=1|0         R1 reference checkpoints as the engine does (r-ref-checkpoints.ts: remote
+ *                     fdatasync, then a slot written O_DSYNC; every 200 ms and at half a ring)
+ *   refFlushMs=0      R1 reference fdatasyncs log and remote every N ms (a diagnostic)
  *   solo=1            R1 peak RSS of a worker running dmkit (and the reference) alone
  *   r3size=256m  r3ring=2m  r3region=128  dirty=4m  r3qd=8   R3 device, log, region, D, writes in flight
  */
@@ -55,14 +57,17 @@ export const r1: Suite = {
     'over the local image with slink 1 onto the remote image and a disk dirty log, `nosync`), the reference (plain ' +
     'Node, positional fs.writev/fs.write with callbacks like L1\'s: per request one writev of a 512-byte header and ' +
     'the payload into a log file used as a ring of the same size, then the payload to the local and the remote file ' +
-    'in parallel; done when all three are written) and `linear` over a third image through the library. All sides ' +
+    'in parallel; done when all three are written; with the engine\'s checkpoints unless refCp=0: every 200 ms when ' +
+    'written to and at once when half the ring was appended since the last one, the remote file fdatasync-ed, then a ' +
+    '4 KiB checkpoint slot written O_DSYNC after the ring, as the engine does with its log and local devices on files ' +
+    'of this machine (tools/bench/r-ref-checkpoints.ts, shared with R1-tcp); an append waits while the ring holds more ' +
+    'than it can take of entries no finished checkpoint covers, as the engine\'s writers do) and `linear` over a third image through the library. All sides ' +
     'use L1\'s request slots and seeded offsets, `bytes` per sample (default 4x the ring, so the log wraps ~4 times ' +
     'and shipping must keep up), sides in the order dmkit, ref, linear (even pairs) and linear, ref, dmkit (odd). ' +
     'dmkit\'s sample runs from the first request to the status showing slink 1 caught up (`1:A,0,0`, polled every ' +
     'ms once the last write was acknowledged): "replicated"; its "acked" time stops at the last acknowledgement. ' +
     'The reference acknowledges after the remote write, so its one time is both. Every file is fdatasync-ed before ' +
-    'every run (untimed) and the images are re-read into the page cache before every pair; nothing else is flushed ' +
-    'by the references (the engine\'s checkpoints fdatasync the log and the remote every 200 ms: part of its cost). ' +
+    'every run (untimed) and the images are re-read into the page cache before every pair. ' +
     'RSS: peak of a worker running dmkit alone (warm-up plus one sample), and process.memoryUsage.rss() sampled ' +
     'every 20 ms during every run (in every sample).',
   async run(ctx: BenchContext): Promise<Row[]> {
@@ -75,6 +80,7 @@ export const r1: Suite = {
     const region = int(ctx, 'region', 1024);
     const refCrc = ctx.opts.refCrc === '1';
     const refFlushMs = int(ctx, 'refFlushMs', 0);
+    const refCp = ctx.opts.refCp !== '0';
     // slink 0's al-extents (the activity log; absent: the default)
     const alExtents = ctx.opts.al === undefined ? null : int(ctx, 'al', 490);
     const solo = ctx.opts.solo !== '0';
@@ -94,7 +100,7 @@ export const r1: Suite = {
       zeroFile(files.dlog, 1 << 20);
     };
     const spec = (p: Pattern, sides: R1SideName[]): R1Spec => ({
-      mode: 'r1', sides, pattern: p, sectors, logSectors, region, files, refCrc, refFlushMs, alExtents,
+      mode: 'r1', sides, pattern: p, sectors, logSectors, region, files, refCrc, refFlushMs, refCp, alExtents,
       warmupOps: Math.max(p.qd, Math.floor(warmBytes / p.bs)),
     });
     const rows: Row[] = [];
@@ -103,20 +109,23 @@ export const r1: Suite = {
         const unit: Row['unit'] = p.access === 'seq' ? 'MB/s' : 'IOPS';
         const ops = Math.max(p.qd, Math.floor(perSample / p.bs));
         resetEngineLogs();
-        const w = await startWorker<R1Command, R1Result>(WORKER, spec(p, ['dmkit', 'ref', 'linear']), ctx.env);
-        const got: Record<R1SideName, Array<{ r: R1Result; pair: number; order: number; load1: number }>> = { dmkit: [], ref: [], linear: [] };
+        // with checkpoints on, the reference without them runs too (the reported one before the ninth session)
+        const sides: R1SideName[] = refCp ? ['dmkit', 'ref', 'ref-nocp', 'linear'] : ['dmkit', 'ref', 'linear'];
+        const w = await startWorker<R1Command, R1Result>(WORKER, spec(p, sides), ctx.env);
+        const got: Record<R1SideName, Array<{ r: R1Result; pair: number; order: number; load1: number }>> = { dmkit: [], ref: [], 'ref-nocp': [], linear: [] };
         try {
           for (let pair = 0; pair < ctx.pairs; pair++) {
             for (const f of images) warmPageCache(f, span);
             const load1 = os.loadavg()[0]!;
-            const order: R1SideName[] = pair % 2 === 0 ? ['dmkit', 'ref', 'linear'] : ['linear', 'ref', 'dmkit'];
+            const order: R1SideName[] = pair % 2 === 0 ? sides : [...sides].reverse();
             for (const [i, s] of order.entries()) got[s].push({ r: await w.run({ side: s, ops, seed: ctx.seed + pair }), pair, order: i, load1 });
             const d = got.dmkit[pair]!.r;
             const rf = got.ref[pair]!.r;
             const ln = got.linear[pair]!.r;
+            const nc = got['ref-nocp'][pair]?.r;
             const v = (x: R1Result, secs: number): string => fmtValue(unit === 'MB/s' ? x.bytes / secs : x.ops / secs, unit);
             ctx.log(`  R1 ${p.id} pair ${pair + 1}/${ctx.pairs}: dmkit acked ${v(d, d.ackSeconds)}, replicated ${v(d, d.replSeconds)}, ` +
-              `ref ${v(rf, rf.replSeconds)}, linear ${v(ln, ln.replSeconds)} ${unit} (ratio ${(rf.replSeconds / d.replSeconds).toFixed(3)}; ` +
+              `ref ${v(rf, rf.replSeconds)} (${rf.checkpoints} checkpoints)${nc ? `, ref without checkpoints ${v(nc, nc.replSeconds)}` : ''}, linear ${v(ln, ln.replSeconds)} ${unit} (ratio ${(rf.replSeconds / d.replSeconds).toFixed(3)}; ` +
               `site ${d.site!.states}, max lag ${d.site!.maxLagIos} ios, overflows ${d.site!.overflows}, rss ${(d.rssPeakKiB / 1024).toFixed(0)} MiB)`);
           }
         } finally {
@@ -147,14 +156,16 @@ export const r1: Suite = {
           which === 'ack' ? 'dmkit-acked' : 'dmkit-replicated',
           `replicator-dev async, slink 1 blockdev onto an image file; ${which === 'ack' ? 'first request to last acknowledgement' : 'first request to `1:A,0,0` (the site has everything)'}`,
           samples('dmkit', other, which), soloRss.dmkit ?? null, solo ? rssFrom : undefined);
-        const refSide = side('node-log-local-remote', `fs.writev(log: 512-byte header + payload) then fs.write(local) and fs.write(remote) in parallel, callbacks${refCrc ? '; CRC32C of the payload' : ''}${refFlushMs ? `; fdatasync of log and remote every ${refFlushMs} ms` : ''}`,
+        const refSide = side('node-log-local-remote', `fs.writev(log: 512-byte header + payload) then fs.write(local) and fs.write(remote) in parallel, callbacks${refCp ? '; engine-like checkpoints (remote fdatasync, then a 4 KiB slot written O_DSYNC; every 200 ms when written to and at half a ring; appends wait for ring space a checkpoint covers)' : ''}${refCrc ? '; CRC32C of the payload' : ''}${refFlushMs ? `; fdatasync of log and remote every ${refFlushMs} ms` : ''}`,
           samples('ref', 'dmkit', 'repl'), soloRss.ref ?? null, solo ? rssFrom : undefined);
+        const refNoCpSide = side('node-log-local-remote-no-checkpoints', 'as the reference, without checkpoints: nothing is flushed, the ring is reused with the remote not durable (the reported reference before the ninth session)',
+          samples('ref-nocp', 'dmkit', 'repl'), null);
         const linSide = side('dmkit-linear', 'linear over an image like the local one, through the library', samples('linear', 'dmkit', 'repl'), null);
         const what = `${p.access === 'seq' ? 'sequential' : 'random'} write ${formatSize(p.bs)}, ${p.qd} in flight, ${formatSize(ops * p.bs)} per sample, log ${formatSize(logSectors * 512)}`;
         const trace = {
           rssSampledPeakKiB: median(got.dmkit.map((x) => x.r.rssPeakKiB)),
           site: got.dmkit.map((x) => x.r.site),
-          settings: { logSectors, region, bytesPerSample: ops * p.bs, refCrc, refFlushMs, alExtents },
+          settings: { logSectors, region, bytesPerSample: ops * p.bs, refCrc, refFlushMs, refCp, alExtents },
         };
         const notes = `log ${logSectors} sectors, region ${region} sectors, ${ops} requests per sample`;
         rows.push(Object.assign(row({
@@ -165,6 +176,12 @@ export const r1: Suite = {
           suite: 'R1', id: `${p.id}-acked`, unit, goal: 0.9, description: `${what}: acknowledged vs the reference`,
           a: dmkitSide('ack', 'ref'), b: refSide, notes,
         }));
+        if (refCp) {
+          rows.push(row({
+            suite: 'R1', id: `${p.id}-vs-no-checkpoints`, unit, goal: 0, description: `${what}: replicated vs the reference without checkpoints (no goal; the remote is never made durable there)`,
+            a: dmkitSide('repl', 'ref-nocp'), b: refNoCpSide, notes,
+          }));
+        }
         rows.push(row({
           suite: 'R1', id: `${p.id}-vs-linear`, unit, goal: 0, description: `${what}: replicated vs linear (no goal; 3 writes per write against 1)`,
           a: dmkitSide('repl', 'linear'), b: linSide, notes,

@@ -24,17 +24,18 @@
  *       completes when the local write is done and the receiver has answered.
  *   R2: in parallel the local write and the send; completes when both are done (a second
  *       R2 reference does the log append first, as R1's).
- *   Checkpoints (`checkpoints: true`): like the engine's (replicator-group.ts), every 200 ms
- *       when something was written since the last one, and at once when half the ring was
- *       appended since the last one started: fdatasync of the local file, a flush sent to
- *       the receiver (answered after its two fdatasyncs), then a 4 KiB checkpoint record
- *       written into the log's header area and fdatasync of the log.
+ *   Checkpoints (`checkpoints: true`, r-ref-checkpoints.ts): the engine's on files of this
+ *       machine: a flush sent to the receiver (answered after its two fdatasyncs), then a
+ *       4 KiB checkpoint record written `O_DSYNC` into the log's header area; every 200 ms
+ *       when something was appended, and at once at half a ring; appends wait for ring space
+ *       that a finished checkpoint covers.
  */
 import fs from 'node:fs';
 import net from 'node:net';
 import { crc32c } from '@node-rs/crc32';
 import type { Done, IoFactory } from './workload.ts';
 import { takeBytes } from '../../src/core/chunks.ts';
+import { RefCheckpoints } from './r-ref-checkpoints.ts';
 
 const HDR = 32;
 const ACK = 16;
@@ -43,7 +44,6 @@ const OP_FLUSH = 2;
 const FLAG_CRC = 1;
 /** the ring starts after a 12 KiB header area (header and two checkpoint slots, as the engine's log) */
 const LOG_DATA = 12 << 10;
-const TICK_MS = 200;
 
 type FsCb = (err: NodeJS.ErrnoException | null, n?: number) => void;
 
@@ -209,16 +209,8 @@ export class TcpReplica {
   readonly #pending = new Map<number, (status: number) => void>();
   #rxChunks: Buffer[] = [];
   #rxHave = 0;
-  // checkpoints
-  #timer: NodeJS.Timeout | null = null;
-  #cp: Promise<void> = Promise.resolve();
-  #cpRunning = false;
-  #appendedSinceCp = 0;
-  #dirtySinceCp = false;
-  readonly #cpBuf = Buffer.alloc(4096);
-  /** checkpoints run since start */
-  checkpoints = 0;
-  #cpError: unknown = null;
+  /** engine-like checkpoints (null: none) */
+  readonly #cps: RefCheckpoints | null;
 
   private constructor(spec: TcpReplicaSpec, sock: net.Socket) {
     this.#spec = spec;
@@ -226,6 +218,9 @@ export class TcpReplica {
     this.#logFd = spec.log ? fs.openSync(spec.log, 'r+') : -1;
     this.#localFd = fs.openSync(spec.local, 'r+');
     this.#ring = spec.logBytes - LOG_DATA;
+    this.#cps = spec.checkpoints && spec.log
+      ? new RefCheckpoints({ ringBytes: this.#ring, log: spec.log, slotsAt: 4096, flushRemote: () => this.#flushRemote() })
+      : null;
     sock.on('data', (c: Buffer) => this.#answers(c));
   }
 
@@ -296,9 +291,7 @@ export class TcpReplica {
     if (this.#logPos + need > this.#ring) this.#logPos = 0;
     const at = LOG_DATA + this.#logPos;
     this.#logPos += need;
-    this.#appendedSinceCp += need;
-    this.#dirtySinceCp = true;
-    if (this.#spec.checkpoints && !this.#cpRunning && this.#appendedSinceCp * 2 > this.#ring) void this.#checkpoint();
+    this.#cps?.appended(need, this.#seq + 1);
     return at;
   }
 
@@ -350,61 +343,41 @@ export class TcpReplica {
         if (steps.send) this.#send(OP_WRITE, buf, pos, netHdr, remote);
       };
       const logged: FsCb = (err, n) => (err || n !== need ? done(err ?? new Error(`short log write: ${n} of ${need}`)) : fanOut());
+      const append = (): void => {
+        const at = this.#logAt(need);
+        this.#fillLogHeader(logHdr, buf, pos);
+        fs.writev(this.#logFd, iov, at, logged);
+      };
+      const cps = steps.log ? this.#cps : null;
       return (p, d) => {
-        done = d;
+        done = cps ? (err) => {
+          cps.done(need);
+          d(err);
+        } : d;
         failure = undefined;
         pos = p;
         if (!steps.log) return fanOut();
-        const at = this.#logAt(need);
-        this.#fillLogHeader(logHdr, buf, p);
-        fs.writev(this.#logFd, iov, at, logged);
+        if (cps) cps.reserve(need, append);
+        else append();
       };
     };
-  }
-
-  #datasync(fd: number): Promise<void> {
-    return new Promise((res, rej) => fs.fdatasync(fd, (e) => (e ? rej(e) : res())));
   }
 
   #flushRemote(): Promise<void> {
     return new Promise((res, rej) => this.#send(OP_FLUSH, null, 0, Buffer.alloc(HDR), (s) => (s === 0 ? res() : rej(new Error('remote flush failed')))));
   }
 
-  /** local fdatasync, remote flush, checkpoint record + log fdatasync (as the engine's checkpoint) */
-  #checkpoint(): Promise<void> {
-    this.#cpRunning = true;
-    this.#appendedSinceCp = 0;
-    this.#dirtySinceCp = false;
-    const run = this.#cp.then(async () => {
-      await this.#datasync(this.#localFd);
-      await this.#flushRemote();
-      if (this.#logFd >= 0) {
-        this.#cpBuf.writeDoubleLE(++this.checkpoints, 0);
-        this.#cpBuf.writeDoubleLE(this.#seq, 8);
-        await new Promise<void>((res, rej) => fs.write(this.#logFd, this.#cpBuf, 0, 4096, 4096 * (1 + (this.checkpoints % 2)), (e) => (e ? rej(e) : res())));
-        await this.#datasync(this.#logFd);
-      }
-    });
-    const cp = run.catch((err: unknown) => void (this.#cpError ??= err)).finally(() => {
-      if (this.#cp === cp) this.#cpRunning = false;
-    });
-    this.#cp = cp;
-    return cp;
+  /** checkpoints run since start */
+  get checkpoints(): number {
+    return this.#cps?.count ?? 0;
   }
 
   startRun(): void {
-    this.#cpError = null;
-    if (!this.#spec.checkpoints) return;
-    this.#timer = setInterval(() => {
-      if (this.#dirtySinceCp && !this.#cpRunning) void this.#checkpoint();
-    }, TICK_MS);
+    this.#cps?.start();
   }
 
   /** stop the checkpoint timer and wait for a checkpoint running */
   async stopRun(): Promise<void> {
-    if (this.#timer) clearInterval(this.#timer);
-    this.#timer = null;
-    await this.#cp;
-    if (this.#cpError) throw this.#cpError;
+    await this.#cps?.stop();
   }
 }

@@ -64,10 +64,13 @@ const R1_TCP_METHOD =
   'payload; TCP_NODELAY on both ends unless noDelay=0, no CRC unless refCrc=1); the plain-Node receiver writes it with ' +
   'one fs.write at its position and answers 16 bytes; the request ' +
   'completes when the local write is done and the answer is in. Both have the same flushes: the engine checkpoints ' +
-  'every 200 ms when something changed and at once when the ring is half full (local fdatasync, FLUSH to the site: ' +
-  'device fdatasync + position-file pwrite + fdatasync, then a checkpoint slot written with FUA = pwrite + log ' +
-  'fdatasync); the reference does the same steps on the same triggers (every 200 ms when written to, and when half ' +
-  'the ring was appended since the last one). Every sample writes `bytes` (default 4x the ring) at the pattern; ' +
+  'every 200 ms when something changed and at once when the ring is half full (its log and local image are files ' +
+  'of this machine, so a checkpoint is a FLUSH to the site: device fdatasync + position-file pwrite + fdatasync, ' +
+  'then a checkpoint slot written with FUA = an O_DSYNC pwrite); the reference does the same steps on the same ' +
+  'triggers (every 200 ms when written to, and when half the ring was appended since the last one), and its appends ' +
+  'wait for ring space a finished checkpoint covers, as the engine\'s writers do (' +
+  'tools/bench/r-ref-checkpoints.ts, shared with R1; before the ninth session it also fdatasync-ed its local file ' +
+  'and its whole log, which the engine stopped doing in the sixth, and never waited for ring space). Every sample writes `bytes` (default 4x the ring) at the pattern; ' +
   'dmkit\'s sample ends when the status shows slink 1 caught up (`1:A,0,0`), its acked time at the last ' +
   'acknowledgement; the reference acknowledges after the remote answer, so its one time is both. Before every run ' +
   'each side\'s files on both ends are fdatasync-ed (untimed); images are re-read into the page cache before every ' +
@@ -202,7 +205,7 @@ export const r1tcp: Suite = {
         const rssFrom = 'solo sender process (warm-up + one sample)';
         const what = `${p.access === 'seq' ? 'sequential' : 'random'} write ${formatSize(p.bs)}, ${p.qd} in flight, ${formatSize(ops * p.bs)} per sample, log ${formatSize(ringBytes)}`;
         const refDetail = `fs.writev(log: 512-byte header + payload), then fs.write(local) and the payload over TCP to a plain-Node receiver (fs.write, 16-byte answer) in parallel, callbacks` +
-          `${refCp ? '; engine-like checkpoints (local fdatasync, remote flush = 2 fdatasyncs, log slot + fdatasync; every 200 ms and at half ring)' : ''}` +
+          `${refCp ? '; engine-like checkpoints (remote flush = 2 fdatasyncs, then a log slot written O_DSYNC; every 200 ms and at half ring)' : ''}` +
           `${refCrc ? '; CRC32C of each payload on both ends' : ''}${noDelay ? '; TCP_NODELAY' : ''}`;
         const refS = side('node-log-local-tcp', refDetail, samples('ref', 'repl'), soloRss.ref?.sender ?? null, solo ? rssFrom : undefined);
         const dm = (which: 'ack' | 'repl'): Side => side(which === 'ack' ? 'dmkit-tcp-acked' : 'dmkit-tcp-replicated',

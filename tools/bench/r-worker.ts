@@ -18,7 +18,8 @@ import { copyRegions, driveOps, offsets, replicaFactory, type Replica } from './
 import type { Pattern, Slot } from './workload.ts';
 import { makeSlots } from './workload.ts';
 
-export type R1SideName = 'dmkit' | 'ref' | 'linear';
+/** `ref-nocp`: the reference without checkpoints (the reported reference before the ninth session) */
+export type R1SideName = 'dmkit' | 'ref' | 'ref-nocp' | 'linear';
 
 export interface R1Files {
   rlog: string; local: string; remote: string; dlog: string;
@@ -37,6 +38,8 @@ export interface R1Spec {
   warmupOps: number;
   refCrc: boolean;
   refFlushMs: number;
+  /** the reference checkpoints as the engine does (r-ref-checkpoints.ts) */
+  refCp: boolean;
   /** slink 0's al-extents (null: the default) */
   alExtents: number | null;
 }
@@ -60,6 +63,8 @@ export interface R1Result extends RunResult<R1SideName> {
   /** minor page faults of the process during the run (fresh memory, page-cache mappings) */
   minorFaults: number;
   site: SiteTrace | null;
+  /** the reference's checkpoints during the run (0 for the other sides) */
+  checkpoints: number;
 }
 
 export interface R3Files { rlog: string; local: string; remote: string; dlog: string; refLocal: string; refRemote: string }
@@ -111,7 +116,7 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
   const dm = await newEngine();
   const slots = new Map<R1SideName, Slot[]>();
   const files: string[] = [];
-  let replica: Replica | null = null;
+  const replicas = new Map<R1SideName, Replica>();
   if (spec.sides.includes('dmkit')) {
     const slink0 = spec.alExtents === null ? 'blockdev 1 0' : `blockdev 2 0 al-extents=${spec.alExtents}`;
     await dm.create('repl', { table: `0 1 replicator ringbuffer 4 ${f.rlog} 0 auto ${spec.logSectors} ${slink0} blockdev 3 1 async retest=1` });
@@ -121,10 +126,15 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
     slots.set('dmkit', makeSlots(dmkitFactory(vol, p), p));
     files.push(f.rlog, f.local, f.remote, f.dlog);
   }
-  if (spec.sides.includes('ref')) {
-    replica = replicaFactory({ log: f.refLog, logBytes: (spec.logSectors - 24) * 512, local: f.refLocal, remote: f.refRemote, crc: spec.refCrc, flushMs: spec.refFlushMs });
-    slots.set('ref', makeSlots(replica.factory, p));
-    files.push(f.refLog, f.refLocal, f.refRemote);
+  for (const side of ['ref', 'ref-nocp'] as const) {
+    if (!spec.sides.includes(side)) continue;
+    const replica = replicaFactory({
+      log: f.refLog, logBytes: (spec.logSectors - 24) * 512, local: f.refLocal, remote: f.refRemote, crc: spec.refCrc, flushMs: spec.refFlushMs,
+      checkpoints: side === 'ref' && spec.refCp,
+    });
+    replicas.set(side, replica);
+    slots.set(side, makeSlots(replica.factory, p));
+    if (!files.includes(f.refLog)) files.push(f.refLog, f.refLocal, f.refRemote);
   }
   if (spec.sides.includes('linear')) {
     const lin = await dm.create('lin', { table: `0 ${spec.sectors} linear ${f.linear} 0` });
@@ -142,11 +152,13 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
     const gcw = gcWatch();
     const faults0 = process.resourceUsage().minorPageFault;
     const cpu0 = process.cpuUsage();
-    if (cmd.side === 'ref') replica!.startRun();
+    const replica = replicas.get(cmd.side);
+    const cp0 = replica?.checkpoints ?? 0;
+    replica?.startRun();
     const t0 = performance.now();
     const r = await driveOps(s, p, span, cmd.ops, cmd.seed);
     const ackSeconds = (performance.now() - t0) / 1000;
-    if (cmd.side === 'ref') await replica!.stopRun();
+    await replica?.stopRun();
     if (isDm) await waitCaughtUp(dm, 'repl', 300_000, 'vol0');
     const replSeconds = isDm ? (performance.now() - t0) / 1000 : ackSeconds;
     const cpu = process.cpuUsage(cpu0);
@@ -171,7 +183,7 @@ async function r1Worker(spec: R1Spec, reply: (x: unknown) => void, commands: () 
     return {
       side: cmd.side, ops: r.ops, bytes: r.bytes, ackSeconds, replSeconds,
       cpuSeconds: (cpu.user + cpu.system) / 1e6, maxRssKiB: usage.maxRSS, rssPeakKiB: sm.rssPeakKiB, syncSeconds, gc,
-      minorFaults: usage.minorPageFault - faults0, site,
+      minorFaults: usage.minorPageFault - faults0, site, checkpoints: (replica?.checkpoints ?? 0) - cp0,
     };
   };
   for (const side of spec.sides) if (spec.warmupOps > 0) await run({ side, ops: spec.warmupOps, seed: 0x5a5a5a5a });
