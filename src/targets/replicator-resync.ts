@@ -44,18 +44,20 @@ export async function resyncPasses(site: Site, host: SiteHost, h: ResyncHandle):
     const release = last ? await host.hold() : null;
     let waited = true;
     try {
-      if (release && !(waited = await marked(site, host))) continue;
-      h.total = h.copied + site.outOfSync() * site.regionSectors();
-      await copyPass(site, host, h);
-      if (h.abort.signal.aborted) return;
-      const hold = release ?? (await host.hold());
-      try {
-        if ((waited = await marked(site, host)) && site.outOfSync() === 0 && !h.abort.signal.aborted) {
-          site.toShip();
-          return;
+      // (a last pass whose entries are not all marked yet copies nothing: writers go, and the pause below runs)
+      if (!release || (waited = await marked(site, host))) {
+        h.total = h.copied + site.outOfSync() * site.regionSectors();
+        await copyPass(site, host, h);
+        if (h.abort.signal.aborted) return;
+        const hold = release ?? (await host.hold());
+        try {
+          if ((waited = await marked(site, host)) && site.outOfSync() === 0 && !h.abort.signal.aborted) {
+            site.toShip();
+            return;
+          }
+        } finally {
+          if (!release) hold();
         }
-      } finally {
-        if (!release) hold();
       }
     } finally {
       release?.();

@@ -135,6 +135,39 @@ describe('replicator: devices not loaded after a restart', () => {
     expect(events3.filter((t) => t.includes('forgotten'))).toEqual([]);
   });
 
+  it('a resync that cannot mark the entries of one not loaded lets the other devices\' writers go between its tries, past its converging passes', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096, ring: 65536 });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    await writeBlocks(g, 'vol1', 10);
+    const events: string[] = [];
+    g = await reopen(g, [0], events); // vol1 not loaded: its entries cannot be marked at the site
+    await g.dm.message('repl', 0, ['resync', '1']);
+    const model0 = new Model(4096);
+    fs.readFileSync(g.local(0)).copy(model0.bytes);
+    // passes 1-3 run under the writer; from the 4th, each try holds the writers for at most
+    // a second and then lets them go for one: 8 s covers about three such tries. A write
+    // every 20 ms (the ring holds them all: nothing waits for ring space)
+    const doneAt: number[] = [];
+    const t0 = Date.now();
+    let stop = false;
+    const writer = (async () => {
+      while (!stop) {
+        await writeBlocks(g!, 'vol0', 1, model0);
+        doneAt.push(Date.now() - t0);
+        await new Promise((r) => setTimeout(r, 20));
+      }
+    })();
+    await new Promise((r) => setTimeout(r, 8000));
+    const late = doneAt.filter((t) => t > 6000).length;
+    await g.dm.message('repl', 0, ['forget', '1']);
+    stop = true;
+    await writer;
+    expect(late, `writes completed in the last 2 s of 8 (of ${doneAt.length})`).toBeGreaterThan(0);
+    expect(file(g.local(0)).equals(model0.bytes)).toBe(true);
+    await waitFor(() => caughtUp(g!), 'the resync done once vol1 is forgotten');
+    expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+  });
+
   it('one not loaded while its site is down holds the full ring without sending the site to its dirty logs; the group says so, and `forget` lets the writers go', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096, ring: 4096 });
     await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
