@@ -1089,7 +1089,8 @@ export class ReplicatorGroup implements Target, SiteHost {
       : { slink: s.slink, seq: base, mode: 'ship' as const }));
     // one pass over what is kept: the devices to replay, and each site's backlog in sectors (its lag)
     const backlog = this.sites.map(() => 0);
-    for (const l of rec.state?.left ?? []) this.#left.set(l.dev, l.seq);
+    // (a power loss may have lost entries up to a device's leaving seq: later seqs are new entries, of whatever device)
+    for (const l of rec.state?.left ?? []) this.#left.set(l.dev, Math.min(l.seq, rec.head));
     const from = Math.min(localDone, ...positions.map((p) => p.seq)) + 1;
     if (from <= rec.head) {
       const reader = this.log.reader(from);

@@ -13,6 +13,7 @@ import path from 'node:path';
 import { afterEach, describe, expect, it } from 'vitest';
 import { DeviceMapper } from '../../src/index.ts';
 import { caughtUp, makeGroup, Model, tmpDir, waitFor, type Group } from '../helpers/replication.ts';
+import { fromAnotherBoot } from '../helpers/power-loss.ts';
 
 let g: Group | null = null;
 afterEach(async () => {
@@ -166,6 +167,29 @@ describe('replicator: devices not loaded after a restart', () => {
     expect(file(g.local(0)).equals(model0.bytes)).toBe(true);
     await waitFor(() => caughtUp(g!), 'the resync done once vol1 is forgotten');
     expect(file(g.remote(0)).equals(model0.bytes)).toBe(true);
+  });
+
+  it('a device removed, then a power loss that loses entries up to its leaving point: its number\'s new writes reach the site', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']); // the ring keeps vol1's entries
+    await writeBlocks(g, 'vol1', 5);
+    const rlog = path.join(g.dir, 'rlog');
+    const flushedLog = file(rlog); // what the disk had of the ring when the power went
+    await writeBlocks(g, 'vol1', 5);
+    await g.dm.remove('vol1'); // left at the head: its 10 entries (its slot written FUA)
+    await new Promise((r) => setTimeout(r, 400));
+    const killed = snapshot(g);
+    const log = killed.get(rlog)!;
+    flushedLog.copy(log, 12288, 12288); // the ring's entries as last flushed; the slots as written (FUA)
+    fromAnotherBoot(log);
+    const events: string[] = [];
+    g = await reopen(g, [0, 1], events, killed); // vol1 (device 1) loaded again
+    await waitFor(() => events.some((t) => t.includes('not closed cleanly')), 'the power loss found');
+    await g.dm.message('repl', 0, ['slink', 'resume', '1']).catch(() => undefined);
+    await waitFor(() => caughtUp(g!), 'verified and in order');
+    await writeBlocks(g, 'vol1', 8); // entries that take the lost entries' seqs
+    await waitFor(() => caughtUp(g!), 'shipped');
+    expect(file(g.remote(1)).equals(file(g.local(1))), 'the site has device 1\'s new writes').toBe(true);
   });
 
   it('one not loaded while its site is down holds the full ring without sending the site to its dirty logs; the group says so, and `forget` lets the writers go', async () => {
