@@ -13,8 +13,8 @@ import { IoMeter, IoStats, OP_INDEX, type IoStatsSnapshot } from './io-stats.ts'
 
 interface Queued {
   bio: Bio;
-  /** submitted by the replication receiver of a secondary device */
-  receiver: boolean;
+  /** submitted by the replication receiver of a secondary device: the secondary term of its way in (null: not) */
+  receiver: number | null;
   resolve: () => void;
   reject: (err: unknown) => void;
 }
@@ -58,6 +58,12 @@ export class MappedDevice extends EventEmitter implements BlockDev {
   readonly #bypasses = new Set<Bypass>();
   /** who this device receives replication from while it is secondary (null: primary) */
   #secondary: string | null = null;
+  /**
+   * Counts the device's changes of role: a receiver's way in (setSecondary) writes only while
+   * the term it was given is the current one, so that once the device is promoted (or handed to
+   * another stream) a write of the old stream still in flight or queued fails with EROFS.
+   */
+  #term = 0;
   /** I/O statistics (src/core/io-stats.ts): the device's, kept across reloads and renames */
   readonly #io = new IoStats();
   /** times dispatched bios into the main thread's slab; its completions also end them in flight */
@@ -144,17 +150,20 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     }
     if (this.#secondary === null) {
       this.#secondary = owner;
+      this.#term++;
       await this.#restartBypasses();
       this.event(`secondary: receives replication from ${owner}; writes refused`, { role: 'secondary', from: owner });
     }
     const self = this; // eslint-disable-line @typescript-eslint/no-this-alias
-    return { ref: this.ref, get sectors() { return self.sectors; }, submit: (bio: Bio) => this.#submit(bio, true) };
+    const term = this.#term;
+    return { ref: this.ref, get sectors() { return self.sectors; }, submit: (bio: Bio) => this.#submit(bio, term) };
   }
 
   /** Writable again for every opener (the sender stopped replicating to it). */
   async clearSecondary(): Promise<void> {
     if (this.#secondary === null) return;
     this.#secondary = null;
+    this.#term++; // the receiver's way in writes no more
     await this.#restartBypasses();
     this.event('primary: writable again', { role: 'primary' });
   }
@@ -168,10 +177,10 @@ export class MappedDevice extends EventEmitter implements BlockDev {
 
   /** Submit a bio (device-relative sectors). Checks the contract, queues while suspended. */
   submit(bio: Bio): Promise<void> {
-    return this.#submit(bio, false);
+    return this.#submit(bio, null);
   }
 
-  #submit(bio: Bio, receiver: boolean): Promise<void> {
+  #submit(bio: Bio, receiver: number | null): Promise<void> {
     const bad = this.#check(bio, receiver);
     if (bad) return this.#refuse(bio, bad);
     if (this.#suspended || !this.#live) {
@@ -180,7 +189,7 @@ export class MappedDevice extends EventEmitter implements BlockDev {
     return this.#dispatch(this.#live, bio);
   }
 
-  #check(bio: Bio, receiver: boolean): BlockError | null {
+  #check(bio: Bio, receiver: number | null): BlockError | null {
     if (this.#removed) return new BlockError('ENXIO', `${this.name}: device removed`);
     const { op, sector, sectors } = bio;
     if (op === 'flush') return null;
@@ -191,7 +200,10 @@ export class MappedDevice extends EventEmitter implements BlockDev {
       return new BlockError('EINVAL', `${this.name}: ${op} buffer of ${bio.data.length} bytes for ${sectors} sectors`);
     }
     if (op !== 'read' && this.readOnly) return new BlockError('EROFS', `${this.name}: device is read-only`);
-    if (op !== 'read' && this.#secondary !== null && !receiver) {
+    if (op !== 'read' && receiver !== null && (receiver !== this.#term || this.#secondary === null)) {
+      return new BlockError('EROFS', `${this.name}: a write of a replication stream the device no longer receives (it was promoted, or another stream took it): refused`);
+    }
+    if (op !== 'read' && this.#secondary !== null && receiver === null) {
       return new BlockError('EROFS', `${this.name}: device is secondary (it receives replication from ${this.#secondary}); writes are refused until it is promoted`);
     }
     const size = this.#live && !this.#suspended ? this.#live.sectors : Infinity;

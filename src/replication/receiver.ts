@@ -60,6 +60,8 @@ export class ReplicationReceiver {
   readonly #streams = new Map<string, Stream>();
   /** device name → the stream it receives (roles.json) */
   readonly #roles: Map<string, string>;
+  /** devices being promoted (fence) */
+  readonly #promoting = new Set<string>();
   /** refused connections (authentication, limits), for status */
   refused = 0;
   lastRefusal = '';
@@ -101,13 +103,31 @@ export class ReplicationReceiver {
    */
   async release(name: string, force: boolean): Promise<void> {
     const st = this.#streamOf(name);
-    const owner = st?.owner as Session | null | undefined;
-    if (!st || !owner) return;
-    if (st.senderRole === 'primary' && !force) {
+    if (!st) return;
+    const owner = st.owner as Session | null;
+    if (owner && st.senderRole === 'primary' && !force) {
       throw new DmError('EBUSY', `${name}: receives from ${owner.peer}, which is connected and primary: demote it first (or promote with --force to cut it off)`);
     }
-    owner.kick(`${name} was promoted at this site`);
+    owner?.kick(`${name} was promoted at this site`);
+    // the writes of a connection already gone (a broken link) finish too: none lands after the promotion
     await st.idle();
+  }
+
+  /**
+   * Devices `names` are being promoted (role-ops.ts): a connection's OPEN of one is refused
+   * (EBUSY) until `unfence`, so that a sender reconnecting meanwhile takes nothing back
+   */
+  fence(names: readonly string[]): void {
+    for (const n of names) this.#promoting.add(n);
+  }
+
+  unfence(names: readonly string[]): void {
+    for (const n of names) this.#promoting.delete(n);
+  }
+
+  /** @internal is device `name` being promoted? (Session: OPEN refused) */
+  promoting(name: string): boolean {
+    return this.#promoting.has(name);
   }
 
   /** @internal device `name` receives stream `id` (null: it is primary again); persisted */

@@ -46,12 +46,18 @@ export async function promote(dm: DeviceMapper, name: string, opts: { force?: bo
   if (!g && dm.get(name).secondary === null) throw new DeviceError('EINVAL', `${name}: not secondary and not part of a replication group: nothing to promote`);
   // a planned move: the old primary demoted with every site in sync (asked before the streams go)
   const planned = names.every((n) => opts.receiver?.plannedMove(n) ?? false);
-  // stop receiving first: nothing applied from the old primary after the new generation starts
-  for (const n of names) await opts.receiver?.release(n, force);
-  if (g) await g.group.promote(force, planned);
-  for (const n of names) {
-    await dm.get(n).clearSecondary();
-    opts.receiver?.setRole(n, null);
+  // stop receiving first: nothing applied from the old primary after the new generation
+  // starts (no connection opens them meanwhile; writes in flight finish, later ones fail)
+  opts.receiver?.fence(names);
+  try {
+    for (const n of names) await opts.receiver?.release(n, force);
+    if (g) await g.group.promote(force, planned);
+    for (const n of names) {
+      await dm.get(n).clearSecondary();
+      opts.receiver?.setRole(n, null);
+    }
+  } finally {
+    opts.receiver?.unfence(names);
   }
   return { group: g?.control ?? null, role: 'primary', generation: g?.group.role.current ?? null, devices: names };
 }

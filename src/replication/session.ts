@@ -120,6 +120,7 @@ export class Session {
   }
 
   #frame(f: Frame): void {
+    if (this.#closed) return; // frames read before the close (a kick, a replacement) are not acted on
     this.#heard = Date.now();
     try {
       switch (f.h.type) {
@@ -191,6 +192,7 @@ export class Session {
     this.#stream = stream;
     await stream.idle();
     if (this.#closed) return; // gone (or replaced) while waiting: open nothing, #close ran already
+    if (this.#rx.promoting(name)) throw new DmError('EBUSY', `${name} is being promoted at the receiving site: it takes no stream`);
     const dev = this.#rx.device(name);
     if (dev.sectors < sectors) throw new DmError('ENOSPC', `device too small for target: ${name} has ${dev.sectors} sectors at the receiving site, needs ${sectors}`);
     const judged = this.#judge(name, dev, o);
@@ -244,6 +246,7 @@ export class Session {
     }
     if (o.role === 'secondary') return; // a demoted sender says nothing of our image: it stopped sending
     for (const rep of this.#groups) {
+      if (!rep.role.secondary) continue; // promoted here since: the sender's generation is not ours
       if (o.consistent !== true) {
         rep.role.syncing();
         continue;
@@ -272,6 +275,8 @@ export class Session {
       }
       await dev.clearSecondary();
     }
+    // (checked where nothing can run before the device is marked: a promotion fences first)
+    if (this.#rx.promoting(name)) throw new DmError('EBUSY', `${name} is being promoted at the receiving site: it takes no stream`);
     const writer = await dev.setSecondary(mine);
     this.#rx.setRole(name, stream.id);
     return writer;
