@@ -19,6 +19,8 @@ export class SiteLogs {
   /** a resync failed with an I/O error (not aborted) */
   readonly #failed: (err: unknown) => void;
   #resync: (ResyncHandle & { done: Promise<void> }) | null = null;
+  /** a resync was asked for while the running one was stopping: start one when it ends */
+  #restartAfter = false;
   #verify: { done: number; total: number } | null = null;
   #lastVerify: { differing: number; regions: number } | null = null;
   /** `resync … checksum`: resyncs compare by digests until one leaves the site in sync */
@@ -110,9 +112,16 @@ export class SiteLogs {
     return this.#resync !== null;
   }
 
-  /** start a resync unless one runs (the site checked that it may run) */
+  /**
+   * Start a resync unless one runs (the site checked that it may run). One still stopping
+   * (a suspend, a down, just before) is followed by a new one once it ends, the site
+   * checking again then that it may run.
+   */
   startResync(): void {
-    if (this.#resync) return;
+    if (this.#resync) {
+      if (this.#resync.abort.signal.aborted) this.#restartAfter = true;
+      return;
+    }
     const abort = new AbortController();
     const handle = { abort, total: 0, copied: 0, checksum: this.#checksum, done: Promise.resolve() };
     this.#added = 0;
@@ -127,6 +136,10 @@ export class SiteLogs {
     }).finally(() => {
       if (this.#resync === handle) this.#resync = null;
       if (this.outOfSync() === 0) this.#checksum = false;
+      if (this.#restartAfter && this.#resync === null) {
+        this.#restartAfter = false;
+        this.#site.resyncIfDue();
+      }
     });
     this.#resync = handle;
   }
@@ -139,11 +152,13 @@ export class SiteLogs {
 
   /** ask a running resync to stop, without waiting for it */
   abortResync(): void {
+    this.#restartAfter = false;
     this.#resync?.abort.abort();
   }
 
   /** stop a running resync; resolves once its copies in flight are done */
   async stopResync(): Promise<void> {
+    this.#restartAfter = false;
     const r = this.#resync;
     if (!r) return;
     r.abort.abort();

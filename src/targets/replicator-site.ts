@@ -565,6 +565,11 @@ export class Site {
   }
 
   /** a resync runs while the site is active, up, not suspended and in log mode (SiteLogs), and the group is primary */
+  /** a resync, if the site is in a state to run one (SiteLogs: after one that was stopping ended) */
+  resyncIfDue(): void {
+    this.#startResync();
+  }
+
   #startResync(): void {
     if (!this.#active || !this.#up || this.#paused || this.#mode !== 'log' || this.#host.role.secondary) return;
     this.#logs.startResync();

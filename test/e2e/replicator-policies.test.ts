@@ -327,6 +327,26 @@ describe('resync under a writer that never stops', () => {
   });
 });
 
+describe('a resync stopped by a suspend', () => {
+  it('`slink suspend` then `slink resume` at once: a new resync starts once the stopped one ends, and the site ends in order and identical', async () => {
+    const LEN = 8192;
+    g = await makeGroup({ dir: tmpDir(), devices: 1, sectors: LEN, region: 64 });
+    const models = [new Model(LEN)];
+    const data = crypto.randomBytes(LEN * 512);
+    await g.dm.write('vol0', 0, data);
+    models[0]!.write(0, data);
+    await waitFor(() => caughtUp(g!), 'caught up');
+    await g.slowSite(20); // the copies in flight keep the stopped resync alive past the resume
+    await g.dm.message('repl', 0, ['resync', '1', 'full']); // 128 regions to copy, 20 ms each at the site
+    await new Promise((r) => setTimeout(r, 100));
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    await g.dm.message('repl', 0, ['slink', 'resume', '1']);
+    await waitFor(() => caughtUp(g!), 'the resync to go on and end', 30_000);
+    expect(g.dm.status('vol0')[0]!.params).toBe('A,1/1 A,128/128');
+    expectIdentical(g, models, 'after a resync stopped and started again');
+  });
+});
+
 describe('a device leaves the group', () => {
   it('removing a replicator-dev while its site resyncs it neither fails the site nor stops the resync of the others', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
