@@ -8,6 +8,7 @@
  *                               "inactive"?: "...", "inactiveReadOnly"?: true}]}
  */
 import fs from 'node:fs';
+import { writeAtomic } from '../core/atomic-file.ts';
 import path from 'node:path';
 import type { DeviceMapper } from '../core/device-manager.ts';
 import type { Logger } from '../core/log.ts';
@@ -147,26 +148,6 @@ export class StateStore {
   }
 }
 
-/** write tmp + fsync + rename + fsync(dir) */
-export async function writeAtomic(file: string, body: string): Promise<void> {
-  const dir = path.dirname(file);
-  const tmp = path.join(dir, `.${path.basename(file)}.${process.pid}.tmp`);
-  const fh = await fs.promises.open(tmp, 'w', 0o600);
-  try {
-    await fh.writeFile(body);
-    await fh.sync();
-  } finally {
-    await fh.close();
-  }
-  await fs.promises.rename(tmp, file);
-  const dh = await fs.promises.open(dir, 'r');
-  try {
-    await dh.sync();
-  } finally {
-    await dh.close();
-  }
-}
-
 function validate(doc: unknown): StateDoc {
   const d = doc as Partial<StateDoc>;
   if (!d || d.version !== STATE_VERSION || !Array.isArray(d.devices)) {
@@ -265,3 +246,5 @@ export async function restore(dm: DeviceMapper, store: StateStore, doc: StateDoc
   }
   return errors;
 }
+
+export { writeAtomic };

@@ -4,6 +4,7 @@
  * receiver makes them secondary again before anything listens.
  */
 import fs from 'node:fs';
+import { writeAtomicSync } from '../core/atomic-file.ts';
 import type { Logger } from '../core/log.ts';
 import type { GroupRole } from '../targets/replicator-role.ts';
 
@@ -29,10 +30,9 @@ export function readRoles(file: string, log: Logger): Map<string, string> {
   }
 }
 
-/** write the roles atomically (temp file, rename) */
+/** write the roles atomically and durably (a power loss leaves the old roles or the new) */
 export function writeRoles(file: string, roles: ReadonlyMap<string, string>): void {
-  fs.writeFileSync(`${file}.tmp`, `${JSON.stringify(Object.fromEntries(roles), null, 1)}\n`, { mode: 0o600 });
-  fs.renameSync(`${file}.tmp`, file);
+  writeAtomicSync(file, `${JSON.stringify(Object.fromEntries(roles), null, 1)}\n`);
 }
 
 /** regions a receiving device asks a new primary to overwrite: bit i = region i (of `regionSectors`) */

@@ -424,5 +424,8 @@ export function decodeEntryHeader(b: Buffer, at: number, uuid: Buffer): RingReco
     epoch: getU64(b, at + 40), sector: getU64(b, at + 48), sectors: getU64(b, at + 56), time: getU64(b, at + 64),
     prevCrc: b.readUInt32LE(at + 72), crc,
   };
-  return h.epoch < 0 || h.sector < 0 || h.sectors < 0 || h.time < 0 ? null : h;
+  if (h.epoch < 0 || h.sector < 0 || h.sectors < 0 || h.time < 0) return null;
+  // the payload length as append makes it (checked before it is read: a damaged length must
+  // not make a reader allocate or read far past the entry)
+  return payloadBytes === (op === 'write' ? h.sectors * 512 : 0) ? h : null;
 }

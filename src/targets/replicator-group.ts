@@ -1124,7 +1124,11 @@ export class ReplicatorGroup implements Target, SiteHost {
     // (a log without a checkpoint of the replicator's was never written to: nothing to keep)
     const act = !st ? [] : st.activity && !st.activity.incomplete ? st.activity.extents : null;
     this.activity.restore(act, rec.head);
-    if (act !== null && (cutOff || verify.size > 0)) this.#verifyScope = extentsByDevice(act);
+    // in this boot the page cache kept every entry up to the checkpoint's positions: a log that
+    // ends before them was damaged (not cut off), and the entries lost may be anywhere on the
+    // local devices while sites behind never got them: every region of every site is verified
+    const damaged = !cutOff && !!st && (st.localDone > rec.head || st.slinks.some((p) => p.seq > rec.head));
+    if (act !== null && (cutOff || verify.size > 0) && !damaged) this.#verifyScope = extentsByDevice(act);
     if (cutOff) {
       // cut off by a power loss or a machine crash (docs/formats/replog.md): the log's
       // unflushed tail may be gone while sites got some of it, and the local devices may hold
@@ -1132,6 +1136,10 @@ export class ReplicatorGroup implements Target, SiteHost {
       // log (every write since the last full flush went to one of them), or whole
       for (const s of this.sites) verify.add(s.slink);
       this.event(`the replication log was not closed cleanly in an earlier boot (a power loss or a machine crash): writes since its last flush may be lost here or held by a site only; at every site ${this.#verifyWhat()} verified (checksum resync)`);
+    }
+    if (damaged) {
+      for (const s of this.sites) verify.add(s.slink);
+      this.event(`the replication log ends at entry ${rec.head}, before entries its last checkpoint counts as written (up to ${Math.max(st!.localDone, ...st!.slinks.map((p) => p.seq))}): damaged in this boot; at every site every region is verified (checksum resync)`);
     }
     for (const n of verify) {
       this.#verifySlinks.add(n);

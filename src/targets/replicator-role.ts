@@ -24,6 +24,7 @@
  */
 import crypto from 'node:crypto';
 import fs from 'node:fs';
+import { writeAtomicSync } from '../core/atomic-file.ts';
 import path from 'node:path';
 import type { Logger } from '../core/log.ts';
 
@@ -284,14 +285,6 @@ export class GroupRole {
   #save(): void {
     if (!this.#file) return;
     fs.mkdirSync(path.dirname(this.#file), { recursive: true, mode: 0o700 });
-    const tmp = `${this.#file}.tmp`;
-    const fd = fs.openSync(tmp, 'w', 0o600);
-    try {
-      fs.writeSync(fd, `${JSON.stringify(this.#s, null, 1)}\n`);
-      fs.fsyncSync(fd);
-    } finally {
-      fs.closeSync(fd);
-    }
-    fs.renameSync(tmp, this.#file);
+    writeAtomicSync(this.#file, `${JSON.stringify(this.#s, null, 1)}\n`);
   }
 }

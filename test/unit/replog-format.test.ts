@@ -180,11 +180,21 @@ describe('ringbuffer format: entries', () => {
 
   it('round-trips every op', () => {
     for (const [op, code] of [['write', 1], ['discard', 2], ['write-zeroes', 3], ['flush', 4]] as const) {
-      const b = Buffer.alloc(512);
-      encodeEntryHeader(b, { ...fields, op, fua: false, payloadBytes: 0 }, UUID);
+      const payloadBytes = op === 'write' ? 1024 : 0;
+      const b = Buffer.alloc(512 + payloadBytes);
+      encodeEntryHeader(b, { ...fields, op, fua: false, payloadBytes }, UUID);
       const crc = sealEntry(b, 0, null);
       expect(b[9]).toBe(code);
-      expect(decodeEntryHeader(b, 0, UUID)).toEqual({ ...fields, op, fua: false, payloadBytes: 0, kind: 'entry', crc });
+      expect(decodeEntryHeader(b, 0, UUID)).toEqual({ ...fields, op, fua: false, payloadBytes, kind: 'entry', crc });
+    }
+  });
+
+  it('refuses a header whose payload length is not what append makes (before anything reads the payload)', () => {
+    for (const [op, payloadBytes] of [['write', 0xffffffff], ['write', 512], ['write', 0], ['flush', 512], ['discard', 1024]] as const) {
+      const b = Buffer.alloc(512);
+      encodeEntryHeader(b, { ...fields, op, payloadBytes }, UUID);
+      sealEntry(b, 0, null);
+      expect(decodeEntryHeader(b, 0, UUID), `${op} with ${payloadBytes} payload bytes`).toBeNull();
     }
   });
 
