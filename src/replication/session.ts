@@ -79,6 +79,8 @@ export class Session {
   #nextHandle = 1;
   #inflightBytes = 0;
   #paused = false;
+  /** reading paused while more than maxInflight bytes of replies wait to be sent (a peer that does not read) */
+  #outPaused = false;
   #closed = false;
   #heard = Date.now();
   #idleTimer: NodeJS.Timeout | null = null;
@@ -123,6 +125,7 @@ export class Session {
     if (this.#closed) return; // frames read before the close (a kick, a replacement) are not acted on
     this.#heard = Date.now();
     try {
+      this.#bound();
       switch (f.h.type) {
         case FrameType.IO:
         case FrameType.RESTART: return this.#held.length > 0 ? this.#hold(f) : this.#ordered(f);
@@ -289,6 +292,8 @@ export class Session {
     if (!o) throw new DmError('EBADF', `CLOSE: no open handle ${handle}`);
     this.#handles.delete(handle);
     await this.#stream?.idle();
+    // durable before it leaves the stream's devices: a later flush (the durable position) no longer covers it
+    if (![...this.#handles.values()].some((x) => x.dev === o.dev)) await o.writer.submit(FLUSH_BIO);
     o.dev.close(o.holder);
     if (![...this.#handles.values()].some((x) => x.dev === o.dev)) {
       await o.dev.clearSecondary();
@@ -344,7 +349,8 @@ export class Session {
     const o = this.#handles.get(r.handle);
     if (!o) return this.#error(f.h.id, new DmError('EBADF', `IO on handle ${r.handle}, which is not open`));
     const stream = this.#stream!;
-    const bytes = f.payload.length;
+    // the memory it takes: a READ's buffer, a WRITE's data once decompressed, or the frame
+    const bytes = Math.max(f.payload.length, r.op === IoOp.READ || r.op === IoOp.WRITE ? r.sectors * 512 : 0);
     this.#inflightBytes += bytes;
     if (this.#inflightBytes > this.#maxInflight && !this.#paused) {
       this.#paused = true;
@@ -355,7 +361,10 @@ export class Session {
     if (r.op === IoOp.READ) {
       const buf = Buffer.alloc(r.sectors * 512);
       done = o.writer.submit({ op: 'read', sector: r.sector, sectors: r.sectors, data: buf, flags: {} })
-        .then(() => void this.#frames.send(FrameType.DATA, f.h.id, [buf]));
+        .then(() => {
+          this.#frames.send(FrameType.DATA, f.h.id, [buf]);
+          this.#bound();
+        });
     } else {
       const apply = (): Promise<void> => this.#apply(o, r, data);
       const applied = r.seq > 0 ? stream.submit(this, r.seq, r.epoch, apply, this.#pipelined) : apply().then(() => 'applied' as const);
@@ -372,7 +381,7 @@ export class Session {
       this.#inflightBytes -= bytes;
       if (this.#paused && this.#inflightBytes <= this.#maxInflight / 2) {
         this.#paused = false;
-        this.#frames.resume();
+        if (!this.#outPaused) this.#frames.resume();
       }
     });
   }
@@ -440,6 +449,21 @@ export class Session {
     const code = (err as { code?: string }).code ?? 'EIO';
     this.#rx.log.limited(`rx-err:${this.peer}:${code}`, `replication: ${this.peer}: request ${id} failed: ${err.message}`);
     this.#frames.send(FrameType.ERROR, id, [encodeError(code, err.message, (err as { verdict?: string }).verdict)]);
+  }
+
+  /**
+   * Replies waiting to be sent are bounded too: past maxInflight bytes (a peer that sends
+   * PINGs, FLUSHes or READs and does not read the answers), reading stops until they drain.
+   */
+  #bound(): void {
+    const s = this.#frames.socket;
+    if (this.#outPaused || this.#closed || s.writableLength <= this.#maxInflight) return;
+    this.#outPaused = true;
+    this.#frames.pause();
+    s.once('drain', () => {
+      this.#outPaused = false;
+      if (!this.#paused && !this.#closed) this.#frames.resume();
+    });
   }
 
   /** the receiving site closes the connection (its device was promoted) */

@@ -452,6 +452,16 @@ export class ReplicatorGroup implements Target, SiteHost {
     return this.#bindings.values();
   }
 
+  *bindingsAndLeaving(): Iterable<DevBinding> {
+    yield* this.#bindings.values();
+    yield* this.#leaving.values();
+  }
+
+  allBound(): boolean {
+    for (const d of this.#knownDevs) if (!this.#bindings.has(d)) return false;
+    return true;
+  }
+
   whenBound(devNr: number): Promise<void> {
     if (this.#bindings.has(devNr)) return Promise.resolve();
     return new Promise((resolve) => {

@@ -361,18 +361,19 @@ export class Site {
     else if (over) this.#enterLog('pull-ahead');
   }
 
-  #setForced(v: boolean): void {
+  /** `said`: the event, unless the caller says what happens instead (the site goes to its dirty logs) */
+  #setForced(v: boolean, said = true): void {
     if (this.#forced === v) return;
     this.#forced = v;
     if (!v) this.#shipper.releaseSync();
-    this.event(`slink ${this.slink} ${v ? 'fell behind: synchronous' : 'back under its fall-behind: asynchronous'}`);
+    if (said) this.event(`slink ${this.slink} ${v ? 'fell behind: synchronous' : 'back under its fall-behind: asynchronous'}`);
   }
 
-  #setStalled(v: boolean): void {
+  #setStalled(v: boolean, said = true): void {
     if (this.#stalled === v) return;
     this.#stalled = v;
     if (!v) this.#releaseStall();
-    this.event(`slink ${this.slink} ${v ? 'fell behind: stalling writers' : 'back under its fall-behind'}`);
+    if (said) this.event(`slink ${this.slink} ${v ? 'fell behind: stalling writers' : 'back under its fall-behind'}`);
   }
 
   // ---- down, retest ----
@@ -458,8 +459,8 @@ export class Site {
     if (this.#mode === 'log') return;
     this.#mode = 'log';
     this.#logReason = reason;
-    this.#setForced(false);
-    this.#setStalled(false);
+    this.#setForced(false, false); // (not back under anything: the event below says what it is)
+    this.#setStalled(false, false);
     this.#shipper.releaseSync();
     this.event(`slink ${this.slink} on its dirty logs (${reason})`);
     this.#shipper.restart();
@@ -628,11 +629,12 @@ export class Site {
     const mode = this.#mode;
     if (seq !== this.#durable.seq || mode !== this.#durable.mode) {
       try {
+        // (a device being removed too: the shipper still ships or marks its entries)
         if (mode === 'log') {
-          for (const b of this.#host.bindings()) await b.remotes.get(this.slink)?.dlog.flush();
+          for (const b of this.#host.bindingsAndLeaving()) await b.remotes.get(this.slink)?.dlog.flush();
           this.#durable = { seq, mode };
         } else if (this.#up && !this.#paused) {
-          for (const b of this.#host.bindings()) await b.remotes.get(this.slink)?.dev.submit(FLUSH);
+          for (const b of this.#host.bindingsAndLeaving()) await b.remotes.get(this.slink)?.dev.submit(FLUSH);
           if (this.#mode === mode) this.#durable = { seq, mode };
         }
       } catch (err) {

@@ -51,8 +51,12 @@ export interface SiteHost {
   appendTime(seq: number): number;
   binding(devNr: number): DevBinding | null;
   bindings(): Iterable<DevBinding>;
+  /** the bound devices and those being removed (their backlog still shipped or marked) */
+  bindingsAndLeaving(): Iterable<DevBinding>;
   /** resolves when `devNr` is bound */
   whenBound(devNr: number): Promise<void>;
+  /** is every device of the group bound? (after a restart some may not be yet: their regions are not known here) */
+  allBound(): boolean;
   /** hold new writes before they are logged; resolves once those being logged are; returns the release */
   hold(): Promise<() => void>;
   /** a state change: logged and raised as a device event (`detail`: the site's slink and state, counts) */

@@ -192,6 +192,35 @@ describe('replicator: devices not loaded after a restart', () => {
     expect(file(g.remote(1)).equals(file(g.local(1))), 'the site has device 1\'s new writes').toBe(true);
   });
 
+  it('a site on its dirty logs is not declared in sync while a device of the group is not loaded yet', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096, ring: 4096 });
+    await g.breakSite();
+    const model1 = new Model(4096);
+    fs.readFileSync(g.local(1)).copy(model1.bytes);
+    for (let k = 0; k < 48; k++) { // more than the ring: the dead site goes to its dirty logs
+      const data = crypto.randomBytes(65536);
+      await g.dm.write('vol1', (k % 16) * 65536, data);
+      model1.write((k % 16) * 65536, data);
+    }
+    await waitFor(() => /^0:S,0,0 1:D/.test(g!.status()), 'the site down');
+    // vol1's table as the engine saves it (no `nosync`: its dirty log is kept, not started anew)
+    const vol1Table = `0 4096 replicator-dev ${g.dm.table('vol1')[0]!.params}`;
+    const events: string[] = [];
+    g = await reopen(g, [0], events); // the site healed; vol1 (all its writes out of sync there) not loaded
+    const states: string[] = [];
+    const t0 = Date.now();
+    while (Date.now() - t0 < 3000) {
+      states.push(g.status().split(' ')[1]!.split(',')[0]!);
+      await new Promise((r) => setTimeout(r, 20));
+    }
+    expect(states.filter((x) => x === '1:A'), 'declared in sync without vol1').toEqual([]);
+    expect(events.filter((t) => t.includes('in sync: shipping in order'))).toEqual([]);
+    await g.dm.create('vol1', { table: vol1Table });
+    await waitFor(() => caughtUp(g!) && g!.dm.status('vol1')[0]!.params === 'A,1/1 A,64/64', 'vol1 resynced once loaded');
+    expect(file(g.local(1)).equals(model1.bytes), 'local').toBe(true);
+    expect(file(g.remote(1)).equals(model1.bytes), `remote; events ${JSON.stringify(events)}`).toBe(true);
+  });
+
   it('one not loaded while its site is down holds the full ring without sending the site to its dirty logs; the group says so, and `forget` lets the writers go', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096, ring: 4096 });
     await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
