@@ -373,6 +373,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       if (discard && !this.role.discard) this.role.demote(true);
       return;
     }
+    this.refuseUnbound('demote');
     const head = this.#head;
     const shipping = this.sites.filter((s) => s.up && !s.paused && s.mode === 'ship');
     let timer: NodeJS.Timeout | undefined;
@@ -457,9 +458,20 @@ export class ReplicatorGroup implements Target, SiteHost {
     yield* this.#leaving.values();
   }
 
-  allBound(): boolean {
-    for (const d of this.#knownDevs) if (!this.#bindings.has(d)) return false;
-    return true;
+  unbound(): number[] {
+    return [...this.#knownDevs].filter((d) => !this.#bindings.has(d)).sort((a, b) => a - b);
+  }
+
+  /**
+   * `demote` and `clear-bitmap` speak for every device of the group, and wait (writers held)
+   * for entries that only a bound device's dirty logs can take: refused while one is not
+   * loaded since the restart, rather than holding the writers until it is
+   */
+  refuseUnbound(what: string): void {
+    const n = this.unbound();
+    if (n.length === 0) return;
+    const devs = n.length === 1 ? `device ${n[0]} is` : `devices ${n.join(', ')} are`;
+    throw new BlockError('EBUSY', `${this.ctx.device}: ${what}: ${devs} of the group but not loaded since the restart; load its replicator-dev, or 'forget <dev#>' it, first`);
   }
 
   whenBound(devNr: number): Promise<void> {

@@ -66,6 +66,7 @@ export async function groupMessage(g: ReplicatorGroup, args: string[]): Promise<
     case 'clear-bitmap': {
       const s = remote(g, r);
       r.expectEnd();
+      g.refuseUnbound(`clear-bitmap ${s.slink}`);
       await s.clearBitmap();
       return;
     }

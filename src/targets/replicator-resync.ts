@@ -54,7 +54,7 @@ export async function resyncPasses(site: Site, host: SiteHost, h: ResyncHandle):
           waited = await marked(site, host);
           // a device of the group not bound yet (after a restart): what it has out of sync is
           // not known here, so the site is not declared in sync; tried again after the pause
-          if (waited && !host.allBound()) waited = false;
+          if (waited && host.unbound().length > 0) waited = false;
           if (waited && site.outOfSync() === 0 && !h.abort.signal.aborted) {
             site.toShip();
             return;

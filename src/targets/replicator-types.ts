@@ -55,8 +55,8 @@ export interface SiteHost {
   bindingsAndLeaving(): Iterable<DevBinding>;
   /** resolves when `devNr` is bound */
   whenBound(devNr: number): Promise<void>;
-  /** is every device of the group bound? (after a restart some may not be yet: their regions are not known here) */
-  allBound(): boolean;
+  /** the group's devices not bound (after a restart some may not be yet: their regions are not known here); [] when all are */
+  unbound(): number[];
   /** hold new writes before they are logged; resolves once those being logged are; returns the release */
   hold(): Promise<() => void>;
   /** a state change: logged and raised as a device event (`detail`: the site's slink and state, counts) */

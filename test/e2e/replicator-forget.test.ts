@@ -221,6 +221,24 @@ describe('replicator: devices not loaded after a restart', () => {
     expect(file(g.remote(1)).equals(model1.bytes), `remote; events ${JSON.stringify(events)}`).toBe(true);
   });
 
+  it('clear-bitmap is refused while a device of the group is not loaded (it would hold the writers for it); the writers go on', async () => {
+    g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096 });
+    await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
+    await writeBlocks(g, 'vol1', 5);
+    g = await reopen(g, [0]);
+    await g.dm.message('repl', 0, ['slink', 'resume', '1']).catch(() => undefined);
+    await g.dm.message('repl', 0, ['resync', '1']); // on its dirty logs: clear-bitmap would wait for vol1's entries to be marked
+    await expect(g.dm.message('repl', 0, ['clear-bitmap', '1'])).rejects.toMatchObject({
+      code: 'EBUSY', message: expect.stringContaining('clear-bitmap 1: device 1 is of the group but not loaded since the restart'),
+    });
+    const model0 = new Model(4096);
+    fs.readFileSync(g.local(0)).copy(model0.bytes);
+    await writeBlocks(g, 'vol0', 5, model0); // not held
+    expect(file(g.local(0)).equals(model0.bytes)).toBe(true);
+    await g.dm.message('repl', 0, ['forget', '1']);
+    await g.dm.message('repl', 0, ['clear-bitmap', '1']);
+  });
+
   it('one not loaded while its site is down holds the full ring without sending the site to its dirty logs; the group says so, and `forget` lets the writers go', async () => {
     g = await makeGroup({ dir: tmpDir(), devices: 2, sectors: 4096, ring: 4096 });
     await g.dm.message('repl', 0, ['slink', 'suspend', '1']);
