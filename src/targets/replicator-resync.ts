@@ -39,10 +39,13 @@ export interface ResyncHandle {
 
 /** Run passes until the site is in sync (resolves), aborted (resolves), or an I/O error (rejects). */
 export async function resyncPasses(site: Site, host: SiteHost, h: ResyncHandle): Promise<void> {
+  /** devices of the group not bound yet → when they are (asked once per run) */
+  const bound = new Map<number, Promise<void>>();
   for (let pass = 1; ; pass++) {
     const last = pass > CONVERGE_PASSES;
     const release = last ? await host.hold() : null;
     let waited = true;
+    let unbound: number[] = [];
     try {
       // (a last pass whose entries are not all marked yet copies nothing: writers go, and the pause below runs)
       if (!release || (waited = await marked(site, host))) {
@@ -54,7 +57,7 @@ export async function resyncPasses(site: Site, host: SiteHost, h: ResyncHandle):
           waited = await marked(site, host);
           // a device of the group not bound yet (after a restart): what it has out of sync is
           // not known here, so the site is not declared in sync; tried again after the pause
-          if (waited && host.unbound().length > 0) waited = false;
+          if (waited && (unbound = host.unbound()).length > 0) waited = false;
           if (waited && site.outOfSync() === 0 && !h.abort.signal.aborted) {
             site.toShip();
             return;
@@ -67,7 +70,12 @@ export async function resyncPasses(site: Site, host: SiteHost, h: ResyncHandle):
       release?.();
     }
     if (h.abort.signal.aborted) return;
-    if (!waited) await new Promise((r) => setTimeout(r, MARK_WAIT_MS)); // writers go meanwhile
+    if (!waited) { // writers go meanwhile; a pass again once the devices waited for are bound, at the latest after the pause
+      let timer: NodeJS.Timeout | undefined;
+      const pause = new Promise<void>((r) => (timer = setTimeout(r, MARK_WAIT_MS)));
+      const binds = unbound.map((d) => bound.get(d) ?? bound.set(d, host.whenBound(d)).get(d)!);
+      await Promise.race([pause, ...(binds.length ? [Promise.all(binds)] : [])]).finally(() => clearTimeout(timer));
+    }
   }
 }
 
