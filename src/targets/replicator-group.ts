@@ -40,6 +40,9 @@ const TIMES = 1 << 16;
 /** how long `demote` waits for sites that are up to take what they have */
 const DEMOTE_WAIT_MS = 10_000;
 const FLUSH_ENTRY: Bio = { op: 'flush', sector: 0, sectors: 0, data: EMPTY, flags: {} };
+/** #append: the write no longer fits one entry (the ring was shrunk while it waited); write() splits it again */
+const RESPLIT = new Error('resplit');
+
 /** the boot id checkpoints carry (absent where the system has none) */
 const BOOT: { boot?: string } = HAS_BOOT_ID ? { boot: BOOT_ID.toString('hex') } : {};
 
@@ -687,7 +690,8 @@ export class ReplicatorGroup implements Target, SiteHost {
     const gate = b.gate;
     const region = gate && bio.op !== 'flush' ? gate.regionOf(bio.sector) : -1;
     let entered = false;
-    let seq: number;
+    let seq = 0;
+    let resplit = false;
     try {
       if (region >= 0) {
         if (!gate!.tryEnter(region)) await gate!.enter(region);
@@ -698,10 +702,13 @@ export class ReplicatorGroup implements Target, SiteHost {
       if (entered) gate!.leave(region);
       this.resyncControl.appEnd(appStarted);
       if (act) this.activity.leave(b.devNr, bio.sector, bio.sectors, this.#head, held);
-      throw err;
+      if (err !== RESPLIT) throw err;
+      resplit = true;
     } finally {
       if (--this.#appending === 0) this.#wakeAppenders();
     }
+    // the ring was shrunk while this write waited: nothing of it is logged; in pieces that fit now
+    if (resplit) return this.#writeSplit(b, bio, this.maxEntrySectors);
     let shipFirst = false;
     for (const s of this.sites) {
       s.appended();
@@ -836,6 +843,7 @@ export class ReplicatorGroup implements Target, SiteHost {
       // a device removed while this write waited (admission, ring space) logs nothing more:
       // its entries end where unbind took them to end (#appendsOf)
       if (this.#bindings.get(devNr) !== b) throw new BlockError('ENXIO', `${b.name}: no longer in the group of ${this.ctx.device} (removed)`);
+      if (op === 'write' && bio.sectors > this.maxEntrySectors) throw RESPLIT; // (shrunk since write() split it)
       if (op === 'flush' || this.#epochDone) {
         this.#epoch++;
         this.#epochDone = false;
@@ -859,6 +867,8 @@ export class ReplicatorGroup implements Target, SiteHost {
         if (!this.#cpRunning && this.log.used() * 2 > this.log.size) void this.#checkpoint();
         return seq;
       } catch (err) {
+        // an append a resize deferred, then found too large for the smaller ring: split again (write())
+        if (op === 'write' && bio.sectors > this.maxEntrySectors) throw RESPLIT;
         if ((err as { code?: string }).code !== 'ENOSPC') throw err;
         this.#overflowing ??= this.#makeSpace().finally(() => (this.#overflowing = null));
       } finally {
