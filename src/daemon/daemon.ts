@@ -25,7 +25,8 @@ import { replicationExtension } from './replication-wiring.ts';
 import { httpExtension } from '../http/wiring.ts';
 import type { ServerContext } from './server.ts';
 import type { ReplicationReceiver } from '../replication/receiver.ts';
-import { restore, StateStore, writeAtomic } from './state.ts';
+import { writeAtomic } from '../core/atomic-file.ts';
+import { restore, StateStore } from './state.ts';
 
 export interface DaemonOptions {
   runtimeDir: string;

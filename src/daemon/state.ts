@@ -246,5 +246,3 @@ export async function restore(dm: DeviceMapper, store: StateStore, doc: StateDoc
   }
   return errors;
 }
-
-export { writeAtomic };

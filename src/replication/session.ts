@@ -195,7 +195,7 @@ export class Session {
     this.#stream = stream;
     await stream.idle();
     if (this.#closed) return; // gone (or replaced) while waiting: open nothing, #close ran already
-    if (this.#rx.promoting(name)) throw new DmError('EBUSY', `${name} is being promoted at the receiving site: it takes no stream`);
+    this.#notPromoting(name);
     const dev = this.#rx.device(name);
     if (dev.sectors < sectors) throw new DmError('ENOSPC', `device too small for target: ${name} has ${dev.sectors} sectors at the receiving site, needs ${sectors}`);
     const judged = this.#judge(name, dev, o);
@@ -279,7 +279,7 @@ export class Session {
       await dev.clearSecondary();
     }
     // (checked where nothing can run before the device is marked: a promotion fences first)
-    if (this.#rx.promoting(name)) throw new DmError('EBUSY', `${name} is being promoted at the receiving site: it takes no stream`);
+    this.#notPromoting(name);
     const writer = await dev.setSecondary(mine);
     this.#rx.setRole(name, stream.id);
     return writer;
@@ -292,10 +292,11 @@ export class Session {
     if (!o) throw new DmError('EBADF', `CLOSE: no open handle ${handle}`);
     this.#handles.delete(handle);
     await this.#stream?.idle();
+    const lastHandle = ![...this.#handles.values()].some((x) => x.dev === o.dev);
     // durable before it leaves the stream's devices: a later flush (the durable position) no longer covers it
-    if (![...this.#handles.values()].some((x) => x.dev === o.dev)) await o.writer.submit(FLUSH_BIO);
+    if (lastHandle) await o.writer.submit(FLUSH_BIO);
     o.dev.close(o.holder);
-    if (![...this.#handles.values()].some((x) => x.dev === o.dev)) {
+    if (lastHandle) {
       await o.dev.clearSecondary();
       this.#rx.setRole(o.name, null);
       this.#stream?.devices.delete(o.name);
@@ -464,6 +465,11 @@ export class Session {
       this.#outPaused = false;
       if (!this.#paused && !this.#closed) this.#frames.resume();
     });
+  }
+
+  /** a device being promoted here (ReplicationReceiver.fence) takes no stream: EBUSY */
+  #notPromoting(name: string): void {
+    if (this.#rx.promoting(name)) throw new DmError('EBUSY', `${name} is being promoted at the receiving site: it takes no stream`);
   }
 
   /** the receiving site closes the connection (its device was promoted) */
